@@ -1,0 +1,87 @@
+"""`drums`: drum hits for Groove MIDI Dataset performances, keeping the drummer's microtiming.
+
+Events: DRUM_<x> hits (no note-offs: a drum hit has no meaningful length), VELOCITY in 32
+bins, TIME_SHIFT of 1..100 steps of 10 ms (so timing is kept to 10 ms, not snapped to a
+grid). `x` is one of GrooVAE's 9 classes (``pitch_map="groovae"``, default; see drum_map.py)
+or any MIDI pitch 0..127 (``pitch_map="none"``). Pitched (non-drum) notes are ignored.
+Decoded hits last `hit_seconds` and are written on the drum channel.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from midijax.encoding import drum_map
+from midijax.encoding.base import Encoding, event_stream
+from midijax.encoding.performance import quantize_steps
+from midijax.notes import Notes
+
+
+class DrumsEncoding(Encoding):
+  name = "drums"
+  description = "drum hits with 10 ms microtiming (Groove MIDI Dataset)"
+
+  def __init__(self, pitch_map: str = "groovae", num_velocity_bins: int = 32,
+               steps_per_second: int = 100, max_shift_steps: int = 100,
+               hit_seconds: float = 0.1):
+    if pitch_map not in ("groovae", "none"):
+      raise ValueError(f"pitch_map must be 'groovae' or 'none', got {pitch_map!r}")
+    self.pitch_map = pitch_map
+    self.num_velocity_bins = num_velocity_bins
+    self.steps_per_second = steps_per_second
+    self.max_shift_steps = max_shift_steps
+    self.hit_seconds = hit_seconds
+    self.num_drums = 9 if pitch_map == "groovae" else 128
+    self.keeps = ("drum hits at 10 ms, velocity in %d bins, %s" %
+                  (num_velocity_bins, "GrooVAE's 9 drum classes" if pitch_map == "groovae"
+                   else "all 128 drum pitches"))
+    super().__init__(pitch_map=pitch_map, num_velocity_bins=num_velocity_bins,
+                     steps_per_second=steps_per_second, max_shift_steps=max_shift_steps,
+                     hit_seconds=hit_seconds)
+    self.drum_base = self.body_offset
+    self.shift_base = self.drum_base + self.num_drums
+    self.velocity_base = self.shift_base + max_shift_steps
+    self.velocity_bin_size = int(np.ceil(127 / num_velocity_bins))
+
+  def event_tokens(self):
+    if self.pitch_map == "groovae":
+      yield from (f"DRUM_{n}" for n in drum_map.GROOVAE_CLASS_NAMES)
+    else:
+      yield from (f"DRUM_{p}" for p in range(128))
+    yield from (f"TIME_SHIFT_{i}" for i in range(1, self.max_shift_steps + 1))
+    yield from (f"VELOCITY_{i}" for i in range(1, self.num_velocity_bins + 1))
+
+  def drum_index(self, pitch: np.ndarray) -> np.ndarray:
+    """Token offset of each pitch's drum (-1 when the pitch has no class)."""
+    if self.pitch_map == "groovae":
+      return drum_map.pitch_to_groovae_class(pitch)
+    return np.asarray(pitch, np.int32)
+
+  def _encode(self, notes: Notes) -> np.ndarray:
+    notes = notes.select(notes.is_drum) if not notes.is_drum.all() else notes
+    drum = self.drum_index(notes.pitch).astype(np.int64)
+    ok = drum >= 0
+    step = quantize_steps(notes.start[ok], self.steps_per_second)
+    drum = drum[ok]
+    vbin = (notes.velocity[ok].astype(np.int64) - 1) // self.velocity_bin_size + 1
+    order = np.lexsort((drum, step))
+    return event_stream(step[order], self.drum_base + drum[order],
+                        self.velocity_base - 1 + vbin[order], self.shift_base,
+                        self.max_shift_steps)
+
+  def _decode(self, ids: np.ndarray, qpm: float = 120.0, **unused) -> Notes:
+    ids = ids.astype(np.int64)
+    is_shift = (ids >= self.shift_base) & (ids < self.velocity_base)
+    shift = np.where(is_shift, ids - self.shift_base + 1, 0)
+    step = np.cumsum(shift)
+    is_vel = ids >= self.velocity_base
+    # Velocity in force at each position: the last VELOCITY token at or before it.
+    last_vel = np.maximum.accumulate(np.where(is_vel, np.arange(len(ids)), -1)) if len(ids) \
+        else np.zeros(0, np.int64)
+    vel_bin = np.where(last_vel >= 0, ids[np.maximum(last_vel, 0)] - self.velocity_base, -1)
+    velocity = np.where(vel_bin >= 0, 1 + vel_bin * self.velocity_bin_size, 100)
+    hit = ids < self.shift_base
+    d = ids[hit] - self.drum_base
+    pitch = drum_map.GROOVAE_CANONICAL_PITCH[d] if self.pitch_map == "groovae" else d
+    start = step[hit] / self.steps_per_second
+    return Notes.from_arrays(pitch, start, start + self.hit_seconds, velocity[hit],
+                             is_drum=True, qpm=qpm)

@@ -1,0 +1,110 @@
+"""`performance`: the Music Transformer performance encoding, id-for-id Magenta's.
+
+Events (Oore et al. 2018; Huang et al. 2018): NOTE_ON and NOTE_OFF for pitches 21..108,
+TIME_SHIFT of 1..100 steps of 10 ms, VELOCITY in 32 bins. With PAD=0 and EOS=1 first this is
+the 310-id vocabulary of Magenta's ``MidiPerformanceEncoder`` (MAESTRO): ids 0..309 equal
+``PerformanceOneHotEncoding(num_velocity_bins=32, max_shift_steps=100, min_pitch=21,
+max_pitch=108).encode_event(e) + 2`` for the events of
+``Performance(quantize_note_sequence_absolute(ns, 100), num_velocity_bins=32)``.
+
+One stream for all instruments: drum vs pitched is not in the tokens (the dataset records it;
+pass ``is_drum=True`` to decode drums).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from midijax.encoding.base import Encoding, event_stream
+from midijax.notes import Notes
+
+
+def quantize_steps(seconds: np.ndarray, steps_per_second: int) -> np.ndarray:
+  """note-seq's quantize_to_step: floor(seconds * steps_per_second + 0.5)."""
+  return np.floor(np.asarray(seconds, np.float64) * steps_per_second + 0.5).astype(np.int64)
+
+
+class PerformanceEncoding(Encoding):
+  name = "performance"
+  description = "Music Transformer / Magenta performance events (MAESTRO)"
+  keeps = "onsets and offsets at 10 ms, velocity in 32 bins, pitches 21-108; one instrument"
+
+  def __init__(self, num_velocity_bins: int = 32, steps_per_second: int = 100,
+               max_shift_steps: int = 100, min_pitch: int = 21, max_pitch: int = 108):
+    self.num_velocity_bins = num_velocity_bins
+    self.steps_per_second = steps_per_second
+    self.max_shift_steps = max_shift_steps
+    self.min_pitch, self.max_pitch = min_pitch, max_pitch
+    self.num_pitches = max_pitch - min_pitch + 1
+    super().__init__(num_velocity_bins=num_velocity_bins, steps_per_second=steps_per_second,
+                     max_shift_steps=max_shift_steps, min_pitch=min_pitch, max_pitch=max_pitch)
+    self.note_on_base = self.body_offset
+    self.note_off_base = self.note_on_base + self.num_pitches
+    self.shift_base = self.note_off_base + self.num_pitches
+    self.velocity_base = self.shift_base + max_shift_steps
+    self.velocity_bin_size = math.ceil(127 / num_velocity_bins)
+
+  def event_tokens(self):
+    p = range(self.min_pitch, self.max_pitch + 1)
+    yield from (f"NOTE_ON_{i}" for i in p)
+    yield from (f"NOTE_OFF_{i}" for i in p)
+    yield from (f"TIME_SHIFT_{i}" for i in range(1, self.max_shift_steps + 1))
+    yield from (f"VELOCITY_{i}" for i in range(1, self.num_velocity_bins + 1))
+
+  def velocity_bin(self, velocity: np.ndarray) -> np.ndarray:
+    return (np.asarray(velocity, np.int64) - 1) // self.velocity_bin_size + 1
+
+  def _encode(self, notes: Notes) -> np.ndarray:
+    inr = (notes.pitch >= self.min_pitch) & (notes.pitch <= self.max_pitch)
+    if not inr.all():  # Magenta raises on such notes; we drop them.
+      notes = notes.select(inr)
+    n = len(notes)
+    if n == 0:
+      return np.zeros(0, np.int32)
+    # Magenta: notes sorted (stably) by (start_time, pitch), then onsets/offsets sorted by
+    # (quantized step, note index, is_offset).
+    order = np.lexsort((notes.pitch, notes.start))
+    start = quantize_steps(notes.start[order], self.steps_per_second)
+    end = quantize_steps(notes.end[order], self.steps_per_second)
+    end = np.where(end == start, end + 1, end)
+    pitch = notes.pitch[order].astype(np.int64) - self.min_pitch
+    idx = np.arange(n)
+    steps = np.concatenate([start, end])
+    is_off = np.concatenate([np.zeros(n, np.int64), np.ones(n, np.int64)])
+    ev = np.lexsort((is_off, np.concatenate([idx, idx]), steps))
+    pitch2 = np.concatenate([pitch, pitch])[ev]
+    is_off = is_off[ev]
+    event_ids = np.where(is_off == 1, self.note_off_base, self.note_on_base) + pitch2
+    vbin = self.velocity_bin(notes.velocity[order])
+    vel_ids = np.where(is_off == 1, -1, self.velocity_base - 1 + np.concatenate([vbin, vbin])[ev])
+    return event_stream(steps[ev], event_ids, vel_ids, self.shift_base, self.max_shift_steps)
+
+  def _decode(self, ids: np.ndarray, is_drum: bool = False, program: int = 0,
+              qpm: float = 120.0) -> Notes:
+    sec = 1.0 / self.steps_per_second
+    step, velocity = 0, 100
+    open_notes = {}
+    out = []
+    for i in ids.tolist():
+      if i >= self.velocity_base:
+        velocity = 1 + (i - self.velocity_base) * self.velocity_bin_size
+      elif i >= self.shift_base:
+        step += i - self.shift_base + 1
+      elif i >= self.note_off_base:
+        p = i - self.note_off_base + self.min_pitch
+        q = open_notes.get(p)
+        if q:
+          s, v = q.pop(0)
+          if step > s:
+            out.append((p, v, s, step))
+      else:
+        p = i - self.note_on_base + self.min_pitch
+        open_notes.setdefault(p, []).append((step, velocity))
+    for p, q in open_notes.items():  # Notes never switched off end at the last step.
+      for s, v in q:
+        out.append((p, v, s, max(step, s + 1)))
+    out.sort(key=lambda r: (r[2], r[0]))
+    a = np.array(out, np.int64).reshape(-1, 4)
+    return Notes.from_arrays(a[:, 0], a[:, 2] * sec, a[:, 3] * sec, a[:, 1], is_drum=is_drum,
+                             program=program, qpm=qpm)

@@ -1,0 +1,378 @@
+"""MIDI in and out: a fast symusic reader, note-seq's reference reader, note-seq's writer.
+
+Reading returns `Notes` (float64 seconds). Two readers give the same notes:
+
+* ``reader="symusic"`` (default, used for tokenizing): symusic's C++ parser loads ticks,
+  and this module turns them into seconds and notes the way pretty_midi (note-seq's parser)
+  does: ticks -> seconds in float64 from the tempo map; zero-length notes (note-on and
+  note-off on the same tick) dropped; a note-off ends every sounding note of that pitch
+  on that channel that started before it (pretty_midi's rule), not just the oldest one.
+* ``reader="note_seq"``: ``note_seq.midi_file_to_note_sequence``; the reference.
+
+Sustain pedal (CC 64) can be applied to extend piano notes exactly as
+``note_seq.apply_sustain_control_changes`` does (`apply_sustain`).
+
+Writing goes through note-seq (``sequence_proto_to_midi_file``): drums on MIDI channel 10
+(index 9), tempo and time signature set.
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+from typing import Union
+
+import numpy as np
+
+from midijax.errors import MidiReadError
+from midijax.notes import Notes
+
+PathLike = Union[str, os.PathLike]
+# Files larger than this are refused (bytes); configurable per call.
+DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+SUSTAIN_CC = 64
+
+
+def _check_file(path: PathLike, max_bytes: int) -> pathlib.Path:
+  p = pathlib.Path(path)
+  if not p.exists():
+    raise MidiReadError(p, "file not found")
+  if not p.is_file():
+    raise MidiReadError(p, "not a regular file")
+  size = p.stat().st_size
+  if size == 0:
+    raise MidiReadError(p, "empty file (0 bytes)")
+  if size > max_bytes:
+    raise MidiReadError(p, f"file is {size} bytes, above the {max_bytes}-byte limit (max_bytes)")
+  with open(p, "rb") as f:
+    head = f.read(4)
+  if head != b"MThd":
+    raise MidiReadError(p, "not a MIDI file (no 'MThd' header)")
+  return p
+
+
+def read_notes(path: PathLike, *, reader: str = "symusic", sustain: bool = False,
+               max_bytes: int = DEFAULT_MAX_BYTES, allow_empty: bool = False) -> Notes:
+  """Reads a .mid/.midi file into `Notes`.
+
+  Args:
+    path: the MIDI file.
+    reader: "symusic" (fast, default) or "note_seq" (reference).
+    sustain: apply sustain-pedal (CC 64) note extension, as for piano performances.
+    max_bytes: refuse files larger than this many bytes.
+    allow_empty: return empty `Notes` instead of raising for a file with no notes.
+
+  Raises:
+    MidiReadError: missing, empty, oversized, corrupt or truncated file, or no notes.
+  """
+  p = _check_file(path, max_bytes)
+  if reader == "symusic":
+    notes = _read_symusic(p)
+  elif reader == "note_seq":
+    notes = Notes.from_note_sequence(read_note_sequence(p, max_bytes=max_bytes))
+  else:
+    raise ValueError(f"unknown reader {reader!r}; use 'symusic' or 'note_seq'")
+  notes.source = str(p)
+  if len(notes) == 0 and not allow_empty:
+    raise MidiReadError(p, "the file contains no notes")
+  if sustain:
+    notes = apply_sustain(notes)
+  return notes
+
+
+def read_note_sequence(path: PathLike, *, max_bytes: int = DEFAULT_MAX_BYTES):
+  """note-seq's reader (pretty_midi underneath): the reference NoteSequence."""
+  p = _check_file(path, max_bytes)
+  import note_seq
+  try:
+    ns = note_seq.midi_file_to_note_sequence(str(p))
+  except Exception as e:  # note-seq wraps mido/pretty_midi errors in several types.
+    raise MidiReadError(p, f"cannot parse MIDI ({type(e).__name__}: {e})") from None
+  ns.filename = str(p)
+  return ns
+
+
+# --------------------------------------------------------------------------- symusic path
+def _tick_to_seconds_fn(tempo_ticks: np.ndarray, mspq: np.ndarray, tpq: int):
+  """Returns f(ticks int64 array) -> float64 seconds for a piecewise-constant tempo map.
+
+  Mirrors pretty_midi: 120 qpm before the first tempo event; seconds per tick of each
+  segment is 60 / (qpm * tpq) with qpm = 6e7 / microseconds-per-quarter.
+  """
+  if len(tempo_ticks) == 0 or tempo_ticks[0] != 0:
+    tempo_ticks = np.concatenate([[0], tempo_ticks])
+    mspq = np.concatenate([[500000], mspq])
+  # Keep the last tempo given on a tick (several may share one tick).
+  keep = np.append(tempo_ticks[1:] != tempo_ticks[:-1], True)
+  tempo_ticks, mspq = tempo_ticks[keep].astype(np.int64), mspq[keep].astype(np.float64)
+  scale = 60.0 / ((6e7 / mspq) * tpq)
+  seg_start = np.concatenate([[0.0], np.cumsum(np.diff(tempo_ticks) * scale[:-1])])
+
+  def f(ticks):
+    ticks = np.asarray(ticks, np.int64)
+    i = np.searchsorted(tempo_ticks, ticks, side="right") - 1
+    return seg_start[i] + (ticks - tempo_ticks[i]) * scale[i]
+
+  qpm = 6e7 / mspq
+  return f, tempo_ticks, qpm
+
+
+def _read_symusic(p: pathlib.Path) -> Notes:
+  import symusic
+  try:
+    score = symusic.Score(str(p))
+  except Exception as e:  # symusic raises RuntimeError("MiniMidi: ...") for corrupt data.
+    raise MidiReadError(p, f"cannot parse MIDI ({e})") from None
+  tpq = int(score.ticks_per_quarter)
+  tempos = score.tempos.numpy()
+  to_sec, tempo_ticks, qpm = _tick_to_seconds_fn(tempos["time"], tempos["mspq"], tpq)
+
+  exact = None
+  for track in score.tracks:
+    nt = track.notes.numpy()
+    on = nt["time"].astype(np.int64)
+    if _needs_exact_pairing(on, on + nt["duration"], nt["pitch"].astype(np.int64)):
+      exact = _pretty_notes_from_bytes(p.read_bytes())
+      break
+  cols = {k: [] for k in ("pitch", "velocity", "start", "end", "program", "is_drum", "inst")}
+  ccs = {k: [] for k in ("time", "number", "value", "program", "is_drum", "inst")}
+  for ti, track in enumerate(score.tracks):
+    nt = track.notes.numpy()
+    on = nt["time"].astype(np.int64)
+    dur = nt["duration"].astype(np.int64)
+    pitch = nt["pitch"].astype(np.int64)
+    vel = nt["velocity"].astype(np.int32)
+    keep = dur > 0  # pretty_midi drops notes whose on and off share a tick.
+    on, off, pitch, vel = on[keep], (on + dur)[keep], pitch[keep], vel[keep]
+    # pretty_midi: a note-off ends every sounding note of its pitch that started before it.
+    key_on = (pitch << 40) | on
+    key_off = np.sort((pitch << 40) | off)
+    j = np.searchsorted(key_off, key_on, side="right")
+    ok = j < len(key_off)
+    ok[ok] &= (key_off[j[ok]] >> 40) == pitch[ok]
+    end = np.where(ok, key_off[np.minimum(j, len(key_off) - 1)] & ((1 << 40) - 1), 0)
+    on, end, pitch, vel = on[ok], end[ok], pitch[ok], vel[ok]
+    # pretty_midi appends a note to its instrument when the note is closed.
+    order = np.lexsort((on, end))
+    n = len(order)
+    cols["pitch"].append(pitch[order].astype(np.int32))
+    cols["velocity"].append(vel[order])
+    cols["start"].append(on[order])
+    cols["end"].append(end[order])
+    cols["program"].append(np.full(n, track.program, np.int32))
+    cols["is_drum"].append(np.full(n, track.is_drum, bool))
+    cols["inst"].append(np.full(n, ti, np.int32))
+    ct = track.controls.numpy()
+    m = len(ct["time"])
+    ccs["time"].append(ct["time"].astype(np.int64))
+    ccs["number"].append(ct["number"].astype(np.int32))
+    ccs["value"].append(ct["value"].astype(np.int32))
+    ccs["program"].append(np.full(m, track.program, np.int32))
+    ccs["is_drum"].append(np.full(m, track.is_drum, bool))
+    ccs["inst"].append(np.full(m, ti, np.int32))
+
+  if exact is not None:
+    nrows = np.array(exact[0], np.int64).reshape(-1, 7)
+    crows = np.array(exact[1], np.int64).reshape(-1, 6)
+    for k, c in zip(("pitch", "velocity", "start", "end", "program", "is_drum", "inst"), nrows.T):
+      cols[k] = [c]
+    for k, c in zip(("time", "number", "value", "program", "is_drum", "inst"), crows.T):
+      ccs[k] = [c]
+  cat = lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)
+  ts = score.time_signatures.numpy()
+  time_sigs = np.stack([to_sec(ts["time"]), ts["numerator"].astype(np.float64),
+                        ts["denominator"].astype(np.float64)], axis=1) if len(ts["time"]) else \
+      np.array([[0.0, 4, 4]])
+  return Notes(
+      pitch=cat(cols["pitch"], np.int32), velocity=cat(cols["velocity"], np.int32),
+      start=to_sec(cat(cols["start"], np.int64)), end=to_sec(cat(cols["end"], np.int64)),
+      program=cat(cols["program"], np.int32), is_drum=cat(cols["is_drum"], bool),
+      instrument=cat(cols["inst"], np.int32),
+      cc_time=to_sec(cat(ccs["time"], np.int64)), cc_number=cat(ccs["number"], np.int32),
+      cc_value=cat(ccs["value"], np.int32), cc_instrument=cat(ccs["inst"], np.int32),
+      cc_program=cat(ccs["program"], np.int32), cc_is_drum=cat(ccs["is_drum"], bool),
+      tempos=np.stack([to_sec(tempo_ticks), qpm], axis=1),
+      time_signatures=time_sigs, ticks_per_quarter=tpq)
+
+
+def _needs_exact_pairing(on: np.ndarray, off: np.ndarray, pitch: np.ndarray) -> bool:
+  """Whether symusic's first-in-first-out pairing can hide pretty_midi's result.
+
+  pretty_midi's outcome depends on the file order of a note-on and a note-off of one pitch
+  on one tick only when notes of that pitch overlap; symusic keeps no such order. True when
+  a pitch both overlaps itself and has a note-on and a note-off on one tick.
+  """
+  order = np.lexsort((on, pitch))
+  ps, os_ = pitch[order], on[order]
+  # Two notes of a pitch starting on one tick count as overlapping too.
+  overlap = (ps[1:] == ps[:-1]) & (os_[1:] < np.maximum(off[order][:-1], os_[:-1] + 1))
+  if not overlap.any():
+    return False
+  risky = np.unique(ps[1:][overlap])
+  same_tick = np.intersect1d((pitch << 40) | on, (pitch << 40) | off) >> 40
+  return bool(np.intersect1d(risky, same_tick).size)
+
+
+def _read_vlq(data: bytes, pos: int):
+  value = 0
+  while True:
+    b = data[pos]
+    pos += 1
+    value = (value << 7) | (b & 0x7F)
+    if b < 0x80:
+      return value, pos
+
+
+def _pretty_notes_from_bytes(data: bytes):
+  """pretty_midi's note pairing replayed on the file's own event order (exact, pure Python).
+
+  Used only for the rare files where symusic's pairing is ambiguous. Returns note rows
+  (pitch, velocity, start tick, end tick, program, is_drum, instrument) and control-change
+  rows (tick, number, value, program, is_drum, instrument); an instrument is a
+  (track, channel) pair.
+  """
+  ntracks = int.from_bytes(data[10:12], "big")
+  pos = 8 + int.from_bytes(data[4:8], "big")
+  notes, ccs, inst_ids = [], [], {}
+  for track in range(ntracks):
+    while pos + 8 <= len(data) and data[pos:pos + 4] != b"MTrk":
+      pos += 8 + int.from_bytes(data[pos + 4:pos + 8], "big")
+    if pos + 8 > len(data):
+      break
+    end = pos + 8 + int.from_bytes(data[pos + 4:pos + 8], "big")
+    pos += 8
+    tick, status = 0, 0
+    program = [0] * 16
+    open_notes = {}
+    while pos < end:
+      delta, pos = _read_vlq(data, pos)
+      tick += delta
+      b = data[pos]
+      if b >= 0x80:
+        status = b
+        pos += 1
+      if status == 0xFF:
+        pos += 1
+        length, pos = _read_vlq(data, pos)
+        pos += length
+        continue
+      if status in (0xF0, 0xF7):
+        length, pos = _read_vlq(data, pos)
+        pos += length
+        continue
+      kind, ch = status & 0xF0, status & 0x0F
+      if kind in (0xC0, 0xD0):
+        if kind == 0xC0:
+          program[ch] = data[pos]
+        pos += 1
+        continue
+      d1, d2 = data[pos], data[pos + 1]
+      pos += 2
+      if kind == 0x90 and d2 > 0:
+        open_notes.setdefault((ch, d1), []).append((tick, d2))
+      elif kind == 0x80 or kind == 0x90:
+        lst = open_notes.get((ch, d1))
+        if lst is None:
+          continue
+        close = [n for n in lst if n[0] != tick]
+        keep = [n for n in lst if n[0] == tick]
+        inst = inst_ids.setdefault((track, ch), len(inst_ids))
+        for s, v in close:
+          notes.append((d1, v, s, tick, program[ch], ch == 9, inst))
+        if close and keep:
+          open_notes[(ch, d1)] = keep
+        else:
+          del open_notes[(ch, d1)]
+      elif kind == 0xB0:
+        inst = inst_ids.setdefault((track, ch), len(inst_ids))
+        ccs.append((tick, d1, d2, program[ch], ch == 9, inst))
+    pos = end
+  return notes, ccs
+
+
+# --------------------------------------------------------------------------- sustain pedal
+def apply_sustain(notes: Notes, control_number: int = SUSTAIN_CC) -> Notes:
+  """Extends notes held by the sustain pedal, as note_seq.apply_sustain_control_changes.
+
+  Per instrument: a note released while the pedal is down (value >= 64) keeps sounding until
+  the pedal lifts; a new note-on of the same pitch while the pedal is down ends every
+  sounding note of that pitch (a note so ended on its own start tick is removed). Notes still
+  held when the events run out end at the last event. Drum notes are not changed. Events at
+  one time are ordered pedal-down, pedal-up, note-on, note-off, as note-seq does. Vectorised
+  per instrument. Returns new `Notes` (the input is not modified).
+  """
+  sel = (notes.cc_number == control_number) & ~notes.cc_is_drum
+  if not sel.any() or len(notes) == 0:
+    return notes
+  cc_t, cc_on, cc_i = notes.cc_time[sel], notes.cc_value[sel] >= 64, notes.cc_instrument[sel]
+  pitched = ~notes.is_drum
+  # note-seq ends still-sustained notes at the time of the very last event it sorted.
+  last_time = max(notes.start[pitched].max(initial=0.0), notes.end[pitched].max(initial=0.0),
+                  cc_t.max())
+  end = notes.end.copy()
+  removed = np.zeros(len(notes), bool)
+  for ins in np.unique(cc_i):
+    idx = np.flatnonzero(pitched & (notes.instrument == ins))
+    if len(idx) == 0:
+      continue
+    t, on = cc_t[cc_i == ins], cc_on[cc_i == ins]
+    # Pedal state after all pedal events at each distinct time: up if any pedal-up there.
+    times, inv = np.unique(t, return_inverse=True)
+    any_off = np.zeros(len(times), bool)
+    np.logical_or.at(any_off, inv, ~on)
+    down_after = ~any_off
+    off_times = times[any_off]
+
+    def pedal_down(x):
+      k = np.searchsorted(times, x, side="right") - 1
+      return np.where(k >= 0, down_after[np.maximum(k, 0)], False)
+
+    s, e, p = notes.start[idx], notes.end[idx], notes.pitch[idx]
+    # Release: the note-off if the pedal is up then, else the next pedal-up (or the end).
+    k = np.searchsorted(off_times, e, side="right")
+    later_off = np.where(k < len(off_times), off_times[np.minimum(k, len(off_times) - 1)],
+                         last_time)
+    release = np.where(pedal_down(e), later_off, e)
+    # Truncation: the next note-on of the same pitch, in event order, made while the pedal is
+    # down (note-ons are processed in (time, sequence order)).
+    order = np.lexsort((np.arange(len(idx)), s, p))
+    ps, ss = p[order], s[order]
+    flag = pedal_down(ss)
+    n = len(order)
+    cand = np.where(flag, np.arange(n), n)
+    nxt = np.minimum.accumulate(cand[::-1])[::-1]  # first flagged at or after i
+    nxt = np.append(nxt[1:], n)                     # ... strictly after i
+    valid = nxt < n
+    j = np.minimum(nxt, n - 1)
+    valid &= ps[j] == ps
+    trunc = np.full(n, np.inf)
+    trunc[valid] = ss[j[valid]]
+    trunc_sorted = np.empty(n)
+    trunc_sorted[order] = trunc
+    new_end = np.minimum(release, trunc_sorted)
+    gone = (trunc_sorted <= release) & (trunc_sorted == s)
+    end[idx] = new_end
+    removed[idx[gone]] = True
+  out = Notes(**{**notes.__dict__, "end": end})
+  return out.select(~removed) if removed.any() else out
+
+
+# --------------------------------------------------------------------------- writing
+def write_midi(seq, path: PathLike) -> pathlib.Path:
+  """Writes a NoteSequence (or `Notes`) to a MIDI file through note-seq.
+
+  Drum notes go to MIDI channel 10 (index 9); the first tempo and time signature are set
+  (120 qpm, 4/4 when the sequence has none). Parent folders are created. The file is
+  written to a temporary name and renamed, so an existing file is never left half-written.
+  """
+  import note_seq
+  ns = seq.to_note_sequence() if isinstance(seq, Notes) else seq
+  if not ns.tempos:
+    ns.tempos.add(time=0.0, qpm=120.0)
+  if not ns.time_signatures:
+    ns.time_signatures.add(time=0.0, numerator=4, denominator=4)
+  p = pathlib.Path(path)
+  p.parent.mkdir(parents=True, exist_ok=True)
+  tmp = p.with_name(p.name + ".tmp")
+  note_seq.sequence_proto_to_midi_file(ns, str(tmp))
+  os.replace(tmp, p)
+  return p
