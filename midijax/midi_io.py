@@ -105,6 +105,10 @@ def _tick_to_seconds_fn(tempo_ticks: np.ndarray, mspq: np.ndarray, tpq: int):
   keep = np.append(tempo_ticks[1:] != tempo_ticks[:-1], True)
   tempo_ticks, mspq = tempo_ticks[keep].astype(np.int64), mspq[keep].astype(np.float64)
   scale = 60.0 / ((6e7 / mspq) * tpq)
+  # pretty_midi starts no new segment for a tempo equal to the last one; starting one would
+  # change float64 rounding (and so note order and quantization) in the last bits.
+  new_seg = np.append(True, scale[1:] != scale[:-1])
+  tempo_ticks, mspq, scale = tempo_ticks[new_seg], mspq[new_seg], scale[new_seg]
   seg_start = np.concatenate([[0.0], np.cumsum(np.diff(tempo_ticks) * scale[:-1])])
 
   def f(ticks):

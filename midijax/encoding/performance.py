@@ -81,7 +81,7 @@ class PerformanceEncoding(Encoding):
     return event_stream(steps[ev], event_ids, vel_ids, self.shift_base, self.max_shift_steps)
 
   def _decode(self, ids: np.ndarray, is_drum: bool = False, program: int = 0,
-              qpm: float = 120.0) -> Notes:
+              qpm: float = 120.0, **unused) -> Notes:
     sec = 1.0 / self.steps_per_second
     step, velocity = 0, 100
     open_notes = {}

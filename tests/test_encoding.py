@@ -1,0 +1,154 @@
+"""Encodings: round trips on real files, Magenta's vocabulary, the triples text format."""
+import json
+
+import numpy as np
+import pytest
+
+from midijax import encoding, midi_io
+from midijax.encoding import drum_map
+from midijax.errors import ConfigError, TokenError
+from midijax.notes import Notes
+
+
+def _match_notes(src: Notes, dec: Notes, onset_tol: float, dur_tol=None, vel_tol=None):
+  """Every source note has a decoded note of the same pitch with onset within `onset_tol`."""
+  a, b = src.sorted(), dec.sorted()
+  assert len(a) == len(b), (len(a), len(b))
+  for p in np.unique(a.pitch):
+    sa, sb = a.select(a.pitch == p), b.select(b.pitch == p)
+    assert len(sa) == len(sb), f"pitch {p}: {len(sa)} vs {len(sb)}"
+    np.testing.assert_allclose(np.sort(sb.start), np.sort(sa.start), atol=onset_tol)
+    if dur_tol is not None:
+      oa, ob = np.lexsort((sa.end, sa.start)), np.lexsort((sb.end, sb.start))
+      np.testing.assert_allclose((sb.end - sb.start)[ob], (sa.end - sa.start)[oa], atol=dur_tol)
+    if vel_tol is not None:
+      oa, ob = np.lexsort((sa.velocity, sa.start)), np.lexsort((sb.velocity, sb.start))
+      assert np.all(np.abs(sb.velocity[ob] - sa.velocity[oa]) < vel_tol)
+
+
+def test_performance_vocab_is_magentas():
+  import note_seq
+  enc = encoding.get("performance")
+  onehot = note_seq.PerformanceOneHotEncoding(num_velocity_bins=32, max_shift_steps=100,
+                                              min_pitch=21, max_pitch=108)
+  assert onehot.num_classes + 2 == 310 == enc.bos_id
+  names = {0: "NOTE_ON", 1: "NOTE_OFF", 2: "TIME_SHIFT", 3: "VELOCITY"}
+  for i in range(onehot.num_classes):
+    ev = onehot.decode_event(i)
+    assert enc.vocab.names[i + 2] == f"{names[ev.event_type - 1]}_{ev.event_value}"
+  assert enc.vocab.names[:2] == ["PAD", "EOS"]
+
+
+def test_performance_round_trip_piano(piano_files):
+  enc = encoding.get("performance")
+  for path in piano_files[:3] + piano_files[-2:]:
+    notes = midi_io.read_notes(path, sustain=True)
+    dec = enc.decode_notes(enc.encode(notes))
+    # Onsets within one 10 ms step (rounding), lengths within two steps; velocity in a bin.
+    _match_notes(notes, dec, onset_tol=0.0051, dur_tol=0.0101, vel_tol=4)
+    assert not dec.is_drum.any()
+
+
+def test_performance_matches_magenta_on_note_sequence(piano_files):
+  import note_seq
+  from note_seq import performance_lib
+  enc = encoding.get("performance")
+  onehot = note_seq.PerformanceOneHotEncoding(num_velocity_bins=32, max_shift_steps=100,
+                                              min_pitch=21, max_pitch=108)
+  path = next(f for f in piano_files if "excerpts" in str(f))
+  ns = note_seq.apply_sustain_control_changes(midi_io.read_note_sequence(path))
+  q = note_seq.quantize_note_sequence_absolute(ns, 100)
+  ref = [onehot.encode_event(e) + 2 for e in performance_lib.Performance(q, num_velocity_bins=32)]
+  np.testing.assert_array_equal(enc.encode(ns), ref)
+
+
+def test_long_gaps_use_several_time_shifts():
+  enc = encoding.get("performance")
+  notes = Notes.from_arrays([60, 62], [0.0, 2.505], [0.5, 3.0], [80, 80])
+  names = enc.to_text(enc.encode(notes)).split()
+  assert names == ["VELOCITY_20", "NOTE_ON_60", "TIME_SHIFT_50", "NOTE_OFF_60", "TIME_SHIFT_100",
+                   "TIME_SHIFT_100", "TIME_SHIFT_1", "NOTE_ON_62", "TIME_SHIFT_49", "NOTE_OFF_62"]
+
+
+@pytest.mark.parametrize("pitch_map", ["groovae", "none"])
+def test_drums_round_trip_groove(groove_files, pitch_map):
+  enc = encoding.get("drums", pitch_map=pitch_map)
+  for path in groove_files[:: len(groove_files) // 12]:
+    notes = midi_io.read_notes(path)
+    dec = enc.decode_notes(enc.encode(notes))
+    assert dec.is_drum.all()
+    if pitch_map == "groovae":
+      cls = drum_map.pitch_to_groovae_class(notes.pitch)
+      notes = notes.select(cls >= 0)
+      notes.pitch = drum_map.GROOVAE_CANONICAL_PITCH[drum_map.pitch_to_groovae_class(notes.pitch)]
+    _match_notes(notes, dec, onset_tol=0.0051, vel_tol=4)
+
+
+def test_groovae_table():
+  assert drum_map.pitch_to_groovae_class([36, 38, 37, 40, 42, 22, 44, 46, 26, 43, 58, 47, 45, 50,
+                                          48, 49, 52, 55, 57, 51, 53, 59, 60]).tolist() == \
+      [0, 1, 1, 1, 2, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 7, 7, 8, 8, 8, -1]
+
+
+def test_triples_text_is_the_course_format(groove_files):
+  enc = encoding.get("triples")
+  notes = midi_io.read_notes(groove_files[1])
+  text = enc.notes_to_text(notes)
+  lines = text.split()
+  assert len(lines) == 3 * len(notes)
+  assert lines[0].startswith("POSITION_") and lines[1].startswith("NOTE_ON_") and \
+      lines[2].startswith("DURATION_")
+  back = enc.text_to_notes(text, qpm=notes.qpm, ticks_per_quarter=notes.ticks_per_quarter,
+                           is_drum=True)
+  # Exact to the tick (480 per quarter): onsets within half a tick.
+  half_tick = 0.5 * 60.0 / (notes.qpm * notes.ticks_per_quarter)
+  _match_notes(notes, back, onset_tol=half_tick + 1e-9)
+  assert back.is_drum.all()
+
+
+def test_triples_example_from_the_issue():
+  enc = encoding.get("triples")
+  notes = enc.text_to_notes("POSITION_0\nNOTE_ON_60\nDURATION_480\n")
+  assert notes.tuples()[0][:4] == (60, 100, 0.0, 0.5)
+  ids = enc.from_text("POSITION_0\nNOTE_ON_60\nDURATION_480\n")
+  assert enc.to_text(ids) == "POSITION_0\nNOTE_ON_60\nDURATION_480\n"
+  assert [enc.vocab.names[i] for i in ids] == ["POS_0", "NOTE_ON_60", "DUR_24"]
+
+
+def test_triples_ids_round_trip_piano(piano_files):
+  enc = encoding.get("triples")
+  notes = midi_io.read_notes(piano_files[0], sustain=True)
+  dec = enc.decode_notes(enc.encode(notes), qpm=notes.qpm)
+  grid = 60.0 / (notes.qpm * 24)  # one grid step in seconds at the file's first tempo
+  if len(notes.tempos) == 1:
+    _match_notes(notes, dec, onset_tol=grid / 2 + 1e-6)
+  else:
+    assert len(dec) == len(notes)
+
+
+def test_invalid_tokens_name_the_line_and_lenient_counts():
+  enc = encoding.get("performance")
+  with pytest.raises(TokenError, match="line 2: 'NOTE_ON_7'"):
+    enc.from_text("NOTE_ON_60\nNOTE_ON_7\nNOTE_OFF_60\n")
+  stats = {}
+  ids = enc.from_text("NOTE_ON_60\nNOTE_ON_7\nNOTE_OFF_60\n", lenient=True, stats=stats)
+  assert len(ids) == 2 and stats["skipped"] == 1
+
+
+def test_conditioning_block_and_vocab_json(tmp_path):
+  for name in encoding.ENCODINGS:
+    enc = encoding.get(name)
+    sid = enc.condition_id("style", "funk")
+    assert enc.vocab.names[sid] == "STYLE_funk" and sid > enc.bos_id
+    assert enc.vocab.names[enc.condition_id("tempo", "104")] == "TEMPO_100-110"
+    seq = enc.with_specials([enc.bos_id - 1], {"style": "rock", "type": "fill"})
+    assert seq[0] == enc.bos_id and seq[-1] == enc.eos_id
+    np.testing.assert_array_equal(enc.strip_specials(seq), [enc.bos_id - 1])
+    enc.save_vocab(tmp_path / f"{name}.json")
+    again = encoding.load_vocab(tmp_path / f"{name}.json")
+    assert again.vocab.names == enc.vocab.names and again.config == enc.config
+    assert json.loads((tmp_path / f"{name}.json").read_text())["size"] == enc.vocab_size
+  with pytest.raises(TokenError, match="valid: afrobeat, afrocuban"):
+    enc.condition_id("style", "polka")
+  with pytest.raises(ConfigError, match="unknown encoding"):
+    encoding.get("remi")

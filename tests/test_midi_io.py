@@ -1,0 +1,118 @@
+"""MIDI I/O: the fast reader equals note-seq's on the whole real corpus; bad files fail clearly."""
+import multiprocessing as mp
+import os
+
+import mido
+import numpy as np
+import pytest
+
+from midijax import encoding, midi_io
+from midijax.errors import MidiReadError
+from midijax.notes import Notes
+
+
+def _compare_file(path: str):
+  """Returns a list of problems for one file (empty when both readers agree)."""
+  import note_seq
+  from note_seq import performance_lib
+  problems = []
+  fast = midi_io.read_notes(path, allow_empty=True)
+  ns = midi_io.read_note_sequence(path)
+  ref = Notes.from_note_sequence(ns)
+  # Times compared to 1e-9 s (rounded to 9 decimals).
+  if fast.tuples() != ref.tuples():
+    problems.append("notes differ")
+  sus_ns = note_seq.apply_sustain_control_changes(ns)
+  if midi_io.apply_sustain(fast).tuples() != Notes.from_note_sequence(sus_ns).tuples():
+    problems.append("sustained notes differ")
+  if "/piano/" in path:
+    enc = encoding.get("performance")
+    fast_ids = enc.encode(midi_io.read_notes(path, sustain=True))
+    onehot = note_seq.PerformanceOneHotEncoding(num_velocity_bins=32, max_shift_steps=100,
+                                                min_pitch=21, max_pitch=108)
+    q = note_seq.quantize_note_sequence_absolute(sus_ns, 100)
+    ref_ids = np.array([onehot.encode_event(e) + 2
+                        for e in performance_lib.Performance(q, num_velocity_bins=32)])
+    if not np.array_equal(fast_ids, ref_ids):
+      problems.append(f"performance ids differ ({len(fast_ids)} vs {len(ref_ids)})")
+  return path, problems
+
+
+@pytest.mark.slow
+def test_fast_reader_matches_note_seq_on_all_shared_data(groove_files, piano_files):
+  """Both readers give the same notes (1e-9 s) on every file, with and without sustain, and
+  the performance ids from the fast path equal Magenta's reference on every piano file."""
+  files = [str(f) for f in piano_files + groove_files]
+  assert len(files) >= 1200
+  ctx = mp.get_context("fork")
+  with ctx.Pool(os.cpu_count() or 2) as pool:
+    results = pool.map(_compare_file, files, chunksize=8)
+  bad = [(p, probs) for p, probs in results if probs]
+  assert not bad, f"{len(bad)} files differ, e.g. {bad[:3]}"
+
+
+def test_drums_identified_by_is_drum(groove_files):
+  notes = midi_io.read_notes(groove_files[0])
+  assert notes.is_drum.all() and len(notes) > 0
+
+
+def test_sustain_extends_piano_notes(piano_files):
+  path = next(f for f in piano_files if "maestro" in str(f))
+  raw = midi_io.read_notes(path)
+  sus = midi_io.read_notes(path, sustain=True)
+  assert len(sus) <= len(raw)
+  assert sus.end.sum() > raw.end.sum()
+
+
+@pytest.fixture
+def bad_files(tmp_path, groove_files):
+  good = groove_files[0].read_bytes()
+  files = {
+      "missing": tmp_path / "missing.mid",
+      "empty": tmp_path / "empty.mid",
+      "random": tmp_path / "random.mid",
+      "truncated": tmp_path / "truncated.mid",
+      "no_notes": tmp_path / "no_notes.mid",
+  }
+  files["empty"].write_bytes(b"")
+  files["random"].write_bytes(np.random.default_rng(0).bytes(3000))
+  files["truncated"].write_bytes(good[: len(good) // 2])
+  mf = mido.MidiFile()
+  track = mido.MidiTrack()
+  track.append(mido.MetaMessage("set_tempo", tempo=500000, time=0))
+  mf.tracks.append(track)
+  mf.save(files["no_notes"])
+  return files
+
+
+@pytest.mark.parametrize("kind,reason", [
+    ("missing", "file not found"),
+    ("empty", "empty file"),
+    ("random", "not a MIDI file"),
+    ("truncated", "cannot parse MIDI"),
+    ("no_notes", "no notes"),
+])
+@pytest.mark.parametrize("reader", ["symusic", "note_seq"])
+def test_bad_files_raise_clear_error(bad_files, kind, reason, reader):
+  path = bad_files[kind]
+  with pytest.raises(MidiReadError) as e:
+    midi_io.read_notes(path, reader=reader)
+  assert str(path) in str(e.value) and reason in str(e.value)
+
+
+def test_huge_file_refused(groove_files):
+  with pytest.raises(MidiReadError, match="above the 100-byte limit"):
+    midi_io.read_notes(groove_files[0], max_bytes=100)
+
+
+def test_write_midi_drums_on_channel_10_with_tempo_and_meter(tmp_path, groove_files):
+  notes = midi_io.read_notes(groove_files[0])
+  out = midi_io.write_midi(notes, tmp_path / "sub" / "out.mid")
+  mf = mido.MidiFile(out)
+  channels = {m.channel for t in mf.tracks for m in t if m.type == "note_on"}
+  assert channels == {9}
+  assert any(m.type == "set_tempo" for t in mf.tracks for m in t)
+  assert any(m.type == "time_signature" for t in mf.tracks for m in t)
+  back = midi_io.read_notes(out)
+  assert back.is_drum.all() and len(back) == len(notes)
+  np.testing.assert_allclose(back.sorted().start, notes.sorted().start, atol=2e-3)
