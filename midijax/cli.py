@@ -154,13 +154,73 @@ def run_encodings(args) -> int:
   return 0
 
 
+# ----------------------------------------------------------------------------- training
+TRAIN_USAGE = """usage: midijax train --config=configs/NAME.py --workdir=DIR [--config.FIELD=VALUE ...]
+
+Trains (or resumes) the model a config file describes, checkpointing into DIR.
+
+  --config          an ml-collections config file (see configs/); any field may be
+                    overridden, e.g. --config.train.num_steps=200 --config.data.batch_size=16
+                    (unknown fields are rejected)
+  --workdir         run folder: checkpoints/, metrics.jsonl, tensorboard/, loss.png,
+                    config.json; a workdir with checkpoints resumes from the latest
+  --coordinator_address, --num_processes, --process_id
+                    multi-host start-up (jax.distributed); also read from
+                    MIDIJAX_COORDINATOR_ADDRESS / MIDIJAX_NUM_PROCESSES / MIDIJAX_PROCESS_ID
+"""
+
+
+def run_train(argv: List[str]) -> int:
+  """`midijax train`: absl flags + ml_collections.config_flags, as Flax's examples do."""
+  if not argv or any(a in ("-h", "--help", "--helpfull") for a in argv):
+    print(TRAIN_USAGE)
+    return 0 if argv else 2
+  from absl import flags
+  from ml_collections import config_flags
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "config file", flag_values=fv,
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, "run folder", flag_values=fv)
+  flags.DEFINE_string("coordinator_address", None, "host:port of process 0", flag_values=fv)
+  flags.DEFINE_integer("num_processes", None, "number of processes", flag_values=fv)
+  flags.DEFINE_integer("process_id", None, "this process's index", flag_values=fv)
+  try:
+    fv(["midijax train"] + argv)
+    config = fv.config  # config files load lazily: surface their errors here
+    if config is not None:
+      config.to_dict()
+  except OSError as e:
+    first = str(e).splitlines()
+    raise MidijaxError("cannot load the config file: " + " ".join(
+        line.strip() for line in first[-2:])) from None
+  except (flags.Error, KeyError, AttributeError, ValueError, TypeError) as e:
+    override = next((a.split("=")[0] for a in argv if a.startswith("--config.")), "")
+    hint = f" (check {override}: unknown config fields are rejected)" if "KeyError" in repr(
+        e) or isinstance(e, KeyError) or "'" in str(e)[:2] else ""
+    raise MidijaxError(f"bad flags: {e}{hint}\n{TRAIN_USAGE}") from None
+  if config is None or not fv.workdir:
+    raise MidijaxError("--config and --workdir are required\n" + TRAIN_USAGE)
+  from midijax import sharding, train
+  sharding.maybe_initialize_distributed(fv.coordinator_address, fv.num_processes, fv.process_id)
+  train.train_and_evaluate(config, fv.workdir)
+  return 0
+
+
 # ----------------------------------------------------------------------------- entry point
+# Commands whose flags absl parses (ml_collections config overrides).
+ABSL_COMMANDS = {"train": run_train}
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="midijax",
-      description="midijax: train and sample Transformer models of MIDI music with JAX.")
+      description="midijax: train and sample Transformer models of MIDI music with JAX.",
+      epilog="train: midijax train --config=configs/NAME.py --workdir=DIR "
+             "(see `midijax train --help`)")
   sub = parser.add_subparsers(dest="command", metavar="COMMAND")
   sub.required = True
+  sub.add_parser("train", help="train or resume a model from a config file (absl flags; "
+                               "`midijax train --help`)")
   for fn, _ in COMMANDS.values():
     fn(sub)
   return parser
@@ -168,6 +228,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
+  if argv and argv[0] in ABSL_COMMANDS:
+    name = argv[0]
+    try:
+      return ABSL_COMMANDS[name](argv[1:])
+    except MidijaxError as e:
+      print(f"midijax {name}: error: {e}", file=sys.stderr)
+      return 2
+    except KeyboardInterrupt:
+      print(f"midijax {name}: interrupted", file=sys.stderr)
+      return 130
   parser = build_parser()
   args = parser.parse_args(argv)
   try:

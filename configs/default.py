@@ -1,0 +1,119 @@
+"""Base config: every field of a midijax run, with its meaning and unit.
+
+Other configs import this one and change a few fields. Any field can be overridden on the
+command line, e.g. `--config.train.num_steps=200`. This file alone trains a small groove model:
+
+    midijax train --config=configs/default.py --workdir=/tmp/run
+"""
+import ml_collections
+
+
+def get_config():
+  config = ml_collections.ConfigDict()
+  # Seed for parameter init, dropout and data order (integer).
+  config.seed = 0
+
+  # ---------------------------------------------------------------- data
+  config.data = data = ml_collections.ConfigDict()
+  # TFDS builder name: groove | piano | midi_folder (built with `midijax build-data`).
+  data.name = "groove"
+  # Builder config, e.g. drums | performance | triples | drums_2bar (see README).
+  data.builder_config = "drums"
+  # TFDS data dir; empty means TFDS's default (honours TFDS_DATA_DIR).
+  data.data_dir = ""
+  # Optional mixture: list of "name/config:weight" strings; empty = just `name`.
+  data.mixture = ()
+  # Training split and evaluation split names.
+  data.train_split = "train"
+  data.eval_split = "validation"
+  # Tokens per training row (model input length); crops are seq_len + 1 long.
+  data.seq_len = 256
+  # Global batch size (rows per step across all processes/devices).
+  data.batch_size = 32
+  # Pack several short pieces into one row with segment ids (True) or pad each (False).
+  data.packing = False
+  # Shuffle buffer (examples).
+  data.shuffle_buffer = 1024
+  # Pitched data augmentation (training only): max transposition (semitones) and time
+  # stretch (fraction, 0.05 = +-5%); drums are never transposed.
+  data.transpose_semitones = 0
+  data.time_stretch = 0.0
+  # Evaluation batch size (rows) and a cap on eval batches (-1 = the whole split).
+  data.eval_batch_size = 32
+  data.max_eval_batches = -1
+
+  # ---------------------------------------------------------------- model
+  config.model = model = ml_collections.ConfigDict()
+  # Vocabulary size; 0 = taken from the dataset's vocab.json.
+  model.vocab_size = 0
+  # Width of the residual stream (d_model), attention width, heads, layers, MLP width.
+  model.emb_dim = 128
+  model.qkv_dim = 128
+  model.num_heads = 4
+  model.num_layers = 4
+  model.mlp_dim = 512
+  # Longest sequence the model sees (tokens); must be >= data.seq_len.
+  model.max_len = 256
+  # Dropout on residual branches / embeddings, and on attention probabilities.
+  model.dropout_rate = 0.1
+  model.attention_dropout_rate = 0.0
+  # Positions: sinusoidal | rope | relative (Music Transformer, skewing).
+  model.position = "rope"
+  # rmsnorm | layernorm; gelu | swiglu.
+  model.norm = "rmsnorm"
+  model.mlp_activation = "gelu"
+  # Share the input embedding with the output projection.
+  model.tied_embeddings = False
+  # Compute dtype: float32 on CPU; bfloat16 on TPU/GPU. Parameters are always float32.
+  model.dtype = "float32"
+
+  # ---------------------------------------------------------------- training
+  config.train = train = ml_collections.ConfigDict()
+  # Optimizer steps.
+  train.num_steps = 2000
+  # Peak learning rate, linear warmup steps, and decay: cosine | rsqrt | constant.
+  train.learning_rate = 1e-3
+  train.warmup_steps = 100
+  train.schedule = "cosine"
+  # AdamW.
+  train.b1 = 0.9
+  train.b2 = 0.98
+  train.weight_decay = 0.01
+  # Also decay norm scales, biases and embeddings (False: only weight matrices).
+  train.decay_all = False
+  # Clip gradients to this global norm (0 = off).
+  train.grad_clip_norm = 1.0
+  # Accumulate gradients over this many micro-batches per update (optax.MultiSteps).
+  train.grad_accum_steps = 1
+  # Label smoothing of the targets (0 = off).
+  train.label_smoothing = 0.0
+  # Steps between log lines, evaluations and checkpoints.
+  train.log_every = 50
+  train.eval_every = 500
+  train.checkpoint_every = 500
+  # Checkpoints kept: the newest N plus the best N by validation loss.
+  train.keep_latest = 3
+  train.keep_best = 1
+  # Save checkpoints asynchronously (Orbax).
+  train.async_checkpointing = True
+  # Peak FLOP/s per device for MFU; 0 = look up the accelerator, or measure (CPU).
+  train.peak_flops_per_device = 0.0
+  # Stop with an error on a NaN/inf loss (the last good checkpoint stays).
+  train.stop_on_nan = True
+
+  # ---------------------------------------------------------------- devices
+  config.mesh = mesh = ml_collections.ConfigDict()
+  # Parallelism per mesh axis (data, fsdp, tensor) inside a host/slice (ici) and across
+  # hosts/slices (dcn); -1 = all remaining devices.
+  mesh.ici_parallelism = (-1, 1, 1)
+  mesh.dcn_parallelism = (1, 1, 1)
+  # Logical axis -> mesh axes overrides; empty = midijax.sharding.DEFAULT_LOGICAL_AXIS_RULES.
+  mesh.logical_axis_rules = ()
+
+  # ---------------------------------------------------------------- sampling defaults
+  config.sample = sample = ml_collections.ConfigDict()
+  sample.temperature = 1.0
+  sample.top_k = 0
+  sample.top_p = 1.0
+  sample.max_new_tokens = 512
+  return config

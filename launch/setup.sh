@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Creates ./.venv and installs midijax with the pinned requirements (Python 3.10+).
+# With --system also installs the Debian packages the tests and the listening-test export
+# use (needs root or sudo): fluidsynth + a General MIDI soundfont, chromium for the browser
+# test, shellcheck for the launch scripts.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [[ "${1:-}" == "--system" ]]; then
+  if command -v apt-get >/dev/null 2>&1; then
+    SUDO=""
+    if [[ "$(id -u)" != "0" ]]; then SUDO="sudo"; fi
+    export DEBIAN_FRONTEND=noninteractive
+    $SUDO apt-get update -qq
+    $SUDO apt-get install -y -qq --no-install-recommends \
+      fluidsynth fluid-soundfont-gm lame chromium chromium-driver shellcheck >/dev/null
+  else
+    echo "setup.sh: apt-get not found; install fluidsynth, a GM soundfont and chromium yourself" >&2
+  fi
+fi
+
+PY="${PYTHON:-python3}"
+if [[ ! -x .venv/bin/python ]]; then
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -r requirements.txt
+.venv/bin/python -m pip install -q --no-deps -e .
+echo "setup.sh: ready (.venv/bin/midijax)"

@@ -1,0 +1,82 @@
+"""The `midijax` command as a user runs it: round trips, --help, clear errors."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from midijax import cli, midi_io
+
+
+def run(*args, check=True):
+  """Runs `python -m midijax.cli ARGS` in a subprocess; returns the CompletedProcess."""
+  proc = subprocess.run([sys.executable, "-m", "midijax.cli", *map(str, args)],
+                        capture_output=True, text=True)
+  if check and proc.returncode != 0:
+    raise AssertionError(proc.stderr)
+  return proc
+
+
+def test_help_explains_every_subcommand():
+  out = run("--help").stdout
+  for name in ("midi2tokens", "tokens2midi", "encodings"):
+    assert name in out
+    sub = run(name, "--help").stdout
+    assert "usage: midijax " + name in sub
+
+
+@pytest.mark.parametrize("encoding", ["drums", "performance", "triples"])
+def test_round_trip_groove(tmp_path, groove_files, encoding):
+  src = groove_files[5]
+  txt, mid = tmp_path / "t.txt", tmp_path / "t.mid"
+  assert cli.main(["midi2tokens", str(src), str(txt), "--encoding", encoding]) == 0
+  assert cli.main(["tokens2midi", str(txt), str(mid)]) == 0
+  a, b = midi_io.read_notes(src), midi_io.read_notes(mid)
+  assert b.is_drum.all()
+  if encoding != "drums":  # drums maps pitches to 9 classes
+    assert sorted(a.pitch.tolist()) == sorted(b.pitch.tolist())
+  np.testing.assert_allclose(np.sort(b.start), np.sort(a.start), atol=0.006)
+
+
+def test_round_trip_maestro_performance_ids(tmp_path, piano_files):
+  src = next(f for f in piano_files if "maestro" in str(f))
+  txt, mid = tmp_path / "t.txt", tmp_path / "t.mid"
+  run("midi2tokens", src, txt, "--ids", "--sustain")
+  assert all(line.isdigit() for line in txt.read_text().splitlines()[1:])
+  run("tokens2midi", txt, mid)
+  a, b = midi_io.read_notes(src, sustain=True), midi_io.read_notes(mid)
+  assert len(a) == len(b) and not b.is_drum.any()
+  np.testing.assert_allclose(np.sort(b.start), np.sort(a.start), atol=0.006)
+
+
+def test_course_triples_file_without_header(tmp_path):
+  txt = tmp_path / "course.txt"
+  txt.write_text("POSITION_0\nNOTE_ON_60\nDURATION_480\nPOSITION_480\nNOTE_ON_64\nDURATION_240\n")
+  run("tokens2midi", txt, tmp_path / "c.mid", "--encoding", "triples", "--tempo", "60")
+  notes = midi_io.read_notes(tmp_path / "c.mid")
+  assert notes.tuples() == [(60, 100, 0.0, 1.0, 0, False), (64, 100, 1.0, 1.5, 0, False)]
+
+
+def test_errors_are_one_clear_line_and_keep_existing_output(tmp_path, groove_files):
+  bad = tmp_path / "bad.mid"
+  bad.write_bytes(b"MThd\x00\x00\x00\x06garbage")
+  out = tmp_path / "out.txt"
+  out.write_text("precious\n")
+  proc = run("midi2tokens", bad, out, check=False)
+  assert proc.returncode == 2
+  assert str(bad) in proc.stderr and "Traceback" not in proc.stderr
+  assert out.read_text() == "precious\n"
+  tokens = tmp_path / "tokens.txt"
+  tokens.write_text("NOTE_ON_60\nTIME_SHIFT_10\nNOT_A_TOKEN\n")
+  mid = tmp_path / "keep.mid"
+  mid.write_bytes(b"old")
+  proc = run("tokens2midi", tokens, mid, check=False)
+  assert proc.returncode == 2 and "line 3" in proc.stderr and "Traceback" not in proc.stderr
+  assert mid.read_bytes() == b"old"
+  proc = run("tokens2midi", tokens, mid, "--lenient")
+  assert "1 invalid tokens skipped" in proc.stdout
+
+
+def test_encodings_lists_sizes():
+  out = run("encodings").stdout
+  assert "performance" in out and "372" in out and "drums" in out and "triples" in out
