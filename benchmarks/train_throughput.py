@@ -1,0 +1,153 @@
+#!/usr/bin/env python3
+"""Training throughput of a config's model: tokens/s, FLOP/s and MFU, on random tokens.
+
+Runs midijax's real jitted `train.train_step` (same optimizer, sharding and loss as
+`midijax train`) on random token batches of the config's shape and prints one JSON line:
+
+  tokens_per_s       median over the timed steps (after warm-up) of batch*seq / step time
+  flops_per_token    transformer.flops_per_token: 6*N + 12*L*H*Dh*T (+6*L*H*Dh*T for relative
+                     attention), N = matmul weights incl. the output projection (PaLM app. B)
+  flops_per_s        tokens_per_s * flops_per_token
+  peak_flops_per_s   this machine's float32 (or the config's dtype) matmul peak, measured here
+                     with jnp.dot of 2048x2048 (best of several runs), times the device count
+  mfu                flops_per_s / peak_flops_per_s
+
+    python benchmarks/train_throughput.py --config configs/seed_course.py [--steps 20] [--dropout 0.1]
+    python benchmarks/train_throughput.py --config configs/seed_course.py --layers 6 --width 512 \
+        --heads 8 --mlp 2048 --seq 1024 --batch 8 --dropout 0
+"""
+import argparse
+import importlib.util
+import json
+import os
+import pathlib
+import statistics
+import sys
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def load_config(path):
+  spec = importlib.util.spec_from_file_location("bench_config", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config()
+
+
+def measure_peak(dtype: str, n: int = 2048, reps: int = 8) -> float:
+  import jax
+  import jax.numpy as jnp
+  a = jnp.ones((n, n), dtype)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  best = float("inf")
+  for _ in range(reps):
+    t = time.perf_counter()
+    f(a).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return 2 * n ** 3 / best
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--config", required=True, help="config file (configs/NAME.py)")
+  ap.add_argument("--steps", type=int, default=20, help="timed steps")
+  ap.add_argument("--warmup", type=int, default=3, help="untimed steps after compilation")
+  ap.add_argument("--max_seconds", type=float, default=120.0, help="stop timing after this")
+  ap.add_argument("--dropout", type=float, default=None, help="override dropout rate")
+  ap.add_argument("--prng", default=None, choices=["threefry2x32", "rbg", "unsafe_rbg"],
+                  help="jax_default_prng_impl for dropout's random numbers")
+  ap.add_argument("--layers", type=int)
+  ap.add_argument("--width", type=int, help="emb_dim = qkv_dim")
+  ap.add_argument("--heads", type=int)
+  ap.add_argument("--mlp", type=int)
+  ap.add_argument("--seq", type=int)
+  ap.add_argument("--batch", type=int)
+  ap.add_argument("--dtype", default=None, help="compute dtype override (float32, bfloat16)")
+  ap.add_argument("--vocab", type=int, default=310, help="vocabulary size of the random tokens")
+  a = ap.parse_args()
+
+  import jax
+  if a.prng:
+    jax.config.update("jax_default_prng_impl", a.prng)
+  import jax.numpy as jnp
+  import numpy as np
+  from midijax import sharding, train
+  from midijax.models import transformer
+
+  config = load_config(a.config)
+  m = config.model
+  if a.layers: m.num_layers = a.layers
+  if a.width: m.emb_dim = m.qkv_dim = a.width
+  if a.heads: m.num_heads = a.heads
+  if a.mlp: m.mlp_dim = a.mlp
+  if a.seq: config.data.seq_len = a.seq
+  if a.seq and m.max_len < a.seq: m.max_len = a.seq
+  if a.batch: config.data.batch_size = a.batch
+  if a.dtype: m.dtype = a.dtype
+  if a.dropout is not None:
+    m.dropout_rate = a.dropout
+    m.attention_dropout_rate = min(m.attention_dropout_rate, a.dropout)
+  train.validate_config(config)
+  B, T = config.data.batch_size, config.data.seq_len
+  mesh = sharding.create_mesh(config.mesh)
+  rules = sharding.get_logical_axis_rules(config.mesh) or sharding.DEFAULT_LOGICAL_AXIS_RULES
+  model_cfg, graphdef, tx, state, state_sh = train.build_model_and_state(config, a.vocab, mesh, rules)
+  batch_sh = sharding.batch_sharding(mesh, rules)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  use_dropout = m.dropout_rate > 0 or m.attention_dropout_rate > 0
+  import functools
+  with sharding.use_mesh(mesh, rules):
+    step_fn = jax.jit(functools.partial(train.train_step, graphdef=graphdef, tx=tx,
+                                        label_smoothing=0.0, use_dropout=use_dropout),
+                      in_shardings=(state_sh, batch_sh, replicated),
+                      out_shardings=(state_sh, replicated), donate_argnums=(0,))
+    rng = np.random.default_rng(0)
+    batches = []
+    for _ in range(4):
+      x = rng.integers(2, a.vocab, (B, T + 1)).astype(np.int32)
+      batches.append(jax.device_put({"inputs": x[:, :-1], "targets": x[:, 1:],
+                                     "weights": np.ones((B, T), np.float32)}, batch_sh))
+    key = jax.random.key(0)
+    t = time.perf_counter()
+    state, metrics = step_fn(state, batches[0], key)
+    jax.block_until_ready(metrics)
+    compile_s = time.perf_counter() - t
+    for i in range(a.warmup):
+      state, metrics = step_fn(state, batches[i % 4], key)
+    jax.block_until_ready(metrics)
+    times = []
+    start = time.perf_counter()
+    for i in range(a.steps):
+      t = time.perf_counter()
+      state, metrics = step_fn(state, batches[i % 4], key)
+      jax.block_until_ready(metrics)
+      times.append(time.perf_counter() - t)
+      if time.perf_counter() - start > a.max_seconds and len(times) >= 3:
+        break
+  step_s = statistics.median(times)
+  tokens_per_s = B * T / step_s
+  fpt = transformer.flops_per_token(model_cfg, T)
+  peak = measure_peak(m.dtype) * jax.device_count()
+  out = {
+      "bench": "train_throughput", "config": os.path.relpath(a.config, REPO),
+      "model": {"layers": m.num_layers, "width": m.emb_dim, "heads": m.num_heads,
+                "mlp": m.mlp_dim, "position": m.position, "dtype": m.dtype},
+      "seq_len": T, "batch": B, "dropout": m.dropout_rate,
+      "prng": jax.config.jax_default_prng_impl, "devices": jax.device_count(),
+      "device_kind": jax.devices()[0].device_kind, "steps_timed": len(times),
+      "compile_s": round(compile_s, 2), "step_s_median": round(step_s, 5),
+      "step_s_min": round(min(times), 5), "step_s_max": round(max(times), 5),
+      "tokens_per_s": round(tokens_per_s, 1), "flops_per_token": fpt,
+      "flops_formula": "6*N + 12*L*H*Dh*T (+6*L*H*Dh*T relative); N = matmul weights",
+      "flops_per_s": round(tokens_per_s * fpt), "peak_flops_per_s": round(peak),
+      "peak_source": "measured jnp.dot 2048x2048", "mfu": round(tokens_per_s * fpt / peak, 4),
+      "final_loss": float(jax.device_get(metrics["loss_sum"]) / jax.device_get(metrics["weight_sum"])),
+  }
+  print(json.dumps(out))
+
+
+if __name__ == "__main__":
+  main()
