@@ -366,11 +366,17 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._old)
 
 
+def _init_rngs(seed: int) -> nnx.Rngs:
+  # unsafe_rbg keys compile the jitted initializer ~5x faster than threefry on CPU; the
+  # parameters are still a deterministic function of the seed.
+  return nnx.Rngs(jax.random.key(seed, impl="unsafe_rbg"))
+
+
 def build_model_and_state(config, vocab_size: int, mesh, rules):
   """Creates the sharded model params, optimizer and their shardings."""
   model_cfg = model_config_from(config, vocab_size)
   model = sharding.create_sharded_model(
-      lambda: transformer.Transformer(model_cfg, rngs=nnx.Rngs(config.seed)), mesh, rules)
+      lambda: transformer.Transformer(model_cfg, rngs=_init_rngs(config.seed)), mesh, rules)
   graphdef, params = nnx.split(model)
   tx = create_optimizer(config.train, params)
   param_shardings = sharding.state_shardings(params, mesh, rules)

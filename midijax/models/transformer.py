@@ -1,0 +1,657 @@
+"""Decoder-only Transformer for symbolic music, in Flax NNX.
+
+Reads top-down: `TransformerConfig`, small layers (norm, MLP, dropout, position
+encodings), `Attention`, `Block`, `Transformer` (training forward pass and the
+key/value-cache `decode` used for sampling), then parameter and FLOP counts.
+
+Shapes: B batch, T query length, S key length, D emb_dim, H num_heads,
+Dh head_dim = qkv_dim // num_heads, F mlp_dim, V padded vocab, L layers.
+
+Three position encodings:
+  * "sinusoidal": fixed sin/cos table added to the token embeddings.
+  * "rope": rotary embeddings applied to queries and keys.
+  * "relative": Music Transformer relative attention (Huang et al. 2018): each head
+    has its own learned embedding per relative distance 0..max_len-1, shape
+    [H, max_len, Dh] (tensor2tensor's `heads_share_relative_embedding=False`),
+    giving logits q_i . E[i - j] added to q_i . k_j. The full forward pass uses
+    the memory-efficient "skewing" trick (O(T*L) memory instead of O(T^2*Dh)).
+
+Every parameter carries logical axis names (NNX `out_sharding` metadata) that
+`midijax.sharding` maps to mesh axes; parameters are created unplaced
+(`eager_sharding=False`) so the model builds without a mesh.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Optional, Sequence
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+
+from midijax.sharding import with_logical_constraint
+
+# Padded vocab entries get this logit: never sampled, and finite so that
+# temperature scaling or `0 * logit` in a loss cannot produce inf / NaN.
+MASKED_LOGIT = -1e9
+# Vocab is padded to a multiple of this for lane-aligned matmuls and so the vocab
+# dim splits evenly over tensor-parallel devices.
+VOCAB_MULTIPLE = 128
+
+POSITIONS = ("sinusoidal", "rope", "relative")
+NORMS = ("rmsnorm", "layernorm")
+ACTIVATIONS = ("gelu", "swiglu")
+
+# Decode cache: one {"k", "v"} dict per layer, arrays [B, S, H, Dh] with these
+# logical axes (for sharding the cache with midijax.sharding).
+Cache = list[dict[str, jax.Array]]
+CACHE_AXES = ("batch", "length", "heads", "kv")
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """Hyperparameters of the decoder-only Transformer.
+
+  Attributes:
+    vocab_size: number of real token ids; the model pads to `padded_vocab_size`.
+    emb_dim: residual stream width D.
+    num_heads: attention heads H.
+    num_layers: Transformer blocks L.
+    qkv_dim: total query/key/value width; per-head dim is qkv_dim // num_heads.
+    mlp_dim: hidden width F of the feed-forward block.
+    max_len: longest sequence (tokens) the model is used on; also the largest
+      relative distance + 1 for "relative" attention.
+    dropout_rate: dropout on embeddings and on each residual branch output.
+    attention_dropout_rate: dropout on attention probabilities.
+    position: "sinusoidal", "rope" or "relative".
+    norm: "rmsnorm" or "layernorm" (pre-norm blocks plus a final norm).
+    mlp_activation: "gelu" (2 matrices) or "swiglu" (3 matrices, gated).
+    tied_embeddings: if True the output projection is the embedding table.
+    dtype: compute dtype (float32 on CPU, bfloat16 on TPU/GPU); a name or dtype.
+    param_dtype: parameter storage dtype.
+    deterministic: default for dropout; True disables it (eval / sampling).
+    rope_max_wavelength: longest RoPE wavelength (tokens).
+    norm_epsilon: added to the variance in norms.
+  """
+  vocab_size: int
+  emb_dim: int = 512
+  num_heads: int = 8
+  num_layers: int = 6
+  qkv_dim: int = 512
+  mlp_dim: int = 2048
+  max_len: int = 2048
+  dropout_rate: float = 0.1
+  attention_dropout_rate: float = 0.1
+  position: str = "rope"
+  norm: str = "rmsnorm"
+  mlp_activation: str = "swiglu"
+  tied_embeddings: bool = False
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  deterministic: bool = False
+  rope_max_wavelength: float = 10_000.0
+  norm_epsilon: float = 1e-6
+
+  def __post_init__(self):
+    # Accept dtype names from ConfigDicts ("bfloat16").
+    object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
+    object.__setattr__(self, "param_dtype", jnp.dtype(self.param_dtype))
+    for field, value, allowed in (("position", self.position, POSITIONS),
+                                  ("norm", self.norm, NORMS),
+                                  ("mlp_activation", self.mlp_activation, ACTIVATIONS)):
+      if value not in allowed:
+        raise ValueError(f"TransformerConfig.{field}={value!r}; expected one of {allowed}.")
+    if self.qkv_dim % self.num_heads:
+      raise ValueError(
+          f"TransformerConfig.qkv_dim={self.qkv_dim} is not divisible by "
+          f"num_heads={self.num_heads}.")
+    if self.position == "sinusoidal" and self.emb_dim % 2:
+      raise ValueError(f"Sinusoidal positions need an even emb_dim, got {self.emb_dim}.")
+    if self.position == "rope" and self.head_dim % 2:
+      raise ValueError(f"RoPE needs an even head_dim, got {self.head_dim}.")
+    if not 0 <= self.dropout_rate < 1 or not 0 <= self.attention_dropout_rate < 1:
+      raise ValueError("dropout rates must be in [0, 1).")
+
+  @property
+  def padded_vocab_size(self) -> int:
+    return -(-self.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+  @property
+  def head_dim(self) -> int:
+    return self.qkv_dim // self.num_heads
+
+  def replace(self, **changes) -> "TransformerConfig":
+    return dataclasses.replace(self, **changes)
+
+
+# ----------------------------------------------------------------------------- small layers
+
+
+def _param(rngs: nnx.Rngs, init, shape: Sequence[int], names: Sequence[Optional[str]],
+           dtype) -> nnx.Param:
+  """A parameter initialized by `init`, annotated with logical axis `names`."""
+  return nnx.Param(init(rngs.params(), tuple(shape), dtype),
+                   out_sharding=tuple(names), eager_sharding=False)
+
+
+def _fan_in_init(in_axis, out_axis):
+  """Truncated-normal init with variance 1 / fan_in over the given kernel axes."""
+  return nnx.initializers.variance_scaling(
+      1.0, "fan_in", "truncated_normal", in_axis=in_axis, out_axis=out_axis)
+
+
+class Norm(nnx.Module):
+  """RMSNorm or LayerNorm over the last axis, computed in float32."""
+
+  def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+    self.kind = config.norm
+    self.epsilon = config.norm_epsilon
+    self.dtype = config.dtype
+    dim, pdt = config.emb_dim, config.param_dtype
+    self.scale = _param(rngs, nnx.initializers.ones, (dim,), ("embed",), pdt)
+    if self.kind == "layernorm":
+      self.bias = _param(rngs, nnx.initializers.zeros, (dim,), ("embed",), pdt)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """[..., D] -> [..., D] in the compute dtype."""
+    x = x.astype(jnp.float32)
+    if self.kind == "layernorm":
+      x = x - jnp.mean(x, axis=-1, keepdims=True)
+    x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.epsilon)
+    x = x * self.scale[...].astype(jnp.float32)
+    if self.kind == "layernorm":
+      x = x + self.bias[...].astype(jnp.float32)
+    return x.astype(self.dtype)
+
+
+class Mlp(nnx.Module):
+  """Feed-forward block: GELU (D->F->D) or SwiGLU (silu(x Wg) * (x Wu) -> D)."""
+
+  def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+    self.activation = config.mlp_activation
+    self.dtype = config.dtype
+    d, f, pdt = config.emb_dim, config.mlp_dim, config.param_dtype
+    init = _fan_in_init(0, 1)
+    self.wi = _param(rngs, init, (d, f), ("embed", "mlp"), pdt)
+    if self.activation == "swiglu":
+      self.wi_gate = _param(rngs, init, (d, f), ("embed", "mlp"), pdt)
+    self.wo = _param(rngs, init, (f, d), ("mlp", "embed"), pdt)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """[B, T, D] -> [B, T, D]."""
+    h = x @ self.wi[...].astype(self.dtype)
+    if self.activation == "swiglu":
+      h = jax.nn.silu(x @ self.wi_gate[...].astype(self.dtype)) * h
+    else:
+      h = jax.nn.gelu(h)
+    h = with_logical_constraint(h, ("batch", "length", "mlp"))
+    return h @ self.wo[...].astype(self.dtype)
+
+
+# Dropout draws 8 random bits per element: uint32 words from jax.random.bits,
+# viewed as 4 bytes each. CPU time per call measured on this 2-core machine
+# (jax 0.10.2, best of 5 x 10 calls, keep 0.9):
+#   [16, 512, 256] f32 (2.1M):    bernoulli: threefry 31.5 ms, rbg 38.7, unsafe_rbg 39.1
+#                                 packed bytes: threefry 3.3 ms, rbg 15.3, unsafe_rbg 15.1
+#   [8, 4, 512, 512] probs (8.4M): bernoulli: threefry 178 ms, rbg 178, unsafe_rbg 166
+#                                 packed bytes: threefry 42 ms, rbg 78, unsafe_rbg 78
+# (a [8192, 256] x [256, 1024] f32 matmul: 72 ms). So packed bytes with the default
+# threefry key are 4-10x cheaper than bernoulli, and rbg keys are slower on CPU
+# (they may pay off on TPU; any key implementation works here unchanged). threefry
+# does cost more XLA compile time (~1 s per program here vs ~0.2 s for rbg).
+# The price: the keep probability is rounded to a multiple of 1/256 (rate 0.1
+# drops 10.16%); kept values are scaled by the exact inverse, so the expectation
+# is unchanged.
+def dropout(x: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
+  """Inverted dropout.
+
+  Args:
+    x: any-shaped activation.
+    rate: drop probability in [0, 1), rounded to a multiple of 1/256.
+    rng: PRNG key (any key implementation).
+
+  Returns:
+    `x` with elements zeroed and the rest scaled so E[output] = x.
+  """
+  keep_threshold = round((1.0 - rate) * 256)
+  if rate <= 0.0 or keep_threshold >= 256:
+    return x
+  keep_threshold = max(keep_threshold, 1)
+  last = x.shape[-1] if x.ndim else 1
+  # Leading dims stay as in `x` so the random bits shard like the activation.
+  words = jax.random.bits(rng, x.shape[:-1] + (-(-last // 4),), jnp.uint32)
+  random_bytes = jax.lax.bitcast_convert_type(words, jnp.uint8)
+  random_bytes = random_bytes.reshape(x.shape[:-1] + (-1,))[..., :last].reshape(x.shape)
+  keep = random_bytes < jnp.uint8(keep_threshold)
+  return jnp.where(keep, x * jnp.asarray(256.0 / keep_threshold, x.dtype), jnp.zeros_like(x))
+
+
+def sinusoidal_embedding(positions: jax.Array, dim: int) -> jax.Array:
+  """Fixed sin/cos position encodings (Vaswani et al. 2017).
+
+  Args:
+    positions: int [B, T] token positions.
+    dim: encoding width (even).
+
+  Returns:
+    float32 [B, T, dim]: sin in the first half, cos in the second, wavelengths
+    geometric from 2*pi to 10000*2*pi.
+  """
+  half = dim // 2
+  inv_freq = jnp.exp(-math.log(10_000.0) * jnp.arange(half, dtype=jnp.float32) / max(half - 1, 1))
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq
+  return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, max_wavelength: float) -> jax.Array:
+  """Rotary position embedding (Su et al. 2021), "rotate half" layout.
+
+  Args:
+    x: [B, T, H, Dh] queries or keys.
+    positions: int [B, T] (or [1, T]) absolute positions.
+    max_wavelength: longest wavelength (tokens).
+
+  Returns:
+    [B, T, H, Dh] in the dtype of `x`; rotation computed in float32.
+  """
+  half = x.shape[-1] // 2
+  timescale = max_wavelength ** (jnp.arange(half, dtype=jnp.float32) * 2 / x.shape[-1])
+  angles = positions.astype(jnp.float32)[:, :, None, None] / timescale  # [B, T, 1, Dh/2]
+  sin, cos = jnp.sin(angles), jnp.cos(angles)
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def _skew(rel_logits: jax.Array) -> jax.Array:
+  """Music Transformer "skewing": relative-distance logits -> query/key logits.
+
+  Args:
+    rel_logits: [B, H, T, T]; entry [i, m] is q_i . E_r for distance T-1-m.
+
+  Returns:
+    [B, H, T, T]; entry [i, j] = q_i . E_r for distance i - j when j <= i (the
+    entries above the diagonal are junk, removed by the causal mask).
+  """
+  b, h, t, _ = rel_logits.shape
+  padded = jnp.pad(rel_logits, ((0, 0), (0, 0), (0, 0), (1, 0)))
+  return padded.reshape(b, h, t + 1, t)[:, :, 1:, :]
+
+
+def attend(q, k, v, *, bias=None, mask=None, is_causal=False,
+           dropout_rate: float = 0.0, dropout_rng: Optional[jax.Array] = None) -> jax.Array:
+  """Scaled dot-product attention, with optional dropout on the probabilities.
+
+  Without attention dropout this is `jax.nn.dot_product_attention` (XLA today;
+  its `implementation="cudnn"` fused kernel is the upgrade path on GPU). That
+  function has no dropout, so with attention dropout the same math is written
+  out here.
+
+  Args:
+    q: [B, T, H, Dh]; k, v: [B, S, H, Dh].
+    bias: float, broadcastable to [B, H, T, S], added to the scaled logits.
+    mask: bool, broadcastable to [B, H, T, S]; True = may attend.
+    is_causal: also apply a causal mask (query t sees keys <= t).
+    dropout_rate: drop probability of attention probabilities.
+    dropout_rng: key; dropout is applied only if given and rate > 0.
+
+  Returns:
+    [B, T, H, Dh].
+  """
+  if dropout_rng is None or dropout_rate <= 0.0:
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, is_causal=is_causal)
+  logits = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32)
+  logits = logits / math.sqrt(q.shape[-1])
+  if bias is not None:
+    logits = logits + bias
+  t, s = logits.shape[-2:]
+  allowed = jnp.ones((1, 1, t, s), bool) if mask is None else mask
+  if is_causal:
+    allowed = allowed & jnp.tril(jnp.ones((t, s), bool))
+  logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  probs = dropout(probs, dropout_rate, dropout_rng)
+  return jnp.einsum("bhts,bshd->bthd", probs, v)
+
+
+class Attention(nnx.Module):
+  """Causal multi-head self-attention with sinusoidal / rope / relative positions."""
+
+  def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    d, h, dh, pdt = config.emb_dim, config.num_heads, config.head_dim, config.param_dtype
+    qkv_init = _fan_in_init(0, (1, 2))
+    self.query = _param(rngs, qkv_init, (d, h, dh), ("embed", "heads", "kv"), pdt)
+    self.key = _param(rngs, qkv_init, (d, h, dh), ("embed", "heads", "kv"), pdt)
+    self.value = _param(rngs, qkv_init, (d, h, dh), ("embed", "heads", "kv"), pdt)
+    self.out = _param(rngs, _fan_in_init((0, 1), 2), (h, dh, d), ("heads", "kv", "embed"), pdt)
+    if config.position == "relative":
+      # Row m holds relative distance max_len - 1 - m (distance 0 is the last row),
+      # the order the skewing trick reads them in.
+      self.relative_embedding = _param(
+          rngs, nnx.initializers.normal(dh ** -0.5), (h, config.max_len, dh),
+          ("heads", "relpos", "kv"), pdt)
+
+  def _project_qkv(self, x: jax.Array, positions: jax.Array):
+    """[B, T, D] -> q, k, v each [B, T, H, Dh] (rope applied to q and k)."""
+    dtype = self.config.dtype
+    q = jnp.einsum("btd,dhk->bthk", x, self.query[...].astype(dtype))
+    k = jnp.einsum("btd,dhk->bthk", x, self.key[...].astype(dtype))
+    v = jnp.einsum("btd,dhk->bthk", x, self.value[...].astype(dtype))
+    if self.config.position == "rope":
+      q = apply_rope(q, positions, self.config.rope_max_wavelength)
+      k = apply_rope(k, positions, self.config.rope_max_wavelength)
+    names = ("batch", "length", "heads", "kv")
+    return (with_logical_constraint(q, names), with_logical_constraint(k, names),
+            with_logical_constraint(v, names))
+
+  def _relative_logits(self, q: jax.Array, num_distances: int) -> jax.Array:
+    """q . E_r for the last `num_distances` rows of E_r: [B, H, T, num_distances] f32."""
+    table = self.relative_embedding[:, self.config.max_len - num_distances:, :]
+    return jnp.einsum("bthk,hmk->bhtm", q, table.astype(self.config.dtype),
+                      preferred_element_type=jnp.float32)
+
+  def _output(self, encoded: jax.Array) -> jax.Array:
+    """[B, T, H, Dh] -> [B, T, D]."""
+    return jnp.einsum("bthk,hkd->btd", encoded, self.out[...].astype(self.config.dtype))
+
+  def __call__(self, x: jax.Array, positions: jax.Array, mask: Optional[jax.Array],
+               dropout_rng: Optional[jax.Array] = None) -> jax.Array:
+    """Full-sequence causal attention (training / scoring).
+
+    Args:
+      x: [B, T, D] normalized input.
+      positions: int [B, T] (or [1, T]) positions, for rope.
+      mask: bool [B, 1, T, T] packing (segment) mask, or None for plain causal.
+      dropout_rng: key for attention dropout, None for none.
+
+    Returns:
+      [B, T, D].
+    """
+    q, k, v = self._project_qkv(x, positions)
+    bias = None
+    if self.config.position == "relative":
+      t = x.shape[1]
+      if t > self.config.max_len:
+        raise ValueError(f"Relative attention supports up to max_len={self.config.max_len} "
+                         f"tokens, got {t}.")
+      bias = _skew(self._relative_logits(q, t)) / math.sqrt(self.config.head_dim)
+    encoded = attend(q, k, v, bias=bias, mask=mask, is_causal=mask is None,
+                     dropout_rate=self.config.attention_dropout_rate, dropout_rng=dropout_rng)
+    return self._output(encoded)
+
+  def decode(self, x: jax.Array, cache: dict[str, jax.Array], start_index: jax.Array):
+    """Attention for T new tokens at cache positions start_index..start_index+T-1.
+
+    Args:
+      x: [B, T, D] normalized input of the new tokens.
+      cache: {"k", "v"}: [B, S, H, Dh] keys/values of positions < start_index.
+      start_index: int32 scalar, cache position of the first new token.
+
+    Returns:
+      ([B, T, D] output, updated cache).
+    """
+    t, s = x.shape[1], cache["k"].shape[1]
+    query_pos = start_index + jnp.arange(t, dtype=jnp.int32)  # [T]
+    q, k, v = self._project_qkv(x, query_pos[None, :])
+    cache = {
+        name: with_logical_constraint(
+            jax.lax.dynamic_update_slice(cache[name], new.astype(cache[name].dtype),
+                                         (0, start_index, 0, 0)), CACHE_AXES)
+        for name, new in (("k", k), ("v", v))
+    }
+    distance = query_pos[:, None] - jnp.arange(s, dtype=jnp.int32)[None, :]  # [T, S]
+    mask = (distance >= 0)[None, None]  # unwritten cache slots lie in the future
+    bias = None
+    if self.config.position == "relative":
+      # Relative logits for the absolute (query, key) pairs: q_t . E_r[distance].
+      max_len = self.config.max_len
+      rel = self._relative_logits(q, max_len)  # [B, H, T, max_len]
+      index = jnp.clip(max_len - 1 - distance, 0, max_len - 1)
+      bias = jnp.take_along_axis(rel, jnp.broadcast_to(index, rel.shape[:2] + index.shape),
+                                 axis=-1) / math.sqrt(self.config.head_dim)
+    encoded = attend(q, cache["k"].astype(q.dtype), cache["v"].astype(q.dtype),
+                     bias=bias, mask=mask)
+    return self._output(encoded), cache
+
+
+# ----------------------------------------------------------------------------- block
+
+
+class Block(nnx.Module):
+  """Pre-norm Transformer block: x + Attn(Norm(x)), then x + Mlp(Norm(x))."""
+
+  def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+    self.dropout_rate = config.dropout_rate
+    self.attention_norm = Norm(config, rngs=rngs)
+    self.attention = Attention(config, rngs=rngs)
+    self.mlp_norm = Norm(config, rngs=rngs)
+    self.mlp = Mlp(config, rngs=rngs)
+
+  def __call__(self, x: jax.Array, positions: jax.Array, mask: Optional[jax.Array],
+               dropout_rng: Optional[jax.Array] = None) -> jax.Array:
+    """[B, T, D] -> [B, T, D]; dropout only if `dropout_rng` is given."""
+    attn_rng = attn_out_rng = mlp_out_rng = None
+    if dropout_rng is not None:
+      attn_rng, attn_out_rng, mlp_out_rng = jax.random.split(dropout_rng, 3)
+    h = self.attention(self.attention_norm(x), positions, mask, attn_rng)
+    if dropout_rng is not None:
+      h = dropout(h, self.dropout_rate, attn_out_rng)
+    x = x + h
+    h = self.mlp(self.mlp_norm(x))
+    if dropout_rng is not None:
+      h = dropout(h, self.dropout_rate, mlp_out_rng)
+    return with_logical_constraint(x + h, ("batch", "length", "embed"))
+
+  def decode(self, x: jax.Array, cache: dict[str, jax.Array], start_index: jax.Array):
+    """Like __call__ without dropout, attending to and updating the cache."""
+    h, cache = self.attention.decode(self.attention_norm(x), cache, start_index)
+    x = x + h
+    return x + self.mlp(self.mlp_norm(x)), cache
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
+  """Positions that restart at 0 wherever the segment id changes.
+
+  Args:
+    segment_ids: int [B, T]; equal ids in a run belong to one packed piece.
+
+  Returns:
+    int32 [B, T] index of each token within its run.
+  """
+  index = jnp.arange(segment_ids.shape[1], dtype=jnp.int32)
+  is_start = jnp.concatenate(
+      [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]],
+      axis=1)
+  start = jax.lax.cummax(jnp.where(is_start, index, 0), axis=1)
+  return index - start
+
+
+class Transformer(nnx.Module):
+  """Decoder-only Transformer language model over (padded) token ids.
+
+  Training: `logits = model(tokens, segment_ids=..., positions=..., dropout_rng=key)`.
+  Sampling: `cache = model.init_cache(B, S)` then
+  `logits, cache = model.decode(tokens, cache, start_index)`, once with the whole
+  prompt and then one token per step; both are pure and jit / while_loop safe.
+  Dropout is off when `deterministic` (the attribute, set from the config and
+  flipped by `model.eval()` / `model.train()`, or the call argument).
+  """
+
+  def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    self.deterministic = config.deterministic
+    self.embedding = _param(rngs, nnx.initializers.normal(1.0),
+                            (config.padded_vocab_size, config.emb_dim), ("vocab", "embed"),
+                            config.param_dtype)
+    self.blocks = nnx.List([Block(config, rngs=rngs) for _ in range(config.num_layers)])
+    self.final_norm = Norm(config, rngs=rngs)
+    if not config.tied_embeddings:
+      self.output = _param(rngs, _fan_in_init(0, 1),
+                           (config.emb_dim, config.padded_vocab_size), ("embed", "vocab"),
+                           config.param_dtype)
+
+  def _embed(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
+    """int [B, T] -> [B, T, D] token (+ sinusoidal position) embeddings."""
+    # Gather from a replicated copy of the table so each batch shard looks up its
+    # own rows: a gather from a (vocab, embed)-sharded table makes XLA replicate
+    # the activations instead. Music vocabularies make the table small.
+    table = with_logical_constraint(self.embedding[...], (None, None))
+    x = jnp.take(table, tokens, axis=0).astype(self.config.dtype)
+    if self.config.position == "sinusoidal":
+      x = x + sinusoidal_embedding(positions, self.config.emb_dim).astype(self.config.dtype)
+    return with_logical_constraint(x, ("batch", "length", "embed"))
+
+  def _logits(self, x: jax.Array) -> jax.Array:
+    """[B, T, D] final hidden -> float32 [B, T, V] with padded ids masked."""
+    cfg = self.config
+    x = self.final_norm(x)
+    if cfg.tied_embeddings:
+      # Embedding rows have unit variance; 1/sqrt(D) keeps the logits O(1).
+      logits = jnp.einsum("btd,vd->btv", x, self.embedding[...].astype(cfg.dtype),
+                          preferred_element_type=jnp.float32) / math.sqrt(cfg.emb_dim)
+    else:
+      logits = jnp.einsum("btd,dv->btv", x, self.output[...].astype(cfg.dtype),
+                          preferred_element_type=jnp.float32)
+    if cfg.padded_vocab_size > cfg.vocab_size:
+      is_real = jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size
+      logits = jnp.where(is_real, logits, MASKED_LOGIT)
+    return with_logical_constraint(logits, ("batch", "length", "vocab"))
+
+  def __call__(self, tokens: jax.Array, *, positions: Optional[jax.Array] = None,
+               segment_ids: Optional[jax.Array] = None, deterministic: Optional[bool] = None,
+               dropout_rng: Optional[jax.Array] = None) -> jax.Array:
+    """Next-token logits for every position (teacher forcing).
+
+    Args:
+      tokens: int [B, T] input ids (< vocab_size).
+      positions: int [B, T] position of each token in its piece; defaults to
+        0..T-1, or to restarting at each segment boundary if `segment_ids` is given.
+        Used by "sinusoidal" and "rope"; "relative" needs none.
+      segment_ids: int [B, T] packing ids; tokens attend only within their segment.
+      deterministic: overrides `self.deterministic` (True = no dropout).
+      dropout_rng: PRNG key, required when dropout is active.
+
+    Returns:
+      float32 [B, T, padded_vocab_size] logits; ids >= vocab_size are MASKED_LOGIT.
+    """
+    cfg = self.config
+    deterministic = self.deterministic if deterministic is None else deterministic
+    use_dropout = not deterministic and (cfg.dropout_rate > 0 or cfg.attention_dropout_rate > 0)
+    if use_dropout and dropout_rng is None:
+      raise ValueError("dropout is active (deterministic=False, rate > 0) but no dropout_rng "
+                       "was given; pass dropout_rng=key or deterministic=True.")
+    if positions is None:
+      positions = (positions_from_segments(segment_ids) if segment_ids is not None
+                   else jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :])
+    mask = None
+    if segment_ids is not None:
+      t = tokens.shape[1]
+      same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
+      mask = (same_segment & jnp.tril(jnp.ones((t, t), bool)))[:, None]  # [B, 1, T, T]
+
+    rngs = [None] * (cfg.num_layers + 1)
+    if use_dropout:
+      rngs = list(jax.random.split(dropout_rng, cfg.num_layers + 1))
+    x = self._embed(tokens, positions)
+    if use_dropout:
+      x = dropout(x, cfg.dropout_rate, rngs[-1])
+    for block, rng in zip(self.blocks, rngs):
+      x = block(x, positions, mask, rng)
+    return self._logits(x)
+
+  def init_cache(self, batch_size: int, max_len: Optional[int] = None) -> Cache:
+    """Empty key/value cache.
+
+    Args:
+      batch_size: number of sequences sampled together.
+      max_len: cache length in tokens (prompt + generated); defaults to
+        config.max_len, and may not exceed it for "relative" attention.
+
+    Returns:
+      One {"k", "v"} dict per layer, each [batch_size, max_len, H, Dh] zeros in
+      the compute dtype.
+    """
+    cfg = self.config
+    max_len = cfg.max_len if max_len is None else max_len
+    if cfg.position == "relative" and max_len > cfg.max_len:
+      raise ValueError(f"cache max_len={max_len} exceeds config.max_len={cfg.max_len}, "
+                       f"the longest relative distance the model knows.")
+    shape = (batch_size, max_len, cfg.num_heads, cfg.head_dim)
+    return [{"k": jnp.zeros(shape, cfg.dtype), "v": jnp.zeros(shape, cfg.dtype)}
+            for _ in range(cfg.num_layers)]
+
+  def decode(self, tokens: jax.Array, cache: Cache, start_index: jax.Array
+             ) -> tuple[jax.Array, Cache]:
+    """Logits for T new tokens given a cache holding everything before them.
+
+    Args:
+      tokens: int [B, T] ids at positions start_index..start_index+T-1 (T = the
+        whole prompt for prefill, 1 per sampling step).
+      cache: from `init_cache` or a previous `decode`; positions < start_index filled.
+      start_index: int32 scalar; start_index + T must not exceed the cache length.
+
+    Returns:
+      (float32 [B, T, padded_vocab_size] logits as in __call__, updated cache).
+    """
+    start_index = jnp.asarray(start_index, jnp.int32)
+    positions = (start_index + jnp.arange(tokens.shape[1], dtype=jnp.int32))[None, :]
+    x = self._embed(tokens, positions)
+    new_cache = []
+    for block, layer_cache in zip(self.blocks, cache):
+      x, layer_cache = block.decode(x, layer_cache, start_index)
+      new_cache.append(layer_cache)
+    return self._logits(x), new_cache
+
+
+# ----------------------------------------------------------------------------- counting
+
+
+def count_params(model_or_state: Any) -> int:
+  """Number of parameter scalars in an `nnx.Module` (its nnx.Param) or a state tree."""
+  if isinstance(model_or_state, nnx.Module):
+    model_or_state = nnx.state(model_or_state, nnx.Param)
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(model_or_state))
+
+
+def matmul_params(config: TransformerConfig) -> int:
+  """Weights used in per-token matmuls: N of the 6N rule.
+
+  L * (4 * D * H * Dh  [q, k, v, out]  +  (2 or 3 for SwiGLU) * D * F)  +  D * vocab_size
+  [output projection, counted even when tied: the matmul runs either way; the
+  real vocab, not the padding]. The embedding lookup (a gather), norms and
+  relative-position tables are excluded.
+  """
+  c = config
+  mlp_matrices = 3 if c.mlp_activation == "swiglu" else 2
+  per_layer = 4 * c.emb_dim * c.num_heads * c.head_dim + mlp_matrices * c.emb_dim * c.mlp_dim
+  return c.num_layers * per_layer + c.emb_dim * c.vocab_size
+
+
+def flops_per_token(config: TransformerConfig, seq_len: int) -> float:
+  """Training FLOPs per token (forward + backward), PaLM appendix B style.
+
+    6 * N  +  12 * L * H * Dh * T   (+ 6 * L * H * Dh * T for "relative")
+
+  N = `matmul_params(config)`; 2 FLOPs per multiply-add, x3 for forward + backward.
+  The attention term counts q.k and probs.v over the full T x T square (as PaLM,
+  no causal halving); relative attention adds q.E_r, a third T x T x Dh matmul
+  per head.
+
+  Args:
+    config: the model.
+    seq_len: training sequence length T (tokens).
+
+  Returns:
+    FLOPs per token, for MFU = tokens/s * flops_per_token / peak FLOP/s.
+  """
+  c = config
+  attention_matmuls = 3 if c.position == "relative" else 2
+  attention = 6 * attention_matmuls * c.num_layers * c.num_heads * c.head_dim * seq_len
+  return float(6 * matmul_params(c) + attention)
