@@ -32,8 +32,8 @@ def get_config():
   data.batch_size = 32
   # Pack several short pieces into one row with segment ids (True) or pad each (False).
   data.packing = False
-  # Shuffle buffer (examples).
-  data.shuffle_buffer = 1024
+  # With packing: pieces drawn per row (at most).
+  data.max_segments_per_row = 8
   # Pitched data augmentation (training only): max transposition (semitones) and time
   # stretch (fraction, 0.05 = +-5%); drums are never transposed.
   data.transpose_semitones = 0

@@ -380,14 +380,22 @@ def build_model_and_state(config, vocab_size: int, mesh, rules):
   graphdef, params = nnx.split(model)
   tx = create_optimizer(config.train, params)
   param_shardings = sharding.state_shardings(params, mesh, rules)
-  opt_state = jax.jit(tx.init)(params)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  opt_shardings = jax.tree.map(
-      lambda x: x.sharding if isinstance(x, jax.Array) and x.ndim > 0 else replicated, opt_state)
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state)
-  state_sh = TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings)
-  state = jax.device_put(state, state_sh)
+  # Everything is created by jitted functions so that every array is a global array on the
+  # mesh (a plain jnp array would sit on one local device, which multi-host jit rejects).
+  # The optimizer state takes its parameters' shardings by propagation; scalars replicate.
+  opt_state = jax.jit(tx.init)(params)
+  step = jax.jit(lambda: jnp.zeros((), jnp.int32), out_shardings=replicated)()
+  state = TrainState(step=step, params=params, opt_state=opt_state)
+  state_sh = TrainState(step=replicated, params=param_shardings,
+                        opt_state=jax.tree.map(lambda x: x.sharding, opt_state))
   return model_cfg, graphdef, tx, state, state_sh
+
+
+def replicated_key(seed: int, mesh) -> jax.Array:
+  """A PRNG key replicated over the mesh (a global array, usable on every host)."""
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return jax.jit(lambda: jax.random.key(seed), out_shardings=replicated)()
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -445,7 +453,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     fpt = transformer.flops_per_token(model_cfg, seq_len)
     peak, peak_src = peak_flops_per_device(config)
     writer = MetricWriter(workdir)
-    dropout_rng = jax.random.key(config.seed + 1)
+    dropout_rng = replicated_key(config.seed + 1, mesh)
     train_iter = data.train_batches(start_step)
     meta = {"config": json.loads(config.to_json_best_effort()), "vocab_size": vocab_size}
     best_loss = float("inf")
@@ -520,6 +528,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             best_loss = eval_loss
             manager.wait_until_finished()
             ckpt_lib.write_best(workdir, step, eval_loss)
+        if do_eval or do_ckpt:
+          # Evaluation and saving are not training time: restart the throughput window.
+          window = {"t": time.perf_counter(), "steps": 0, "tokens": 0.0}
         if preempt.requested:
           break
     manager.wait_until_finished()

@@ -1,0 +1,96 @@
+"""TFDS builders that tokenize MIDI corpora into sharded TFRecords, and `build`.
+
+    import data_pipelines
+    builder = data_pipelines.build("groove", manual_dir="../shared/data/groove")
+    ds = builder.as_dataset(split="train")
+
+Builders (each a `tfds.core.GeneratorBasedBuilder`; importing
+``data_pipelines.<name>`` registers it with TFDS, and ``tfds build
+data_pipelines/<name>`` builds it too):
+
+* ``groove``: the Groove MIDI Dataset (configs drums, drums_2bar, drums_4bar,
+  performance, triples).
+* ``piano``: MAESTRO-layout piano performances plus a giantmidi/ folder beside them
+  (configs performance, performance_maestro, performance_nosustain, triples).
+* ``midi_folder``: any folder tree of .mid/.midi files (configs performance, drums,
+  performance_keep_drums, triples).
+
+Each dataset's version directory holds the TFRecord shards, dataset_info.json,
+features.json, metadata.json (encoding and conditioning ids), vocab.json and
+build_report.json (skipped files and reasons, files/s).
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Optional
+
+BUILDERS = {"groove": "Groove", "piano": "Piano", "midi_folder": "MidiFolder"}
+
+
+def builder_class(name: str):
+  """The builder class called `name` (importing, and so registering, its module)."""
+  from data_pipelines import common  # pylint: disable=g-import-not-at-top
+  if name not in BUILDERS:
+    raise common.BuildError(f"unknown dataset {name!r}; valid: {', '.join(BUILDERS)}")
+  module = importlib.import_module(f"data_pipelines.{name}.{name}")
+  return getattr(module, BUILDERS[name])
+
+
+def default_data_dir() -> str:
+  """TFDS's data dir: $TFDS_DATA_DIR when set (read now), else ~/tensorflow_datasets."""
+  return os.environ.get("TFDS_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
+
+
+def build(name: str, config: Optional[str] = None, manual_dir: Optional[str] = None,
+          data_dir: Optional[str] = None, num_shards: Optional[int] = None, *,
+          num_workers: Optional[int] = None, overwrite: bool = False,
+          download_dir: Optional[str] = None, config_name: Optional[str] = None, **overrides):
+  """Builds a dataset (download or --manual_dir, tokenize, write shards); returns the builder.
+
+  Args:
+    name: "groove", "piano" or "midi_folder".
+    config: builder config name (default: the builder's default, e.g. groove's "drums").
+    manual_dir: local source folder (required for midi_folder; without it groove and
+      piano download the official zip).
+    data_dir: root of the TFDS data dir (default `default_data_dir()`).
+    num_shards: shards per split (default: the config's `num_shards`, 8), lowered to
+      the example count for small splits.
+    num_workers: tokenizing processes (default: every core, or $MIDIJAX_BUILD_WORKERS).
+    overwrite: rebuild even if the dataset already exists (else it is reused).
+    download_dir: where downloads go (default <data_dir>/downloads).
+    config_name: name for a config changed by `overrides` (default: derived from them).
+    **overrides: `MidiBuilderConfig` fields to change, e.g. ``split_ratios=(.9, .05, .05)``,
+      ``conditioning=("tempo",)``, ``sustain=False``, ``window_bars=2``.
+
+  Returns:
+    The prepared `tfds.core.DatasetBuilder` (`builder.data_dir` is the version dir).
+
+  Raises:
+    midijax.errors.MidijaxError (`common.BuildError`): unknown name/config/field,
+      missing source, or no usable file in a split.
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from data_pipelines import common  # pylint: disable=g-import-not-at-top
+  cls = builder_class(name)
+  configs = {c.name: c for c in cls.BUILDER_CONFIGS}
+  config = config or cls.DEFAULT_BUILDER_CONFIG_NAME
+  if config not in configs:
+    raise common.BuildError(f"{name}: unknown config {config!r}; valid: {', '.join(configs)}")
+  if name == "midi_folder" and not manual_dir:
+    raise common.BuildError("midi_folder needs --manual_dir (the folder of .mid/.midi files)")
+  if manual_dir is not None and not os.path.isdir(manual_dir):
+    raise common.BuildError(f"--manual_dir {manual_dir} is not a folder")
+  builder_config = common.config_with_overrides(configs[config], name=config_name, **overrides)
+  builder = cls(config=builder_config, data_dir=data_dir or default_data_dir())
+  builder.num_workers = num_workers
+  mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite
+          else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
+  download_config = tfds.download.DownloadConfig(
+      manual_dir=os.path.abspath(manual_dir) if manual_dir else None, num_shards=num_shards,
+      download_mode=mode, try_download_gcs=False)
+  builder.download_and_prepare(download_dir=download_dir, download_config=download_config)
+  return builder
+
+
+__all__ = ["BUILDERS", "build", "builder_class", "default_data_dir"]

@@ -1,0 +1,710 @@
+"""What the midijax TFDS builders share: configs, the tokenizing pool, build reports.
+
+Every builder (groove, piano, midi_folder) is a `MidiDatasetBuilder`: its
+`_split_generators` lists the MIDI files of each split as `FileJob`s (path plus the
+metadata features of that file), and this module's `_generate_examples` tokenizes
+them on every core with a `multiprocessing.Pool`, yielding examples in the jobs'
+order so the same input always gives the same shards. A file that cannot be read
+or encoded is skipped and listed (file and reason) in ``build_report.json``, written
+next to the shards with the vocabulary (``vocab.json``) and the conditioning table
+(``metadata.json``, which TFDS writes from `info.metadata`).
+
+Per example the features are the token ids (`tokens`, int32, variable length:
+[BOS] + conditioning tokens + events + [EOS]) and `num_condition_tokens`, plus the
+window it covers, note count, drum flag, duration and the builder's own metadata.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import json
+import multiprocessing
+import os
+import pathlib
+import sys
+import time
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+from absl import logging
+import numpy as np
+import tensorflow_datasets as tfds
+from tensorflow_datasets.core.utils import shard_utils
+import tqdm
+
+from midijax import encoding as encoding_lib
+from midijax import midi_io
+from midijax.errors import MidijaxError, MidiReadError
+from midijax.notes import Notes
+
+# Files written into the dataset's version directory next to the shards.
+VOCAB_FILE = "vocab.json"
+REPORT_FILE = "build_report.json"
+METADATA_FILE = "metadata.json"  # TFDS's name for `info.metadata`.
+# Standard split names, in the order splits are generated.
+SPLITS = ("train", "validation", "test")
+# Shards per split when neither the config nor the caller asks for a count; small
+# splits get fewer (one example at least per shard).
+DEFAULT_NUM_SHARDS = 8
+# Environment variable that sets the tokenizing process count (default: every core).
+WORKERS_ENV = "MIDIJAX_BUILD_WORKERS"
+MIDI_SUFFIXES = (".mid", ".midi")
+
+
+class BuildError(MidijaxError):
+  """A dataset could not be built (no usable files, missing source, bad config)."""
+
+
+class NoUsableFilesError(BuildError):
+  """Every file of a split (or of the whole dataset) failed to read or encode."""
+
+
+# --------------------------------------------------------------------------- configs
+@dataclasses.dataclass(eq=False)
+class MidiBuilderConfig(tfds.core.BuilderConfig):
+  """What a builder config changes in the generated data.
+
+  Attributes:
+    encoding: token encoding name ("performance" | "drums" | "triples").
+    encoding_options: keyword options for `midijax.encoding.get`.
+    conditioning: conditioning kinds prepended after BOS, in this order (kinds of
+      `midijax.encoding.CONDITIONING`: style, tempo, type, meter, family, dataset).
+    bos: prepend BOS. eos: append EOS.
+    window_bars: 0 for full performances; else examples are windows of this many bars
+      at the file's tempo and meter.
+    hop_bars: bars between window starts.
+    sustain: apply the sustain pedal (CC 64) before encoding.
+    drum_policy: what happens to drum notes: "only" (keep drums, drop pitched notes),
+      "drop" (keep pitched notes) or "keep" (everything, one token stream).
+    split_ratios: train/validation/test fractions for files without a given split
+      (hashed from the relative path, see `hash_split`).
+    sources: builder-specific source folders to read (piano: "maestro", "giantmidi").
+    num_shards: shards per split unless the caller asks for a count (capped at the
+      split's example count).
+    max_bytes: files larger than this are skipped (bytes).
+  """
+  encoding: str = "performance"
+  encoding_options: Dict[str, Any] = dataclasses.field(default_factory=dict)
+  conditioning: Tuple[str, ...] = ()
+  bos: bool = True
+  eos: bool = True
+  window_bars: int = 0
+  hop_bars: int = 1
+  sustain: bool = False
+  drum_policy: str = "drop"
+  split_ratios: Tuple[float, float, float] = (0.8, 0.1, 0.1)
+  sources: Tuple[str, ...] = ()
+  num_shards: int = DEFAULT_NUM_SHARDS
+  max_bytes: int = midi_io.DEFAULT_MAX_BYTES
+
+
+def config_with_overrides(base: MidiBuilderConfig, name: Optional[str] = None,
+                          **overrides) -> MidiBuilderConfig:
+  """A copy of `base` with some fields changed, under a name of its own.
+
+  TFDS refuses a custom config named like a built-in one, and the name is the
+  dataset's directory, so without `name` the result is called
+  ``<base>_<8 hex digits of the overrides>`` (the same overrides, the same name).
+  """
+  fields = {f.name for f in dataclasses.fields(base)}
+  unknown = sorted(set(overrides) - fields)
+  if unknown:
+    raise BuildError(f"unknown config field(s) {unknown}; valid: {sorted(fields)}")
+  if not overrides and name is None:
+    return base
+  if "conditioning" in overrides:
+    overrides["conditioning"] = tuple(overrides["conditioning"])
+  if "sources" in overrides:
+    overrides["sources"] = tuple(overrides["sources"])
+  if "split_ratios" in overrides:
+    overrides["split_ratios"] = tuple(float(r) for r in overrides["split_ratios"])
+  if name is None:
+    digest = hashlib.sha256(json.dumps(overrides, sort_keys=True, default=str).encode())
+    name = f"{base.name}_{digest.hexdigest()[:8]}"
+  return dataclasses.replace(base, name=name, description=(
+      f"{base.description} Overrides: {json.dumps(overrides, sort_keys=True, default=str)}"),
+                             **overrides)
+
+
+# --------------------------------------------------------------------------- splits
+def hash_split(relpath: str, ratios: Sequence[float] = (0.8, 0.1, 0.1),
+               names: Sequence[str] = SPLITS) -> str:
+  """The split of a file, from a hash of its relative path (POSIX separators).
+
+  The first 8 bytes of sha256(relpath) as a fraction u in [0, 1) pick the split
+  whose cumulative ratio first exceeds u, so a file keeps its split when other files
+  are added or removed, on any machine.
+  """
+  if len(ratios) != len(names) or min(ratios) < 0 or sum(ratios) <= 0:
+    raise BuildError(f"split_ratios must be {len(names)} non-negative numbers, got {ratios}")
+  u = int.from_bytes(hashlib.sha256(relpath.encode("utf-8")).digest()[:8], "big") / 2.0**64
+  edges = np.cumsum(np.asarray(ratios, np.float64) / float(sum(ratios)))
+  return names[min(int(np.searchsorted(edges, u, side="right")), len(names) - 1)]
+
+
+def find_midi_files(root: pathlib.Path) -> List[pathlib.Path]:
+  """All .mid/.midi files under `root` (any case), sorted by relative path."""
+  files = [p for p in root.rglob("*") if p.suffix.lower() in MIDI_SUFFIXES and p.is_file()]
+  return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+# --------------------------------------------------------------------------- jobs
+@dataclasses.dataclass(frozen=True)
+class FileJob:
+  """One source file to tokenize.
+
+  Attributes:
+    key: unique, stable example key (windows append ':<index>').
+    path: the file (absolute).
+    meta: the builder's metadata features for this file, plus optional hints the
+      tokenizer reads: 'bpm' (quarter notes per minute) and 'time_signature'
+      ('4-4'), used for bar windows and conditioning instead of the file's own.
+  """
+  key: str
+  path: str
+  meta: Mapping[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+  """How a worker turns a file into examples (picklable; built from the config)."""
+  encoding: Mapping[str, Any]
+  conditioning: Tuple[str, ...]
+  bos: bool
+  eos: bool
+  window_bars: int
+  hop_bars: int
+  sustain: bool
+  drum_policy: str
+  max_bytes: int
+
+  @classmethod
+  def from_config(cls, config: MidiBuilderConfig) -> "Recipe":
+    if config.drum_policy not in ("only", "drop", "keep"):
+      raise BuildError(f"drum_policy must be 'only', 'drop' or 'keep', got {config.drum_policy!r}")
+    unknown = [k for k in config.conditioning if k not in encoding_lib.CONDITIONING]
+    if unknown:
+      raise BuildError(f"unknown conditioning kind(s) {unknown}; valid: "
+                       f"{', '.join(encoding_lib.CONDITIONING)}")
+    if config.window_bars < 0 or config.hop_bars < 1:
+      raise BuildError("window_bars must be >= 0 and hop_bars >= 1")
+    return cls(encoding={"name": config.encoding, **dict(config.encoding_options)},
+               conditioning=tuple(config.conditioning), bos=bool(config.bos), eos=bool(config.eos),
+               window_bars=int(config.window_bars), hop_bars=int(config.hop_bars),
+               sustain=bool(config.sustain), drum_policy=config.drum_policy,
+               max_bytes=int(config.max_bytes))
+
+  def make_encoding(self) -> encoding_lib.Encoding:
+    return encoding_lib.from_config(dict(self.encoding))
+
+
+@dataclasses.dataclass
+class FileResult:
+  """A tokenized file: its examples, or why it gave none.
+
+  `error` is set for a file that could not be read or encoded (counted as skipped);
+  `too_short` marks a good file shorter than one window of the config (counted
+  apart, e.g. GMD's 1-bar fills in a 2-bar config).
+  """
+  job: FileJob
+  examples: List[Dict[str, Any]]
+  error: Optional[str] = None
+  too_short: bool = False
+
+
+def _meter(notes: Notes, meta: Mapping[str, Any]) -> Tuple[int, int]:
+  """(numerator, denominator) from the metadata ('4-4') or the file's first meter."""
+  ts = meta.get("time_signature")
+  if ts:
+    num, den = str(ts).split("-")
+    return int(num), int(den)
+  return int(notes.time_signatures[0, 1]), int(notes.time_signatures[0, 2])
+
+
+def _qpm(notes: Notes, meta: Mapping[str, Any]) -> float:
+  """Quarter notes per minute from the metadata ('bpm') or the file's first tempo."""
+  return float(meta["bpm"]) if meta.get("bpm") else notes.qpm
+
+
+def condition_value(kind: str, notes: Notes, meta: Mapping[str, Any]) -> Optional[str]:
+  """The conditioning value of `kind` for a file, or None when it has none.
+
+  Values come from the metadata when the builder gives them (GMD style, beat type,
+  dataset, family) and otherwise from the notes: tempo from the first tempo, meter
+  from the first time signature, family from the instrument with the most notes.
+  """
+  values = encoding_lib.CONDITIONING[kind]
+  if kind == "tempo":
+    return encoding_lib.tempo_bin(_qpm(notes, meta))
+  if kind == "meter":
+    num, den = _meter(notes, meta)
+    value = f"{num}-{den}"
+    return value if value in values else "other"
+  if kind == "family" and not meta.get("family"):
+    if len(notes) == 0:
+      return None
+    keys = notes.is_drum.astype(np.int64) * 128 + notes.program
+    top = int(np.bincount(keys).argmax())
+    return encoding_lib.family_of_program(top % 128, top >= 128)
+  value = meta.get(kind)
+  return str(value) if value is not None and str(value) in values else None
+
+
+def _window_notes(notes: Notes, t0: float, t1: float) -> Notes:
+  """Notes starting in [t0, t1), shifted to start at 0 and cut at the window's end."""
+  sel = notes.select((notes.start >= t0) & (notes.start < t1))
+  return dataclasses.replace(sel, start=sel.start - t0, end=np.minimum(sel.end, t1) - t0)
+
+
+def tokenize_file(job: FileJob, recipe: Recipe, enc: encoding_lib.Encoding) -> FileResult:
+  """Reads, filters, windows and encodes one file; never raises for a bad file."""
+  try:
+    notes = midi_io.read_notes(job.path, sustain=recipe.sustain, max_bytes=recipe.max_bytes)
+    if recipe.drum_policy == "only":
+      notes = notes.select(notes.is_drum)
+      if len(notes) == 0:
+        return FileResult(job, [], "no drum notes (drum_policy='only')")
+    elif recipe.drum_policy == "drop":
+      notes = notes.select(~notes.is_drum)
+      if len(notes) == 0:
+        return FileResult(job, [], "no pitched notes (drum_policy='drop')")
+    conditions = {}
+    for kind in recipe.conditioning:
+      value = condition_value(kind, notes, job.meta)
+      if value is not None:
+        conditions[kind] = value
+    if recipe.window_bars:
+      num, den = _meter(notes, job.meta)
+      bar = 60.0 / _qpm(notes, job.meta) * num * 4.0 / den  # seconds per bar
+      # As TFDS's GMD builder: the last bar counts if at least half of it is played.
+      total_bars = int(round(notes.total_time / bar))
+      starts = range(0, total_bars - recipe.window_bars + 1, recipe.hop_bars)
+      windows = [(i, i * bar, (i + recipe.window_bars) * bar) for i in starts]
+      if not windows:
+        return FileResult(job, [], f"shorter than {recipe.window_bars} bars "
+                                   f"({notes.total_time:.2f} s, {bar:.2f} s a bar)",
+                          too_short=True)
+    else:
+      windows = [(0, 0.0, None)]
+    examples = []
+    for index, t0, t1 in windows:
+      part = notes if t1 is None else _window_notes(notes, t0, t1)
+      if len(part) == 0:
+        continue  # A silent window teaches nothing; skipped, not reported.
+      events = enc.encode(part)
+      if len(events) == 0:
+        continue
+      tokens = enc.with_specials(events, conditions=conditions, bos=recipe.bos, eos=recipe.eos)
+      if t1 is not None:
+        duration = t1 - t0
+      else:  # A duration in the metadata (e.g. GMD's info.csv) beats the last note-off.
+        duration = float(job.meta.get("duration") or part.total_time)
+      examples.append({
+          "tokens": tokens.astype(np.int32),
+          "num_condition_tokens": np.int32(len(conditions)),
+          "window_index": np.int32(index),
+          "start_seconds": np.float32(t0),
+          "duration": np.float32(duration),
+          "num_notes": np.int32(len(part)),
+          "has_drums": bool(part.is_drum.any()),
+      })
+    if not examples:
+      return FileResult(job, [], f"no notes the {enc.name} encoding keeps")
+    return FileResult(job, examples)
+  except MidiReadError as e:
+    return FileResult(job, [], e.reason)
+  except Exception as e:  # pylint: disable=broad-except
+    # A bad file must never abort a build; the reason goes to the report.
+    return FileResult(job, [], f"{type(e).__name__}: {e}")
+
+
+def keyed_example(job: FileJob, example: Dict[str, Any], windowed: bool,
+                  meta_keys: Sequence[str]) -> Tuple[str, Dict[str, Any]]:
+  """(TFDS key, features) of one example: the file's key (+ ':<window>') and metadata."""
+  key = f"{job.key}:{int(example['window_index']):04d}" if windowed else job.key
+  return key, {**{k: job.meta[k] for k in meta_keys}, **example}
+
+
+# Encodings built by Beam workers, by encoding config (JSON).
+_BEAM_ENCODINGS: Dict[str, encoding_lib.Encoding] = {}
+
+
+def _beam_tokenize(job: FileJob, recipe: Recipe, windowed: bool, meta_keys: Sequence[str]):
+  """Beam FlatMap body: one file -> its (key, example) pairs; bad files are counted."""
+  beam = tfds.core.lazy_imports.apache_beam
+  name = json.dumps(dict(recipe.encoding), sort_keys=True)
+  if name not in _BEAM_ENCODINGS:
+    _BEAM_ENCODINGS[name] = recipe.make_encoding()
+  result = tokenize_file(job, recipe, _BEAM_ENCODINGS[name])
+  if result.error is not None:
+    kind = "too_short_files" if result.too_short else "skipped_files"
+    beam.metrics.Metrics.counter("midijax", kind).inc()
+    logging.warning("midijax: skipped %s: %s", job.path, result.error)
+    return
+  beam.metrics.Metrics.counter("midijax", "ok_files").inc()
+  for ex in result.examples:
+    yield keyed_example(job, ex, windowed, meta_keys)
+
+
+# The worker's recipe and encoding, set once per process by `_init_worker`.
+_WORKER: Dict[str, Any] = {}
+
+
+def _init_worker(recipe: Recipe) -> None:
+  _WORKER["recipe"] = recipe
+  _WORKER["encoding"] = recipe.make_encoding()
+
+
+def _work(job: FileJob) -> FileResult:
+  return tokenize_file(job, _WORKER["recipe"], _WORKER["encoding"])
+
+
+def default_num_workers() -> int:
+  """Tokenizing processes: $MIDIJAX_BUILD_WORKERS, else every core this process may use."""
+  if os.environ.get(WORKERS_ENV):
+    return max(1, int(os.environ[WORKERS_ENV]))
+  try:
+    return max(1, len(os.sched_getaffinity(0)))
+  except AttributeError:  # Not on Linux.
+    return max(1, os.cpu_count() or 1)
+
+
+def tokenize_all(jobs: Sequence[FileJob], recipe: Recipe, num_workers: Optional[int] = None,
+                 desc: str = "Tokenizing") -> Iterator[FileResult]:
+  """Tokenizes `jobs` on `num_workers` processes; yields results in the jobs' order.
+
+  `Pool.imap` returns results in submission order whatever the worker count, which is
+  what makes the shards byte-identical between runs. One worker (or a daemonic
+  process, which may not have children, e.g. under `tfds build --num-processes`)
+  tokenizes in this process.
+  """
+  num_workers = default_num_workers() if num_workers is None else max(1, int(num_workers))
+  num_workers = min(num_workers, max(1, len(jobs)))
+  bar = tqdm.tqdm(total=len(jobs), desc=desc, unit=" files", mininterval=0.5, disable=None,
+                  leave=False)
+  try:
+    if num_workers == 1 or multiprocessing.current_process().daemon:
+      enc = recipe.make_encoding()
+      for job in jobs:
+        yield tokenize_file(job, recipe, enc)
+        bar.update(1)
+      return
+    # fork shares the imported modules (no re-import of TF per worker); the workers
+    # touch only numpy and symusic, never TensorFlow's threads.
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    ctx = multiprocessing.get_context(method)
+    chunksize = max(1, min(16, len(jobs) // (num_workers * 8)))
+    with ctx.Pool(num_workers, initializer=_init_worker, initargs=(recipe,)) as pool:
+      for result in pool.imap(_work, jobs, chunksize=chunksize):
+        yield result
+        bar.update(1)
+  finally:
+    bar.close()
+
+
+# --------------------------------------------------------------------------- report
+class BuildReport:
+  """Counts, timings and skipped files of one build; written as JSON next to the shards."""
+
+  def __init__(self, dataset: str, config: str, version: str, num_workers: int):
+    self.dataset, self.config, self.version = dataset, config, version
+    self.num_workers = num_workers
+    self.splits: Dict[str, Dict[str, Any]] = {}
+    self.skipped: List[Dict[str, str]] = []
+    self.too_short: List[str] = []
+    self.note = ""
+    self.start = time.perf_counter()
+
+  def add(self, split: str, result: FileResult) -> None:
+    s = self.splits.setdefault(split, collections.Counter())
+    s["files"] += 1
+    if result.too_short:
+      s["too_short"] += 1
+      self.too_short.append(result.job.path)
+    elif result.error is not None:
+      s["skipped"] += 1
+      self.skipped.append({"file": result.job.path, "split": split, "reason": result.error})
+    else:
+      s["ok"] += 1
+      s["examples"] += len(result.examples)
+      s["tokens"] += int(sum(len(e["tokens"]) for e in result.examples))
+
+  def set_seconds(self, split: str, seconds: float) -> None:
+    self.splits.setdefault(split, collections.Counter())["seconds"] = round(seconds, 3)
+
+  def totals(self) -> Dict[str, Any]:
+    tot = collections.Counter()
+    for s in self.splits.values():
+      tot.update({k: v for k, v in s.items() if k != "seconds"})
+    seconds = time.perf_counter() - self.start
+    return {"files": tot["files"], "ok": tot["ok"], "skipped": tot["skipped"],
+            "too_short": tot["too_short"],
+            "examples": tot["examples"], "tokens": tot["tokens"], "seconds": round(seconds, 3),
+            "files_per_second": round(tot["files"] / max(seconds, 1e-9), 1)}
+
+  def to_json(self) -> Dict[str, Any]:
+    return {"dataset": self.dataset, "config": self.config, "version": self.version,
+            "num_workers": self.num_workers, **self.totals(), "note": self.note,
+            "splits": {k: dict(v) for k, v in self.splits.items()},
+            "skipped_files": self.skipped, "too_short_files": self.too_short}
+
+  def write(self, path: os.PathLike) -> pathlib.Path:
+    p = pathlib.Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(self.to_json(), indent=1) + "\n")
+    return p
+
+  def summary(self) -> str:
+    t = self.totals()
+    # Wall time includes TFDS's one-off TensorFlow import and shard writing; the split
+    # times cover tokenizing plus example serialization.
+    split_seconds = sum(v.get("seconds", 0.0) for v in self.splits.values())
+    line = (f"{self.dataset}/{self.config}: {t['files']} files in {t['seconds']:.1f} s "
+            f"({t['files_per_second']:.0f} files/s overall, "
+            f"{t['files'] / max(split_seconds, 1e-9):.0f} files/s in the split generators, "
+            f"{self.num_workers} workers): {t['ok']} ok, "
+            f"{t['skipped']} skipped, {t['too_short']} too short for a window; "
+            f"{t['examples']} examples, {t['tokens']} tokens; "
+            + ", ".join(f"{k} {v.get('examples', 0)}" for k, v in self.splits.items()))
+    if self.skipped:
+      reasons = collections.Counter(s["reason"].split(" (")[0] for s in self.skipped)
+      line += "; skipped: " + "; ".join(f"{n} x {r}" for r, n in reasons.most_common(5))
+    return line
+
+
+# --------------------------------------------------------------------------- shard count
+@dataclasses.dataclass(frozen=True)
+class _CappedShardConfig(shard_utils.ShardConfig):
+  """A fixed shard count, lowered to the example count for small splits.
+
+  TFDS's own fixed count fails on a split with fewer examples than shards.
+  """
+
+  def get_number_shards(self, total_size: int, num_examples: int,
+                        uses_precise_sharding: bool = True) -> int:
+    if self.num_shards:
+      return max(1, min(int(self.num_shards), int(num_examples)))
+    return super().get_number_shards(total_size, num_examples, uses_precise_sharding)
+
+
+@dataclasses.dataclass(eq=False)
+class _CappedDownloadConfig(tfds.download.DownloadConfig):
+
+  def get_shard_config(self) -> shard_utils.ShardConfig:
+    return _CappedShardConfig(num_shards=self.num_shards, min_shard_size=self.min_shard_size,
+                              max_shard_size=self.max_shard_size)
+
+
+# --------------------------------------------------------------------------- builder
+COMMON_FEATURES = {
+    # [BOS] + conditioning tokens + event tokens + [EOS] (int32 ids; vocab.json).
+    "tokens": tfds.features.Tensor(shape=(None,), dtype=np.int32),
+    # Conditioning tokens right after BOS.
+    "num_condition_tokens": np.int32,
+    # Bar window index (0 for full performances).
+    "window_index": np.int32,
+    # Window start in the source file (seconds; 0 for full performances).
+    "start_seconds": np.float32,
+    # Length of the piece or window (seconds).
+    "duration": np.float32,
+    # Notes encoded (after drum filtering and windowing).
+    "num_notes": np.int32,
+    # Whether the token stream contains drum notes (never transposed).
+    "has_drums": np.bool_,
+}
+
+
+class MidiDatasetBuilder(tfds.core.GeneratorBasedBuilder):
+  """Base of the midijax builders: subclasses define `_split_generators` and metadata.
+
+  Subclasses set BUILDER_CONFIGS (`MidiBuilderConfig`s), VERSION, METADATA_FEATURES
+  (feature name -> TFDS feature of the per-file metadata their `FileJob.meta`
+  carries), DESCRIPTION, HOMEPAGE, CITATION and DATASET_VALUE (the `dataset`
+  conditioning value). `_split_generators` returns
+  ``{split: self._generate_examples(jobs=[FileJob, ...], split=split)}``.
+  """
+  METADATA_FEATURES: Dict[str, Any] = {}
+  DESCRIPTION = ""
+  HOMEPAGE = ""
+  CITATION = ""
+  DATASET_VALUE: Optional[str] = None
+  # Conditioning kinds whose values this builder's metadata or notes provide.
+  CONDITIONING_KINDS: Tuple[str, ...] = ("tempo", "meter", "family", "dataset")
+
+  # Tokenizing processes for this instance; None: `default_num_workers()`.
+  num_workers: Optional[int] = None
+
+  @property
+  def encoding(self) -> encoding_lib.Encoding:
+    if not hasattr(self, "_encoding"):
+      self._encoding = self.recipe.make_encoding()
+    return self._encoding
+
+  @property
+  def recipe(self) -> Recipe:
+    return Recipe.from_config(self.builder_config)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    config = self.builder_config
+    bad = [k for k in config.conditioning if k not in self.CONDITIONING_KINDS]
+    if bad:
+      raise BuildError(f"{self.name}: conditioning kind(s) {bad} are not available; this "
+                       f"builder provides {', '.join(self.CONDITIONING_KINDS)}")
+    enc = self.encoding
+    metadata = tfds.core.MetadataDict(
+        encoding=enc.config, vocab_file=VOCAB_FILE, vocab_size=enc.vocab_size,
+        pad_id=enc.pad_id, eos_id=enc.eos_id, bos_id=enc.bos_id if config.bos else None,
+        conditioning=list(config.conditioning),
+        # Every id sampling may ask for by name, e.g. condition_ids["style"]["funk"].
+        condition_ids={k: {v: enc.condition_id(k, v) for v in encoding_lib.CONDITIONING[k]}
+                       for k in config.conditioning},
+        window_bars=config.window_bars, hop_bars=config.hop_bars, sustain=config.sustain,
+        drum_policy=config.drum_policy, dataset=self.DATASET_VALUE)
+    return tfds.core.DatasetInfo(
+        builder=self, description=self.DESCRIPTION,
+        features=tfds.features.FeaturesDict({**COMMON_FEATURES, **self.METADATA_FEATURES}),
+        homepage=self.HOMEPAGE, citation=self.CITATION, metadata=metadata,
+        disable_shuffling=False)
+
+  def _manual_root(self, dl_manager) -> Optional[pathlib.Path]:
+    """The --manual_dir folder, or None when none was given (or it is empty)."""
+    try:
+      return pathlib.Path(os.fspath(dl_manager.manual_dir))
+    except AssertionError:
+      return None
+
+  def _job_meta(self, meta: Mapping[str, Any]) -> Dict[str, Any]:
+    """`meta` with the `dataset` conditioning value added for the tokenizer."""
+    meta = dict(meta)
+    if self.DATASET_VALUE:
+      meta.setdefault("dataset", self.DATASET_VALUE)
+    return meta
+
+  def _download_and_prepare(self, dl_manager, download_config) -> None:
+    num_shards = download_config.num_shards or self.builder_config.num_shards
+    fields = {f.name: getattr(download_config, f.name)
+              for f in dataclasses.fields(tfds.download.DownloadConfig)}
+    fields["num_shards"] = num_shards
+    capped = _CappedDownloadConfig(**fields)
+    workers = self.num_workers or default_num_workers()
+    self._report = BuildReport(self.name, self.builder_config.name, str(self.version), workers)
+    self._use_beam = bool(download_config.beam_runner or download_config.beam_options)
+    super()._download_and_prepare(dl_manager, capped)
+    if self._use_beam:
+      self._report.note = ("generated on Apache Beam: per-file counts and skipped files are in "
+                           "the pipeline's 'midijax' metrics and worker logs")
+    self.encoding.save_vocab(pathlib.Path(self.data_dir) / VOCAB_FILE)
+    self._report.write(pathlib.Path(self.data_dir) / REPORT_FILE)
+    # self.data_dir is TFDS's temporary folder until the build succeeds; name the final one.
+    final = pathlib.Path(self.data_dir_root) / self.name / self.builder_config.name / str(
+        self.version) / REPORT_FILE
+    logging.info("%s (report: %s)", self._report.summary(), final)
+    print(f"{self._report.summary()}\nReport: {final}", file=sys.stderr)
+
+  def _generate_examples(self, jobs: Sequence[FileJob], split: str
+                         ) -> Iterator[Tuple[str, Dict[str, Any]]]:
+    """Tokenizes the split's files in parallel; yields (key, example) in file order."""
+    jobs = list(jobs)
+    start = time.perf_counter()
+    kept = 0
+    desc = f"Tokenizing {self.name}/{self.builder_config.name} {split}"
+    windowed = bool(self.builder_config.window_bars)
+    for result in tokenize_all(jobs, self.recipe, self.num_workers, desc=desc):
+      self._report.add(split, result)
+      for ex in result.examples:
+        kept += 1
+        yield keyed_example(result.job, ex, windowed, tuple(self.METADATA_FEATURES))
+    seconds = time.perf_counter() - start
+    self._report.set_seconds(split, seconds)
+    logging.info("%s: %d files in %.2f s (%.0f files/s)", desc, len(jobs), seconds,
+                 len(jobs) / max(seconds, 1e-9))
+    if kept == 0 and jobs:
+      self._fail_empty_split(split, jobs)
+
+  def _fail_empty_split(self, split: str, jobs: Sequence[FileJob]) -> None:
+    """Raises a clear error for a split with files but no examples (TFDS can't write it).
+
+    The files of the splits not yet generated are checked too, so the error says
+    whether every file of the dataset failed, and the report lists them all.
+    """
+    done = set(self._report.splits)
+    for other, other_jobs in getattr(self, "_all_jobs", {}).items():
+      if other not in done:
+        for result in tokenize_all(other_jobs, self.recipe, self.num_workers,
+                                   desc=f"Checking {other}"):
+          self._report.add(other, result)
+    totals = self._report.totals()
+    path = pathlib.Path(self.data_dir_root) / self.name / self.builder_config.name / (
+        f"{self.version}.failed_{REPORT_FILE}")
+    self._report.write(path)
+    first = "; ".join(f"{pathlib.Path(s['file']).name}: {s['reason']}"
+                      for s in self._report.skipped[:5]) or "all shorter than one window"
+    if totals["ok"] == 0:
+      raise NoUsableFilesError(
+          f"{self.name}/{self.builder_config.name}: every file failed to read or encode "
+          f"({totals['files']} of {totals['files']}); nothing was written. First reasons: {first}. "
+          f"Full list: {path}")
+    raise NoUsableFilesError(
+        f"{self.name}/{self.builder_config.name}: all {len(jobs)} files of split '{split}' "
+        f"failed to read or encode, so the split cannot be written ({totals['ok']} of "
+        f"{totals['files']} files in the dataset are usable). First reasons: {first}. "
+        f"Full list: {path}")
+
+  def _split_dict(self, jobs_by_split: Mapping[str, Sequence[FileJob]]):
+    """`{split: generator}` in SPLITS order, splits without files left out.
+
+    Under Apache Beam (a beam runner or beam options in the DownloadConfig) each split
+    is a Beam PTransform instead, which TFDS runs on the pipeline.
+    """
+    ordered = {s: list(jobs_by_split[s]) for s in SPLITS if jobs_by_split.get(s)}
+    ordered.update({s: list(j) for s, j in sorted(jobs_by_split.items())
+                    if s not in ordered and j})
+    if not ordered:
+      raise NoUsableFilesError(f"{self.name}: no MIDI files found in the source")
+    self._all_jobs = ordered
+    if getattr(self, "_use_beam", False):
+      return {s: self._beam_examples(j, s) for s, j in ordered.items()}
+    return {s: self._generate_examples(jobs=j, split=s) for s, j in ordered.items()}
+
+  def _beam_examples(self, jobs: Sequence[FileJob], split: str):
+    """The split as a Beam PTransform: files -> (key, example), tokenized on the workers.
+
+    Skipped files are logged by the workers and counted in the pipeline's metrics
+    (namespace 'midijax'); TFDS sorts examples by key, so shards stay deterministic.
+    """
+    beam = tfds.core.lazy_imports.apache_beam
+    return (f"List {split}" >> beam.Create(list(jobs))
+            | f"Tokenize {split}" >> beam.FlatMap(
+                _beam_tokenize, recipe=self.recipe, windowed=bool(self.builder_config.window_bars),
+                meta_keys=tuple(self.METADATA_FEATURES)))
+
+
+# --------------------------------------------------------------------------- reading back
+def read_json(version_dir: os.PathLike, name: str) -> Dict[str, Any]:
+  p = pathlib.Path(version_dir) / name
+  return json.loads(p.read_text()) if p.exists() else {}
+
+
+# --------------------------------------------------------------------------- tfds build
+def tfds_build_cli(argv: Optional[Sequence[str]] = None) -> None:
+  """TFDS's own `tfds build` command, without the `tfds` entry point's other commands.
+
+  tensorflow-datasets 4.9.10's `tfds` script imports its `convert_format` command,
+  which subclasses `apache_beam.DoFn` at import time, so `tfds build` dies with
+  "No module named 'apache_beam'" wherever Beam is not installed (as in midijax's
+  pinned set). TFDS's `build` command itself needs no Beam; this runs it:
+
+      python -c "from data_pipelines.common import tfds_build_cli; tfds_build_cli()" \\
+          data_pipelines/groove --config drums --manual_dir ../shared/data/groove
+
+  Args:
+    argv: the command line (argv[0] is ignored); default sys.argv.
+  """
+  # pylint: disable=g-import-not-at-top
+  from absl import app
+  from tensorflow_datasets.scripts.cli import build as tfds_build
+  from tensorflow_datasets.scripts.cli import cli_utils
+  # pylint: enable=g-import-not-at-top
+  parser = cli_utils.make_flags_parser(tfds_build.Args, "tfds build (TFDS's build command)")
+  app.run(lambda args: args.execute(), flags_parser=parser,
+          argv=list(argv) if argv is not None else None)

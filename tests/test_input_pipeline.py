@@ -1,0 +1,351 @@
+"""midijax.input_pipeline on small datasets built from copies of the real corpus."""
+import csv
+import importlib.util
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import ml_collections
+import numpy as np
+import pytest
+
+import data_pipelines
+from midijax import encoding, input_pipeline, midi_io
+from midijax.errors import ConfigError
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _copy_groove(groove_dir, dest, per_split=6):
+  with open(groove_dir / "info.csv", newline="") as f:
+    reader = csv.DictReader(f)
+    fields, rows = reader.fieldnames, list(reader)
+  kept = []
+  for split in ("train", "validation", "test"):
+    for beat_type in ("beat", "fill"):
+      kept += [r for r in rows if r["split"] == split and r["beat_type"] == beat_type
+               ][:per_split // 2]
+  for row in kept:
+    (dest / row["midi_filename"]).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(groove_dir / row["midi_filename"], dest / row["midi_filename"])
+  with open(dest / "info.csv", "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(kept)
+
+
+def _copy_maestro(piano_dir, dest, per_split=2):
+  with open(piano_dir / "maestro" / "metadata.csv", newline="") as f:
+    reader = csv.DictReader(f)
+    fields, rows = reader.fieldnames, list(reader)
+  kept = []
+  for split in ("train", "validation", "test"):
+    kept += sorted((r for r in rows if r["split"] == split),
+                   key=lambda r: float(r["duration"]))[:per_split]
+  for row in kept:
+    (dest / row["midi_filename"]).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(piano_dir / "maestro" / row["midi_filename"], dest / row["midi_filename"])
+  with open(dest / "metadata.csv", "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(kept)
+
+
+@pytest.fixture(scope="module")
+def data_dir(groove_dir, piano_dir, tmp_path_factory):
+  """groove/drums, groove/performance and piano/performance_maestro, 2 shards per split."""
+  src = tmp_path_factory.mktemp("src")
+  _copy_groove(groove_dir, src / "groove")
+  _copy_maestro(piano_dir, src / "maestro")
+  out = tmp_path_factory.mktemp("tfds")
+  for name, config, manual in (("groove", "drums", "groove"), ("groove", "performance", "groove"),
+                               ("piano", "performance_maestro", "maestro")):
+    data_pipelines.build(name, config, manual_dir=str(src / manual), data_dir=str(out),
+                         num_shards=2, num_workers=2)
+  return out
+
+
+def make_config(data_dir, **data):
+  fields = dict(name="groove", builder_config="drums", data_dir=str(data_dir), mixture=(),
+                train_split="train", eval_split="validation", seq_len=64, batch_size=8,
+                packing=False, transpose_semitones=0, time_stretch=0.0, eval_batch_size=8,
+                max_eval_batches=-1)
+  fields.update(data)
+  return ml_collections.ConfigDict({"seed": 0, "data": fields})
+
+
+def take(it, n):
+  return [next(it) for _ in range(n)]
+
+
+def bodies(store):
+  """Each piece's tokens after its prefix."""
+  return [store.piece(i)[store.prefix_lengths[i]:] for i in range(len(store))]
+
+
+# --------------------------------------------------------------------------- training
+def test_padded_batches_shapes_masks_and_crops(data_dir):
+  config = make_config(data_dir)
+  it = input_pipeline.make_train_iterator(config, process_index=0, process_count=1)
+  enc = it.encoding
+  assert it.per_process_batch_shape == it.global_batch_shape == (8, 64)
+  store = input_pipeline.load_split(it.specs[0].version_dir, "train")
+  sources = [b.tobytes() for b in bodies(store)]
+  padded_rows = 0
+  for batch in take(it, 6):
+    assert set(batch) == {"inputs", "targets", "weights"}
+    assert batch["inputs"].shape == batch["targets"].shape == batch["weights"].shape == (8, 64)
+    assert batch["inputs"].dtype == np.int32 and batch["weights"].dtype == np.float32
+    np.testing.assert_array_equal(batch["inputs"][:, 1:], batch["targets"][:, :-1])
+    for row, targets, weights in zip(batch["inputs"], batch["targets"], batch["weights"]):
+      full = np.concatenate([row, targets[-1:]])
+      # Conditioning prefix first: BOS, style, tempo, type; never a loss target.
+      assert full[0] == enc.bos_id and enc.is_condition(full[1:4]).all()
+      np.testing.assert_array_equal(weights, (targets != 0) & (targets < enc.bos_id))
+      assert weights[:3].sum() == 0
+      body = full[4:][full[4:] != 0]
+      padded_rows += len(body) < 61
+      # The crop is a contiguous run of some piece's body.
+      assert any(body.tobytes() in s and s.index(body.tobytes()) % 4 == 0 for s in sources)
+  assert padded_rows > 0  # GMD fills are shorter than a row: padded, weight 0
+
+
+def test_packed_batches_segments_positions_and_weights(data_dir):
+  config = make_config(data_dir, packing=True, max_segments_per_row=6)
+  it = input_pipeline.make_train_iterator(config, process_index=0, process_count=1)
+  bos = it.encoding.bos_id
+  multi = 0
+  for batch in take(it, 4):
+    assert set(batch) == {"inputs", "targets", "weights", "segment_ids", "positions"}
+    for name in ("segment_ids", "positions"):
+      assert batch[name].shape == (8, 64) and batch[name].dtype == np.int32
+    for inputs, targets, seg, pos, w in zip(*(batch[k] for k in (
+        "inputs", "targets", "segment_ids", "positions", "weights"))):
+      real = seg > 0
+      pad_start = len(seg) if real.all() else int(np.argmin(real))
+      assert not real[pad_start:].any() and (np.diff(seg[:pad_start]) >= 0).all()
+      starts = np.flatnonzero(np.diff(np.concatenate([[0], seg])) != 0)
+      for s in starts:
+        if seg[s] > 0:
+          assert inputs[s] == bos and pos[s] == 0  # every piece keeps its prefix
+      expected_pos = np.arange(64) - np.maximum.accumulate(
+          np.where(np.diff(np.concatenate([[-1], seg])) != 0, np.arange(64), 0))
+      np.testing.assert_array_equal(pos[real], expected_pos[real])
+      boundary = np.concatenate([seg[1:] != seg[:-1], [False]])
+      assert w[boundary].sum() == 0 and w[~real].sum() == 0
+      assert (w[(targets >= bos) | (targets == 0)] == 0).all()
+      multi += len(np.unique(seg[real])) > 1
+  assert multi > 0
+
+
+def test_same_seed_same_batches_and_resume(data_dir):
+  def same(a, b):
+    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+  for packing, stretch in ((False, 0.0), (True, 0.05)):
+    config = make_config(data_dir, packing=packing, time_stretch=stretch)
+    full = take(input_pipeline.make_train_iterator(config, process_index=0, process_count=1), 7)
+    resumed_it = input_pipeline.make_train_iterator(config, start_step=4, process_index=0,
+                                                    process_count=1)
+    assert resumed_it.step == 4
+    resumed = take(resumed_it, 3)
+    assert resumed_it.step == 7
+    # A run resumed at step 4 sees exactly steps 4, 5, 6 of the uninterrupted run.
+    assert all(same(a, b) for a, b in zip(full[4:], resumed))
+    assert not same(full[0], full[1])
+  again = take(input_pipeline.make_train_iterator(config, process_index=0, process_count=1), 7)
+  assert all(same(a, b) for a, b in zip(full, again))
+  config.seed = 1
+  other = take(input_pipeline.make_train_iterator(config, process_index=0, process_count=1), 1)
+  assert not same(other[0], full[0])
+
+
+def test_epochs_visit_every_piece_once(data_dir):
+  version_dir = input_pipeline.find_dataset_dir("groove", "drums", str(data_dir))
+  store = input_pipeline.load_split(version_dir, "train")
+  n = len(store)
+  # Rows long enough for whole pieces, so each row names its piece.
+  config = make_config(data_dir, seq_len=int(store.lengths.max()), batch_size=2)
+  it = input_pipeline.make_train_iterator(config, process_index=0, process_count=1)
+  order = []
+  for batch in take(it, n):
+    for inputs, targets in zip(batch["inputs"], batch["targets"]):
+      full = np.concatenate([inputs, targets[-1:]])
+      order += [i for i in range(n) if np.array_equal(full[:store.lengths[i]], store.piece(i))
+                and not full[store.lengths[i]:].any()]
+  # With one dataset and no packing, each epoch of N rows holds every piece once, and
+  # the two epochs are ordered differently.
+  assert len(order) == 2 * n
+  assert sorted(order[:n]) == sorted(order[n:]) == list(range(n))
+  assert order[:n] != order[n:]
+
+
+def test_per_process_shares_and_shapes(data_dir):
+  config = make_config(data_dir, batch_size=8)
+  version_dir = input_pipeline.find_dataset_dir("groove", "drums", str(data_dir))
+  full = input_pipeline.load_split(version_dir, "train")
+  parts = [input_pipeline.load_split(version_dir, "train", p, 2) for p in range(2)]
+  assert [len(p) for p in parts] == [len(full) // 2, len(full) - len(full) // 2]
+  np.testing.assert_array_equal(np.concatenate([p.values for p in parts]), full.values)
+  its = [input_pipeline.make_train_iterator(config, process_index=p, process_count=2)
+         for p in range(2)]
+  for it in its:
+    assert it.per_process_batch_shape == (4, 64) and it.global_batch_shape == (8, 64)
+    assert next(it)["inputs"].shape == (4, 64)
+  with pytest.raises(ConfigError, match="multiple of the process count"):
+    input_pipeline.make_train_iterator(make_config(data_dir, batch_size=6), process_index=0,
+                                       process_count=4)
+
+
+def test_eight_fake_devices_batch_sharding(data_dir):
+  """The per-process batch becomes a global jax.Array split over 8 CPU devices."""
+  script = textwrap.dedent(f"""
+      import os
+      os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+      os.environ["JAX_PLATFORMS"] = "cpu"
+      import json
+      import jax
+      import ml_collections
+      import numpy as np
+      from jax.sharding import Mesh, NamedSharding, PartitionSpec
+      from midijax import input_pipeline
+      config = ml_collections.ConfigDict({{"seed": 0, "data": {{
+          "name": "groove", "builder_config": "drums", "data_dir": {str(data_dir)!r},
+          "seq_len": 32, "batch_size": 16, "packing": True}}}})
+      it = input_pipeline.make_train_iterator(config)  # process index/count from jax
+      batch = next(it)
+      mesh = Mesh(np.array(jax.devices()), ("data",))
+      sharding = NamedSharding(mesh, PartitionSpec("data"))
+      arrays = {{k: jax.make_array_from_process_local_data(sharding, v)
+                for k, v in batch.items()}}
+      print(json.dumps({{
+          "devices": jax.device_count(), "per_process": list(it.per_process_batch_shape),
+          "global": {{k: list(a.shape) for k, a in arrays.items()}},
+          "shards": sorted({{tuple(s.data.shape) for s in arrays["inputs"].addressable_shards}}),
+          "equal": bool(np.array_equal(np.asarray(arrays["inputs"]), batch["inputs"]))}}))
+      """)
+  proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
+                        text=True, timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert out["devices"] == 8 and out["per_process"] == [16, 32]
+  assert all(shape == [16, 32] for shape in out["global"].values())
+  assert out["shards"] == [[2, 32]] and out["equal"]
+
+
+def test_mixture_weights_and_vocab_check(data_dir):
+  config = make_config(data_dir, seq_len=32, batch_size=16,
+                       mixture=("groove/performance:1", "piano/performance_maestro:3"))
+  it = input_pipeline.make_train_iterator(config, process_index=0, process_count=1)
+  enc = it.encoding
+  maestro = enc.condition_id("dataset", "maestro")
+  rows = np.concatenate([b["inputs"] for b in take(it, 20)])
+  from_piano = rows[:, 1] == maestro
+  from_groove = enc.is_condition(rows[:, 1]) & ~from_piano
+  assert from_piano.sum() + from_groove.sum() == len(rows)
+  assert from_piano.mean() == pytest.approx(0.75, abs=0.1)
+  bad = make_config(data_dir, mixture=("groove/drums", "piano/performance_maestro"))
+  with pytest.raises(ConfigError, match="one vocabulary"):
+    input_pipeline.make_train_iterator(bad, process_index=0, process_count=1)
+
+
+def test_missing_dataset_is_a_config_error(data_dir):
+  with pytest.raises(ConfigError, match="midijax build-data piano"):
+    input_pipeline.make_train_iterator(make_config(data_dir, name="piano", builder_config=""),
+                                       process_index=0, process_count=1)
+
+
+# --------------------------------------------------------------------------- augmentation
+def test_transposition_and_stretch_on_ids(piano_files, groove_files):
+  enc = encoding.get("performance")
+  notes = midi_io.read_notes(piano_files[0]).sorted().select(np.arange(300))
+  ids = enc.encode(notes)
+  base = enc.decode_notes(ids)
+  for k in (-3, 2):
+    moved = enc.decode_notes(input_pipeline.transpose_ids(ids, k, enc))
+    inside = (base.pitch + k >= enc.min_pitch) & (base.pitch + k <= enc.max_pitch)
+    np.testing.assert_array_equal(np.sort(moved.pitch), np.sort(base.pitch[inside] + k))
+  # Notes at the bottom of the range are dropped, NOTE_ON and NOTE_OFF alike.
+  low = enc.encode(midi_io.Notes.from_arrays([21, 60], [0.0, 0.5], [1.0, 1.5]))
+  out = enc.decode_notes(input_pipeline.transpose_ids(low, -2, enc))
+  assert list(out.pitch) == [58]
+  by_pitch = lambda n: n.select(np.lexsort((n.start, n.pitch)))  # order rounding can't swap
+  for factor in (0.95, 1.05):
+    stretched = by_pitch(enc.decode_notes(input_pipeline.stretch_ids(ids, factor, enc)))
+    want = by_pitch(base)
+    np.testing.assert_array_equal(stretched.pitch, want.pitch)
+    # Every event moves to round(step * factor): within half a 10 ms step.
+    np.testing.assert_allclose(stretched.start, want.start * factor, atol=0.0051)
+    np.testing.assert_allclose(stretched.end, want.end * factor, atol=0.0051)
+  drums = encoding.get("drums")
+  hits = drums.encode(midi_io.read_notes(groove_files[0]))
+  slow = drums.decode_notes(input_pipeline.stretch_ids(hits, 1.05, drums))
+  np.testing.assert_allclose(slow.start, drums.decode_notes(hits).start * 1.05, atol=0.0051)
+  np.testing.assert_array_equal(input_pipeline.stretch_ids(hits, 1.0, drums), hits)
+
+
+def test_augmentation_never_transposes_drums(data_dir):
+  groove = input_pipeline.load_split(
+      input_pipeline.find_dataset_dir("groove", "performance", str(data_dir)), "train")
+  piano = input_pipeline.load_split(
+      input_pipeline.find_dataset_dir("piano", "performance_maestro", str(data_dir)), "train")
+  assert not groove.transposable.any() and piano.transposable.all()
+  plain = make_config(data_dir, builder_config="performance", seq_len=128)
+  augmented = make_config(data_dir, builder_config="performance", seq_len=128,
+                          transpose_semitones=3)
+  a = take(input_pipeline.make_train_iterator(plain, process_index=0, process_count=1), 3)
+  b = take(input_pipeline.make_train_iterator(augmented, process_index=0, process_count=1), 3)
+  for x, y in zip(a, b):  # only transposition asked for, and groove has drums: no change
+    np.testing.assert_array_equal(x["inputs"], y["inputs"])
+  piano_cfg = make_config(data_dir, name="piano", builder_config="performance_maestro",
+                          seq_len=128, transpose_semitones=3, time_stretch=0.05)
+  piano_plain = make_config(data_dir, name="piano", builder_config="performance_maestro",
+                            seq_len=128)
+  c = next(input_pipeline.make_train_iterator(piano_cfg, process_index=0, process_count=1))
+  d = next(input_pipeline.make_train_iterator(piano_plain, process_index=0, process_count=1))
+  assert not np.array_equal(c["inputs"], d["inputs"])
+  assert c["weights"].mean() > 0.95  # augmented crops still fill the rows
+
+
+# --------------------------------------------------------------------------- evaluation
+def test_eval_windows_cover_every_token_once(data_dir):
+  for name, config_name in (("groove", "drums"), ("piano", "performance_maestro")):
+    config = make_config(data_dir, name=name, builder_config=config_name, seq_len=48,
+                         eval_batch_size=4)
+    ev = input_pipeline.make_eval_iterator(config, process_index=0, process_count=1)
+    store = input_pipeline.load_split(
+        input_pipeline.find_dataset_dir(name, config_name, str(data_dir)), "validation")
+    want = np.concatenate(bodies(store))
+    batches = list(ev)
+    assert len(batches) == ev.num_batches == -(-ev.num_windows // 4)
+    got = np.concatenate([b["targets"][b["weights"] > 0] for b in batches])
+    np.testing.assert_array_equal(got, want)  # each event and EOS once, in order
+    assert ev.num_targets == len(want)
+    again = list(input_pipeline.make_eval_iterator(config, process_index=0, process_count=1))
+    assert all(np.array_equal(x["inputs"], y["inputs"]) for x, y in zip(batches, again))
+
+
+def test_eval_split_over_processes(data_dir):
+  config = make_config(data_dir, seq_len=48, eval_batch_size=4)
+  evs = [input_pipeline.make_eval_iterator(config, process_index=p, process_count=2)
+         for p in range(2)]
+  assert evs[0].num_batches == evs[1].num_batches
+  total = sum(b["weights"].sum() for ev in evs for b in ev)
+  assert total == evs[0].num_targets
+  assert all(b["inputs"].shape == (2, 48) for b in evs[1])
+
+
+# --------------------------------------------------------------------------- benchmark
+def test_benchmark_prints_tokens_per_second(data_dir, capsys):
+  spec = importlib.util.spec_from_file_location(
+      "bench_input_pipeline", REPO / "benchmarks" / "input_pipeline.py")
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  result = bench.main(["--data_dir", str(data_dir), "--steps", "5", "--warmup", "1",
+                       "--seq_len", "64", "--batch_size", "8", "--packing"])
+  line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert line["tokens_per_s"] == result["tokens_per_s"] > 0
