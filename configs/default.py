@@ -87,6 +87,9 @@ def get_config():
   train.grad_accum_steps = 1
   # Label smoothing of the targets (0 = off).
   train.label_smoothing = 0.0
+  # Stop (with a final evaluation and checkpoint) after this many seconds of this run; 0 = no
+  # limit. The step schedule still follows num_steps.
+  train.max_seconds = 0.0
   # Steps between log lines, evaluations and checkpoints.
   train.log_every = 50
   train.eval_every = 500

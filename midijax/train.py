@@ -372,6 +372,14 @@ def _init_rngs(seed: int) -> nnx.Rngs:
   return nnx.Rngs(jax.random.key(seed, impl="unsafe_rbg"))
 
 
+def _agree(flag: bool) -> bool:
+  """True on every process if `flag` is true on any (a no-op on one process)."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  from jax.experimental import multihost_utils
+  return bool(np.any(multihost_utils.process_allgather(np.asarray([flag], np.int32))))
+
+
 def build_model_and_state(config, vocab_size: int, mesh, rules):
   """Creates the sharded model params, optimizer and their shardings."""
   model_cfg = model_config_from(config, vocab_size)
@@ -480,6 +488,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             "config.train.learning_rate or raise warmup_steps)")
       return summary
 
+    run_start = time.perf_counter()
     with _Preemption() as preempt:
       while step < config.train.num_steps:
         batch = next(train_iter)
@@ -489,10 +498,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         window["steps"] += 1
         if progress is not None:
           progress.update(1)
-        do_eval = step % config.train.eval_every == 0 or step == config.train.num_steps
-        do_ckpt = (step % config.train.checkpoint_every == 0 or step == config.train.num_steps
-                   or preempt.requested)
-        if step % config.train.log_every == 0 or step == config.train.num_steps or do_ckpt:
+        out_of_time = stop_requested = False
+        if step % config.train.log_every == 0:
+          # Stop decisions are shared at log steps, so every host stops at the same step.
+          out_of_time = _agree(config.train.max_seconds > 0 and
+                               time.perf_counter() - run_start > config.train.max_seconds)
+          stop_requested = _agree(preempt.requested)
+        last_step = step == config.train.num_steps or out_of_time or stop_requested
+        do_eval = step % config.train.eval_every == 0 or (last_step and not stop_requested)
+        do_ckpt = step % config.train.checkpoint_every == 0 or last_step
+        if step % config.train.log_every == 0 or do_ckpt:
           summary = log_train(step, metrics)
           elapsed = time.perf_counter() - window["t"]
           tokens_per_s = window["tokens"] / max(elapsed, 1e-9)
@@ -531,7 +546,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         if do_eval or do_ckpt:
           # Evaluation and saving are not training time: restart the throughput window.
           window = {"t": time.perf_counter(), "steps": 0, "tokens": 0.0}
-        if preempt.requested:
+        if stop_requested or out_of_time:
+          if is_chief and out_of_time:
+            print(f"stopping at step {step}: config.train.max_seconds="
+                  f"{config.train.max_seconds} reached", flush=True)
           break
     manager.wait_until_finished()
     manager.close()
