@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
 from typing import Any, Optional
 
+from etils import epath
 import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint._src.checkpoint_managers import preservation_policy as pp
@@ -27,8 +27,14 @@ class CheckpointNotFoundError(MidijaxError):
   pass
 
 
-def checkpoint_dir(workdir) -> pathlib.Path:
-  return pathlib.Path(workdir).absolute() / "checkpoints"
+def workdir_path(workdir) -> epath.Path:
+  """The run folder as an epath (local paths made absolute; gs:// kept as it is)."""
+  p = epath.Path(workdir)
+  return p if "://" in str(workdir) else epath.Path(os.path.abspath(workdir))
+
+
+def checkpoint_dir(workdir) -> epath.Path:
+  return workdir_path(workdir) / "checkpoints"
 
 
 def make_manager(workdir, keep_latest: int = 3, keep_best: int = 1,
@@ -77,7 +83,7 @@ def available_steps(workdir) -> list:
 
 
 def best_step(workdir) -> Optional[int]:
-  p = pathlib.Path(workdir) / "best.json"
+  p = workdir_path(workdir) / "best.json"
   if not p.exists():
     return None
   return int(json.loads(p.read_text())["step"])
@@ -86,10 +92,8 @@ def best_step(workdir) -> Optional[int]:
 def write_best(workdir, step: int, eval_loss: float) -> None:
   if jax.process_index() != 0:
     return
-  p = pathlib.Path(workdir) / "best.json"
-  tmp = p.with_suffix(".tmp")
-  tmp.write_text(json.dumps({"step": int(step), "eval_loss": float(eval_loss)}))
-  os.replace(tmp, p)
+  p = workdir_path(workdir) / "best.json"
+  p.write_text(json.dumps({"step": int(step), "eval_loss": float(eval_loss)}))
 
 
 def resolve_step(workdir, step: Optional[int] = None, best: bool = False) -> int:

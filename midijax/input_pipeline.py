@@ -49,9 +49,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import pathlib
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
+from etils import epath
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -93,12 +93,12 @@ class DatasetSpec:
   name: str
   builder_config: str
   weight: float
-  version_dir: pathlib.Path
+  version_dir: epath.Path
 
 
 def find_dataset_dir(name: str, builder_config: Optional[str] = None,
                      data_dir: Optional[str] = None, version: Optional[str] = None
-                     ) -> pathlib.Path:
+                     ) -> epath.Path:
   """The version directory of a built dataset: <data_dir>/<name>/<config>/<version>.
 
   Args:
@@ -111,8 +111,9 @@ def find_dataset_dir(name: str, builder_config: Optional[str] = None,
     ConfigError: no such dataset has been built (the message says how to build it).
   """
   builder_config = builder_config or DEFAULT_BUILDER_CONFIGS.get(name, "")
-  root = pathlib.Path(data_dir or os.environ.get("TFDS_DATA_DIR") or
-                      os.path.expanduser("~/tensorflow_datasets")).expanduser()
+  # epath: local folders and gs:// buckets alike (each TPU host reads its shards from GCS).
+  root = epath.Path(data_dir or os.environ.get("TFDS_DATA_DIR") or
+                    os.path.expanduser("~/tensorflow_datasets")).expanduser()
   config_dir = root / name / builder_config
   built = sorted((p for p in config_dir.glob("*") if (p / "dataset_info.json").is_file()),
                  key=lambda p: tuple(int(x) if x.isdigit() else 0 for x in p.name.split(".")))
@@ -165,7 +166,7 @@ def load_encoding(config_or_dir: Any) -> encoding_lib.Encoding:
   version directory.
   """
   if isinstance(config_or_dir, (str, os.PathLike)):
-    return encoding_lib.load_vocab(pathlib.Path(config_or_dir) / "vocab.json")
+    return encoding_lib.load_vocab(epath.Path(config_or_dir) / "vocab.json")
   specs = dataset_specs(config_or_dir)
   encs = [encoding_lib.load_vocab(s.version_dir / "vocab.json") for s in specs]
   for spec, enc in zip(specs[1:], encs[1:]):
@@ -179,7 +180,7 @@ def load_encoding(config_or_dir: Any) -> encoding_lib.Encoding:
 
 def dataset_metadata(version_dir: os.PathLike) -> Dict[str, Any]:
   """metadata.json of a built dataset: encoding, conditioning kinds and their ids."""
-  p = pathlib.Path(version_dir) / "metadata.json"
+  p = epath.Path(version_dir) / "metadata.json"
   return json.loads(p.read_text()) if p.is_file() else {}
 
 
@@ -229,7 +230,7 @@ def load_split(version_dir: os.PathLike, split: str, process_index: int = 0,
   Pieces keep the shards' order (no file shuffling), so the store, and everything
   drawn from it, is the same on every run.
   """
-  version_dir = pathlib.Path(version_dir)
+  version_dir = epath.Path(version_dir)
   builder = tfds.builder_from_directory(os.fspath(version_dir))
   if split not in builder.info.splits:
     raise ConfigError(f"data: split {split!r} not in {version_dir} "

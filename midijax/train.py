@@ -210,9 +210,14 @@ def validate_config(config, num_devices: Optional[int] = None) -> None:
       raise ConfigError(f"config.train.{field}={t[field]} must be positive")
   if t.schedule not in ("cosine", "rsqrt", "constant"):
     raise ConfigError(f"config.train.schedule={t.schedule!r}; expected cosine | rsqrt | constant")
+  dcn_total = int(np.prod([d for d in config.mesh.dcn_parallelism if d > 0]))
+  # DCN groups are TPU slices where devices report one, else processes (as create_mesh does).
+  granules = len({getattr(d, "slice_index", d.process_index) for d in jax.devices()}) \
+      if (dcn_total > 1 or -1 in tuple(config.mesh.dcn_parallelism)) else 1
   try:
     ici, dcn = sharding.resolve_mesh_shape(tuple(config.mesh.ici_parallelism),
-                                           tuple(config.mesh.dcn_parallelism), num_devices)
+                                           tuple(config.mesh.dcn_parallelism), num_devices,
+                                           num_granules=granules)
   except ValueError as e:
     raise ConfigError(str(e)) from None
   shape = [i * d for i, d in zip(ici, dcn)]
@@ -229,10 +234,8 @@ def validate_config(config, num_devices: Optional[int] = None) -> None:
 
 
 # ----------------------------------------------------------------------------- run records
-def _write_json(path: pathlib.Path, obj) -> None:
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(json.dumps(obj, indent=1, default=str))
-  os.replace(tmp, path)
+def _write_json(path, obj) -> None:
+  path.write_text(json.dumps(obj, indent=1, default=str))
 
 
 def run_info() -> dict:
@@ -258,21 +261,36 @@ class MetricWriter:
   """metrics.jsonl and TensorBoard event files (the tensorboard package's writer, which needs
   no TensorFlow). Only process 0 writes."""
 
-  def __init__(self, workdir: pathlib.Path):
+  def __init__(self, workdir):
     self.active = jax.process_index() == 0
     self._jsonl = None
     self._tb = None
+    self._remote = "://" in str(workdir)
+    self._path = workdir / "metrics.jsonl"
+    self._rows: list = []
     if self.active:
-      self._jsonl = open(workdir / "metrics.jsonl", "a")
       from midijax.evaluation import SummaryWriter  # tensorboard's protos, no TensorFlow
-      self._tb = SummaryWriter(workdir / "tensorboard")
+      if self._remote:
+        # Object stores cannot append: metrics.jsonl is rewritten whole; TensorBoard events go
+        # to a local folder (sync it to the bucket, or point TensorBoard at it).
+        self._rows = self._path.read_text().splitlines(True) if self._path.exists() else []
+        local_tb = pathlib.Path("/tmp/midijax_tensorboard") / workdir.name
+        logging.info("TensorBoard events for %s are written to %s", workdir, local_tb)
+        self._tb = SummaryWriter(local_tb)
+      else:
+        self._jsonl = open(self._path, "a")
+        self._tb = SummaryWriter(workdir / "tensorboard")
 
   def write(self, step: int, scalars: Dict[str, float]) -> None:
     if not self.active:
       return
-    self._jsonl.write(json.dumps({"step": int(step), **{k: float(v) for k, v in scalars.items()}})
-                      + "\n")
-    self._jsonl.flush()
+    line = json.dumps({"step": int(step), **{k: float(v) for k, v in scalars.items()}}) + "\n"
+    if self._remote:
+      self._rows.append(line)
+      self._path.write_text("".join(self._rows))
+    else:
+      self._jsonl.write(line)
+      self._jsonl.flush()
     if self._tb is not None:
       for k, v in scalars.items():
         self._tb.scalar(k, float(v), int(step))
@@ -284,7 +302,7 @@ class MetricWriter:
       self._tb.close()
 
 
-def plot_losses(workdir: pathlib.Path) -> Optional[pathlib.Path]:
+def plot_losses(workdir):
   """Writes loss.png (training and validation loss per step) from metrics.jsonl."""
   path = workdir / "metrics.jsonl"
   if jax.process_index() != 0 or not path.exists():
@@ -309,7 +327,8 @@ def plot_losses(workdir: pathlib.Path) -> Optional[pathlib.Path]:
   ax.legend()
   fig.tight_layout()
   out = workdir / "loss.png"
-  fig.savefig(out, dpi=110)
+  with out.open("wb") as f:
+    fig.savefig(f, format="png", dpi=110)
   plt.close(fig)
   return out
 
@@ -392,12 +411,20 @@ def build_model_and_state(config, vocab_size: int, mesh, rules):
   # Everything is created by jitted functions so that every array is a global array on the
   # mesh (a plain jnp array would sit on one local device, which multi-host jit rejects).
   # The optimizer state takes its parameters' shardings by propagation; scalars replicate.
-  opt_state = jax.jit(tx.init)(params)
+  opt_shardings = optimizer_state_shardings(tx, params, param_shardings, mesh)
+  opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
   step = jax.jit(lambda: jnp.zeros((), jnp.int32), out_shardings=replicated)()
   state = TrainState(step=step, params=params, opt_state=opt_state)
-  state_sh = TrainState(step=replicated, params=param_shardings,
-                        opt_state=jax.tree.map(lambda x: x.sharding, opt_state))
+  state_sh = TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings)
   return model_cfg, graphdef, tx, state, state_sh
+
+
+def optimizer_state_shardings(tx, params, param_shardings, mesh):
+  """Shardings of `tx`'s state: parameter-shaped leaves (Adam's moments) follow their
+  parameter's sharding; everything else (step counts) is replicated."""
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, params),
+                               param_shardings, transform_non_params=lambda _: replicated)
 
 
 def replicated_key(seed: int, mesh) -> jax.Array:
@@ -411,7 +438,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """Trains `config` in `workdir` (resuming from its latest checkpoint) and returns the final
   metrics. `data` (tests) may supply a `midijax.input_pipeline` data source."""
   sharding.maybe_initialize_distributed()
-  workdir = pathlib.Path(workdir).absolute()
+  workdir = ckpt_lib.workdir_path(workdir)  # a local folder or gs://bucket/path
   workdir.mkdir(parents=True, exist_ok=True)
   validate_config(config)
   if data is None:
@@ -567,7 +594,7 @@ def load_run(workdir, step: Optional[int] = None, best: bool = False, mesh=None,
   Raises CheckpointNotFoundError / ConfigError with the workdir named.
   """
   from midijax import encoding as enc_lib
-  workdir = pathlib.Path(workdir)
+  workdir = ckpt_lib.workdir_path(workdir)
   if not (workdir / "config.json").exists():
     raise ckpt_lib.CheckpointNotFoundError(f"{workdir}: not a midijax workdir (no config.json)")
   step = ckpt_lib.resolve_step(workdir, step, best)
@@ -588,7 +615,9 @@ def load_run(workdir, step: Optional[int] = None, best: bool = False, mesh=None,
                         abstract_params, param_sh)
   import orbax.checkpoint as ocp
   restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.PyTreeRestore(item={"params": target}, partial_restore=True)))
+      state=ocp.args.PyTreeRestore(
+          item={"params": target}, partial_restore=True,
+          restore_args={"params": ocp.checkpoint_utils.construct_restore_args(target)})))
   manager.close()
   model = nnx.merge(graphdef, restored.state["params"])
   return model, enc, config, step

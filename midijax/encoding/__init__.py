@@ -41,7 +41,8 @@ def from_config(config: dict) -> Encoding:
 
 def load_vocab(path) -> Encoding:
   """Rebuilds the encoding saved by `Encoding.save_vocab` and checks the token list matches."""
-  data = json.loads(pathlib.Path(path).read_text())
+  from etils import epath  # local paths and gs:// alike
+  data = json.loads(epath.Path(path).read_text())
   enc = from_config(data["encoding"])
   if enc.vocab.names != data["tokens"]:
     raise ConfigError(f"{path}: vocabulary does not match encoding {data['encoding']}")

@@ -78,7 +78,8 @@ class Vocab:
   def to_json(self, path=None, **meta) -> str:
     text = json.dumps({**meta, "size": len(self.names), "tokens": self.names}, indent=1)
     if path is not None:
-      pathlib.Path(path).write_text(text)
+      from etils import epath  # local paths and gs:// alike
+      epath.Path(path).write_text(text)
     return text
 
   @classmethod
