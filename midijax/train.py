@@ -146,7 +146,7 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], dropout_rng, *, g
   params = optax.apply_updates(state.params, updates)
   correct, _ = weighted_accuracy(logits, batch["targets"], batch["weights"])
   metrics = {"loss_sum": loss_sum, "weight_sum": weight_sum, "correct": correct,
-             "grad_norm": optax.global_norm(grads)}
+             "grad_norm": optax.tree.norm(grads)}
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
@@ -193,6 +193,9 @@ def validate_config(config, num_devices: Optional[int] = None) -> None:
                          ("mlp_activation", transformer.ACTIVATIONS)):
     if m[field] not in allowed:
       raise ConfigError(f"config.model.{field}={m[field]!r}; expected one of {allowed}")
+  for field in ("batch_size", "seq_len", "eval_batch_size"):
+    if d[field] <= 0:
+      raise ConfigError(f"config.data.{field}={d[field]} must be positive")
   if d.seq_len > m.max_len:
     raise ConfigError(f"config.data.seq_len={d.seq_len} is above config.model.max_len="
                       f"{m.max_len}, the longest position the model supports")
@@ -467,7 +470,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       start_step = int(manager.latest_step())
       abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                               state, state_sh)
-      state, meta = ckpt_lib.restore(manager, start_step, abstract)
+      try:
+        state, meta = ckpt_lib.restore(manager, start_step, abstract)
+      except ValueError as e:
+        raise ConfigError(
+            f"{workdir}: the checkpoint at step {start_step} does not fit this config's model or "
+            f"optimizer (changed since it was saved?); use a new --workdir. ({str(e)[:300]})"
+        ) from None
       logging.info("Resumed from %s at step %d", ckpt_lib.checkpoint_dir(workdir), start_step)
       if is_chief:
         print(f"resuming from step {start_step}", flush=True)

@@ -1,0 +1,178 @@
+"""train.py: the real `train_and_evaluate` on a tiny config and real Groove data.
+
+Bad configs fail before compiling with the field named; runs resume after being killed;
+a NaN stops the run keeping the last good checkpoint; SIGTERM saves and exits; the
+checkpoint policy keeps the latest K plus the best.
+"""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from midijax import checkpoint as ckpt_lib
+from midijax import train
+from midijax.errors import ConfigError
+
+import configs.groove_tiny as groove_tiny
+
+
+@pytest.fixture(scope="module")
+def tfds_dir(tmp_path_factory, groove_dir):
+  """A groove dataset built from a small copied subset of the real GMD (24 files)."""
+  import csv
+  import data_pipelines
+  src = tmp_path_factory.mktemp("groove_src")
+  rows = list(csv.DictReader(open(groove_dir / "info.csv")))
+  keep = [r for r in rows if r["split"] == "train"][:16] + \
+      [r for r in rows if r["split"] == "validation"][:4] + \
+      [r for r in rows if r["split"] == "test"][:4]
+  for r in keep:
+    dst = src / r["midi_filename"]
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(groove_dir / r["midi_filename"], dst)
+  with open(src / "info.csv", "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(keep)
+  out = tmp_path_factory.mktemp("tfds")
+  data_pipelines.build("groove", "drums", manual_dir=str(src), data_dir=str(out), num_shards=2)
+  return out
+
+
+def tiny(tfds_dir, **train_overrides):
+  config = groove_tiny.get_config()
+  config.data.data_dir = str(tfds_dir)
+  config.data.batch_size = 4
+  config.data.seq_len = 32
+  config.model.max_len = 32
+  config.train.update(num_steps=6, log_every=2, eval_every=3, checkpoint_every=3, warmup_steps=2)
+  config.train.update(**train_overrides)
+  return config
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("model.num_heads", 3, "config.model.num_heads=3 must divide"),
+    ("model.position", "alibi", "config.model.position='alibi'"),
+    ("model.norm", "batchnorm", "config.model.norm"),
+    ("model.mlp_activation", "relu6", "config.model.mlp_activation"),
+    ("data.seq_len", 4096, "config.data.seq_len=4096 is above config.model.max_len"),
+    ("model.dtype", "float8", "config.model.dtype"),
+    ("model.num_layers", 0, "config.model.num_layers=0 must be positive"),
+    ("model.dropout_rate", 1.5, "config.model.dropout_rate=1.5"),
+    ("train.num_steps", 0, "config.train.num_steps"),
+    ("train.schedule", "linear", "config.train.schedule='linear'"),
+    ("train.log_every", 0, "config.train.log_every=0"),
+    ("mesh.ici_parallelism", (3, 1, 1), "ici_parallelism"),
+    ("mesh.ici_parallelism", (-1, -1, 1), "ici_parallelism"),
+    ("data.batch_size", 0, "config.data.batch_size"),
+])
+def test_bad_configs_name_the_field(field, value, message):
+  config = groove_tiny.get_config()
+  section, name = field.split(".")
+  config[section][name] = value
+  with pytest.raises(ConfigError) as e:
+    train.validate_config(config, num_devices=1)
+  assert message in str(e.value)
+
+
+def test_missing_dataset_is_a_clear_error(tmp_path):
+  config = groove_tiny.get_config()
+  config.data.data_dir = str(tmp_path / "nothing")
+  with pytest.raises(ConfigError, match="no built dataset groove/drums.*midijax build-data"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def test_schedule_and_decay_mask():
+  config = groove_tiny.get_config().train
+  config.update(learning_rate=1.0, warmup_steps=10, num_steps=110, schedule="cosine")
+  sched = train.create_learning_rate_schedule(config)
+  assert float(sched(0)) == 0.0 and abs(float(sched(10)) - 1.0) < 1e-6
+  assert abs(float(sched(110)) - 0.1) < 1e-6  # cosine to alpha = 10%
+  params = {"embedding": np.zeros((4, 2)), "blocks": {"kernel": np.zeros((2, 2)),
+                                                      "scale": np.zeros(2)}}
+  mask = train.weight_decay_mask(params)
+  assert mask == {"embedding": False, "blocks": {"kernel": True, "scale": False}}
+
+
+def test_weighted_loss_excludes_padding():
+  import jax.numpy as jnp
+  logits = jnp.log(jnp.array([[[0.5, 0.5], [0.9, 0.1]]]))
+  targets = jnp.array([[0, 1]])
+  s, w = train.weighted_cross_entropy(logits, targets, jnp.array([[1.0, 0.0]]))
+  assert abs(float(s) - np.log(2)) < 1e-6 and float(w) == 1.0
+
+
+def test_train_resume_and_checkpoint_policy(tfds_dir, tmp_path):
+  workdir = tmp_path / "run"
+  out = train.train_and_evaluate(tiny(tfds_dir, keep_latest=1, keep_best=1), str(workdir))
+  assert out["step"] == 6 and np.isfinite(out["eval_loss"])
+  for f in ("config.json", "run_info.json", "vocab.json", "metrics.jsonl", "loss.png",
+            "best.json"):
+    assert (workdir / f).exists(), f
+  rows = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert any("tokens_per_s" in r and "mfu" in r for r in rows)
+  best = json.loads((workdir / "best.json").read_text())
+  steps = ckpt_lib.available_steps(workdir)
+  assert 6 in steps and best["step"] in steps and len(steps) <= 2
+  # Resuming: a longer run in the same workdir starts at step 6, not 0.
+  out2 = train.train_and_evaluate(tiny(tfds_dir, num_steps=9, keep_latest=1), str(workdir))
+  assert out2["step"] == 9
+  rows = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows if "train_loss" in r].count(2) == 1
+
+
+def test_resume_after_kill_matches_uninterrupted(tfds_dir, tmp_path):
+  """Killing a run and restarting it gives the same parameters as never stopping."""
+  import jax
+  full = tmp_path / "full"
+  train.train_and_evaluate(tiny(tfds_dir, num_steps=6, async_checkpointing=False), str(full))
+  part = tmp_path / "part"
+  train.train_and_evaluate(tiny(tfds_dir, num_steps=6, max_seconds=1e-9,
+                                async_checkpointing=False), str(part))
+  stopped = max(ckpt_lib.available_steps(part))
+  assert stopped < 6
+  train.train_and_evaluate(tiny(tfds_dir, num_steps=6, async_checkpointing=False), str(part))
+  a, *_ = train.load_run(full)
+  b, *_ = train.load_run(part)
+  from flax import nnx
+  for x, y in zip(jax.tree.leaves(nnx.state(a)), jax.tree.leaves(nnx.state(b))):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+
+
+def test_nan_stops_with_clear_message_and_keeps_last_good(tfds_dir, tmp_path):
+  workdir = tmp_path / "nan"
+  train.train_and_evaluate(tiny(tfds_dir, num_steps=3), str(workdir))
+  good = ckpt_lib.available_steps(workdir)
+  with pytest.raises(train.TrainingDivergedError, match="loss became nan"):
+    train.train_and_evaluate(tiny(tfds_dir, num_steps=8, learning_rate=1e30, warmup_steps=1),
+                             str(workdir))
+  assert ckpt_lib.available_steps(workdir) == good
+
+
+def test_sigterm_saves_and_exits(tfds_dir, tmp_path):
+  workdir = tmp_path / "term"
+  cmd = [sys.executable, "-m", "midijax.cli", "train", "--config=configs/groove_tiny.py",
+         f"--workdir={workdir}", f"--config.data.data_dir={tfds_dir}",
+         "--config.data.batch_size=4", "--config.data.seq_len=32", "--config.model.max_len=32",
+         "--config.train.num_steps=100000", "--config.train.log_every=1",
+         "--config.train.eval_every=100000", "--config.train.checkpoint_every=100000"]
+  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          cwd=os.path.dirname(os.path.dirname(__file__)))
+  lines = []
+  deadline = time.time() + 240
+  for line in proc.stdout:
+    lines.append(line)
+    if line.startswith("step") and " loss " in line and int(line.split()[1]) >= 3:
+      break
+    assert time.time() < deadline, "".join(lines)
+  proc.send_signal(signal.SIGTERM)
+  rest, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 0, "".join(lines) + rest
+  steps = ckpt_lib.available_steps(workdir)
+  assert steps and 3 <= steps[-1] < 100000
