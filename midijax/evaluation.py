@@ -1171,3 +1171,136 @@ class NgramModel:
         total -= math.log(self.prob(x[:t + 1], int(y[t]))) * float(wts[t])
         count += float(wts[t])
     return total, count
+
+
+# =========================================================================================
+# 6. Evaluating a run: `midijax evaluate --workdir RUN`
+# =========================================================================================
+
+
+def note_token_mask(enc, ids: np.ndarray) -> np.ndarray:
+  """True where an id starts a note (NOTE_ON / DRUM hit): the unit of NLL per note."""
+  names = np.array([n.startswith(("NOTE_ON_", "DRUM_")) for n in enc.vocab.names])
+  return names[np.asarray(ids)]
+
+
+def split_nll(model, config, split: str) -> dict:
+  """Mean NLL per token (nats) and per note, perplexity and accuracy over a whole split,
+  on the deterministic non-overlapping eval windows (same numbers on every run)."""
+  import jax
+  from flax import nnx
+  from midijax import input_pipeline, train
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.data.max_eval_batches = -1  # the whole split, always
+  data = input_pipeline.DataSource(config)
+  graphdef, params = nnx.split(model)
+  eval_fn = jax.jit(lambda p, b: train.eval_step(p, b, graphdef=graphdef))
+  batches = list(data.eval_batches(split))
+  summary = train.evaluate(eval_fn, params, iter(batches), lambda b: b)
+  notes = sum(float((note_token_mask(data.encoding, b["targets"]) * b["weights"]).sum())
+              for b in batches)
+  loss_sum = summary["loss"] * summary["tokens"]
+  return {"nll_per_token": summary["loss"], "perplexity": summary["perplexity"],
+          "accuracy": summary["accuracy"], "tokens": summary["tokens"], "notes": notes,
+          "nll_per_note": loss_sum / max(notes, 1.0)}
+
+
+def _prefix_length(enc, ids: np.ndarray) -> int:
+  ids = np.asarray(ids)
+  special = ids >= enc.bos_id
+  return int(np.argmin(special)) if not special.all() else len(ids)
+
+
+def _decode_clip(enc, ids, is_drum: bool) -> Notes:
+  return enc.decode_notes(ids, is_drum=is_drum)
+
+
+def evaluate_workdir(workdir, *, split: str = "test", num_samples: int = 64,
+                     max_new_tokens: Optional[int] = None, step: Optional[int] = None,
+                     best: bool = False, seed: int = 0, temperature: float = 1.0,
+                     top_k: int = 0, top_p: float = 1.0, data_dir: Optional[str] = None,
+                     out_dir=None, log=print) -> dict:
+  """NLL on `split`, music statistics of samples vs real clips, grammar validity; writes
+  `eval/<step>/metrics.json`, `metrics.md`, plots, and TensorBoard scalars.
+
+  Samples are conditioned on the prefixes (BOS + conditioning) of real clips of the split,
+  and real clips are cut to the same number of event tokens, so both sets are alike in
+  length and conditions. Returns the metrics dict.
+  """
+  from midijax import checkpoint as ckpt_lib
+  from midijax import input_pipeline, sampling, train
+  model, enc, config, step = train.load_run(workdir, step=step, best=best)
+  if data_dir:
+    config.data.data_dir = data_dir
+  workdir_p = ckpt_lib.workdir_path(workdir)
+  out = pathlib.Path(out_dir) if out_dir else pathlib.Path(str(workdir_p / "eval" / str(step)))
+  out.mkdir(parents=True, exist_ok=True)
+  is_drum = config.data.name == "groove" or enc.name == "drums"
+  t0 = time.perf_counter()
+  nll = split_nll(model, config, split)
+  log(f"{split}: NLL {nll['nll_per_token']:.4f} nats/token, {nll['nll_per_note']:.4f} "
+      f"nats/note, perplexity {nll['perplexity']:.3f} ({nll['tokens']:,.0f} tokens, "
+      f"{time.perf_counter() - t0:.1f} s)")
+
+  spec = input_pipeline.dataset_specs(config)[0]
+  store = input_pipeline.load_split(spec.version_dir, split)
+  n_new = int(max_new_tokens or min(config.data.seq_len, config.model.max_len) - 8)
+  pieces = [store.piece(i) for i in range(len(store))]
+  rng = np.random.default_rng(seed)
+  order = rng.permutation(len(pieces))[:num_samples]
+  real, prompts = [], []
+  for i in order:
+    p = pieces[i]
+    k = _prefix_length(enc, p)
+    prompts.append(p[:k])
+    real.append(_decode_clip(enc, p[k:k + n_new], is_drum))
+  generated, unconstrained_ids = [], []
+  by_len: dict = {}
+  for j, pr in enumerate(prompts):
+    by_len.setdefault(len(pr), []).append(j)
+  t0 = time.perf_counter()
+  for length, rows in sorted(by_len.items()):
+    batch = np.stack([prompts[j] for j in rows]).astype(np.int32)
+    for constrained in (True, False):
+      res = sampling.sample_tokens(model, batch, encoding=enc, max_new_tokens=n_new, seed=seed,
+                                   temperature=temperature, top_k=top_k, top_p=top_p,
+                                   constrained=constrained)
+      toks = np.asarray(res["tokens"])[:, length:]
+      for row in toks:
+        row = row[:np.argmax(row == enc.eos_id)] if (row == enc.eos_id).any() else row
+        row = row[row != enc.pad_id]
+        if constrained:
+          generated.append(_decode_clip(enc, row, is_drum))
+        else:
+          unconstrained_ids.append(row)
+  log(f"sampled {len(generated)} constrained + {len(unconstrained_ids)} unconstrained clips of "
+      f"up to {n_new} tokens in {time.perf_counter() - t0:.1f} s")
+  from midijax.encoding import grammar
+  validity = grammar_validity(
+      unconstrained_ids, decode=lambda ids: _strict_decode(enc, ids, is_drum, grammar))
+  comparison = compare_sets(generated, real)
+  examples = {f"generated_{i}": g for i, g in enumerate(generated[:2])}
+  examples.update({f"real_{i}": r for i, r in enumerate(real[:2])})
+  extra = {"step": step, "split": split, "num_samples": len(generated),
+           "tokens_per_clip": n_new, "nll": nll, "seed": seed, "temperature": temperature,
+           "top_k": top_k, "top_p": top_p}
+  write_reports(out, comparison, validity=validity, extra=extra, examples=examples)
+  scalars = {f"eval_{split}/{k}": v for k, v in nll.items()}
+  scalars[f"eval_{split}/unconstrained_validity"] = validity["rate"]
+  scalars.update({f"eval_{split}/{k}": v for k, v in flat_scalars(comparison).items()})
+  write_tensorboard_scalars(pathlib.Path(str(workdir_p / "tensorboard")), scalars, step)
+  log(f"wrote {out}/metrics.json, metrics.md and plots")
+  return json.loads((out / "metrics.json").read_text())
+
+
+def _strict_decode(enc, ids, is_drum, grammar):
+  """Decodes ids, raising when they break the encoding's grammar (invalid for the record)."""
+  bad = int(grammar.grammar_violations(np.asarray(ids, np.int32), enc))
+  if bad:
+    raise GrammarViolation(f"{bad} tokens break the {enc.name} grammar")
+  return _decode_clip(enc, ids, is_drum)
+
+
+class GrammarViolation(ValueError):
+  pass

@@ -822,3 +822,100 @@ def format_listening_results(results: Mapping[str, Any]) -> str:
 
 def print_listening_results(results: Mapping[str, Any]) -> None:
   print(format_listening_results(results))
+
+
+# -----------------------------------------------------------------------------------------
+# From trained runs: `midijax export-listening --run NAME=WORKDIR ...`
+# -----------------------------------------------------------------------------------------
+
+def clips_from_runs(runs: Mapping[str, str], *, real_split: str = "test", num_clips: int = 20,
+                    seconds: float = 20.0, prompt_seconds: Optional[float] = None,
+                    mode: str = "both", seed: int = 0, temperature: float = 1.0,
+                    top_k: int = 0, top_p: float = 1.0, data_dir: Optional[str] = None,
+                    log=print) -> list:
+  """Builds the clips of a listening test from trained runs and real data.
+
+  For each of `num_clips` real pieces of `real_split` (the same pieces for every run):
+    * "free" (mode free/both): each run samples a piece conditioned on the real piece's
+      BOS + conditioning prefix (style, tempo, ...); the real piece is rated beside them.
+    * "continuation" (mode continuation/both): the first `prompt_seconds` of the real piece
+      are the prompt; each run continues it, and the real continuation is the reference;
+      raters hear the prompt and compare continuations in pairs.
+  Every clip is later cut to `seconds`. The key records run, workdir, checkpoint step, seed,
+  prompt and real piece index.
+  """
+  from midijax import input_pipeline, sampling, train
+  if mode not in ("free", "continuation", "both"):
+    raise ValueError(f"mode must be free, continuation or both, got {mode!r}")
+  prompt_seconds = seconds / 4 if prompt_seconds is None else prompt_seconds
+  loaded = {}
+  for name, workdir in runs.items():
+    model, enc, config, step = train.load_run(workdir, best=True) if _has_best(workdir) \
+        else train.load_run(workdir)
+    if data_dir:
+      config.data.data_dir = data_dir
+    loaded[name] = (model, enc, config, step, str(workdir))
+  first = next(iter(loaded.values()))
+  enc, config = first[1], first[2]
+  for name, (_, e, c, _, w) in loaded.items():
+    if e.vocab.names != enc.vocab.names or c.data.name != config.data.name:
+      raise ValueError(f"run {name} ({w}) uses another encoding or dataset than "
+                       f"{next(iter(loaded))}; compare runs of one dataset")
+  is_drum = config.data.name == "groove" or enc.name == "drums"
+  spec = input_pipeline.dataset_specs(config)[0]
+  store = input_pipeline.load_split(spec.version_dir, real_split)
+  rng = np.random.default_rng(seed)
+  picks = rng.permutation(len(store))[:num_clips]
+  clips = []
+  for i in picks:
+    piece = store.piece(int(i))
+    k = int(np.argmin(piece >= enc.bos_id)) if not (piece >= enc.bos_id).all() else len(piece)
+    prefix, body = piece[:k], piece[k:]
+    real_notes = enc.decode_notes(body, is_drum=is_drum)
+    cond_names = [enc.vocab.names[t] for t in prefix[1:]]
+    meta_real = {"real_split": real_split, "real_index": int(i), "conditions": cond_names,
+                 "dataset": f"{config.data.name}/{config.data.builder_config}"}
+    if mode in ("free", "both"):
+      clips.append(Clip("real", real_notes, meta=meta_real))
+      for name, (model, e, c, step, w) in loaded.items():
+        res = sampling.sample_tokens(model, prefix[None].astype(np.int32), encoding=e,
+                                     max_new_tokens=int(c.model.max_len) - len(prefix),
+                                     seed=seed + int(i), temperature=temperature, top_k=top_k,
+                                     top_p=top_p, max_seconds=seconds)
+        toks = sampling._trim(np.asarray(res["tokens"])[0], len(prefix))[len(prefix):]
+        clips.append(Clip(name, e.decode_notes(toks, is_drum=is_drum),
+                          meta={"run": name, "workdir": w, "step": step, "seed": seed + int(i),
+                                "kind": "free", **meta_real}))
+    if mode in ("continuation", "both"):
+      group = f"p{int(i)}"
+      prompt_ids = sampling.encode_prompt(enc, real_notes, prompt_seconds)
+      prompt_notes = real_notes.select(real_notes.start < prompt_seconds)
+      prompt_notes.end = np.minimum(prompt_notes.end, prompt_seconds)
+      clips.append(Clip("real", prompt_notes,
+                        meta={**meta_real, "prompt_seconds": prompt_seconds},
+                        pair_group=group, role="prompt"))
+      clips.append(Clip("real", real_notes, meta={**meta_real, "kind": "real continuation"},
+                        pair_group=group, role="continuation"))
+      for name, (model, e, c, step, w) in loaded.items():
+        prompt = np.concatenate([prefix, prompt_ids]).astype(np.int32)
+        if len(prompt) >= int(c.model.max_len) - 8:
+          log(f"skipping prompt {group}: {len(prompt)} tokens fill the context")
+          continue
+        res = sampling.sample_tokens(model, prompt[None], encoding=e,
+                                     max_new_tokens=int(c.model.max_len) - len(prompt),
+                                     seed=seed + int(i), temperature=temperature, top_k=top_k,
+                                     top_p=top_p, max_seconds=seconds - prompt_seconds)
+        toks = sampling._trim(np.asarray(res["tokens"])[0], len(prefix))[len(prefix):]
+        clips.append(Clip(name, e.decode_notes(toks, is_drum=is_drum), pair_group=group,
+                          role="continuation",
+                          meta={"run": name, "workdir": w, "step": step, "seed": seed + int(i),
+                                "kind": "continuation", **meta_real,
+                                "prompt_seconds": prompt_seconds}))
+    log(f"clip set {len(clips)} clips (piece {int(i)})")
+  return clips
+
+
+def _has_best(workdir) -> bool:
+  from midijax import checkpoint as ckpt_lib
+  b = ckpt_lib.best_step(workdir)
+  return b is not None and b in ckpt_lib.available_steps(workdir)
