@@ -52,3 +52,42 @@ def groove_files(groove_dir):
 def piano_files(piano_dir):
     files = sorted(piano_dir.glob("maestro/**/*.mid*")) + sorted(piano_dir.glob("giantmidi/*.mid"))
     return files
+
+
+@pytest.fixture(scope="session")
+def groove_tfds(tmp_path_factory, groove_dir):
+  """A `groove/drums` TFDS dataset built from a small copied subset of the real GMD
+  (16 train, 4 validation, 4 test files), in 2 shards per split."""
+  import csv
+  import shutil
+  import data_pipelines
+  src = tmp_path_factory.mktemp("groove_src")
+  rows = list(csv.DictReader(open(groove_dir / "info.csv")))
+  keep = ([r for r in rows if r["split"] == "train"][:16] +
+          [r for r in rows if r["split"] == "validation"][:4] +
+          [r for r in rows if r["split"] == "test"][:4])
+  for r in keep:
+    dst = src / r["midi_filename"]
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(groove_dir / r["midi_filename"], dst)
+  with open(src / "info.csv", "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(keep)
+  out = tmp_path_factory.mktemp("tfds")
+  data_pipelines.build("groove", "drums", manual_dir=str(src), data_dir=str(out), num_shards=2)
+  return out
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, groove_tfds):
+  """A groove_tiny model trained 30 steps on `groove_tfds`: a real workdir to sample from."""
+  import configs.groove_tiny as groove_tiny
+  from midijax import train
+  config = groove_tiny.get_config()
+  config.data.data_dir = str(groove_tfds)
+  config.train.update(num_steps=30, eval_every=15, checkpoint_every=15, log_every=15,
+                      async_checkpointing=False)
+  workdir = tmp_path_factory.mktemp("tiny_run")
+  train.train_and_evaluate(config, str(workdir))
+  return workdir

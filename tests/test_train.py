@@ -6,7 +6,6 @@ checkpoint policy keeps the latest K plus the best.
 """
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -23,26 +22,8 @@ import configs.groove_tiny as groove_tiny
 
 
 @pytest.fixture(scope="module")
-def tfds_dir(tmp_path_factory, groove_dir):
-  """A groove dataset built from a small copied subset of the real GMD (24 files)."""
-  import csv
-  import data_pipelines
-  src = tmp_path_factory.mktemp("groove_src")
-  rows = list(csv.DictReader(open(groove_dir / "info.csv")))
-  keep = [r for r in rows if r["split"] == "train"][:16] + \
-      [r for r in rows if r["split"] == "validation"][:4] + \
-      [r for r in rows if r["split"] == "test"][:4]
-  for r in keep:
-    dst = src / r["midi_filename"]
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy(groove_dir / r["midi_filename"], dst)
-  with open(src / "info.csv", "w", newline="") as f:
-    w = csv.DictWriter(f, fieldnames=list(rows[0]))
-    w.writeheader()
-    w.writerows(keep)
-  out = tmp_path_factory.mktemp("tfds")
-  data_pipelines.build("groove", "drums", manual_dir=str(src), data_dir=str(out), num_shards=2)
-  return out
+def tfds_dir(groove_tfds):
+  return groove_tfds
 
 
 def tiny(tfds_dir, **train_overrides):

@@ -1,0 +1,429 @@
+"""Tests for midijax.sampling, midijax.encoding.grammar and `midijax generate / continue`.
+
+Small random-weight models check the mechanics (cache, token choice, grammar, sliding
+window, sharding); a tiny model trained for a few steps on real Groove files checks the
+commands end to end. The 8-device check runs in a subprocess that sees 8 CPU devices
+(XLA_FLAGS must be set before JAX starts).
+"""
+import collections
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from midijax import cli, encoding, midi_io, sampling
+from midijax.encoding import grammar
+from midijax.models import transformer
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+# Cached one-token decoding vs the full forward pass: float32, different summation order.
+ATOL = 2e-4
+
+
+def make_model(enc, position="rope", max_len=64, layers=2, seed=0):
+  cfg = transformer.TransformerConfig(
+      vocab_size=enc.vocab_size, emb_dim=32, qkv_dim=32, num_heads=2, num_layers=layers,
+      mlp_dim=64, max_len=max_len, position=position, dropout_rate=0.0,
+      attention_dropout_rate=0.0, deterministic=True)
+  return transformer.Transformer(cfg, rngs=nnx.Rngs(seed))
+
+
+@pytest.fixture(scope="module")
+def drums():
+  return encoding.get("drums")
+
+
+def groove_prompt(enc, path, seconds=2.0):
+  """Event ids of the first `seconds` of a Groove file."""
+  return sampling.encode_prompt(enc, midi_io.read_notes(path), seconds)
+
+
+# ----------------------------------------------------------------------------- decoding
+@pytest.mark.parametrize("position", ["sinusoidal", "rope", "relative"])
+def test_cached_decode_matches_full_forward(drums, position):
+  """Prefill 5 tokens, then one token per step through growing cache phases."""
+  model = make_model(drums, position, max_len=32)
+  tokens = jnp.asarray(np.random.default_rng(0).integers(2, drums.bos_id, (3, 24)), jnp.int32)
+  full = model(tokens)
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def cached(state, tokens):
+    model = nnx.merge(graphdef, state)
+    first, cache = sampling.prefill(model, tokens[:, :5], 5)
+    steps = jnp.zeros((3, 23, first.shape[-1])).at[:, 4].set(first)
+
+    def step(pos, carry):
+      steps, cache = carry
+      logits, cache = sampling.decode_step(model, tokens[:, pos], cache, pos)
+      return steps.at[:, pos].set(logits), cache
+
+    for start, end in ((5, 12), (12, 23)):  # the cache grows as in the sampler's phases
+      cache = sampling._grow(cache, end + 1)
+      steps, cache = jax.lax.fori_loop(start, end, step, (steps, cache))
+    return steps[:, 4:]
+
+  got = cached(state, tokens)  # logits after positions 4..22
+  np.testing.assert_allclose(got[..., :drums.vocab_size], full[:, 4:23, :drums.vocab_size],
+                             atol=ATOL, rtol=ATOL)
+
+
+# ----------------------------------------------------------------------------- token choice
+def draw(logits, n, temperature, top_k=0, top_p=None, seed=0):
+  """n samples of choose_tokens from one row of logits."""
+  rows = jnp.broadcast_to(jnp.asarray(logits, jnp.float32), (n, len(logits)))
+  keys = sampling.row_keys(jnp.int32(seed), n)
+  return np.asarray(jax.jit(lambda r, k: sampling.choose_tokens(
+      r, k, jnp.float32(temperature), top_k=top_k,
+      top_p=None if top_p is None else jnp.float32(top_p)))(rows, keys))
+
+
+def test_top_k_and_top_p_never_leave_their_sets():
+  logits = np.random.default_rng(1).normal(0, 2, 96).astype(np.float32)
+  order = np.argsort(-logits)
+  n = 4000
+  top_k = draw(logits, n, 1.0, top_k=7)
+  assert set(top_k) <= set(order[:7]) and len(set(top_k)) == 7
+  for temperature, p in ((1.0, 0.7), (0.5, 0.9)):
+    probs = np.exp(logits / temperature - np.max(logits / temperature))
+    probs = probs[order] / probs.sum()
+    nucleus = order[:int(np.searchsorted(np.cumsum(probs), p)) + 1]
+    got = draw(logits, n, temperature, top_p=p)
+    assert set(got) <= set(nucleus) and len(set(got)) > 1
+    # The kept tokens are drawn in proportion to their renormalized probabilities.
+    freq = np.bincount(got, minlength=96)[nucleus] / n
+    np.testing.assert_allclose(freq, probs[:len(nucleus)] / probs[:len(nucleus)].sum(),
+                               atol=0.03)
+  both = draw(logits, n, 1.0, top_k=3, top_p=0.99)
+  assert set(both) <= set(order[:3])
+  # Temperature 0 is the argmax whatever the noise.
+  assert set(draw(logits, 64, 0.0)) == {order[0]}
+  assert set(draw(logits, 64, 0.0, top_p=0.5)) == {order[0]}
+
+
+def test_greedy_is_deterministic_and_the_full_forward_argmax(drums):
+  model = make_model(drums, "rope", max_len=64)
+  prompt = np.tile(drums.with_specials([drums.drum_base, drums.shift_base + 9], eos=False), (3, 1))
+  kw = dict(encoding=drums, max_new_tokens=30, constrained=False)
+  greedy = sampling.sample_tokens(model, prompt, temperature=0.0, seed=0, **kw)["tokens"]
+  again = sampling.sample_tokens(model, prompt, temperature=0.0, seed=5, **kw)["tokens"]
+  top1 = sampling.sample_tokens(model, prompt, temperature=1.0, top_k=1, seed=3, **kw)["tokens"]
+  np.testing.assert_array_equal(greedy, again)
+  np.testing.assert_array_equal(greedy, top1)
+  logits = np.asarray(model(jnp.asarray(greedy)))[..., :drums.vocab_size]
+  p = prompt.shape[1]
+  np.testing.assert_array_equal(greedy[:, p:], logits[:, p - 1:-1].argmax(-1))
+
+
+def test_same_seed_reproduces_and_rows_are_independent(drums):
+  model = make_model(drums, "sinusoidal")
+  prompt = np.tile(drums.with_specials([], eos=False), (4, 1))
+  kw = dict(encoding=drums, max_new_tokens=40, temperature=1.0, min_new_tokens=40)
+  a = sampling.sample_tokens(model, prompt, seed=7, **kw)["tokens"]
+  b = sampling.sample_tokens(model, prompt, seed=7, **kw)["tokens"]
+  c = sampling.sample_tokens(model, prompt, seed=8, **kw)["tokens"]
+  np.testing.assert_array_equal(a, b)
+  assert (a != c).any(axis=1).all()
+  assert len({tuple(r) for r in a}) == 4  # one prompt, four different samples
+  # Row r draws from fold_in(key(seed), r): the same at any batch size.
+  two = sampling.sample_tokens(model, prompt[:2], seed=7, **kw)["tokens"]
+  np.testing.assert_array_equal(two, a[:2])
+
+
+# ----------------------------------------------------------------------------- grammar
+def reference_check(enc, ids):
+  """An independent, plain-Python reading of each grammar; returns a problem or None."""
+  ids = [int(i) for i in ids]
+  i = 0
+  while i < len(ids) and ids[i] >= enc.bos_id:
+    i += 1
+  body = ids[i:]
+  if encoding.EOS_ID in body and body.index(encoding.EOS_ID) != len(body) - 1:
+    return "tokens after EOS"
+  ended = bool(body) and body[-1] == encoding.EOS_ID
+  events = body[:-1] if ended else body
+  if any(not enc.body_offset <= t < enc.bos_id for t in events):
+    return "special token mid-sequence"
+  if enc.name == "triples":
+    kinds = [0 if t < enc.pitch_base else 1 if t < enc.dur_base else 2 for t in events]
+    if any(k != j % 3 for j, k in enumerate(kinds)):
+      return "triples out of order"
+    if ended and len(kinds) % 3:
+      return "EOS inside a triple"
+  elif enc.name == "performance":
+    sounding = collections.Counter()
+    after_velocity = False
+    for t in events:
+      if after_velocity and not enc.note_on_base <= t < enc.note_off_base:
+        return "VELOCITY not followed by NOTE_ON"
+      if enc.note_on_base <= t < enc.note_off_base:
+        sounding[t - enc.note_on_base] += 1
+      elif enc.note_off_base <= t < enc.shift_base:
+        if sounding[t - enc.note_off_base] == 0:
+          return "NOTE_OFF of a silent pitch"
+        sounding[t - enc.note_off_base] -= 1
+      after_velocity = t >= enc.velocity_base
+    if ended and (after_velocity or sum(sounding.values())):
+      return "EOS while notes sound"
+  return None
+
+
+@pytest.mark.parametrize("name", ["drums", "performance", "triples"])
+def test_constrained_samples_are_valid_midi_and_keep_the_prompt(tmp_path, groove_files, name):
+  enc = encoding.get(name)
+  model = make_model(enc, "rope", max_len=96, layers=1, seed=3)  # random: breaks any grammar
+  events = groove_prompt(enc, groove_files[3], 1.5)[:30]
+  if name == "triples":
+    events = events[:len(events) // 3 * 3]
+  prompt = enc.with_specials(events, {"style": "funk"}, eos=False)
+  result = sampling.generate(model, enc, num_samples=64, max_new_tokens=64, temperature=1.5,
+                             seed=1, conditions={"style": "funk"}, prompt_ids=events)
+  assert result.prompt_length == len(prompt)
+  assert all(np.array_equal(t[:len(prompt)], prompt) for t in result.tokens)
+  assert not np.any(grammar.grammar_violations(result.tokens, enc))
+  assert [reference_check(enc, t) for t in result.tokens] == [None] * 64
+  for i, ids in enumerate(result.tokens):
+    notes = enc.decode_notes(ids, is_drum=True)
+    assert len(notes) > 0
+    if i < 4:  # through note-seq and back
+      path = midi_io.write_midi(notes, tmp_path / f"{i}.mid")
+      assert len(midi_io.read_notes(path)) == len(notes)
+  # The same model without the mask breaks the grammar, and the checker sees it.
+  free = sampling.generate(model, enc, num_samples=16, max_new_tokens=64, temperature=1.5,
+                           seed=1, prompt_ids=events, constrained=False)
+  bad = grammar.grammar_violations(free.tokens, enc)
+  assert bad.sum() > 0
+  assert sum(reference_check(enc, t) is not None for t in free.tokens) == np.sum(bad > 0)
+
+
+def test_grammar_state_after_a_prompt():
+  perf = encoding.get("performance")
+  g = grammar.get(perf, 512)
+  on, off = perf.note_on_base + 39, perf.note_off_base + 39  # pitch 60
+  prompt = jnp.asarray([[perf.bos_id, perf.velocity_base + 20, on, perf.shift_base + 9]])
+  allowed = np.asarray(g.allowed(g.init_state(1, prompt)))[0]
+  assert allowed[off] and allowed[on] and not allowed[off + 1]
+  assert not allowed[encoding.EOS_ID] and not allowed[perf.bos_id] and not allowed[0]
+  after_vel = g.init_state(1, jnp.asarray([[perf.velocity_base]]))
+  allowed = np.asarray(g.allowed(after_vel))[0]
+  assert allowed.sum() == perf.num_pitches and allowed[on]
+  assert grammar.grammar_violations([perf.bos_id, off, encoding.EOS_ID], perf) == 1
+  assert grammar.grammar_violations([perf.bos_id, on, off, encoding.EOS_ID], perf) == 0
+
+
+# ----------------------------------------------------------------------------- long samples
+def test_max_seconds_cuts_at_the_time_limit(drums):
+  model = make_model(drums, "rope")
+  result = sampling.generate(model, drums, num_samples=8, max_new_tokens=60, temperature=1.0,
+                             seed=2, max_seconds=0.5)
+  for ids, reason, seconds in zip(result.tokens, result.stop_reasons, result.seconds):
+    new = ids[result.prompt_length:]
+    shifts = new[(new >= drums.shift_base) & (new < drums.velocity_base)]
+    assert np.sum(shifts - drums.shift_base + 1) / 100 == pytest.approx(seconds)
+    assert seconds <= 0.5
+    assert reason in sampling.STOP_REASONS
+
+
+def test_sliding_window_runs_past_the_context(drums):
+  """Greedy with a 32-token context and 12 kept: the same tokens as re-running the full
+  model on the window the sampler holds at every step."""
+  max_len, keep = 32, 12
+  model = make_model(drums, "relative", max_len=max_len)
+  prompt = drums.with_specials([drums.drum_base + 1, drums.shift_base + 20],
+                               {"style": "rock", "type": "beat"}, eos=False)
+  out = sampling.sample_tokens(model, np.tile(prompt, (2, 1)), encoding=drums,
+                               max_new_tokens=90, temperature=0.0, window_keep=keep,
+                               min_new_tokens=90)
+  tokens = out["tokens"]
+  assert tokens.shape[1] == len(prompt) + 90 > 2 * max_len
+  assert not np.any(grammar.grammar_violations(list(tokens), drums))
+  forward = jax.jit(lambda t: model(t))
+  context = list(range(len(prompt)))
+  for n in range(len(prompt), tokens.shape[1]):
+    window = tokens[:, context]
+    logits = np.asarray(forward(jnp.asarray(np.pad(window, ((0, 0), (0, max_len - len(context)))))))
+    logits = logits[:, len(context) - 1]
+    allowed = np.asarray(grammar.get(drums, logits.shape[-1]).allowed(
+        {"rows": jnp.zeros(2, jnp.int32)}))
+    np.testing.assert_array_equal(tokens[:, n], np.where(allowed, logits, -1e9).argmax(-1))
+    context.append(n)
+    if len(context) == max_len:  # slide: the prefix and the last `keep` tokens
+      context = list(range(3)) + list(range(n + 1 - keep, n + 1))  # BOS, STYLE, TYPE
+
+
+# ----------------------------------------------------------------------------- sharding
+SHARDED_CHILD = r"""
+import json, os
+import jax, numpy as np, ml_collections
+from flax import nnx
+from midijax import encoding, sampling, sharding
+from midijax.models import transformer
+enc = encoding.get("performance")
+cfg = transformer.TransformerConfig(vocab_size=enc.vocab_size, emb_dim=32, qkv_dim=32,
+    num_heads=2, num_layers=2, mlp_dim=64, max_len=48, position="rope", dropout_rate=0.0,
+    attention_dropout_rate=0.0, deterministic=True)
+make = lambda: transformer.Transformer(cfg, rngs=nnx.Rngs(0))
+kw = dict(num_samples=6, max_new_tokens=70, temperature=1.0, top_k=20, top_p=0.95, seed=4,
+          conditions={"dataset": "maestro"}, window_keep=20)
+report = {"devices": jax.device_count()}
+report["single"] = [t.tolist() for t in sampling.generate(make(), enc, **kw).tokens]
+for name, ici in (("data8", (8, 1, 1)), ("mixed", (2, 2, 2))):
+  mesh = sharding.create_mesh(ml_collections.ConfigDict(
+      {"ici_parallelism": ici, "dcn_parallelism": (1, 1, 1)}))
+  model = sharding.create_sharded_model(make, mesh)
+  result = sampling.generate(model, enc, mesh=mesh, **kw)
+  report[name] = [t.tolist() for t in result.tokens]
+print("REPORT=" + json.dumps(report))
+"""
+
+
+def test_sharded_sampling_matches_one_device():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+  proc = subprocess.run([sys.executable, "-c", SHARDED_CHILD], capture_output=True, text=True,
+                        env=env, cwd=REPO, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = json.loads(proc.stdout.split("REPORT=")[-1])
+  assert report["devices"] == 8
+  assert report["data8"] == report["single"]  # the batch split over 8 devices (6 rows padded)
+  assert report["mixed"] == report["single"]  # data x fsdp x tensor
+
+
+# ----------------------------------------------------------------------------- commands
+class GrooveCrops:
+  """A data source for train_and_evaluate: crops of real Groove files with a prefix."""
+
+  def __init__(self, files, enc, seq_len, batch_size):
+    self.enc, self.seq_len, self.batch_size = enc, seq_len, batch_size
+    self.vocab_size = enc.vocab_size
+    prefix = {"style": "funk", "tempo": "100-110", "type": "beat"}
+    self.pieces = [enc.with_specials(enc.encode(midi_io.read_notes(f)), prefix) for f in files]
+
+  def save_vocab(self, path):
+    self.enc.save_vocab(path)
+
+  def _batch(self, rng):
+    rows = []
+    for _ in range(self.batch_size):
+      piece = self.pieces[rng.integers(len(self.pieces))]
+      start = 4 + rng.integers(max(len(piece) - 4 - self.seq_len, 1))
+      row = np.concatenate([piece[:4], piece[start:start + self.seq_len - 3]])
+      rows.append(np.pad(row, (0, self.seq_len + 1 - len(row))))
+    rows = np.stack(rows).astype(np.int32)
+    return {"inputs": rows[:, :-1], "targets": rows[:, 1:],
+            "weights": (rows[:, 1:] != 0).astype(np.float32)}
+
+  def train_batches(self, start_step):
+    step = start_step
+    while True:
+      yield self._batch(np.random.default_rng(step))
+      step += 1
+
+  def eval_batches(self):
+    return iter([self._batch(np.random.default_rng(-1 % 2**32))])
+
+
+@pytest.fixture(scope="module")
+def groove_run(tmp_path_factory, groove_files):
+  """A tiny drums model trained for a few steps on 8 Groove files (a real workdir)."""
+  from configs import default
+  from midijax import train
+  workdir = tmp_path_factory.mktemp("groove_run")
+  config = default.get_config()
+  config.model.update(emb_dim=32, qkv_dim=32, num_heads=2, num_layers=1, mlp_dim=64,
+                      max_len=96, dropout_rate=0.0)
+  config.data.update(seq_len=96, batch_size=8)
+  config.train.update(num_steps=12, warmup_steps=2, log_every=12, eval_every=12,
+                      checkpoint_every=12, learning_rate=3e-3, async_checkpointing=False)
+  train.train_and_evaluate(config, workdir,
+                           data=GrooveCrops(groove_files[:8], encoding.get("drums"), 96, 8))
+  return workdir
+
+
+def run_cli(capsys, *args):
+  code = cli.main([str(a) for a in args])
+  out, err = capsys.readouterr()
+  return code, out, err
+
+
+def test_generate_writes_midi_tokens_and_report(groove_run, tmp_path, capsys):
+  out = tmp_path / "gen"
+  code, stdout, err = run_cli(capsys, "generate", "--workdir", groove_run, "--num_samples", 3,
+                              "--max_tokens", 120, "--temperature", 0.9, "--top_k", 30,
+                              "--top_p", 0.95, "--seed", 1, "--style", "funk", "--bpm", 104,
+                              "--type", "beat", "--out", out)
+  assert code == 0, err
+  report = json.loads((out / "generate.json").read_text())
+  assert report["checkpoint_step"] == 12 and len(report["samples"]) == 3
+  assert report["settings"]["conditions"] == {"style": "funk", "tempo": "104", "type": "beat"}
+  assert report["timing"]["tokens_per_s"] > 0
+  for i in range(3):
+    notes = midi_io.read_notes(out / f"sample_{i:02d}.mid", allow_empty=True)
+    assert notes.is_drum.all()
+    lines = (out / f"sample_{i:02d}.txt").read_text().splitlines()
+    assert lines[0].startswith("# midijax encoding=drums") and lines[1:5] == [
+        "BOS", "STYLE_funk", "TEMPO_100-110", "TYPE_beat"]
+  # The course project's positional form: generate LENGTH [TEMPERATURE] [TOP_K].
+  code, _, err = run_cli(capsys, "generate", 40, 0.7, 5, "--workdir", groove_run,
+                         "--num_samples", 2, "--out", tmp_path / "course")
+  assert code == 0, err
+  settings = json.loads((tmp_path / "course" / "generate.json").read_text())["settings"]
+  assert (settings["max_new_tokens"], settings["temperature"], settings["top_k"]) == (40, 0.7, 5)
+
+
+def test_continue_a_groove_file(groove_run, groove_files, tmp_path, capsys):
+  src = groove_files[20]
+  out = tmp_path / "cont"
+  code, stdout, err = run_cli(capsys, "continue", "--workdir", groove_run, "--prompt", src,
+                              "--prompt_bars", 1, "--seconds", 4, "--num_samples", 2,
+                              "--top_k", 20, "--out", out)
+  assert code == 0, err
+  prompt = midi_io.read_notes(out / "prompt.mid")
+  report = json.loads((out / "continue.json").read_text())
+  cut = report["settings"]["prompt_seconds"]
+  for i in range(2):
+    full = midi_io.read_notes(out / f"sample_{i:02d}_full.mid")
+    alone = midi_io.read_notes(out / f"sample_{i:02d}_continuation.mid", allow_empty=True)
+    assert full.is_drum.all() and len(full) == len(prompt) + len(alone)
+    # The full file starts with the prompt, unchanged (to the 10 ms grid).
+    np.testing.assert_allclose(np.sort(full.start)[:len(prompt)], np.sort(prompt.start), atol=1e-3)
+    assert alone.total_time <= 4.0 + 0.11  # 4 s of new hits, the last one 0.1 s long
+    assert report["samples"][i]["stop_reason"] in sampling.STOP_REASONS
+  assert cut == pytest.approx(midi_io.read_notes(src).qpm and sampling.bar_seconds(
+      midi_io.read_notes(src)))
+
+
+def test_bad_inputs_are_one_clear_line(groove_run, groove_files, tmp_path, capsys):
+  bad_midi = tmp_path / "bad.mid"
+  bad_midi.write_bytes(b"MThd\x00\x00\x00\x06garbage")
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  other_vocab = tmp_path / "other_vocab"
+  other_vocab.mkdir()
+  for name in ("config.json", "best.json"):
+    (other_vocab / name).write_bytes((groove_run / name).read_bytes())
+  os.symlink(groove_run / "checkpoints", other_vocab / "checkpoints")
+  encoding.get("triples").save_vocab(other_vocab / "vocab.json")
+  base = ["--workdir", groove_run, "--out", tmp_path / "x"]
+  cases = [
+      (["continue", "--prompt", tmp_path / "missing.mid", *base], "file not found"),
+      (["continue", "--prompt", bad_midi, *base], "bad.mid"),
+      (["continue", "--prompt", groove_files[0], "--prompt_seconds", 60, *base], "context"),
+      (["generate", "--workdir", empty], "not a midijax workdir"),
+      (["generate", "--workdir", other_vocab], "incompatible encoding"),
+      (["generate", *base, "--style", "polka"], "funk"),  # lists the valid styles
+      (["generate", *base, "--max_tokens", 5, "--temperature", -1], "temperature"),
+  ]
+  for args, needle in cases:
+    code, _, err = run_cli(capsys, *args)
+    assert code == 2, (args, err)
+    assert len(err.strip().splitlines()) == 1 and needle in err, (args, err)
+    assert "Traceback" not in err
+  assert not (tmp_path / "x").exists()
