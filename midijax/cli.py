@@ -235,10 +235,12 @@ def _continue_parser(sub):
   p.set_defaults(func=run_continue)
 
 
-def _pick(name: str, flag, positional, config, default):
-  """A sampling setting: the flag, the course-style positional, config.sample, the default."""
+def _pick(name: str, flag_name: str, flag, positional, config, default):
+  """A sampling setting: the flag, the course-style positional, config.sample.NAME, the
+  default."""
   if flag is not None and positional is not None and flag != positional:
-    raise MidijaxError(f"{name} given twice ({positional} and --{name} {flag})")
+    raise MidijaxError(f"{flag_name} given twice: {positional} (positional) and "
+                       f"--{flag_name} {flag}")
   for value in (flag, positional):
     if value is not None:
       return value
@@ -248,8 +250,23 @@ def _pick(name: str, flag, positional, config, default):
   return default
 
 
+def _use_compilation_cache() -> None:
+  """Keeps compiled samplers on disk (~/.cache/midijax/jax) unless the user chose a place:
+  compiling takes longer than sampling a few pieces, and a second run reuses it."""
+  import jax
+  if os.environ.get("JAX_COMPILATION_CACHE_DIR") or jax.config.jax_compilation_cache_dir:
+    return
+  root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  jax.config.update("jax_compilation_cache_dir", os.path.join(root, "midijax", "jax"))
+
+
 def _sampling_setup(args, positional=(None, None, None)):
-  """Loads the run and resolves settings: (model, encoding, config, step, mesh, settings)."""
+  """Loads the run and resolves the settings.
+
+  Returns:
+    (model, encoding, config, checkpoint step, mesh, logical axis rules, settings dict).
+  """
+  _use_compilation_cache()
   from midijax import sampling, sharding, train
   import ml_collections
   mesh = sharding.create_mesh(ml_collections.ConfigDict(
@@ -267,10 +284,12 @@ def _sampling_setup(args, positional=(None, None, None)):
   length, temperature, top_k = positional
   settings = {
       "num_samples": args.num_samples,
-      "max_new_tokens": int(_pick("max_new_tokens", args.max_tokens, length, config, 512)),
-      "temperature": float(_pick("temperature", args.temperature, temperature, config, 1.0)),
-      "top_k": int(_pick("top_k", args.top_k, top_k, config, 0)),
-      "top_p": float(_pick("top_p", args.top_p, None, config, 1.0)),
+      "max_new_tokens": int(_pick("max_new_tokens", "max_tokens", args.max_tokens, length,
+                                  config, 512)),
+      "temperature": float(_pick("temperature", "temperature", args.temperature, temperature,
+                                 config, 1.0)),
+      "top_k": int(_pick("top_k", "top_k", args.top_k, top_k, config, 0)),
+      "top_p": float(_pick("top_p", "top_p", args.top_p, None, config, 1.0)),
       "seed": args.seed, "max_seconds": args.seconds,
       "constrained": not args.unconstrained, "cache_len": args.context,
       "window_keep": args.window_keep,

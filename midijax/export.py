@@ -882,7 +882,7 @@ def clips_from_runs(runs: Mapping[str, str], *, real_split: str = "test", num_cl
                                      max_new_tokens=int(c.model.max_len) - len(prefix),
                                      seed=seed + int(i), temperature=temperature, top_k=top_k,
                                      top_p=top_p, max_seconds=seconds)
-        toks = sampling._trim(np.asarray(res["tokens"])[0], len(prefix))[len(prefix):]
+        toks = sampling.trim_sample(np.asarray(res["tokens"])[0], len(prefix))[len(prefix):]
         clips.append(Clip(name, e.decode_notes(toks, is_drum=is_drum),
                           meta={"run": name, "workdir": w, "step": step, "seed": seed + int(i),
                                 "kind": "free", **meta_real}))
@@ -905,7 +905,7 @@ def clips_from_runs(runs: Mapping[str, str], *, real_split: str = "test", num_cl
                                      max_new_tokens=int(c.model.max_len) - len(prompt),
                                      seed=seed + int(i), temperature=temperature, top_k=top_k,
                                      top_p=top_p, max_seconds=seconds - prompt_seconds)
-        toks = sampling._trim(np.asarray(res["tokens"])[0], len(prefix))[len(prefix):]
+        toks = sampling.trim_sample(np.asarray(res["tokens"])[0], len(prefix))[len(prefix):]
         clips.append(Clip(name, e.decode_notes(toks, is_drum=is_drum), pair_group=group,
                           role="continuation",
                           meta={"run": name, "workdir": w, "step": step, "seed": seed + int(i),
