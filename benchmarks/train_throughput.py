@@ -36,20 +36,6 @@ def load_config(path):
   return mod.get_config()
 
 
-def measure_peak(dtype: str, n: int = 2048, reps: int = 8) -> float:
-  import jax
-  import jax.numpy as jnp
-  a = jnp.ones((n, n), dtype)
-  f = jax.jit(lambda x: x @ x)
-  f(a).block_until_ready()
-  best = float("inf")
-  for _ in range(reps):
-    t = time.perf_counter()
-    f(a).block_until_ready()
-    best = min(best, time.perf_counter() - t)
-  return 2 * n ** 3 / best
-
-
 def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--config", required=True, help="config file (configs/NAME.py)")
@@ -130,7 +116,7 @@ def main():
   step_s = statistics.median(times)
   tokens_per_s = B * T / step_s
   fpt = transformer.flops_per_token(model_cfg, T)
-  peak = measure_peak(m.dtype) * jax.device_count()
+  peak = train.measure_matmul_flops(2048, repeats=8, dtype=m.dtype) * jax.device_count()
   out = {
       "bench": "train_throughput", "config": os.path.relpath(a.config, REPO),
       "model": {"layers": m.num_layers, "width": m.emb_dim, "heads": m.num_heads,

@@ -351,9 +351,9 @@ def peak_flops_per_device(config) -> Tuple[float, str]:
   return measure_matmul_flops(), "measured"
 
 
-def measure_matmul_flops(n: int = 1024, repeats: int = 5) -> float:
-  """This device's float32 matmul FLOP/s: the best of a few n x n jnp.dot runs."""
-  a = jnp.ones((n, n), jnp.float32)
+def measure_matmul_flops(n: int = 1024, repeats: int = 5, dtype: str = "float32") -> float:
+  """This device's matmul FLOP/s in `dtype`: the best of a few n x n jnp.dot runs."""
+  a = jnp.ones((n, n), dtype)
   f = jax.jit(lambda x: x @ x)
   f(a).block_until_ready()
   best = float("inf")
