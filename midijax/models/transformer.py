@@ -285,10 +285,10 @@ def attend(q, k, v, *, bias=None, mask=None, is_causal=False,
            dropout_rate: float = 0.0, dropout_rng: Optional[jax.Array] = None) -> jax.Array:
   """Scaled dot-product attention, with optional dropout on the probabilities.
 
-  Without attention dropout this is `jax.nn.dot_product_attention` (XLA today;
-  its `implementation="cudnn"` fused kernel is the upgrade path on GPU). That
-  function has no dropout, so with attention dropout the same math is written
-  out here.
+  Without attention dropout on GPU/TPU this is `jax.nn.dot_product_attention`
+  (its `implementation="cudnn"` fused kernel is the upgrade path on GPU). That
+  function has no dropout, so with attention dropout, and on CPU where XLA runs it
+  faster, the same math is written out here.
 
   Args:
     q: [B, T, H, Dh]; k, v: [B, S, H, Dh].
@@ -301,7 +301,10 @@ def attend(q, k, v, *, bias=None, mask=None, is_causal=False,
   Returns:
     [B, T, H, Dh].
   """
-  if dropout_rng is None or dropout_rate <= 0.0:
+  use_dropout = dropout_rng is not None and dropout_rate > 0.0
+  # XLA:CPU runs the written-out form faster than dot_product_attention (causal, T=1024,
+  # forward + backward: 1.09 s vs 1.62 s on the 2-core CPU), so CPUs take it too.
+  if not use_dropout and jax.default_backend() != "cpu":
     return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, is_causal=is_causal)
   logits = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32)
   logits = logits / math.sqrt(q.shape[-1])
@@ -313,7 +316,8 @@ def attend(q, k, v, *, bias=None, mask=None, is_causal=False,
     allowed = allowed & jnp.tril(jnp.ones((t, s), bool))
   logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  probs = dropout(probs, dropout_rate, dropout_rng)
+  if use_dropout:
+    probs = dropout(probs, dropout_rate, dropout_rng)
   return jnp.einsum("bhts,bshd->bthd", probs, v)
 
 
