@@ -54,26 +54,37 @@ def piano_files(piano_dir):
     return files
 
 
+def copy_groove_subset(groove_dir, dest, counts, beat_types=("beat", "fill")):
+  """Copies real GMD files into `dest` with a trimmed info.csv: for each split in `counts`,
+  counts[split] // len(beat_types) files of each beat type. Returns the kept rows."""
+  import csv
+  import shutil
+  with open(groove_dir / "info.csv", newline="") as f:
+    reader = csv.DictReader(f)
+    fields, rows = reader.fieldnames, list(reader)
+  kept = []
+  for split, n in counts.items():
+    for beat_type in beat_types:
+      kept += [r for r in rows if r["split"] == split and r["beat_type"] == beat_type
+               ][:n // len(beat_types)]
+  for row in kept:
+    target = dest / row["midi_filename"]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(groove_dir / row["midi_filename"], target)
+  with open(dest / "info.csv", "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(kept)
+  return kept
+
+
 @pytest.fixture(scope="session")
 def groove_tfds(tmp_path_factory, groove_dir):
   """A `groove/drums` TFDS dataset built from a small copied subset of the real GMD
-  (16 train, 4 validation, 4 test files), in 2 shards per split."""
-  import csv
-  import shutil
+  (16 train, 4 validation, 4 test files, half beats, half fills), in 2 shards per split."""
   import data_pipelines
   src = tmp_path_factory.mktemp("groove_src")
-  rows = list(csv.DictReader(open(groove_dir / "info.csv")))
-  keep = ([r for r in rows if r["split"] == "train"][:16] +
-          [r for r in rows if r["split"] == "validation"][:4] +
-          [r for r in rows if r["split"] == "test"][:4])
-  for r in keep:
-    dst = src / r["midi_filename"]
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy(groove_dir / r["midi_filename"], dst)
-  with open(src / "info.csv", "w", newline="") as f:
-    w = csv.DictWriter(f, fieldnames=list(rows[0]))
-    w.writeheader()
-    w.writerows(keep)
+  copy_groove_subset(groove_dir, src, {"train": 16, "validation": 4, "test": 4})
   out = tmp_path_factory.mktemp("tfds")
   data_pipelines.build("groove", "drums", manual_dir=str(src), data_dir=str(out), num_shards=2)
   return out

@@ -22,34 +22,17 @@ from midijax.encoding import drum_map
 from midijax.errors import MidijaxError
 from midijax.notes import Notes
 
+from conftest import copy_groove_subset as _copy_groove_subset
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 GROOVE_SPLITS = {"train": 857, "validation": 114, "test": 119}
 
 
 # --------------------------------------------------------------------------- helpers
 def copy_groove_subset(groove_dir: pathlib.Path, dest: pathlib.Path, per_split: int = 4):
-  """Copies `per_split` files of each split (half beats, half fills) and a trimmed info.csv.
+  """`per_split` files of each split (half beats, half fills); returns the info.csv rows."""
+  return _copy_groove_subset(groove_dir, dest, {s: per_split for s in GROOVE_SPLITS})
 
-  Returns the kept info.csv rows.
-  """
-  with open(groove_dir / "info.csv", newline="") as f:
-    reader = csv.DictReader(f)
-    fields, rows = reader.fieldnames, list(reader)
-  kept = []
-  for split in ("train", "validation", "test"):
-    for beat_type in ("beat", "fill"):
-      kept += [r for r in rows if r["split"] == split and r["beat_type"] == beat_type
-               ][:per_split // 2]
-  dest.mkdir(parents=True, exist_ok=True)
-  for row in kept:
-    target = dest / row["midi_filename"]
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(groove_dir / row["midi_filename"], target)
-  with open(dest / "info.csv", "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=fields)
-    writer.writeheader()
-    writer.writerows(kept)
-  return kept
 
 
 def copy_piano_subset(piano_dir: pathlib.Path, dest: pathlib.Path, per_split: int = 2,

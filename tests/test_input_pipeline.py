@@ -17,25 +17,14 @@ import data_pipelines
 from midijax import encoding, input_pipeline, midi_io
 from midijax.errors import ConfigError
 
+from conftest import copy_groove_subset
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _copy_groove(groove_dir, dest, per_split=6):
-  with open(groove_dir / "info.csv", newline="") as f:
-    reader = csv.DictReader(f)
-    fields, rows = reader.fieldnames, list(reader)
-  kept = []
-  for split in ("train", "validation", "test"):
-    for beat_type in ("beat", "fill"):
-      kept += [r for r in rows if r["split"] == split and r["beat_type"] == beat_type
-               ][:per_split // 2]
-  for row in kept:
-    (dest / row["midi_filename"]).parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(groove_dir / row["midi_filename"], dest / row["midi_filename"])
-  with open(dest / "info.csv", "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=fields)
-    writer.writeheader()
-    writer.writerows(kept)
+  copy_groove_subset(groove_dir, dest, {s: per_split for s in ("train", "validation", "test")})
+
 
 
 def _copy_maestro(piano_dir, dest, per_split=2):

@@ -24,6 +24,8 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import copy_groove_subset
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NUM_STEPS = 6
 # Same data, same initial parameters; the only difference is the order of float32
@@ -124,19 +126,9 @@ print(f"LOADED step={step_a} leaves={len(a)} max_abs_diff={worst}", flush=True)
 
 def _copy_groove(groove_dir: pathlib.Path, dest: pathlib.Path):
   """8 train, 2 validation and 2 test files (beats) with a trimmed info.csv."""
-  with open(groove_dir / "info.csv", newline="") as f:
-    reader = csv.DictReader(f)
-    fields, rows = reader.fieldnames, list(reader)
-  kept = []
-  for split, count in (("train", 8), ("validation", 2), ("test", 2)):
-    kept += [r for r in rows if r["split"] == split and r["beat_type"] == "beat"][:count]
-  for row in kept:
-    (dest / row["midi_filename"]).parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(groove_dir / row["midi_filename"], dest / row["midi_filename"])
-  with open(dest / "info.csv", "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=fields)
-    writer.writeheader()
-    writer.writerows(kept)
+  copy_groove_subset(groove_dir, dest, {"train": 8, "validation": 2, "test": 2},
+                     beat_types=("beat",))
+
 
 
 def _env():
