@@ -73,6 +73,8 @@ def main():
   ap.add_argument("--dtype", default=None,
                   help="compute dtype override, e.g. float32 for a bfloat16 (TPU/GPU) config on CPU")
   a = ap.parse_args()
+  from midijax import allocator
+  allocator.reexec_with_tcmalloc()  # as the midijax command runs
 
   import jax
   import numpy as np
@@ -141,6 +143,7 @@ def main():
       "tokens_per_s_min": round(min(tps), 1), "tokens_per_s_max": round(max(tps), 1),
       "s_per_token_at": at, "compile_s": round(compile_s, 2),
       "devices": [str(d) for d in jax.devices()], "jax": jax.__version__,
+      "allocator": allocator.current(),
       "load_average": round(os.getloadavg()[0], 2),
   }))
 

@@ -54,6 +54,8 @@ def main():
   ap.add_argument("--dtype", default=None, help="compute dtype override (float32, bfloat16)")
   ap.add_argument("--vocab", type=int, default=310, help="vocabulary size of the random tokens")
   a = ap.parse_args()
+  from midijax import allocator
+  allocator.reexec_with_tcmalloc()  # as the midijax command runs
 
   import jax
   if a.prng:
@@ -123,6 +125,7 @@ def main():
                 "mlp": m.mlp_dim, "position": m.position, "dtype": m.dtype},
       "seq_len": T, "batch": B, "dropout": m.dropout_rate,
       "prng": jax.config.jax_default_prng_impl, "devices": jax.device_count(),
+      "allocator": allocator.current(),
       "device_kind": jax.devices()[0].device_kind, "steps_timed": len(times),
       "compile_s": round(compile_s, 2), "step_s_median": round(step_s, 5),
       "step_s_min": round(min(times), 5), "step_s_max": round(max(times), 5),

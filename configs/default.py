@@ -59,9 +59,12 @@ def get_config():
   model.attention_dropout_rate = 0.0
   # Positions: sinusoidal | rope | relative (Music Transformer, skewing).
   model.position = "rope"
-  # rmsnorm | layernorm; gelu | swiglu.
+  # rmsnorm | layernorm; gelu | relu | swiglu.
   model.norm = "rmsnorm"
   model.mlp_activation = "gelu"
+  # Causal attention written out (CPU, or attention dropout) runs in query blocks of this
+  # many tokens and skips the masked upper triangle; 0 = one dense T x T block.
+  model.attention_block = 128
   # Share the input embedding with the output projection.
   model.tied_embeddings = False
   # Compute dtype: float32 on CPU; bfloat16 on TPU/GPU. Parameters are always float32.

@@ -627,6 +627,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+  if argv is None:  # the `midijax` command itself (not a call from Python): see allocator.py
+    from midijax import allocator
+    allocator.reexec_with_tcmalloc()
   # TensorFlow (used by tf.data) logs C++ start-up chatter unless told otherwise.
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   argv = list(sys.argv[1:] if argv is None else argv)

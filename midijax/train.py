@@ -118,6 +118,8 @@ def model_config_from(config, vocab_size: int, deterministic: bool = False
       qkv_dim=m.qkv_dim, mlp_dim=m.mlp_dim, max_len=m.max_len, dropout_rate=m.dropout_rate,
       attention_dropout_rate=m.attention_dropout_rate, position=m.position, norm=m.norm,
       mlp_activation=m.mlp_activation, tied_embeddings=m.tied_embeddings, dtype=m.dtype,
+      # Configs saved before this field existed get the default.
+      attention_block=m.get("attention_block", transformer.TransformerConfig.attention_block),
       deterministic=deterministic)
 
 
@@ -193,6 +195,9 @@ def validate_config(config, num_devices: Optional[int] = None) -> None:
                          ("mlp_activation", transformer.ACTIVATIONS)):
     if m[field] not in allowed:
       raise ConfigError(f"config.model.{field}={m[field]!r}; expected one of {allowed}")
+  if m.get("attention_block", 0) < 0:
+    raise ConfigError(f"config.model.attention_block={m.attention_block} must be >= 0 "
+                      "(0 = dense attention)")
   for field in ("batch_size", "seq_len", "eval_batch_size"):
     if d[field] <= 0:
       raise ConfigError(f"config.data.{field}={d[field]} must be positive")

@@ -42,6 +42,7 @@ def tiny(tfds_dir, **train_overrides):
     ("model.position", "alibi", "config.model.position='alibi'"),
     ("model.norm", "batchnorm", "config.model.norm"),
     ("model.mlp_activation", "relu6", "config.model.mlp_activation"),
+    ("model.attention_block", -1, "config.model.attention_block"),
     ("data.seq_len", 4096, "config.data.seq_len=4096 is above config.model.max_len"),
     ("model.dtype", "float8", "config.model.dtype"),
     ("model.num_layers", 0, "config.model.num_layers=0 must be positive"),
