@@ -271,16 +271,19 @@ def test_blocked_causal_attention_equals_dense_with_gradients():
   segments = np.repeat([[1, 2], [1, 1]], 8, axis=1)  # row 0: two packed pieces
   mask = jnp.asarray(segments[:, :, None] == segments[:, None, :])[:, None]
 
-  def loss(q, k, v, block, bias=None, mask=None):
+  def loss(q, k, v, bias, block, mask=None):
     out = transformer.attend(q, k, v, bias=bias, mask=mask, is_causal=True, block=block)
     return jnp.sum(out * jnp.arange(out.size, dtype=jnp.float32).reshape(out.shape) / out.size)
 
-  for extra in ({}, {"bias": bias}, {"mask": mask}):
-    dense = jax.jit(jax.value_and_grad(lambda *a: loss(*a, 0, **extra), argnums=(0, 1, 2)))
-    blocked = jax.jit(jax.value_and_grad(lambda *a: loss(*a, 4, **extra), argnums=(0, 1, 2)))
-    (want, want_grads), (got, got_grads) = dense(q, k, v), blocked(q, k, v)
+  # No bias / a full [B, H, T, T] bias (relative attention's) / a broadcast one; packing.
+  for b, extra in ((None, {}), (bias, {}), (bias[:1, :, :1], {}), (None, {"mask": mask})):
+    argnums = (0, 1, 2) if b is None else (0, 1, 2, 3)
+    dense = jax.jit(jax.value_and_grad(lambda *a: loss(*a, 0, **extra), argnums=argnums))
+    blocked = jax.jit(jax.value_and_grad(lambda *a: loss(*a, 4, **extra), argnums=argnums))
+    (want, want_grads), (got, got_grads) = dense(q, k, v, b), blocked(q, k, v, b)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     for g, w in zip(got_grads, want_grads):
+      assert g.shape == w.shape
       np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
 
 

@@ -23,6 +23,7 @@ Every parameter carries logical axis names (NNX `out_sharding` metadata) that
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Optional, Sequence
 
@@ -314,6 +315,99 @@ def _rows(x: Optional[jax.Array], lo: int, hi: int, keys: int) -> Optional[jax.A
   return rows[..., :keys] if rows.shape[-1] > 1 else rows
 
 
+def _causal_blocks(q, k, v, bias, mask, block: int):
+  """Blocked causal attention forward: (output [B, T, H, Dh], probabilities per block).
+
+  Block i holds queries i*block..(i+1)*block-1 and keys 0..(i+1)*block-1; its
+  probabilities are [B, H, block, (i+1)*block] float32.
+  """
+  scale = 1.0 / math.sqrt(q.shape[-1])
+  outputs, probs = [], []
+  for i in range(q.shape[1] // block):
+    lo, hi = i * block, (i + 1) * block
+    logits = jnp.einsum("bthd,bshd->bhts", q[:, lo:hi], k[:, :hi],
+                        preferred_element_type=jnp.float32) * scale
+    if bias is not None:
+      logits = logits + _rows(bias, lo, hi, hi)
+    # Query lo + r sees keys 0..lo + r; only the last key block is partly masked.
+    allowed = jnp.tril(jnp.ones((block, hi), bool), k=lo)
+    if mask is not None:
+      allowed = allowed & _rows(mask, lo, hi, hi)
+    p = jax.nn.softmax(jnp.where(allowed, logits, jnp.finfo(jnp.float32).min), axis=-1)
+    outputs.append(jnp.einsum("bhts,bshd->bthd", p.astype(v.dtype), v[:, :hi]))
+    probs.append(p)
+  return jnp.concatenate(outputs, axis=1), probs
+
+
+def causal_block_attention(q, k, v, bias, mask, block: int):
+  """Causal attention in query blocks that skip the masked upper triangle (no dropout).
+
+  Equals the dense written-out attention; its gradient is written by hand so that the
+  softmax backward uses rowsum(dO * O) (a [B, H, T] product, as flash attention does)
+  instead of reducing dP * P over every T x T logit.
+
+  Args:
+    q, k, v: [B, T, H, Dh] (T a multiple of `block`).
+    bias: None or float broadcastable to [B, H, T, T], added to the scaled logits.
+    mask: None or bool broadcastable to [B, H, T, T] (True = may attend), on top of
+      the causal mask.
+    block: query block length (tokens).
+
+  Returns:
+    [B, T, H, Dh] in v's dtype.
+  """
+  bias_shape, bias_dtype = (None, None) if bias is None else (tuple(bias.shape), bias.dtype)
+  return _causal_block_attention(q, k, v, bias, mask, block, bias_shape, bias_dtype)
+
+
+# The bias's shape and dtype travel as static arguments: residuals must be arrays.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _causal_block_attention(q, k, v, bias, mask, block, bias_shape, bias_dtype):
+  del bias_shape, bias_dtype
+  return _causal_blocks(q, k, v, bias, mask, block)[0]
+
+
+def _causal_block_attention_fwd(q, k, v, bias, mask, block, bias_shape, bias_dtype):
+  del bias_shape, bias_dtype
+  out, probs = _causal_blocks(q, k, v, bias, mask, block)
+  return out, (q, k, v, out, probs)
+
+
+def _causal_block_attention_bwd(block, bias_shape, bias_dtype, residuals, d_out):
+  q, k, v, out, probs = residuals
+  scale = 1.0 / math.sqrt(q.shape[-1])
+  t = q.shape[1]
+  d_out = d_out.astype(jnp.float32)
+  dk = jnp.zeros(k.shape, jnp.float32)
+  dv = jnp.zeros(v.shape, jnp.float32)
+  dq_blocks, d_logit_rows = [], []
+  for i, p in enumerate(probs):
+    lo, hi = i * block, (i + 1) * block
+    d_o = d_out[:, lo:hi]
+    dv = dv.at[:, :hi].add(jnp.einsum("bhts,bthd->bshd", p, d_o))
+    dp = jnp.einsum("bthd,bshd->bhts", d_o, v[:, :hi], preferred_element_type=jnp.float32)
+    # sum_s P[t, s] dP[t, s] = dO[t] . O[t]: the softmax backward without a T x T reduce.
+    delta = jnp.einsum("bthd,bthd->bht", d_o, out[:, lo:hi].astype(jnp.float32))
+    d_logits = p * (dp - delta[..., None])  # masked entries: p = 0
+    dq_blocks.append(jnp.einsum("bhts,bshd->bthd", d_logits, k[:, :hi],
+                                preferred_element_type=jnp.float32) * scale)
+    dk = dk.at[:, :hi].add(jnp.einsum("bhts,bthd->bshd", d_logits, q[:, lo:hi],
+                                      preferred_element_type=jnp.float32) * scale)
+    if bias_shape is not None:
+      d_logit_rows.append(jnp.pad(d_logits, ((0, 0), (0, 0), (0, 0), (0, t - hi))))
+  d_bias = None
+  if bias_shape is not None:
+    d_bias = jnp.concatenate(d_logit_rows, axis=2)  # [B, H, T, T]
+    d_bias = jnp.sum(d_bias, axis=tuple(range(4 - len(bias_shape))))  # to the bias's rank
+    broadcast = tuple(a for a, n in enumerate(bias_shape) if n == 1 and d_bias.shape[a] != 1)
+    d_bias = jnp.sum(d_bias, axis=broadcast, keepdims=True).astype(bias_dtype)
+  return (jnp.concatenate(dq_blocks, axis=1).astype(q.dtype), dk.astype(k.dtype),
+          dv.astype(v.dtype), d_bias, None)
+
+
+_causal_block_attention.defvjp(_causal_block_attention_fwd, _causal_block_attention_bwd)
+
+
 def attend(q, k, v, *, bias=None, mask=None, is_causal=False,
            dropout_rate: float = 0.0, dropout_rng: Optional[jax.Array] = None,
            block: int = 0) -> jax.Array:
@@ -352,6 +446,8 @@ def attend(q, k, v, *, bias=None, mask=None, is_causal=False,
       allowed = causal if allowed is None else allowed & causal
     return _attend_written_out(q, k, v, bias, allowed, dropout_rate,
                                dropout_rng if use_dropout else None)
+  if not use_dropout:
+    return causal_block_attention(q, k, v, bias, mask, block)
   outputs = []
   for i in range(t // block):
     lo, hi = i * block, (i + 1) * block
@@ -360,9 +456,9 @@ def attend(q, k, v, *, bias=None, mask=None, is_causal=False,
     block_mask = _rows(mask, lo, hi, hi)
     if block_mask is not None:
       allowed = allowed & block_mask
-    rng = jax.random.fold_in(dropout_rng, i) if use_dropout else None
     outputs.append(_attend_written_out(q[:, lo:hi], k[:, :hi], v[:, :hi],
-                                       _rows(bias, lo, hi, hi), allowed, dropout_rate, rng))
+                                       _rows(bias, lo, hi, hi), allowed, dropout_rate,
+                                       jax.random.fold_in(dropout_rng, i)))
   return jnp.concatenate(outputs, axis=1)
 
 
