@@ -194,11 +194,11 @@ def test_manual_attention_matches_dot_product_attention():
   q, k, v = (rng.standard_normal((2, 12, 4, 8), np.float32) for _ in range(3))
   bias = rng.standard_normal((2, 4, 12, 12), np.float32)
   mask = (rng.random((2, 1, 12, 12)) < 0.7) | np.eye(12, dtype=bool)
-  # A rate this small keeps every element (threshold rounds to 256/256), but still
-  # routes through the manual path.
+  # A rate this small keeps every element (the keep threshold rounds to 2^32/2^32), but
+  # still routes through the manual path.
   @jax.jit
   def both_paths(q, k, v, bias, mask, rng):
-    manual = dict(dropout_rate=1e-4, dropout_rng=rng)
+    manual = dict(dropout_rate=1e-12, dropout_rng=rng)
     return (transformer.attend(q, k, v, is_causal=True, **manual),
             transformer.attend(q, k, v, is_causal=True),
             transformer.attend(q, k, v, bias=bias, mask=mask, **manual),
@@ -296,3 +296,20 @@ def test_relu_model_with_attention_blocks_is_causal_and_matches_dense():
   np.testing.assert_allclose(got, forward(dense, tokens), atol=ATOL, rtol=1e-5)
   np.testing.assert_allclose(got[:, :13], got_changed[:, :13], atol=ATOL)
   assert not np.allclose(got[:, 13:], got_changed[:, 13:], atol=ATOL)
+
+
+def test_hash_dropout_bits_are_balanced_and_decorrelated():
+  seeds = jax.random.bits(jax.random.key(3), (2,), jnp.uint32)
+  bits = np.asarray(transformer.hash_bits((4, 64, 256), seeds))
+  # Each of the 32 bit positions is set about half the time.
+  per_bit = ((bits[..., None] >> np.arange(32, dtype=np.uint32)) & 1).mean(axis=(0, 1, 2))
+  assert np.all(np.abs(per_bit - 0.5) < 0.01)
+  # Neighbouring rows and columns are unrelated (uniform u32: correlation ~0).
+  u = bits.astype(np.float64) / 2**32
+  for a, b in ((u[:, 1:], u[:, :-1]), (u[..., 1:], u[..., :-1]), (u[1:], u[:-1])):
+    assert abs(np.corrcoef(a.ravel(), b.ravel())[0, 1]) < 0.02
+  # Another key, another mask; the same key, the same mask.
+  x = jnp.ones((256, 256))
+  a, b = (transformer.dropout(x, 0.5, jax.random.key(s)) for s in (0, 1))
+  assert 0.45 < float(jnp.mean((a != 0) == (b != 0))) < 0.55
+  np.testing.assert_array_equal(a, transformer.dropout(x, 0.5, jax.random.key(0)))
