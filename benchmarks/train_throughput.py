@@ -53,6 +53,9 @@ def main():
   ap.add_argument("--batch", type=int)
   ap.add_argument("--dtype", default=None, help="compute dtype override (float32, bfloat16)")
   ap.add_argument("--vocab", type=int, default=310, help="vocabulary size of the random tokens")
+  ap.add_argument("--profile_dir", default="",
+                  help="after timing, trace one step with jax.profiler into this directory and "
+                       "save the compiled HLO beside it (summarise: benchmarks/profile_summary.py)")
   a = ap.parse_args()
   from midijax import allocator
   allocator.reexec_with_tcmalloc()  # as the midijax command runs
@@ -115,6 +118,15 @@ def main():
       times.append(time.perf_counter() - t)
       if time.perf_counter() - start > a.max_seconds and len(times) >= 3:
         break
+    if a.profile_dir:
+      profile_dir = pathlib.Path(a.profile_dir)
+      profile_dir.mkdir(parents=True, exist_ok=True)
+      (profile_dir / "step.hlo.txt").write_text(
+          step_fn.lower(state, batches[0], key).compile().as_text())
+      jax.profiler.start_trace(str(profile_dir))
+      state, metrics = step_fn(state, batches[0], key)
+      jax.block_until_ready(metrics)
+      jax.profiler.stop_trace()
   step_s = statistics.median(times)
   tokens_per_s = B * T / step_s
   fpt = transformer.flops_per_token(model_cfg, T)

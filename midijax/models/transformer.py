@@ -260,13 +260,25 @@ def dropout(x: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
   Returns:
     `x` with elements zeroed and the rest scaled so E[output] = x.
   """
+  keep_threshold = _keep_threshold(rate)
+  if keep_threshold is None:
+    return x
+  seeds = jax.random.bits(rng, (2,), jnp.uint32)
+  return _drop(x, hash_bits(x.shape, seeds).reshape(x.shape), keep_threshold)
+
+
+def _keep_threshold(rate: float) -> Optional[int]:
+  """uint32 threshold below which hash bits keep an element; None = keep everything."""
   keep_threshold = round((1.0 - rate) * 2**32)
   if rate <= 0.0 or keep_threshold >= 2**32:
-    return x
-  keep_threshold = max(keep_threshold, 1)
-  seeds = jax.random.bits(rng, (2,), jnp.uint32)
-  keep = hash_bits(x.shape, seeds).reshape(x.shape) < jnp.uint32(keep_threshold)
-  return jnp.where(keep, x * jnp.asarray(2**32 / keep_threshold, x.dtype), jnp.zeros_like(x))
+    return None
+  return max(keep_threshold, 1)
+
+
+def _drop(x: jax.Array, bits: jax.Array, keep_threshold: int) -> jax.Array:
+  """Zeroes x where bits >= keep_threshold and scales the rest by 2^32 / keep_threshold."""
+  return jnp.where(bits < jnp.uint32(keep_threshold),
+                   x * jnp.asarray(2**32 / keep_threshold, x.dtype), jnp.zeros_like(x))
 
 
 def sinusoidal_embedding(positions: jax.Array, dim: int) -> jax.Array:
@@ -345,11 +357,18 @@ def _rows(x: Optional[jax.Array], lo: int, hi: int, keys: int) -> Optional[jax.A
   return rows[..., :keys] if rows.shape[-1] > 1 else rows
 
 
-def _causal_blocks(q, k, v, bias, mask, block: int):
+def _block_seeds(seeds: jax.Array, i: int) -> jax.Array:
+  """Dropout hash seeds of query block i (uint32 [2])."""
+  return jnp.stack([_fmix32(seeds[0] + jnp.uint32(i * _WEYL % 2**32)), seeds[1]])
+
+
+def _causal_blocks(q, k, v, bias, mask, block: int, keep_threshold: Optional[int], seeds):
   """Blocked causal attention forward: (output [B, T, H, Dh], probabilities per block).
 
   Block i holds queries i*block..(i+1)*block-1 and keys 0..(i+1)*block-1; its
-  probabilities are [B, H, block, (i+1)*block] float32.
+  probabilities (before dropout) are [B, H, block, (i+1)*block] float32. With a
+  `keep_threshold`, dropout on the probabilities uses hash bits of `_block_seeds`, which
+  the backward pass recomputes instead of storing.
   """
   scale = 1.0 / math.sqrt(q.shape[-1])
   outputs, probs = [], []
@@ -364,17 +383,21 @@ def _causal_blocks(q, k, v, bias, mask, block: int):
     if mask is not None:
       allowed = allowed & _rows(mask, lo, hi, hi)
     p = jax.nn.softmax(jnp.where(allowed, logits, jnp.finfo(jnp.float32).min), axis=-1)
-    outputs.append(jnp.einsum("bhts,bshd->bthd", p.astype(v.dtype), v[:, :hi]))
+    kept = p if keep_threshold is None else _drop(
+        p, hash_bits(p.shape, _block_seeds(seeds, i)), keep_threshold)
+    outputs.append(jnp.einsum("bhts,bshd->bthd", kept.astype(v.dtype), v[:, :hi]))
     probs.append(p)
   return jnp.concatenate(outputs, axis=1), probs
 
 
-def causal_block_attention(q, k, v, bias, mask, block: int):
-  """Causal attention in query blocks that skip the masked upper triangle (no dropout).
+def causal_block_attention(q, k, v, bias, mask, block: int, dropout_rate: float = 0.0,
+                           dropout_rng: Optional[jax.Array] = None):
+  """Causal attention in query blocks that skip the masked upper triangle.
 
   Equals the dense written-out attention; its gradient is written by hand so that the
   softmax backward uses rowsum(dO * O) (a [B, H, T] product, as flash attention does)
-  instead of reducing dP * P over every T x T logit.
+  instead of reducing dP * P over every T x T logit. That identity holds with dropout
+  on the probabilities too, whose mask the backward pass recomputes from its hash seeds.
 
   Args:
     q, k, v: [B, T, H, Dh] (T a multiple of `block`).
@@ -382,29 +405,39 @@ def causal_block_attention(q, k, v, bias, mask, block: int):
     mask: None or bool broadcastable to [B, H, T, T] (True = may attend), on top of
       the causal mask.
     block: query block length (tokens).
+    dropout_rate: dropout on the attention probabilities (needs `dropout_rng`).
+    dropout_rng: PRNG key for that dropout.
 
   Returns:
     [B, T, H, Dh] in v's dtype.
   """
+  keep_threshold = _keep_threshold(dropout_rate) if dropout_rng is not None else None
+  seeds = (jnp.zeros((2,), jnp.uint32) if keep_threshold is None
+           else jax.random.bits(dropout_rng, (2,), jnp.uint32))
   bias_shape, bias_dtype = (None, None) if bias is None else (tuple(bias.shape), bias.dtype)
-  return _causal_block_attention(q, k, v, bias, mask, block, bias_shape, bias_dtype)
+  return _causal_block_attention(q, k, v, bias, mask, seeds, block, keep_threshold,
+                                 bias_shape, bias_dtype)
 
 
-# The bias's shape and dtype travel as static arguments: residuals must be arrays.
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _causal_block_attention(q, k, v, bias, mask, block, bias_shape, bias_dtype):
+# Static arguments: the block, the dropout threshold and the bias's shape and dtype
+# (residuals must be arrays).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def _causal_block_attention(q, k, v, bias, mask, seeds, block, keep_threshold, bias_shape,
+                            bias_dtype):
   del bias_shape, bias_dtype
-  return _causal_blocks(q, k, v, bias, mask, block)[0]
+  return _causal_blocks(q, k, v, bias, mask, block, keep_threshold, seeds)[0]
 
 
-def _causal_block_attention_fwd(q, k, v, bias, mask, block, bias_shape, bias_dtype):
+def _causal_block_attention_fwd(q, k, v, bias, mask, seeds, block, keep_threshold,
+                                bias_shape, bias_dtype):
   del bias_shape, bias_dtype
-  out, probs = _causal_blocks(q, k, v, bias, mask, block)
-  return out, (q, k, v, out, probs)
+  out, probs = _causal_blocks(q, k, v, bias, mask, block, keep_threshold, seeds)
+  return out, (q, k, v, out, probs, seeds)
 
 
-def _causal_block_attention_bwd(block, bias_shape, bias_dtype, residuals, d_out):
-  q, k, v, out, probs = residuals
+def _causal_block_attention_bwd(block, keep_threshold, bias_shape, bias_dtype, residuals,
+                                d_out):
+  q, k, v, out, probs, seeds = residuals
   scale = 1.0 / math.sqrt(q.shape[-1])
   t = q.shape[1]
   d_out = d_out.astype(jnp.float32)
@@ -414,9 +447,14 @@ def _causal_block_attention_bwd(block, bias_shape, bias_dtype, residuals, d_out)
   for i, p in enumerate(probs):
     lo, hi = i * block, (i + 1) * block
     d_o = d_out[:, lo:hi]
-    dv = dv.at[:, :hi].add(jnp.einsum("bhts,bthd->bshd", p, d_o))
+    bits = None if keep_threshold is None else hash_bits(p.shape, _block_seeds(seeds, i))
+    kept = p if bits is None else _drop(p, bits, keep_threshold)
+    dv = dv.at[:, :hi].add(jnp.einsum("bhts,bthd->bshd", kept, d_o))
     dp = jnp.einsum("bthd,bshd->bhts", d_o, v[:, :hi], preferred_element_type=jnp.float32)
-    # sum_s P[t, s] dP[t, s] = dO[t] . O[t]: the softmax backward without a T x T reduce.
+    if bits is not None:
+      dp = _drop(dp, bits, keep_threshold)
+    # sum_s P[t, s] dP[t, s] = dO[t] . O[t] (with dropout too: O is the dropped
+    # probabilities times V): the softmax backward without a T x T reduce.
     delta = jnp.einsum("bthd,bthd->bht", d_o, out[:, lo:hi].astype(jnp.float32))
     d_logits = p * (dp - delta[..., None])  # masked entries: p = 0
     dq_blocks.append(jnp.einsum("bhts,bshd->bthd", d_logits, k[:, :hi],
@@ -432,7 +470,7 @@ def _causal_block_attention_bwd(block, bias_shape, bias_dtype, residuals, d_out)
     broadcast = tuple(a for a, n in enumerate(bias_shape) if n == 1 and d_bias.shape[a] != 1)
     d_bias = jnp.sum(d_bias, axis=broadcast, keepdims=True).astype(bias_dtype)
   return (jnp.concatenate(dq_blocks, axis=1).astype(q.dtype), dk.astype(k.dtype),
-          dv.astype(v.dtype), d_bias, None)
+          dv.astype(v.dtype), d_bias, None, None)
 
 
 _causal_block_attention.defvjp(_causal_block_attention_fwd, _causal_block_attention_bwd)
@@ -476,20 +514,8 @@ def attend(q, k, v, *, bias=None, mask=None, is_causal=False,
       allowed = causal if allowed is None else allowed & causal
     return _attend_written_out(q, k, v, bias, allowed, dropout_rate,
                                dropout_rng if use_dropout else None)
-  if not use_dropout:
-    return causal_block_attention(q, k, v, bias, mask, block)
-  outputs = []
-  for i in range(t // block):
-    lo, hi = i * block, (i + 1) * block
-    # Query lo + r sees keys 0..lo + r; only the last key block is partly masked.
-    allowed = jnp.tril(jnp.ones((block, hi), bool), k=lo)
-    block_mask = _rows(mask, lo, hi, hi)
-    if block_mask is not None:
-      allowed = allowed & block_mask
-    outputs.append(_attend_written_out(q[:, lo:hi], k[:, :hi], v[:, :hi],
-                                       _rows(bias, lo, hi, hi), allowed, dropout_rate,
-                                       jax.random.fold_in(dropout_rng, i)))
-  return jnp.concatenate(outputs, axis=1)
+  return causal_block_attention(q, k, v, bias, mask, block, dropout_rate,
+                                dropout_rng if use_dropout else None)
 
 
 class Attention(nnx.Module):
