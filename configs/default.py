@@ -62,8 +62,9 @@ def get_config():
   # rmsnorm | layernorm; gelu | relu | swiglu.
   model.norm = "rmsnorm"
   model.mlp_activation = "gelu"
-  # Causal attention written out (CPU, or attention dropout) runs in query blocks of this
-  # many tokens and skips the masked upper triangle; 0 = one dense T x T block.
+  # Causal attention written out (CPU, or attention dropout) runs in query blocks of at most
+  # this many tokens (and at most seq_len / 4) and skips the masked upper triangle;
+  # 0 = one dense T x T block.
   model.attention_block = 128
   # Share the input embedding with the output projection.
   model.tied_embeddings = False
