@@ -6,8 +6,9 @@ Reads the newest `*.xplane.pb` under a `jax.profiler` trace directory (written b
 beside it (`DIR/step.hlo.txt`), and sums the time of every executed XLA op (thunk) on
 the CPU worker threads, grouped by
 
-  group     "attention T x S" (ops whose output has a [.., T, S] score shape, S >= 128),
-            "matmul" (dot fusions), or "elementwise/other";
+  group     "attention" (rank-4 outputs whose last dim is >= 128: the scores and
+            probabilities [B, H, block, S] and key/value operands laid out [B, H, Dh, S]),
+            "matmul" (the other dot fusions), or "elementwise/other";
   op        the JAX primitive the op came from (dot_general, reduce_sum, select_n, ...).
 
 Times are thread-busy milliseconds summed over both worker threads (two ops can run at
@@ -21,8 +22,15 @@ TensorFlow's copy of the schema (tensorflow is in requirements.txt).
 import argparse
 import collections
 import json
+import os
 import pathlib
 import re
+import sys
+
+# Python puts this script's folder first on sys.path, where benchmarks/tokenize.py hides
+# the standard `tokenize` (which TensorFlow's import needs); keep that folder off.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 
 
 def load_ops(hlo_text: str):
@@ -42,12 +50,14 @@ def main():
   ap.add_argument("trace_dir")
   ap.add_argument("--top", type=int, default=12, help="single ops to list")
   a = ap.parse_args()
-  from tensorflow.tsl.profiler.protobuf import xplane_pb2  # pylint: disable=import-outside-toplevel
-
   root = pathlib.Path(a.trace_dir)
   planes = sorted(root.rglob("*.xplane.pb"), key=lambda p: p.stat().st_mtime)
   if not planes:
-    raise SystemExit(f"profile_summary: no *.xplane.pb under {root}")
+    raise SystemExit(f"profile_summary: no *.xplane.pb under {root} (write one with "
+                     "benchmarks/train_throughput.py --profile_dir)")
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  from tensorflow.tsl.profiler.protobuf import xplane_pb2  # pylint: disable=import-outside-toplevel
+
   hlo_path = root / "step.hlo.txt"
   ops = load_ops(hlo_path.read_text()) if hlo_path.exists() else {}
   space = xplane_pb2.XSpace()
@@ -65,8 +75,8 @@ def main():
   for name, ms in per_op.items():
     shape, op_name = ops.get(name, ("", ""))
     dims = [int(d) for d in re.findall(r"\d+", shape.split("{")[0])]
-    if len(dims) >= 4 and min(dims[-2:]) >= 128:
-      group = "attention T x S"
+    if len(dims) == 4 and dims[-1] >= 128:
+      group = "attention"
     elif "ynn_fusion" in name or name.startswith("dot"):
       group = "matmul"
     else:

@@ -53,8 +53,13 @@ def reexec_with_tcmalloc() -> None:
   without doing anything where it does not apply (see the module docstring); otherwise
   does not return.
   """
-  if (sys.platform != "linux" or os.environ.get(ENV_CHOICE, "tcmalloc") == "system"
-      or os.environ.get(_ENV_DONE) or current() == "tcmalloc"):
+  choice = os.environ.get(ENV_CHOICE, "tcmalloc")
+  if choice not in ("tcmalloc", "system"):
+    print(f"midijax: {ENV_CHOICE}={choice!r} is not 'tcmalloc' or 'system'; using the "
+          "system allocator", file=sys.stderr)
+    return
+  if (sys.platform != "linux" or choice == "system" or os.environ.get(_ENV_DONE)
+      or current() == "tcmalloc"):
     return
   library = find_tcmalloc()
   if library is None:

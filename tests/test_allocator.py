@@ -27,6 +27,7 @@ def run_probe(**env):
 def test_reexec_preloads_tcmalloc_once_and_can_be_turned_off():
   assert run_probe() == "tcmalloc"
   assert run_probe(MIDIJAX_ALLOCATOR="system") == "system"
+  assert run_probe(MIDIJAX_ALLOCATOR="jemalloc") == "system"  # unknown: warns, no re-exec
 
 
 def test_no_tcmalloc_means_no_reexec(monkeypatch):
