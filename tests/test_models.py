@@ -325,8 +325,10 @@ def test_blocked_attention_dropout_backward_matches_autodiff():
   weights = jnp.asarray(rng.standard_normal((2, 16, 2, 8)), jnp.float32)
 
   def reference(q, k, v):  # autodiff through the same forward computation
-    return jnp.sum(weights * transformer._causal_blocks(q, k, v, None, None, 4, threshold,
-                                                        seeds)[0])
+    heads_first = lambda x: x.transpose(0, 2, 1, 3)  # _causal_blocks' layout
+    out = transformer._causal_blocks(heads_first(q), heads_first(k), heads_first(v), None,
+                                     None, 4, threshold, seeds)[0]
+    return jnp.sum(weights * heads_first(out))
 
   def blocked(q, k, v):
     return jnp.sum(weights * transformer.causal_block_attention(q, k, v, None, None, 4, 0.25,
