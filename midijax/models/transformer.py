@@ -177,8 +177,10 @@ def _dense_bwd(out_dtype, residuals, dy):
   x, w = residuals
   dx = jax.lax.dot_general(dy, w, (((dy.ndim - 1,), (1,)), ((), ())),
                            preferred_element_type=jnp.float32)
-  lead = tuple(range(x.ndim - 1))
-  dw = jax.lax.dot_general(x, dy, ((lead, lead), ((), ())), preferred_element_type=jnp.float32)
+  # One contracting axis (rows = batch x length): with several, XLA:CPU first copies x
+  # transposed to [K, rows] (measured 70-145 ms for a [8192, 2048] MLP activation).
+  x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+  dw = jax.lax.dot_general(x2, dy2, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
   return dx.astype(x.dtype), dw.astype(w.dtype)
 
 
