@@ -342,3 +342,24 @@ def test_blocked_attention_dropout_backward_matches_autodiff():
   no_dropout = transformer.causal_block_attention(q, k, v, None, None, 4)
   assert not np.allclose(transformer.causal_block_attention(q, k, v, None, None, 4, 0.25, key),
                          no_dropout)
+
+
+@pytest.mark.parametrize("out_dtype", [None, jnp.float32])
+def test_dense_gradient_matches_autodiff_of_einsum(out_dtype):
+  """`dense`'s written-out gradient (one contraction over the flattened rows) equals
+  autodiff of the plain einsum, for [B, T, K] inputs as the projections use it."""
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.standard_normal((2, 5, 6)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((6, 7)), jnp.float32)
+  cot = jnp.asarray(rng.standard_normal((2, 5, 7)), jnp.float32)
+
+  def loss(f):
+    return lambda x, w: jnp.sum(cot * f(x, w))
+
+  reference = loss(lambda x, w: jnp.einsum("btk,kn->btn", x, w))
+  ours = loss(lambda x, w: transformer.dense(x, w, out_dtype))
+  np.testing.assert_allclose(transformer.dense(x, w, out_dtype), x @ w, rtol=1e-6, atol=1e-6)
+  got, want = (jax.jit(jax.grad(f, argnums=(0, 1)))(x, w) for f in (ours, reference))
+  for g, r in zip(got, want):
+    assert g.shape == r.shape and g.dtype == r.dtype
+    np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
