@@ -32,6 +32,14 @@ def main():
   ap.add_argument("--blocks", default="64,128,256", help="query block sizes")
   ap.add_argument("--runs", type=int, default=5)
   a = ap.parse_args()
+  try:
+    blocks = [int(b) for b in a.blocks.split(",") if b]
+  except ValueError:
+    ap.error(f"--blocks must be comma-separated integers, got {a.blocks!r}")
+  bad = [b for b in blocks if b <= 0 or a.seq % b or a.seq < 2 * b]
+  if bad or not blocks:
+    ap.error(f"--blocks {bad or a.blocks!r}: each block must divide --seq {a.seq} at least "
+             "twice")
   from midijax import allocator
   allocator.reexec_with_tcmalloc()  # as the midijax command runs
 
@@ -54,7 +62,7 @@ def main():
     return statistics.median(times)
 
   rows = {}
-  for block in [int(b) for b in a.blocks.split(",") if b]:
+  for block in blocks:
     n = a.seq // block
     logits = a.batch * a.heads * block * block * n * (n + 1) // 2  # computed, incl. masked
     flops = 2 * 2 * a.head_dim * logits

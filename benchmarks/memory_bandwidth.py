@@ -25,6 +25,12 @@ def main():
                   help="array sizes in MB (10^6 bytes), comma-separated")
   ap.add_argument("--runs", type=int, default=5)
   a = ap.parse_args()
+  try:
+    sizes = [float(x) for x in a.sizes_mb.split(",") if x]
+  except ValueError:
+    ap.error(f"--sizes_mb must be comma-separated numbers, got {a.sizes_mb!r}")
+  if not sizes or min(sizes) <= 0:
+    ap.error(f"--sizes_mb needs positive sizes, got {a.sizes_mb!r}")
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -32,7 +38,7 @@ def main():
   # Two rows, summed along the row: both cores stream half the array each.
   total = jax.jit(lambda x: jnp.sum(x, axis=1))
   result = {}
-  for mb in [float(s) for s in a.sizes_mb.split(",") if s]:
+  for mb in sizes:
     n = int(mb * 1e6 / 4) // 2 * 2
     x = jnp.asarray(np.random.default_rng(0).standard_normal(n, np.float32).reshape(2, -1))
     total(x).block_until_ready()
