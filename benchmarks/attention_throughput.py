@@ -1,12 +1,15 @@
 #!/usr/bin/env python3
-"""Speed of midijax's blocked causal attention alone, forward and forward + backward.
+"""Speed of midijax's causal attention alone, forward and forward + backward.
 
-Times `transformer.causal_block_attention` (the attention the CPU training step runs) on
-random q, k, v of shape [batch, seq, heads, head_dim], for each query block size, and
-prints one JSON line: milliseconds per call (median of --runs after compiling) and the
-GFLOP/s of the matmul work it does (2 products of 2*Dh flops per computed logit forward;
-forward + backward counts 3x that, as for the other matmuls). Compare with the model's
-big projection and MLP matmuls (`benchmarks/train_throughput.py` reports the whole step).
+Times, side by side with their runs interleaved, the two implementations the CPU training
+step can use: XLA's blocked attention (`transformer.causal_block_attention`, used with
+dropout, a bias, a packing mask or several devices) and the C++ kernel
+(`midijax.kernels.causal_attention`, used otherwise on one CPU device), on random q, k, v
+of shape [batch, seq, heads, head_dim], for each query block size. Prints one JSON line:
+milliseconds per call (median of --runs after compiling), the GFLOP/s of the matmul work
+(2 products of 2*Dh flops per logit of the blocks computed; forward + backward counts 3x
+that, as for the other matmuls; the kernel's recomputation is not counted) and the
+kernel's speed-up. Compare with the model's big matmuls (`benchmarks/train_throughput.py`).
 
     python benchmarks/attention_throughput.py [--batch 8 --seq 1024 --heads 8 --head_dim 64]
 """
@@ -46,37 +49,54 @@ def main():
   import jax
   import jax.numpy as jnp
   import numpy as np
+  from midijax.kernels import causal_attention as cpu_attention
   from midijax.models import transformer
 
   shape = (a.batch, a.seq, a.heads, a.head_dim)
   rng = np.random.default_rng(0)
   q, k, v, w = (jnp.asarray(rng.standard_normal(shape), jnp.float32) for _ in range(4))
 
-  def timed(fn):
-    jax.block_until_ready(fn(q, k, v))
-    times = []
-    for _ in range(a.runs):
-      start = time.perf_counter()
+  def timed(fns):
+    """Median seconds per call of each fn, their runs interleaved (the machine drifts)."""
+    for fn in fns.values():
       jax.block_until_ready(fn(q, k, v))
-      times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times = {name: [] for name in fns}
+    for _ in range(a.runs):
+      for name, fn in fns.items():
+        start = time.perf_counter()
+        jax.block_until_ready(fn(q, k, v))
+        times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
+  heads_first = lambda x: x.transpose(0, 2, 1, 3)
+  implementations = {"xla": lambda q, k, v, b: transformer.causal_block_attention(
+      q, k, v, None, None, b)}
+  if cpu_attention.available():  # as transformer.attend calls it: [B, T, H, Dh] in and out
+    implementations["kernel"] = lambda q, k, v, b: heads_first(cpu_attention.causal_attention(
+        heads_first(q), heads_first(k), heads_first(v), b))
   rows = {}
   for block in blocks:
     n = a.seq // block
     logits = a.batch * a.heads * block * block * n * (n + 1) // 2  # computed, incl. masked
     flops = 2 * 2 * a.head_dim * logits
-    forward = jax.jit(lambda q, k, v, b=block: transformer.causal_block_attention(
-        q, k, v, None, None, b))
-    both = jax.jit(jax.grad(lambda q, k, v, b=block: jnp.sum(
-        w * transformer.causal_block_attention(q, k, v, None, None, b)), argnums=(0, 1, 2)))
+    forward = {name: jax.jit(lambda q, k, v, f=f, b=block: f(q, k, v, b))
+               for name, f in implementations.items()}
+    both = {name: jax.jit(jax.grad(lambda q, k, v, f=f, b=block: jnp.sum(w * f(q, k, v, b)),
+                                   argnums=(0, 1, 2)))
+            for name, f in implementations.items()}
     t_f, t_b = timed(forward), timed(both)
-    rows[str(block)] = {"forward_ms": round(t_f * 1e3, 1),
-                        "forward_gflop_per_s": round(flops / t_f / 1e9, 1),
-                        "forward_backward_ms": round(t_b * 1e3, 1),
-                        "forward_backward_gflop_per_s": round(3 * flops / t_b / 1e9, 1)}
+    row = {}
+    for name in implementations:
+      row[name] = {"forward_ms": round(t_f[name] * 1e3, 1),
+                   "forward_gflop_per_s": round(flops / t_f[name] / 1e9, 1),
+                   "forward_backward_ms": round(t_b[name] * 1e3, 1),
+                   "forward_backward_gflop_per_s": round(3 * flops / t_b[name] / 1e9, 1)}
+    if "kernel" in implementations:
+      row["kernel_speedup_forward"] = round(t_f["xla"] / t_f["kernel"], 2)
+      row["kernel_speedup_forward_backward"] = round(t_b["xla"] / t_b["kernel"], 2)
+    rows[str(block)] = row
   print(json.dumps({"bench": "attention_throughput", "shape": list(shape), "blocks": rows,
-                    "allocator": allocator.current(), "jax": jax.__version__,
+                    "kernel": cpu_attention.available(), "allocator": allocator.current(), "jax": jax.__version__,
                     "load_average": round(os.getloadavg()[0], 2)}))
 
 

@@ -2,7 +2,8 @@
 # Creates ./.venv and installs midijax with the pinned requirements (Python 3.10+).
 # With --system also installs the Debian packages the tests and the listening-test export
 # use (needs root or sudo): fluidsynth + a General MIDI soundfont, chromium for the browser
-# test, shellcheck for the launch scripts, and tcmalloc (the midijax command runs under it:
+# test, shellcheck for the launch scripts, g++ (builds the CPU attention kernel,
+# midijax/kernels), and tcmalloc (the midijax command runs under it:
 # CPU training steps about 1.3x faster, see midijax/allocator.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,7 +16,7 @@ if [[ "${1:-}" == "--system" ]]; then
     $SUDO apt-get update -qq
     $SUDO apt-get install -y -qq --no-install-recommends \
       fluidsynth fluid-soundfont-gm lame chromium chromium-driver shellcheck \
-      libtcmalloc-minimal4 >/dev/null
+      g++ libtcmalloc-minimal4 >/dev/null
   else
     echo "setup.sh: apt-get not found; install fluidsynth, a GM soundfont and chromium yourself" >&2
   fi

@@ -451,6 +451,13 @@ def use_mesh(mesh: Mesh, rules: Optional[LogicalRules] = None) -> Iterator[Mesh]
     _ACTIVATIONS.mesh, _ACTIVATIONS.rules = previous
 
 
+def on_single_cpu_device() -> bool:
+  """True if computations traced now run on one CPU device (the active mesh's, or JAX's)."""
+  mesh = _ACTIVATIONS.mesh
+  devices = list(mesh.devices.flat) if mesh is not None else jax.devices()
+  return len(devices) == 1 and devices[0].platform == "cpu"
+
+
 def with_logical_constraint(x: jax.Array, logical_axes: Sequence[Optional[str]]) -> jax.Array:
   """Constrains an activation's sharding by logical names; a no-op outside `use_mesh`.
 

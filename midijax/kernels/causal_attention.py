@@ -1,0 +1,182 @@
+"""Causal self-attention on XLA:CPU through a C++ XLA FFI kernel (causal_attention_cpu.cc).
+
+XLA:CPU runs the blocked causal attention as separate batched matmul and softmax passes,
+each streaming the [heads, queries, keys] logits through memory, and its small batched
+matmuls reach about half of the machine's float32 matmul peak: attention took 39% of the
+6-layer width-512 training step (batch 8 x 1024). The kernel does one (batch, head) at a
+time, query block by query block, so the logits stay in cache between OpenBLAS sgemm calls
+and the softmax; it skips the masked upper triangle and, like flash attention, recomputes
+the probabilities in the backward pass from the saved log-sum-exp. Forward + backward it
+runs 1.6x faster than the XLA version (`benchmarks/attention_throughput.py`).
+
+The kernel is compiled on first use with the system C++ compiler against the headers
+jaxlib ships (`jax.ffi.include_dir()`) and scipy-openblas32's sgemm, for this machine's
+CPU (-march=native), into a cache directory keyed by the source, compiler flags, JAX
+version and CPU. Where that is not possible (no compiler, no scipy-openblas32) `available()`
+says so once in the log and the model keeps its XLA attention. `MIDIJAX_CPU_KERNELS=0`
+turns the kernel off; `MIDIJAX_KERNEL_CACHE` moves the cache.
+
+Scope: float32, causal, no attention bias, mask or dropout, one CPU device (under a mesh of
+several devices the custom call would not be partitioned); `transformer.attend` checks this.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import math
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import tempfile
+from typing import List, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SOURCE = pathlib.Path(__file__).with_name("causal_attention_cpu.cc")
+ENV_SWITCH = "MIDIJAX_CPU_KERNELS"
+ENV_CACHE = "MIDIJAX_KERNEL_CACHE"
+FORWARD_TARGET = "midijax_causal_attention_fwd"
+BACKWARD_TARGET = "midijax_causal_attention_bwd"
+# -ffast-math lets GCC vectorize expf through glibc's libmvec; the kernel only ever
+# exponentiates finite, max-subtracted logits.
+CXX_FLAGS = ("-O3", "-march=native", "-ffast-math", "-std=c++17", "-shared", "-fPIC")
+
+_log = logging.getLogger(__name__)
+
+
+class KernelBuildError(RuntimeError):
+  """The kernel could not be compiled or loaded (the message says why)."""
+
+
+def _cpu_id() -> str:
+  """CPU model and feature flags (a -march=native build is only valid on the same kind)."""
+  try:
+    text = pathlib.Path("/proc/cpuinfo").read_text()
+  except OSError:
+    return platform.processor()
+  lines = [line for line in text.splitlines() if line.startswith(("model name", "flags"))]
+  return "\n".join(sorted(set(lines)))
+
+
+def _openblas():
+  """(include dir, lib dir) of scipy-openblas32."""
+  try:
+    import scipy_openblas32
+  except ImportError:
+    raise KernelBuildError("scipy-openblas32 is not installed (pip install -r requirements.txt)")
+  return scipy_openblas32.get_include_dir(), scipy_openblas32.get_lib_dir()
+
+
+def build_command(output: str) -> List[str]:
+  """The compiler command line that builds the kernel library into `output`."""
+  include, lib = _openblas()
+  compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+  if not compiler:
+    raise KernelBuildError("no C++ compiler found (install g++, e.g. apt-get install g++)")
+  return [compiler, *CXX_FLAGS, str(SOURCE), f"-I{jax.ffi.include_dir()}", f"-I{include}",
+          f"-L{lib}", "-lscipy_openblas", f"-Wl,-rpath,{lib}", "-o", output]
+
+
+def cache_dir() -> pathlib.Path:
+  root = os.environ.get(ENV_CACHE)
+  if root:
+    return pathlib.Path(root)
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return pathlib.Path(base) / "midijax" / "kernels"
+
+
+def library_path() -> pathlib.Path:
+  """Builds the kernel library if this source/flags/JAX/CPU has none yet; returns its path."""
+  key = hashlib.sha256()
+  command = build_command("OUT")
+  for part in (SOURCE.read_bytes(), " ".join(command).encode(), jax.__version__.encode(),
+               _cpu_id().encode()):
+    key.update(part)
+  path = cache_dir() / f"causal_attention_cpu-{key.hexdigest()[:16]}.so"
+  if path.exists():
+    return path
+  path.parent.mkdir(parents=True, exist_ok=True)
+  # Build beside the target, then rename: processes building at once never see half a file.
+  fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
+  os.close(fd)
+  try:
+    done = subprocess.run(build_command(tmp), capture_output=True, text=True)
+    if done.returncode != 0:
+      raise KernelBuildError(f"compiling {SOURCE.name} failed:\n{done.stderr[-2000:]}")
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  return path
+
+
+@functools.lru_cache(maxsize=None)
+def _load() -> Optional[str]:
+  """Builds, loads and registers the kernel once; None if it works, else the reason."""
+  if os.environ.get(ENV_SWITCH, "1") == "0":
+    return f"{ENV_SWITCH}=0"
+  try:
+    library = ctypes.cdll.LoadLibrary(str(library_path()))
+    jax.ffi.register_ffi_target(FORWARD_TARGET,
+                                jax.ffi.pycapsule(library.MidijaxCausalAttentionForward),
+                                platform="cpu")
+    jax.ffi.register_ffi_target(BACKWARD_TARGET,
+                                jax.ffi.pycapsule(library.MidijaxCausalAttentionBackward),
+                                platform="cpu")
+  except (KernelBuildError, OSError, AttributeError) as e:
+    reason = str(e)
+    _log.warning("midijax: the CPU attention kernel is not available, using XLA's attention "
+                 "(%s)", reason)
+    return reason
+  return None
+
+
+def available() -> bool:
+  """True if the kernel is built and registered (builds it on the first call)."""
+  return _load() is None
+
+
+def supports(q: jax.Array, k: jax.Array, v: jax.Array, block: int) -> bool:
+  """Whether [B, H, T, D] q, k, v and `block` are in the kernel's scope."""
+  t = q.shape[2]
+  return (q.ndim == 4 and q.shape == k.shape == v.shape and block > 0 and t % block == 0
+          and all(x.dtype == jnp.float32 for x in (q, k, v)))
+
+
+def _forward_call(q, k, v, block):
+  b, h, t, d = q.shape
+  return jax.ffi.ffi_call(
+      FORWARD_TARGET,
+      (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct((b, h, t), jnp.float32)),
+      vmap_method="sequential")(q, k, v, block=np.int64(block), scale=np.float32(1 / math.sqrt(d)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, block: int) -> jax.Array:
+  """softmax(q k^T / sqrt(D) + causal mask) v for float32 [B, H, T, D] q, k, v.
+
+  Call only after `available()` and `supports(...)`; `block` (the query block) divides T.
+  """
+  return _forward_call(q, k, v, block)[0]
+
+
+def _causal_attention_fwd(q, k, v, block):
+  out, lse = _forward_call(q, k, v, block)
+  return out, (q, k, v, out, lse)
+
+
+def _causal_attention_bwd(block, residuals, d_out):
+  q, k, v, out, lse = residuals
+  like = jax.ShapeDtypeStruct(q.shape, jnp.float32)
+  return jax.ffi.ffi_call(BACKWARD_TARGET, (like, like, like), vmap_method="sequential")(
+      q, k, v, out, lse, d_out.astype(jnp.float32), block=np.int64(block),
+      scale=np.float32(1 / math.sqrt(q.shape[-1])))
+
+
+causal_attention.defvjp(_causal_attention_fwd, _causal_attention_bwd)

@@ -1,0 +1,227 @@
+// Causal self-attention forward and backward for XLA:CPU, as XLA FFI custom calls.
+//
+// Why: XLA:CPU runs attention as separate batched matmul / softmax passes over the
+// [heads, queries, keys] logits, each streaming them through memory, and its small
+// batched matmuls reach about half the machine's matmul peak. Here each (batch, head)
+// is one work item: its query blocks' logits stay in a thread's cache between the
+// matmuls (OpenBLAS sgemm, single-threaded per call) and the softmax, and the items
+// are spread over XLA's intra-op thread pool. Keys above the causal diagonal are never
+// computed; the backward pass recomputes the probabilities from the saved log-sum-exp
+// (as flash attention does) instead of storing them.
+//
+// Layout: q, k, v, o, do, dq, dk, dv are float32 [B, H, T, D] (row-major, heads first);
+// lse is float32 [B, H, T]. `block` divides T; `scale` multiplies q . k.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "cblas.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+using F32R3 = ffi::Buffer<ffi::F32, 3>;
+using F32R4 = ffi::Buffer<ffi::F32, 4>;
+
+namespace {
+
+// scipy-openblas32 prefixes its symbols with scipy_.
+inline void Sgemm(CBLAS_TRANSPOSE ta, CBLAS_TRANSPOSE tb, int64_t m, int64_t n, int64_t k,
+                  float alpha, const float* a, int64_t lda, const float* b, int64_t ldb,
+                  float beta, float* c, int64_t ldc) {
+  scipy_cblas_sgemm(CblasRowMajor, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+struct Shape {
+  int64_t b, h, t, d;
+};
+
+// Runs fn(item) for item in [0, total) on the caller and on the pool's other threads.
+// A helper that starts late finds no work and touches nothing; the caller returns once
+// every claimed item is done.
+template <typename F>
+void ParallelFor(ffi::ThreadPool& pool, int64_t total, F fn) {
+  struct State {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+  };
+  auto state = std::make_shared<State>();
+  auto run = [state, total, &fn]() {
+    for (int64_t i; (i = state->next.fetch_add(1)) < total;) {
+      fn(i);
+      state->done.fetch_add(1);
+    }
+  };
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), total) - 1;
+  // Helpers only ever call `fn` for items claimed before the caller returns, so the
+  // reference to it stays valid; the shared state outlives the call.
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([run]() { run(); });
+  run();
+  while (state->done.load() < total) std::this_thread::yield();
+}
+
+thread_local std::vector<float> scratch_a, scratch_b;
+
+float* Scratch(std::vector<float>& v, size_t n) {
+  if (v.size() < n) v.resize(n);
+  return v.data();
+}
+
+// Row r of a query block starting at `lo` sees keys 0..lo+r.
+inline int64_t Visible(int64_t lo, int64_t r) { return lo + r + 1; }
+
+void ForwardItem(const Shape& s, int64_t block, float scale, const float* q, const float* k,
+                 const float* v, float* o, float* lse) {
+  float* p = Scratch(scratch_a, block * s.t);
+  for (int64_t lo = 0; lo < s.t; lo += block) {
+    const int64_t hi = lo + block;
+    // p[block, hi] = scale * q[lo:hi] . k[:hi]^T
+    Sgemm(CblasNoTrans, CblasTrans, block, hi, s.d, scale, q + lo * s.d,
+                s.d, k, s.d, 0.0f, p, hi);
+    for (int64_t r = 0; r < block; ++r) {
+      float* row = p + r * hi;
+      const int64_t n = Visible(lo, r);
+      float m = row[0];
+      for (int64_t c = 1; c < n; ++c) m = std::max(m, row[c]);
+      float sum = 0.0f;
+      for (int64_t c = 0; c < n; ++c) {
+        row[c] = std::exp(row[c] - m);
+        sum += row[c];
+      }
+      const float inv = 1.0f / sum;
+      for (int64_t c = 0; c < n; ++c) row[c] *= inv;
+      for (int64_t c = n; c < hi; ++c) row[c] = 0.0f;
+      lse[lo + r] = m + std::log(sum);
+    }
+    // o[lo:hi] = p . v[:hi]
+    Sgemm(CblasNoTrans, CblasNoTrans, block, s.d, hi, 1.0f, p, hi, v, s.d,
+                0.0f, o + lo * s.d, s.d);
+  }
+}
+
+void BackwardItem(const Shape& s, int64_t block, float scale, const float* q, const float* k,
+                  const float* v, const float* o, const float* lse, const float* d_o, float* dq,
+                  float* dk, float* dv) {
+  float* p = Scratch(scratch_a, block * s.t);
+  float* dp = Scratch(scratch_b, block * s.t);
+  std::fill(dk, dk + s.t * s.d, 0.0f);
+  std::fill(dv, dv + s.t * s.d, 0.0f);
+  for (int64_t lo = 0; lo < s.t; lo += block) {
+    const int64_t hi = lo + block;
+    const float* q_i = q + lo * s.d;
+    const float* do_i = d_o + lo * s.d;
+    Sgemm(CblasNoTrans, CblasTrans, block, hi, s.d, scale, q_i, s.d, k, s.d,
+                0.0f, p, hi);
+    for (int64_t r = 0; r < block; ++r) {
+      float* row = p + r * hi;
+      const int64_t n = Visible(lo, r);
+      const float l = lse[lo + r];
+      for (int64_t c = 0; c < n; ++c) row[c] = std::exp(row[c] - l);
+      for (int64_t c = n; c < hi; ++c) row[c] = 0.0f;
+    }
+    // dv[:hi] += p^T . do_i
+    Sgemm(CblasTrans, CblasNoTrans, hi, s.d, block, 1.0f, p, hi, do_i, s.d,
+                1.0f, dv, s.d);
+    // dp = do_i . v[:hi]^T
+    Sgemm(CblasNoTrans, CblasTrans, block, hi, s.d, 1.0f, do_i, s.d, v, s.d,
+                0.0f, dp, hi);
+    for (int64_t r = 0; r < block; ++r) {
+      // sum_c p[r, c] dp[r, c] = do[r] . o[r]: the softmax backward without a row reduce.
+      const float* o_r = o + (lo + r) * s.d;
+      const float* do_r = do_i + r * s.d;
+      float delta = 0.0f;
+      for (int64_t j = 0; j < s.d; ++j) delta += do_r[j] * o_r[j];
+      float* prow = p + r * hi;
+      const float* dprow = dp + r * hi;
+      const int64_t n = Visible(lo, r);
+      for (int64_t c = 0; c < n; ++c) prow[c] *= dprow[c] - delta;  // p becomes d_logits
+    }
+    // dq_i = scale * ds . k[:hi];  dk[:hi] += scale * ds^T . q_i
+    Sgemm(CblasNoTrans, CblasNoTrans, block, s.d, hi, scale, p, hi, k, s.d,
+                0.0f, dq + lo * s.d, s.d);
+    Sgemm(CblasTrans, CblasNoTrans, hi, s.d, block, scale, p, hi, q_i, s.d,
+                1.0f, dk, s.d);
+  }
+}
+
+ffi::Error CheckShape(const ffi::Buffer<ffi::F32, 4>& q, int64_t block, Shape* s) {
+  auto dims = q.dimensions();
+  *s = Shape{dims[0], dims[1], dims[2], dims[3]};
+  if (block <= 0 || s->t % block != 0)
+    return ffi::Error::InvalidArgument("causal attention: block must divide the sequence length");
+  return ffi::Error::Success();
+}
+
+std::once_flag blas_threads_once;
+
+void SingleThreadedBlas() {
+  // Parallelism comes from the (batch, head) items; each sgemm runs on its caller's thread.
+  std::call_once(blas_threads_once, []() { scipy_openblas_set_num_threads(1); });
+}
+
+ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32, 4> q, ffi::Buffer<ffi::F32, 4> k,
+                   ffi::Buffer<ffi::F32, 4> v, ffi::ResultBuffer<ffi::F32, 4> o,
+                   ffi::ResultBuffer<ffi::F32, 3> lse, int64_t block, float scale) {
+  Shape s;
+  if (auto e = CheckShape(q, block, &s); e.failure()) return e;
+  SingleThreadedBlas();
+  const int64_t n = s.t * s.d;
+  const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
+  float *op = o->typed_data(), *lp = lse->typed_data();
+  ParallelFor(pool, s.b * s.h, [&](int64_t i) {
+    ForwardItem(s, block, scale, qp + i * n, kp + i * n, vp + i * n, op + i * n, lp + i * s.t);
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32, 4> q, ffi::Buffer<ffi::F32, 4> k,
+                    ffi::Buffer<ffi::F32, 4> v, ffi::Buffer<ffi::F32, 4> o,
+                    ffi::Buffer<ffi::F32, 3> lse, ffi::Buffer<ffi::F32, 4> d_o,
+                    ffi::ResultBuffer<ffi::F32, 4> dq, ffi::ResultBuffer<ffi::F32, 4> dk,
+                    ffi::ResultBuffer<ffi::F32, 4> dv, int64_t block, float scale) {
+  Shape s;
+  if (auto e = CheckShape(q, block, &s); e.failure()) return e;
+  SingleThreadedBlas();
+  const int64_t n = s.t * s.d;
+  const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
+  const float *op = o.typed_data(), *lp = lse.typed_data(), *dop = d_o.typed_data();
+  float *dqp = dq->typed_data(), *dkp = dk->typed_data(), *dvp = dv->typed_data();
+  ParallelFor(pool, s.b * s.h, [&](int64_t i) {
+    BackwardItem(s, block, scale, qp + i * n, kp + i * n, vp + i * n, op + i * n, lp + i * s.t,
+                 dop + i * n, dqp + i * n, dkp + i * n, dvp + i * n);
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MidijaxCausalAttentionForward, Forward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<F32R4>()
+                                  .Arg<F32R4>()
+                                  .Arg<F32R4>()
+                                  .Ret<F32R4>()
+                                  .Ret<F32R3>()
+                                  .Attr<int64_t>("block")
+                                  .Attr<float>("scale"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MidijaxCausalAttentionBackward, Backward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<F32R4>()
+                                  .Arg<F32R4>()
+                                  .Arg<F32R4>()
+                                  .Arg<F32R4>()
+                                  .Arg<F32R3>()
+                                  .Arg<F32R4>()
+                                  .Ret<F32R4>()
+                                  .Ret<F32R4>()
+                                  .Ret<F32R4>()
+                                  .Attr<int64_t>("block")
+                                  .Attr<float>("scale"));

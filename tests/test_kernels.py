@@ -1,0 +1,88 @@
+"""The C++ CPU attention kernel (midijax/kernels) against XLA's attention."""
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from midijax.kernels import causal_attention as cpu_attention
+from midijax.models import transformer
+
+# The build needs g++ and scipy-openblas32, which CI installs (launch/setup.sh --system):
+# under CI=true these tests run (and fail if the kernel does not build).
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+needs_kernel = pytest.mark.skipif(not IN_CI and not cpu_attention.available(),
+                                  reason="CPU attention kernel not built (needs g++)")
+
+
+def _qkv(shape, seed=0):
+  rng = np.random.default_rng(seed)
+  return tuple(jnp.asarray(rng.standard_normal(shape), jnp.float32) for _ in range(3))
+
+
+def _dense_reference(q, k, v):
+  """Plain softmax attention with a causal mask, [B, H, T, D] in and out."""
+  t = q.shape[2]
+  logits = jnp.einsum("bhtd,bhsd->bhts", q, k) / np.sqrt(q.shape[-1])
+  logits = jnp.where(jnp.tril(jnp.ones((t, t), bool)), logits, -jnp.inf)
+  return jnp.einsum("bhts,bhsd->bhtd", jax.nn.softmax(logits, axis=-1), v)
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape, block", [((2, 3, 64, 16), 16), ((1, 2, 32, 8), 32),
+                                          ((2, 2, 256, 64), 64)])
+def test_kernel_matches_dense_attention_and_its_gradients(shape, block):
+  q, k, v = _qkv(shape)
+  w = jnp.asarray(np.random.default_rng(1).standard_normal(shape), jnp.float32)
+  loss = lambda f: jax.jit(jax.value_and_grad(lambda q, k, v: jnp.sum(w * f(q, k, v)),
+                                              argnums=(0, 1, 2)))
+  (want, want_grads) = loss(_dense_reference)(q, k, v)
+  (got, got_grads) = loss(lambda q, k, v: cpu_attention.causal_attention(q, k, v, block))(q, k, v)
+  np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-4)
+  for g, ref in zip(got_grads, want_grads):
+    np.testing.assert_allclose(g, ref, rtol=1e-4, atol=1e-4)
+  out = jax.jit(lambda q, k, v: cpu_attention.causal_attention(q, k, v, block))(q, k, v)
+  np.testing.assert_allclose(out, _dense_reference(q, k, v), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_kernel_is_causal():
+  q, k, v = _qkv((1, 2, 32, 8), seed=3)
+  f = jax.jit(lambda q, k, v: cpu_attention.causal_attention(q, k, v, 8))
+  changed = [x.at[:, :, 20:].add(1.0) for x in (q, k, v)]
+  a, b = f(q, k, v), f(*changed)
+  np.testing.assert_array_equal(a[:, :, :20], b[:, :, :20])
+  assert not np.allclose(a[:, :, 20:], b[:, :, 20:])
+
+
+def _lowered(fn, *args) -> str:
+  return jax.jit(fn).lower(*args).as_text()
+
+
+@needs_kernel
+def test_attend_uses_the_kernel_only_where_it_applies():
+  q, k, v = _qkv((2, 64, 2, 16))  # [B, T, H, Dh], as the model calls attend
+  plain = _lowered(lambda q, k, v: transformer.attend(q, k, v, is_causal=True, block=16), q, k, v)
+  assert cpu_attention.FORWARD_TARGET in plain
+  mask = jnp.ones((2, 1, 64, 64), bool)
+  bias = jnp.zeros((1, 2, 64, 64), jnp.float32)
+  for kwargs in ({"mask": mask}, {"bias": bias}, {"block": 0},
+                 {"dropout_rate": 0.1, "dropout_rng": jax.random.key(0)}):
+    kwargs = {"block": 16, **kwargs}
+    text = _lowered(lambda q, k, v: transformer.attend(q, k, v, is_causal=True, **kwargs), q, k, v)
+    assert cpu_attention.FORWARD_TARGET not in text, kwargs
+  half = tuple(x.astype(jnp.bfloat16) for x in (q, k, v))
+  text = _lowered(lambda q, k, v: transformer.attend(q, k, v, is_causal=True, block=16), *half)
+  assert cpu_attention.FORWARD_TARGET not in text
+
+
+def test_switch_off_and_build_failure_say_why(monkeypatch, tmp_path):
+  monkeypatch.setenv(cpu_attention.ENV_SWITCH, "0")
+  assert cpu_attention._load.__wrapped__() == f"{cpu_attention.ENV_SWITCH}=0"
+  monkeypatch.delenv(cpu_attention.ENV_SWITCH)
+  monkeypatch.setenv(cpu_attention.ENV_CACHE, str(tmp_path / "cache"))
+  monkeypatch.setenv("CXX", "false")  # a "compiler" that always fails
+  with pytest.raises(cpu_attention.KernelBuildError, match="causal_attention_cpu.cc"):
+    cpu_attention.library_path()
+  assert not list((tmp_path / "cache").glob("*.so"))  # no half-written library left behind
