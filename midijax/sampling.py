@@ -48,6 +48,7 @@ from midijax import sharding
 from midijax.encoding import CONDITIONING, EOS_ID, PAD_ID, Encoding
 from midijax.encoding import grammar as grammar_lib
 from midijax.errors import MidijaxError
+from midijax.kernels import causal_attention as cpu_attention
 from midijax.models import transformer
 
 # Why a row stopped (the `stop_reasons` of a SampleResult).
@@ -142,8 +143,19 @@ _AXES = {"v": ("batch", "heads", "length", "kv"), "k": ("batch", "heads", "lengt
          "kT": ("batch", "heads", "kv", "length")}
 
 
+def uses_decode_kernel(cfg: transformer.TransformerConfig, mesh=None) -> bool:
+  """Whether decode steps (traced now, or under `mesh`) attend through the CPU kernel.
+
+  midijax/kernels' decode attention reads exactly the filled cache slots on both cores,
+  where XLA's batched matrix-vector products ran on one: on one CPU device, for float32
+  models without relative attention (whose bias it does not take).
+  """
+  return (cfg.position != "relative" and jnp.dtype(cfg.dtype) == jnp.float32
+          and sharding.on_single_cpu_device(mesh) and cpu_attention.available())
+
+
 def _keys_transposed(cfg: transformer.TransformerConfig) -> bool:
-  return cfg.head_dim >= KEYS_TRANSPOSED_FROM_HEAD_DIM
+  return cfg.head_dim >= KEYS_TRANSPOSED_FROM_HEAD_DIM and not uses_decode_kernel(cfg)
 
 
 def _layer_axes(name: str, cfg) -> tuple:
@@ -198,6 +210,11 @@ def _attention_step(attention: transformer.Attention, x: jax.Array, layer: Cache
   q, k, v = attention._project_qkv(x, jnp.reshape(pos, (1, 1)))  # [B, 1, H, Dh]
   q, k, v = q[:, 0], k[:, 0], v[:, 0]  # [B, H, Dh]
   keys, values = layer["k"], layer["v"]
+  if uses_decode_kernel(cfg) and cpu_attention.decode_supports(q, keys, values):
+    out, keys, values = cpu_attention.decode_attention(q, k, v, keys, values, pos)
+    layer = {n: sharding.with_logical_constraint(a, _layer_axes(n, cfg))
+             for n, a in (("k", keys), ("v", values))}
+    return attention._output(out[:, None].astype(cfg.dtype)), layer
   transposed = _keys_transposed(cfg)
   length = values.shape[2]
   scale = 1.0 / math.sqrt(cfg.head_dim)
@@ -495,6 +512,8 @@ def sample_tokens(model: transformer.Transformer, prompt, *, encoding: Encoding,
                      f"{prefix_len}-token prefix in the {cache_len}-token context")
   # Cache no longer than the sequence can get (short samples use less memory).
   cache_len = min(cache_len, plen + max_new_tokens)
+  if cache_phases is None and uses_decode_kernel(cfg, mesh):
+    cache_phases = 1  # the kernel reads only the filled slots: no shorter phases needed
   if cache_phases is None:
     cache_bytes = (batch * cache_len * cfg.num_layers * 2 * cfg.qkv_dim *
                    jnp.dtype(cfg.dtype).itemsize)

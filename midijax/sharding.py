@@ -451,9 +451,9 @@ def use_mesh(mesh: Mesh, rules: Optional[LogicalRules] = None) -> Iterator[Mesh]
     _ACTIVATIONS.mesh, _ACTIVATIONS.rules = previous
 
 
-def on_single_cpu_device() -> bool:
-  """True if computations traced now run on one CPU device (the active mesh's, or JAX's)."""
-  mesh = _ACTIVATIONS.mesh
+def on_single_cpu_device(mesh: Optional[Mesh] = None) -> bool:
+  """True if computations run on one CPU device: `mesh`'s, the active mesh's, or JAX's."""
+  mesh = mesh if mesh is not None else _ACTIVATIONS.mesh
   devices = list(mesh.devices.flat) if mesh is not None else jax.devices()
   return len(devices) == 1 and devices[0].platform == "cpu"
 

@@ -1,17 +1,15 @@
 """The C++ CPU attention kernel (midijax/kernels) against XLA's attention."""
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import IN_CI
 from midijax.kernels import causal_attention as cpu_attention
 from midijax.models import transformer
 
 # The build needs g++ and scipy-openblas32, which CI installs (launch/setup.sh --system):
 # under CI=true these tests run (and fail if the kernel does not build).
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 needs_kernel = pytest.mark.skipif(not IN_CI and not cpu_attention.available(),
                                   reason="CPU attention kernel not built (needs g++)")
 
@@ -86,3 +84,24 @@ def test_switch_off_and_build_failure_say_why(monkeypatch, tmp_path):
   with pytest.raises(cpu_attention.KernelBuildError, match="causal_attention_cpu.cc"):
     cpu_attention.library_path()
   assert not list((tmp_path / "cache").glob("*.so"))  # no half-written library left behind
+
+
+@needs_kernel
+@pytest.mark.parametrize("pos", [0, 17, 39])
+def test_decode_kernel_attends_to_the_filled_slots_and_writes_the_new_one(pos):
+  b, h, length, d = 3, 2, 40, 16
+  rng = np.random.default_rng(pos)
+  q, k, v = (jnp.asarray(rng.standard_normal((b, h, d)), jnp.float32) for _ in range(3))
+  k_cache, v_cache = (jnp.asarray(rng.standard_normal((b, h, length, d)), jnp.float32)
+                      for _ in range(2))
+  out, k_got, v_got = jax.jit(cpu_attention.decode_attention)(q, k, v, k_cache, v_cache,
+                                                              jnp.int32(pos))
+  keys, values = k_cache.at[:, :, pos].set(k), v_cache.at[:, :, pos].set(v)
+  np.testing.assert_array_equal(k_got, keys)
+  np.testing.assert_array_equal(v_got, values)
+  logits = jnp.einsum("bhd,bhld->bhl", q, keys[:, :, :pos + 1]) / np.sqrt(d)
+  want = jnp.einsum("bhl,bhld->bhd", jax.nn.softmax(logits, axis=-1), values[:, :, :pos + 1])
+  np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6)  # slots > pos never read
+  with pytest.raises(Exception, match="position outside the cache"):
+    jax.block_until_ready(jax.jit(cpu_attention.decode_attention)(
+        q, k, v, k_cache, v_cache, jnp.int32(length)))

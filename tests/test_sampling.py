@@ -20,6 +20,8 @@ import pytest
 
 from midijax import cli, encoding, midi_io, sampling
 from midijax.encoding import grammar
+from conftest import IN_CI
+from midijax.kernels import causal_attention as cpu_attention
 from midijax.models import transformer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -46,13 +48,24 @@ def groove_prompt(enc, path, seconds=2.0):
 
 
 # ----------------------------------------------------------------------------- decoding
-@pytest.mark.parametrize("position, keys_transposed", [
-    ("sinusoidal", False), ("rope", False), ("relative", False), ("relative", True)])
-def test_cached_decode_matches_full_forward(drums, position, keys_transposed, monkeypatch):
-  """Prefill 5 tokens, then one token per step through growing cache phases."""
-  # Keys are stored [B, H, Dh, L] from this head_dim on (here 16).
+@pytest.mark.parametrize("position, keys_transposed, kernel", [
+    ("sinusoidal", False, True), ("sinusoidal", False, False), ("rope", False, True),
+    ("rope", True, False), ("relative", False, False), ("relative", True, False)])
+def test_cached_decode_matches_full_forward(drums, position, keys_transposed, kernel,
+                                            monkeypatch):
+  """Prefill 5 tokens, then one token per step through growing cache phases.
+
+  kernel: the CPU decode-attention kernel (midijax/kernels) or XLA's attention over the cache.
+  """
+  # Keys are stored [B, H, Dh, L] from this head_dim on (here 16), on XLA's path.
   monkeypatch.setattr(sampling, "KEYS_TRANSPOSED_FROM_HEAD_DIM", 16 if keys_transposed else 64)
   model = make_model(drums, position, max_len=32)
+  if kernel:
+    if not IN_CI and not cpu_attention.available():
+      pytest.skip("CPU attention kernel not built (needs g++)")
+    assert sampling.uses_decode_kernel(model.config)
+  else:
+    monkeypatch.setattr(sampling, "uses_decode_kernel", lambda cfg, mesh=None: False)
   tokens = jnp.asarray(np.random.default_rng(0).integers(2, drums.bos_id, (3, 24)), jnp.int32)
   full = model(tokens)
   graphdef, state = nnx.split(model)

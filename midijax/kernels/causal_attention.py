@@ -43,6 +43,7 @@ ENV_SWITCH = "MIDIJAX_CPU_KERNELS"
 ENV_CACHE = "MIDIJAX_KERNEL_CACHE"
 FORWARD_TARGET = "midijax_causal_attention_fwd"
 BACKWARD_TARGET = "midijax_causal_attention_bwd"
+DECODE_TARGET = "midijax_decode_attention"
 # -ffast-math lets GCC vectorize expf through glibc's libmvec; the kernel only ever
 # exponentiates finite, max-subtracted logits.
 CXX_FLAGS = ("-O3", "-march=native", "-ffast-math", "-std=c++17", "-shared", "-fPIC")
@@ -129,6 +130,8 @@ def _load() -> Optional[str]:
     jax.ffi.register_ffi_target(BACKWARD_TARGET,
                                 jax.ffi.pycapsule(library.MidijaxCausalAttentionBackward),
                                 platform="cpu")
+    jax.ffi.register_ffi_target(DECODE_TARGET, jax.ffi.pycapsule(library.MidijaxDecodeAttention),
+                                platform="cpu")
   except (KernelBuildError, OSError, AttributeError) as e:
     reason = str(e)
     _log.warning("midijax: the CPU attention kernel is not available, using XLA's attention "
@@ -180,3 +183,36 @@ def _causal_attention_bwd(block, residuals, d_out):
 
 
 causal_attention.defvjp(_causal_attention_fwd, _causal_attention_bwd)
+
+
+# ----------------------------------------------------------------------------- decoding
+def decode_supports(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array) -> bool:
+  """Whether float32 [B, H, D] queries and [B, H, L, D] caches are in the decode kernel's scope."""
+  return (q.ndim == 3 and k_cache.ndim == 4 and k_cache.shape == v_cache.shape
+          and k_cache.shape[:2] + k_cache.shape[3:] == q.shape
+          and all(x.dtype == jnp.float32 for x in (q, k_cache, v_cache)))
+
+
+def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Array,
+                     v_cache: jax.Array, pos: jax.Array):
+  """Attention of one new token per row over cache slots 0..pos, writing slot `pos`.
+
+  Args:
+    q, k, v: float32 [B, H, D], the new token's query, key and value.
+    k_cache, v_cache: float32 [B, H, L, D]; slots < pos are filled.
+    pos: int32 scalar < L.
+
+  Returns:
+    (float32 [B, H, D] output, k_cache and v_cache with slot `pos` written). The caches are
+    updated in place (the custom call's outputs alias them), and only slots 0..pos are read,
+    whatever L.
+  """
+  scale = np.float32(1 / math.sqrt(q.shape[-1]))
+  return jax.ffi.ffi_call(
+      DECODE_TARGET,
+      (jax.ShapeDtypeStruct(q.shape, jnp.float32),
+       jax.ShapeDtypeStruct(k_cache.shape, jnp.float32),
+       jax.ShapeDtypeStruct(v_cache.shape, jnp.float32)),
+      input_output_aliases={3: 1, 4: 2}, vmap_method="sequential")(
+          q, k.astype(jnp.float32), v.astype(jnp.float32), k_cache, v_cache,
+          jnp.asarray(pos, jnp.int32), scale=scale)

@@ -11,6 +11,9 @@
 //
 // Layout: q, k, v, o, do, dq, dk, dv are float32 [B, H, T, D] (row-major, heads first);
 // lse is float32 [B, H, T]. `block` divides T; `scale` multiplies q . k.
+//
+// Also the sampler's decode step (one new token per row against the key/value cache),
+// where XLA's batched matrix-vector products over the cache ran on one thread.
 
 #include <algorithm>
 #include <atomic>
@@ -27,6 +30,7 @@
 namespace ffi = xla::ffi;
 using F32R3 = ffi::Buffer<ffi::F32, 3>;
 using F32R4 = ffi::Buffer<ffi::F32, 4>;
+using S32R0 = ffi::Buffer<ffi::S32, 0>;
 
 namespace {
 
@@ -198,6 +202,64 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32, 4> q, ffi::Buffe
   return ffi::Error::Success();
 }
 
+// ----------------------------------------------------------------------------- decoding
+// One new token per row: writes its key/value into cache slot `pos` and attends over
+// slots 0..pos. Reads exactly the filled slots, whatever the cache's length L.
+//
+// q, k_new, v_new, out: float32 [B, H, D]; caches: float32 [B, H, L, D], updated in place
+// (the outputs alias them); pos: int32 scalar.
+
+void DecodeItem(int64_t length, int64_t d, int64_t pos, float scale, const float* q,
+                const float* k_new, const float* v_new, float* keys, float* values, float* out) {
+  std::copy(k_new, k_new + d, keys + pos * d);
+  std::copy(v_new, v_new + d, values + pos * d);
+  float* s = Scratch(scratch_a, pos + 1);
+  float m = 0.0f;
+  for (int64_t j = 0; j <= pos; ++j) {
+    const float* key = keys + j * d;
+    float dot = 0.0f;
+    for (int64_t c = 0; c < d; ++c) dot += q[c] * key[c];
+    s[j] = dot * scale;
+    m = j == 0 ? s[j] : std::max(m, s[j]);
+  }
+  float sum = 0.0f;
+  for (int64_t j = 0; j <= pos; ++j) {
+    s[j] = std::exp(s[j] - m);
+    sum += s[j];
+  }
+  std::fill(out, out + d, 0.0f);
+  for (int64_t j = 0; j <= pos; ++j) {
+    const float* value = values + j * d;
+    const float p = s[j];
+    for (int64_t c = 0; c < d; ++c) out[c] += p * value[c];
+  }
+  const float inv = 1.0f / sum;
+  for (int64_t c = 0; c < d; ++c) out[c] *= inv;
+}
+
+ffi::Error Decode(ffi::ThreadPool pool, F32R3 q, F32R3 k_new, F32R3 v_new, F32R4 k_cache,
+                  F32R4 v_cache, S32R0 pos_buffer,
+                  ffi::ResultBuffer<ffi::F32, 3> out, ffi::ResultBuffer<ffi::F32, 4> k_out,
+                  ffi::ResultBuffer<ffi::F32, 4> v_out, float scale) {
+  auto dims = k_cache.dimensions();
+  const int64_t items = dims[0] * dims[1], length = dims[2], d = dims[3];
+  const int64_t pos = pos_buffer.typed_data()[0];
+  if (pos < 0 || pos >= length)
+    return ffi::Error::InvalidArgument("decode attention: position outside the cache");
+  // The outputs alias the caches; should XLA ever hand over fresh buffers, copy first.
+  if (k_out->typed_data() != k_cache.typed_data())
+    std::copy(k_cache.typed_data(), k_cache.typed_data() + items * length * d, k_out->typed_data());
+  if (v_out->typed_data() != v_cache.typed_data())
+    std::copy(v_cache.typed_data(), v_cache.typed_data() + items * length * d, v_out->typed_data());
+  const float *qp = q.typed_data(), *kn = k_new.typed_data(), *vn = v_new.typed_data();
+  float *kp = k_out->typed_data(), *vp = v_out->typed_data(), *op = out->typed_data();
+  ParallelFor(pool, items, [&](int64_t i) {
+    DecodeItem(length, d, pos, scale, qp + i * d, kn + i * d, vn + i * d, kp + i * length * d,
+               vp + i * length * d, op + i * d);
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MidijaxCausalAttentionForward, Forward,
@@ -224,4 +286,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MidijaxCausalAttentionBackward, Backward,
                                   .Ret<F32R4>()
                                   .Ret<F32R4>()
                                   .Attr<int64_t>("block")
+                                  .Attr<float>("scale"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MidijaxDecodeAttention, Decode,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<F32R3>()
+                                  .Arg<F32R3>()
+                                  .Arg<F32R3>()
+                                  .Arg<F32R4>()
+                                  .Arg<F32R4>()
+                                  .Arg<S32R0>()
+                                  .Ret<F32R3>()
+                                  .Ret<F32R4>()
+                                  .Ret<F32R4>()
                                   .Attr<float>("scale"));
