@@ -145,6 +145,13 @@ def available() -> bool:
   return _load() is None
 
 
+def _require() -> None:
+  """Builds and registers the kernels, or raises KernelBuildError saying why not."""
+  reason = _load()
+  if reason is not None:
+    raise KernelBuildError(f"the CPU attention kernels are not available: {reason}")
+
+
 def supports(q: jax.Array, k: jax.Array, v: jax.Array, block: int) -> bool:
   """Whether [B, H, T, D] q, k, v and `block` are in the kernel's scope."""
   t = q.shape[2]
@@ -153,6 +160,7 @@ def supports(q: jax.Array, k: jax.Array, v: jax.Array, block: int) -> bool:
 
 
 def _forward_call(q, k, v, block):
+  _require()
   b, h, t, d = q.shape
   return jax.ffi.ffi_call(
       FORWARD_TARGET,
@@ -164,7 +172,8 @@ def _forward_call(q, k, v, block):
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, block: int) -> jax.Array:
   """softmax(q k^T / sqrt(D) + causal mask) v for float32 [B, H, T, D] q, k, v.
 
-  Call only after `available()` and `supports(...)`; `block` (the query block) divides T.
+  For inputs that pass `supports(...)`; `block` (the query block) divides T. Builds the
+  kernel on first use; raises KernelBuildError if it cannot be built.
   """
   return _forward_call(q, k, v, block)[0]
 
@@ -207,6 +216,7 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Arra
     updated in place (the custom call's outputs alias them), and only slots 0..pos are read,
     whatever L.
   """
+  _require()
   scale = np.float32(1 / math.sqrt(q.shape[-1]))
   return jax.ffi.ffi_call(
       DECODE_TARGET,
