@@ -521,9 +521,11 @@ def attend(q, k, v, *, bias=None, mask=None, is_causal=False,
   """Scaled dot-product attention, with optional dropout on the probabilities.
 
   Without attention dropout on GPU/TPU this is `jax.nn.dot_product_attention`
-  (its `implementation="cudnn"` fused kernel is the upgrade path on GPU). That
-  function has no dropout, so with attention dropout, and on CPU where XLA runs it
-  faster, the same math is written out here. Written out and causal, it runs in
+  (its `implementation="cudnn"` fused kernel is the upgrade path on GPU). On one CPU
+  device, causal float32 attention without bias, mask or dropout runs through the C++
+  kernel in `midijax.kernels.causal_attention` (same block size). Otherwise (attention
+  dropout, which dot_product_attention lacks, or XLA:CPU, where it is faster) the same
+  math is written out here. Written out and causal, it runs in
   query blocks of `block` tokens, block i attending only to keys up to its last
   query: the masked upper triangle (almost half the T x T logits, softmax and
   their gradients) is never computed.
