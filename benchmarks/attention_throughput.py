@@ -96,7 +96,8 @@ def main():
       row["kernel_speedup_forward_backward"] = round(t_b["xla"] / t_b["kernel"], 2)
     rows[str(block)] = row
   print(json.dumps({"bench": "attention_throughput", "shape": list(shape), "blocks": rows,
-                    "kernel": cpu_attention.available(), "allocator": allocator.current(), "jax": jax.__version__,
+                    "kernel": cpu_attention.available(), "allocator": allocator.current(),
+                    "jax": jax.__version__,
                     "load_average": round(os.getloadavg()[0], 2)}))
 
 

@@ -78,6 +78,8 @@ def test_attend_uses_the_kernel_only_where_it_applies():
 def test_switch_off_and_build_failure_say_why(monkeypatch, tmp_path):
   monkeypatch.setenv(cpu_attention.ENV_SWITCH, "0")
   assert cpu_attention._load.__wrapped__() == f"{cpu_attention.ENV_SWITCH}=0"
+  monkeypatch.setenv(cpu_attention.ENV_SWITCH, "off")
+  assert cpu_attention._load.__wrapped__() == f"{cpu_attention.ENV_SWITCH}=off"
   monkeypatch.delenv(cpu_attention.ENV_SWITCH)
   monkeypatch.setenv(cpu_attention.ENV_CACHE, str(tmp_path / "cache"))
   monkeypatch.setenv("CXX", "false")  # a "compiler" that always fails

@@ -9,15 +9,20 @@ and the softmax; it skips the masked upper triangle and, like flash attention, r
 the probabilities in the backward pass from the saved log-sum-exp. Forward + backward it
 runs 1.6x faster than the XLA version (`benchmarks/attention_throughput.py`).
 
+`decode_attention` is the sampler's step: one new token per row writes its key and value
+into the cache in place and attends over exactly the filled slots, on both cores (XLA ran
+those batched matrix-vector products on one).
+
 The kernel is compiled on first use with the system C++ compiler against the headers
 jaxlib ships (`jax.ffi.include_dir()`) and scipy-openblas32's sgemm, for this machine's
 CPU (-march=native), into a cache directory keyed by the source, compiler flags, JAX
 version and CPU. Where that is not possible (no compiler, no scipy-openblas32) `available()`
 says so once in the log and the model keeps its XLA attention. `MIDIJAX_CPU_KERNELS=0`
-turns the kernel off; `MIDIJAX_KERNEL_CACHE` moves the cache.
+(or false/off/no) turns the kernels off; `MIDIJAX_KERNEL_CACHE` moves the cache.
 
 Scope: float32, causal, no attention bias, mask or dropout, one CPU device (under a mesh of
-several devices the custom call would not be partitioned); `transformer.attend` checks this.
+several devices the custom call would not be partitioned); `transformer.attend` and
+`sampling.uses_decode_kernel` check this.
 """
 from __future__ import annotations
 
@@ -120,8 +125,9 @@ def library_path() -> pathlib.Path:
 @functools.lru_cache(maxsize=None)
 def _load() -> Optional[str]:
   """Builds, loads and registers the kernel once; None if it works, else the reason."""
-  if os.environ.get(ENV_SWITCH, "1") == "0":
-    return f"{ENV_SWITCH}=0"
+  switch = os.environ.get(ENV_SWITCH, "1")
+  if switch.strip().lower() in ("0", "false", "off", "no"):
+    return f"{ENV_SWITCH}={switch}"
   try:
     library = ctypes.cdll.LoadLibrary(str(library_path()))
     jax.ffi.register_ffi_target(FORWARD_TARGET,

@@ -86,7 +86,7 @@ void ForwardItem(const Shape& s, int64_t block, float scale, const float* q, con
     const int64_t hi = lo + block;
     // p[block, hi] = scale * q[lo:hi] . k[:hi]^T
     Sgemm(CblasNoTrans, CblasTrans, block, hi, s.d, scale, q + lo * s.d,
-                s.d, k, s.d, 0.0f, p, hi);
+          s.d, k, s.d, 0.0f, p, hi);
     for (int64_t r = 0; r < block; ++r) {
       float* row = p + r * hi;
       const int64_t n = Visible(lo, r);
@@ -104,7 +104,7 @@ void ForwardItem(const Shape& s, int64_t block, float scale, const float* q, con
     }
     // o[lo:hi] = p . v[:hi]
     Sgemm(CblasNoTrans, CblasNoTrans, block, s.d, hi, 1.0f, p, hi, v, s.d,
-                0.0f, o + lo * s.d, s.d);
+          0.0f, o + lo * s.d, s.d);
   }
 }
 
@@ -120,7 +120,7 @@ void BackwardItem(const Shape& s, int64_t block, float scale, const float* q, co
     const float* q_i = q + lo * s.d;
     const float* do_i = d_o + lo * s.d;
     Sgemm(CblasNoTrans, CblasTrans, block, hi, s.d, scale, q_i, s.d, k, s.d,
-                0.0f, p, hi);
+          0.0f, p, hi);
     for (int64_t r = 0; r < block; ++r) {
       float* row = p + r * hi;
       const int64_t n = Visible(lo, r);
@@ -130,10 +130,10 @@ void BackwardItem(const Shape& s, int64_t block, float scale, const float* q, co
     }
     // dv[:hi] += p^T . do_i
     Sgemm(CblasTrans, CblasNoTrans, hi, s.d, block, 1.0f, p, hi, do_i, s.d,
-                1.0f, dv, s.d);
+          1.0f, dv, s.d);
     // dp = do_i . v[:hi]^T
     Sgemm(CblasNoTrans, CblasTrans, block, hi, s.d, 1.0f, do_i, s.d, v, s.d,
-                0.0f, dp, hi);
+          0.0f, dp, hi);
     for (int64_t r = 0; r < block; ++r) {
       // sum_c p[r, c] dp[r, c] = do[r] . o[r]: the softmax backward without a row reduce.
       const float* o_r = o + (lo + r) * s.d;
@@ -147,13 +147,13 @@ void BackwardItem(const Shape& s, int64_t block, float scale, const float* q, co
     }
     // dq_i = scale * ds . k[:hi];  dk[:hi] += scale * ds^T . q_i
     Sgemm(CblasNoTrans, CblasNoTrans, block, s.d, hi, scale, p, hi, k, s.d,
-                0.0f, dq + lo * s.d, s.d);
+          0.0f, dq + lo * s.d, s.d);
     Sgemm(CblasTrans, CblasNoTrans, hi, s.d, block, scale, p, hi, q_i, s.d,
-                1.0f, dk, s.d);
+          1.0f, dk, s.d);
   }
 }
 
-ffi::Error CheckShape(const ffi::Buffer<ffi::F32, 4>& q, int64_t block, Shape* s) {
+ffi::Error CheckShape(const F32R4& q, int64_t block, Shape* s) {
   auto dims = q.dimensions();
   *s = Shape{dims[0], dims[1], dims[2], dims[3]};
   if (block <= 0 || s->t % block != 0)
@@ -168,8 +168,8 @@ void SingleThreadedBlas() {
   std::call_once(blas_threads_once, []() { scipy_openblas_set_num_threads(1); });
 }
 
-ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32, 4> q, ffi::Buffer<ffi::F32, 4> k,
-                   ffi::Buffer<ffi::F32, 4> v, ffi::ResultBuffer<ffi::F32, 4> o,
+ffi::Error Forward(ffi::ThreadPool pool, F32R4 q, F32R4 k,
+                   F32R4 v, ffi::ResultBuffer<ffi::F32, 4> o,
                    ffi::ResultBuffer<ffi::F32, 3> lse, int64_t block, float scale) {
   Shape s;
   if (auto e = CheckShape(q, block, &s); e.failure()) return e;
@@ -183,9 +183,9 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32, 4> q, ffi::Buffer
   return ffi::Error::Success();
 }
 
-ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32, 4> q, ffi::Buffer<ffi::F32, 4> k,
-                    ffi::Buffer<ffi::F32, 4> v, ffi::Buffer<ffi::F32, 4> o,
-                    ffi::Buffer<ffi::F32, 3> lse, ffi::Buffer<ffi::F32, 4> d_o,
+ffi::Error Backward(ffi::ThreadPool pool, F32R4 q, F32R4 k,
+                    F32R4 v, F32R4 o,
+                    F32R3 lse, F32R4 d_o,
                     ffi::ResultBuffer<ffi::F32, 4> dq, ffi::ResultBuffer<ffi::F32, 4> dk,
                     ffi::ResultBuffer<ffi::F32, 4> dv, int64_t block, float scale) {
   Shape s;
