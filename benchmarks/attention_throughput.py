@@ -68,12 +68,10 @@ def main():
         times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
 
-  heads_first = lambda x: x.transpose(0, 2, 1, 3)
   implementations = {"xla": lambda q, k, v, b: transformer.causal_block_attention(
       q, k, v, None, None, b)}
   if cpu_attention.available():  # as transformer.attend calls it: [B, T, H, Dh] in and out
-    implementations["kernel"] = lambda q, k, v, b: heads_first(cpu_attention.causal_attention(
-        heads_first(q), heads_first(k), heads_first(v), b))
+    implementations["kernel"] = cpu_attention.causal_attention
   rows = {}
   for block in blocks:
     n = a.seq // block

@@ -19,6 +19,12 @@ def _qkv(shape, seed=0):
   return tuple(jnp.asarray(rng.standard_normal(shape), jnp.float32) for _ in range(3))
 
 
+def _kernel(q, k, v, block):
+  """The kernel on [B, H, T, D] arrays (it takes the model's [B, T, H, D] layout)."""
+  swap = lambda x: jnp.swapaxes(x, 1, 2)
+  return swap(cpu_attention.causal_attention(swap(q), swap(k), swap(v), block))
+
+
 def _dense_reference(q, k, v):
   """Plain softmax attention with a causal mask, [B, H, T, D] in and out."""
   t = q.shape[2]
@@ -36,18 +42,18 @@ def test_kernel_matches_dense_attention_and_its_gradients(shape, block):
   loss = lambda f: jax.jit(jax.value_and_grad(lambda q, k, v: jnp.sum(w * f(q, k, v)),
                                               argnums=(0, 1, 2)))
   (want, want_grads) = loss(_dense_reference)(q, k, v)
-  (got, got_grads) = loss(lambda q, k, v: cpu_attention.causal_attention(q, k, v, block))(q, k, v)
+  (got, got_grads) = loss(lambda q, k, v: _kernel(q, k, v, block))(q, k, v)
   np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-4)
   for g, ref in zip(got_grads, want_grads):
     np.testing.assert_allclose(g, ref, rtol=1e-4, atol=1e-4)
-  out = jax.jit(lambda q, k, v: cpu_attention.causal_attention(q, k, v, block))(q, k, v)
+  out = jax.jit(lambda q, k, v: _kernel(q, k, v, block))(q, k, v)
   np.testing.assert_allclose(out, _dense_reference(q, k, v), rtol=1e-5, atol=1e-5)
 
 
 @needs_kernel
 def test_kernel_is_causal():
   q, k, v = _qkv((1, 2, 32, 8), seed=3)
-  f = jax.jit(lambda q, k, v: cpu_attention.causal_attention(q, k, v, 8))
+  f = jax.jit(lambda q, k, v: _kernel(q, k, v, 8))
   changed = [x.at[:, :, 20:].add(1.0) for x in (q, k, v)]
   a, b = f(q, k, v), f(*changed)
   np.testing.assert_array_equal(a[:, :, :20], b[:, :, :20])

@@ -159,15 +159,15 @@ def _require() -> None:
 
 
 def supports(q: jax.Array, k: jax.Array, v: jax.Array, block: int) -> bool:
-  """Whether [B, H, T, D] q, k, v and `block` are in the kernel's scope."""
-  t = q.shape[2]
+  """Whether [B, T, H, D] q, k, v and `block` are in the kernel's scope."""
+  t = q.shape[1]
   return (q.ndim == 4 and q.shape == k.shape == v.shape and block > 0 and t % block == 0
           and all(x.dtype == jnp.float32 for x in (q, k, v)))
 
 
 def _forward_call(q, k, v, block):
   _require()
-  b, h, t, d = q.shape
+  b, t, h, d = q.shape
   return jax.ffi.ffi_call(
       FORWARD_TARGET,
       (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct((b, h, t), jnp.float32)),
@@ -176,7 +176,9 @@ def _forward_call(q, k, v, block):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, block: int) -> jax.Array:
-  """softmax(q k^T / sqrt(D) + causal mask) v for float32 [B, H, T, D] q, k, v.
+  """softmax(q k^T / sqrt(D) + causal mask) v per head, for float32 [B, T, H, D] q, k, v
+  (the layout the model's projections produce; the kernel reads each head's rows with a
+  stride, so no transposes surround it). Returns [B, T, H, D].
 
   For inputs that pass `supports(...)`; `block` (the query block) divides T. Builds the
   kernel on first use; raises KernelBuildError if it cannot be built.

@@ -9,7 +9,8 @@
 // computed; the backward pass recomputes the probabilities from the saved log-sum-exp
 // (as flash attention does) instead of storing them.
 //
-// Layout: q, k, v, o, do, dq, dk, dv are float32 [B, H, T, D] (row-major, heads first);
+// Layout: q, k, v, o, do, dq, dk, dv are float32 [B, T, H, D], the model's own layout (a
+// head's rows are read with a stride of H * D, so nothing is transposed around the call);
 // lse is float32 [B, H, T]. `block` divides T; `scale` multiplies q . k.
 //
 // Also the sampler's decode step (one new token per row against the key/value cache),
@@ -42,7 +43,10 @@ inline void Sgemm(CBLAS_TRANSPOSE ta, CBLAS_TRANSPOSE tb, int64_t m, int64_t n, 
 }
 
 struct Shape {
-  int64_t b, h, t, d;
+  int64_t b, t, h, d;
+  int64_t ld() const { return h * d; }  // row stride of a head's [T, D] slice
+  // Offset of (batch, head) item i = b * H + h in a [B, T, H, D] array.
+  int64_t base(int64_t i) const { return (i / h) * t * ld() + (i % h) * d; }
 };
 
 // Runs fn(item) for item in [0, total) on the caller and on the pool's other threads.
@@ -81,12 +85,13 @@ inline int64_t Visible(int64_t lo, int64_t r) { return lo + r + 1; }
 
 void ForwardItem(const Shape& s, int64_t block, float scale, const float* q, const float* k,
                  const float* v, float* o, float* lse) {
+  const int64_t ld = s.ld();
   float* p = Scratch(scratch_a, block * s.t);
   for (int64_t lo = 0; lo < s.t; lo += block) {
     const int64_t hi = lo + block;
     // p[block, hi] = scale * q[lo:hi] . k[:hi]^T
-    Sgemm(CblasNoTrans, CblasTrans, block, hi, s.d, scale, q + lo * s.d,
-          s.d, k, s.d, 0.0f, p, hi);
+    Sgemm(CblasNoTrans, CblasTrans, block, hi, s.d, scale, q + lo * ld,
+          ld, k, ld, 0.0f, p, hi);
     for (int64_t r = 0; r < block; ++r) {
       float* row = p + r * hi;
       const int64_t n = Visible(lo, r);
@@ -103,8 +108,8 @@ void ForwardItem(const Shape& s, int64_t block, float scale, const float* q, con
       lse[lo + r] = m + std::log(sum);
     }
     // o[lo:hi] = p . v[:hi]
-    Sgemm(CblasNoTrans, CblasNoTrans, block, s.d, hi, 1.0f, p, hi, v, s.d,
-          0.0f, o + lo * s.d, s.d);
+    Sgemm(CblasNoTrans, CblasNoTrans, block, s.d, hi, 1.0f, p, hi, v, ld,
+          0.0f, o + lo * ld, ld);
   }
 }
 
@@ -113,13 +118,16 @@ void BackwardItem(const Shape& s, int64_t block, float scale, const float* q, co
                   float* dk, float* dv) {
   float* p = Scratch(scratch_a, block * s.t);
   float* dp = Scratch(scratch_b, block * s.t);
-  std::fill(dk, dk + s.t * s.d, 0.0f);
-  std::fill(dv, dv + s.t * s.d, 0.0f);
+  const int64_t ld = s.ld();
+  for (int64_t r = 0; r < s.t; ++r) {
+    std::fill(dk + r * ld, dk + r * ld + s.d, 0.0f);
+    std::fill(dv + r * ld, dv + r * ld + s.d, 0.0f);
+  }
   for (int64_t lo = 0; lo < s.t; lo += block) {
     const int64_t hi = lo + block;
-    const float* q_i = q + lo * s.d;
-    const float* do_i = d_o + lo * s.d;
-    Sgemm(CblasNoTrans, CblasTrans, block, hi, s.d, scale, q_i, s.d, k, s.d,
+    const float* q_i = q + lo * ld;
+    const float* do_i = d_o + lo * ld;
+    Sgemm(CblasNoTrans, CblasTrans, block, hi, s.d, scale, q_i, ld, k, ld,
           0.0f, p, hi);
     for (int64_t r = 0; r < block; ++r) {
       float* row = p + r * hi;
@@ -129,15 +137,15 @@ void BackwardItem(const Shape& s, int64_t block, float scale, const float* q, co
       for (int64_t c = n; c < hi; ++c) row[c] = 0.0f;
     }
     // dv[:hi] += p^T . do_i
-    Sgemm(CblasTrans, CblasNoTrans, hi, s.d, block, 1.0f, p, hi, do_i, s.d,
-          1.0f, dv, s.d);
+    Sgemm(CblasTrans, CblasNoTrans, hi, s.d, block, 1.0f, p, hi, do_i, ld,
+          1.0f, dv, ld);
     // dp = do_i . v[:hi]^T
-    Sgemm(CblasNoTrans, CblasTrans, block, hi, s.d, 1.0f, do_i, s.d, v, s.d,
+    Sgemm(CblasNoTrans, CblasTrans, block, hi, s.d, 1.0f, do_i, ld, v, ld,
           0.0f, dp, hi);
     for (int64_t r = 0; r < block; ++r) {
       // sum_c p[r, c] dp[r, c] = do[r] . o[r]: the softmax backward without a row reduce.
-      const float* o_r = o + (lo + r) * s.d;
-      const float* do_r = do_i + r * s.d;
+      const float* o_r = o + (lo + r) * ld;
+      const float* do_r = do_i + r * ld;
       float delta = 0.0f;
       for (int64_t j = 0; j < s.d; ++j) delta += do_r[j] * o_r[j];
       float* prow = p + r * hi;
@@ -146,16 +154,16 @@ void BackwardItem(const Shape& s, int64_t block, float scale, const float* q, co
       for (int64_t c = 0; c < n; ++c) prow[c] *= dprow[c] - delta;  // p becomes d_logits
     }
     // dq_i = scale * ds . k[:hi];  dk[:hi] += scale * ds^T . q_i
-    Sgemm(CblasNoTrans, CblasNoTrans, block, s.d, hi, scale, p, hi, k, s.d,
-          0.0f, dq + lo * s.d, s.d);
-    Sgemm(CblasTrans, CblasNoTrans, hi, s.d, block, scale, p, hi, q_i, s.d,
-          1.0f, dk, s.d);
+    Sgemm(CblasNoTrans, CblasNoTrans, block, s.d, hi, scale, p, hi, k, ld,
+          0.0f, dq + lo * ld, ld);
+    Sgemm(CblasTrans, CblasNoTrans, hi, s.d, block, scale, p, hi, q_i, ld,
+          1.0f, dk, ld);
   }
 }
 
 ffi::Error CheckShape(const F32R4& q, int64_t block, Shape* s) {
   auto dims = q.dimensions();
-  *s = Shape{dims[0], dims[1], dims[2], dims[3]};
+  *s = Shape{dims[0], dims[1], dims[2], dims[3]};  // [B, T, H, D]
   if (block <= 0 || s->t % block != 0)
     return ffi::Error::InvalidArgument("causal attention: block must divide the sequence length");
   return ffi::Error::Success();
@@ -174,11 +182,11 @@ ffi::Error Forward(ffi::ThreadPool pool, F32R4 q, F32R4 k,
   Shape s;
   if (auto e = CheckShape(q, block, &s); e.failure()) return e;
   SingleThreadedBlas();
-  const int64_t n = s.t * s.d;
   const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
   float *op = o->typed_data(), *lp = lse->typed_data();
   ParallelFor(pool, s.b * s.h, [&](int64_t i) {
-    ForwardItem(s, block, scale, qp + i * n, kp + i * n, vp + i * n, op + i * n, lp + i * s.t);
+    const int64_t n = s.base(i);
+    ForwardItem(s, block, scale, qp + n, kp + n, vp + n, op + n, lp + i * s.t);
   });
   return ffi::Error::Success();
 }
@@ -191,13 +199,13 @@ ffi::Error Backward(ffi::ThreadPool pool, F32R4 q, F32R4 k,
   Shape s;
   if (auto e = CheckShape(q, block, &s); e.failure()) return e;
   SingleThreadedBlas();
-  const int64_t n = s.t * s.d;
   const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
   const float *op = o.typed_data(), *lp = lse.typed_data(), *dop = d_o.typed_data();
   float *dqp = dq->typed_data(), *dkp = dk->typed_data(), *dvp = dv->typed_data();
   ParallelFor(pool, s.b * s.h, [&](int64_t i) {
-    BackwardItem(s, block, scale, qp + i * n, kp + i * n, vp + i * n, op + i * n, lp + i * s.t,
-                 dop + i * n, dqp + i * n, dkp + i * n, dvp + i * n);
+    const int64_t n = s.base(i);
+    BackwardItem(s, block, scale, qp + n, kp + n, vp + n, op + n, lp + i * s.t, dop + n,
+                 dqp + n, dkp + n, dvp + n);
   });
   return ffi::Error::Success();
 }

@@ -551,13 +551,11 @@ def attend(q, k, v, *, bias=None, mask=None, is_causal=False,
   # At least 4 blocks, so short sequences skip most of the triangle too (seed_course,
   # T=256: blocks of 64 made its training step 7% faster than blocks of 128).
   block = min(block, t // 4) if t >= 64 else block
-  if is_causal and bias is None and mask is None and not use_dropout and block and t == s:
-    heads_first = lambda x: x.transpose(0, 2, 1, 3)  # [B, T, H, Dh] <-> [B, H, T, Dh]
-    q_, k_, v_ = heads_first(q), heads_first(k), heads_first(v)
-    # On one CPU device, the C++ kernel (midijax/kernels): 1.6x XLA's blocked attention.
-    if (sharding.on_single_cpu_device() and cpu_attention.supports(q_, k_, v_, block)
-        and cpu_attention.available()):
-      return heads_first(cpu_attention.causal_attention(q_, k_, v_, block))
+  # On one CPU device, the C++ kernel (midijax/kernels): 1.6x XLA's blocked attention.
+  if (is_causal and bias is None and mask is None and not use_dropout and block and t == s
+      and sharding.on_single_cpu_device() and cpu_attention.supports(q, k, v, block)
+      and cpu_attention.available()):
+    return cpu_attention.causal_attention(q, k, v, block)
   if not (is_causal and block and t == s and t % block == 0 and t >= 2 * block):
     allowed = mask
     if is_causal:
