@@ -23,6 +23,8 @@ GPT-2 with n_positions 2048); compare with ../shared/peers/hf_generate.py, same 
     python benchmarks/sample_throughput.py --config configs/seed_course.py --batch 32
     python benchmarks/sample_throughput.py --config configs/seed_course.py --batch 32 \
         --layers 6 --width 512 --heads 8 --mlp 2048
+    python benchmarks/sample_throughput.py --config configs/seed_course.py --batch 32 \
+        --kv_cache int8   # int8 key/value cache (a quarter of the bytes per step)
     python benchmarks/sample_throughput.py --config configs/music_transformer.py --batch 1 \
         --dtype float32   # Music Transformer relative attention, float32 on CPU
 """
@@ -60,6 +62,8 @@ def main():
   ap.add_argument("--top_p", type=float, default=1.0)
   ap.add_argument("--temperature", type=float, default=0.8)
   ap.add_argument("--unconstrained", action="store_true", help="no grammar mask")
+  ap.add_argument("--kv_cache", choices=("model", "int8"), default="model",
+                  help="key/value cache storage (int8: a scale per vector, see sampling.py)")
   ap.add_argument("--cache_phases", type=int, default=None,
                   help="growing cache lengths (default: from the cache size, see sampling.py)")
   ap.add_argument("--positions", default="128,1024",
@@ -104,7 +108,7 @@ def main():
   kw = dict(encoding=enc, max_new_tokens=a.new_tokens, temperature=a.temperature,
             top_k=a.top_k, top_p=a.top_p, constrained=not a.unconstrained,
             cache_len=min(context, max_len), min_new_tokens=a.new_tokens, prefix_len=1,
-            window_keep=min(context, max_len) // 2)
+            window_keep=min(context, max_len) // 2, kv_cache=a.kv_cache)
   if a.cache_phases:
     kw["cache_phases"] = a.cache_phases
 
@@ -139,6 +143,7 @@ def main():
       "vocab_size": enc.vocab_size, "batch": a.batch, "prompt": a.prompt,
       "new_tokens": a.new_tokens, "top_k": a.top_k, "top_p": a.top_p,
       "temperature": a.temperature, "constrained": not a.unconstrained,
+      "kv_cache": a.kv_cache,
       "tokens_per_s": round(statistics.median(tps), 1),
       "tokens_per_s_min": round(min(tps), 1), "tokens_per_s_max": round(max(tps), 1),
       "s_per_token_at": at, "compile_s": round(compile_s, 2),

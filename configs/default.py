@@ -123,4 +123,7 @@ def get_config():
   sample.top_k = 0
   sample.top_p = 1.0
   sample.max_new_tokens = 512
+  # Key/value cache: "model" (the model's dtype) or "int8" (a scale per vector; see
+  # midijax/sampling.py). Used by generate / continue unless --kv_cache says otherwise.
+  sample.kv_cache = "model"
   return config

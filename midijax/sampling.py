@@ -21,6 +21,10 @@ How the loop works (`_sample`):
   (about) the positions in use rather than the whole context. No step recomputes earlier
   tokens: a step costs the weights' matmuls plus reading the cache so far, which only
   shows at large batch x length, where the cache outweighs the weights.
+* `kv_cache="int8"` stores each cached key and value vector as int8 with one float32
+  scale (`quantize_kv`): a quarter of the bytes, which is what a batch-32 step spends its
+  time reading; attention's logits move by about 1% of their spread (tests/test_sampling.py
+  bounds it). The default keeps the model's dtype, exact to the full forward pass.
 * Past the context (`cache_len`, default the model's max_len) the window slides: the
   BOS + conditioning prefix and the last `window_keep` tokens are prefilled again in one
   pass and sampling goes on (positions restart; the grammar state and the elapsed time
@@ -140,7 +144,27 @@ def row_keys(seed: jax.Array, batch_size: int) -> jax.Array:
 CacheLayer = Dict[str, jax.Array]
 KEYS_TRANSPOSED_FROM_HEAD_DIM = 64
 _AXES = {"v": ("batch", "heads", "length", "kv"), "k": ("batch", "heads", "length", "kv"),
-         "kT": ("batch", "heads", "kv", "length")}
+         "kT": ("batch", "heads", "kv", "length"),
+         "k_scale": ("batch", "heads", "length"), "v_scale": ("batch", "heads", "length")}
+# Key/value cache storage: the model's dtype, or int8 with a float32 scale per vector.
+KV_CACHE_KINDS = ("model", "int8")
+
+
+def quantize_kv(x: jax.Array):
+  """float [..., D] -> (int8 [..., D], float32 [...] scale): x ~ q * scale per vector.
+
+  Symmetric absmax: scale = max|x| / 127, q = round(x / scale) (half to even), 0 for a
+  zero vector. The int8 decode kernel quantizes new tokens with the same formula.
+  """
+  x = x.astype(jnp.float32)
+  scale = jnp.max(jnp.abs(x), axis=-1) / 127.0
+  inv = jnp.where(scale > 0, 1.0 / jnp.where(scale > 0, scale, 1.0), 0.0)
+  q = jnp.clip(jnp.round(x * inv[..., None]), -127, 127).astype(jnp.int8)
+  return q, scale
+
+
+def _quantized(layer: CacheLayer) -> bool:
+  return "k_scale" in layer
 
 
 def uses_decode_kernel(cfg: transformer.TransformerConfig, mesh=None) -> bool:
@@ -154,37 +178,46 @@ def uses_decode_kernel(cfg: transformer.TransformerConfig, mesh=None) -> bool:
           and sharding.on_single_cpu_device(mesh) and cpu_attention.available())
 
 
-def _keys_transposed(cfg: transformer.TransformerConfig) -> bool:
-  return cfg.head_dim >= KEYS_TRANSPOSED_FROM_HEAD_DIM and not uses_decode_kernel(cfg)
+def _keys_transposed(cfg: transformer.TransformerConfig, quantized: bool = False) -> bool:
+  return (cfg.head_dim >= KEYS_TRANSPOSED_FROM_HEAD_DIM and not quantized
+          and not uses_decode_kernel(cfg))
 
 
-def _layer_axes(name: str, cfg) -> tuple:
-  return _AXES["kT" if name == "k" and _keys_transposed(cfg) else name]
+def _layer_axes(name: str, cfg, quantized: bool = False) -> tuple:
+  return _AXES["kT" if name == "k" and _keys_transposed(cfg, quantized) else name]
 
 
-def _length_axis(name: str, cfg) -> int:
+def _length_axis(name: str, cfg, quantized: bool = False) -> int:
   """The cache axis that holds positions (3 for transposed keys, else 2)."""
-  return 3 if name == "k" and _keys_transposed(cfg) else 2
+  return 3 if name == "k" and _keys_transposed(cfg, quantized) else 2
 
 
-def prefill(model: transformer.Transformer, tokens: jax.Array, length: int):
+def prefill(model: transformer.Transformer, tokens: jax.Array, length: int,
+            kv_cache: str = "model"):
   """Runs `tokens` through the model in one pass and returns the sampler's cache.
 
   Args:
     model: the Transformer.
     tokens: int [B, W] (a prompt or a re-prefilled window), positions 0..W-1.
     length: cache length L >= W to return (the first phase's length).
+    kv_cache: "model" (the model's dtype) or "int8" (`quantize_kv`, adds "k_scale" and
+      "v_scale" [B, H, L] to each layer).
 
   Returns:
     (float32 [B, V] logits for the token after `tokens`, list of CacheLayer of length L).
   """
   batch, width = tokens.shape
   cfg = model.config
+  quantized = kv_cache == "int8"
   logits, cache = model.decode(tokens, model.init_cache(batch, width), 0)
   layers = []
   for layer in cache:  # [B, W, H, Dh] -> the sampler's layout
-    layer = {n: x.transpose((0, 2, 3, 1) if _length_axis(n, cfg) == 3 else (0, 2, 1, 3))
+    layer = {n: x.transpose((0, 2, 3, 1) if _length_axis(n, cfg, quantized) == 3
+                            else (0, 2, 1, 3))
              for n, x in layer.items()}
+    if quantized:
+      (k, k_scale), (v, v_scale) = quantize_kv(layer["k"]), quantize_kv(layer["v"])
+      layer = {"k": k, "v": v, "k_scale": k_scale, "v_scale": v_scale}
     layers.append(layer)
   return logits[:, -1], _grow(layers, length, cfg)
 
@@ -209,6 +242,8 @@ def _attention_step(attention: transformer.Attention, x: jax.Array, layer: Cache
   cfg = attention.config
   q, k, v = attention._project_qkv(x, jnp.reshape(pos, (1, 1)))  # [B, 1, H, Dh]
   q, k, v = q[:, 0], k[:, 0], v[:, 0]  # [B, H, Dh]
+  if _quantized(layer):
+    return _attention_step_int8(attention, q, k, v, layer, pos)
   keys, values = layer["k"], layer["v"]
   if uses_decode_kernel(cfg) and cpu_attention.decode_supports(q, keys, values):
     out, keys, values = cpu_attention.decode_attention(q, k, v, keys, values, pos)
@@ -251,6 +286,46 @@ def _attention_step(attention: transformer.Attention, x: jax.Array, layer: Cache
       "v": jax.lax.dynamic_update_slice(values, v[:, :, None].astype(dtype), (0, 0, pos, 0)),
   }
   layer = {n: sharding.with_logical_constraint(a, _layer_axes(n, cfg)) for n, a in layer.items()}
+  return attention._output(out[:, None].astype(cfg.dtype)), layer
+
+
+def _attention_step_int8(attention: transformer.Attention, q, k, v, layer: CacheLayer,
+                         pos: jax.Array):
+  """`_attention_step` over an int8 cache (float32 math, the new token stored as int8
+  before it is attended to, as the int8 decode kernel does)."""
+  cfg = attention.config
+  keys, values, k_scale, v_scale = (layer[n] for n in ("k", "v", "k_scale", "v_scale"))
+  q = q.astype(jnp.float32)
+  if uses_decode_kernel(cfg) and cpu_attention.decode_supports_int8(q, keys, values, k_scale,
+                                                                      v_scale):
+    out, keys, values, k_scale, v_scale = cpu_attention.decode_attention_int8(
+        q, k, v, keys, values, k_scale, v_scale, pos)
+  else:
+    if cfg.position == "relative":
+      raise MidijaxError("kv_cache='int8' does not support relative attention; "
+                         "use kv_cache='model'")
+    (k8, ks), (v8, vs) = quantize_kv(k), quantize_kv(v)
+    length = values.shape[2]
+    scale = 1.0 / math.sqrt(cfg.head_dim)
+    old = jnp.einsum("bhd,bhsd->bhs", q, keys.astype(jnp.float32)) * k_scale * scale
+    new = jnp.einsum("bhd,bhd->bh", q, k8.astype(jnp.float32)) * ks * scale
+    old = jnp.where(jnp.arange(length) < pos, old, -jnp.inf)
+    top = jnp.maximum(jnp.max(old, axis=-1), new)
+    p_old = jnp.exp(old - top[..., None])
+    p_new = jnp.exp(new - top)
+    total = jnp.sum(p_old, axis=-1) + p_new
+    out = jnp.einsum("bhs,bhsd->bhd", p_old * v_scale, values.astype(jnp.float32))
+    out = (out + (p_new * vs)[..., None] * v8.astype(jnp.float32)) / total[..., None]
+    # As in _attention_step: the writes depend on `out`, so the cache updates in place.
+    after = out[:, :, 0] * 0.0
+    k8, v8 = k8 + after[..., None].astype(jnp.int8), v8 + after[..., None].astype(jnp.int8)
+    ks, vs = ks + after, vs + after
+    keys = jax.lax.dynamic_update_slice(keys, k8[:, :, None], (0, 0, pos, 0))
+    values = jax.lax.dynamic_update_slice(values, v8[:, :, None], (0, 0, pos, 0))
+    k_scale = jax.lax.dynamic_update_slice(k_scale, ks[:, :, None], (0, 0, pos))
+    v_scale = jax.lax.dynamic_update_slice(v_scale, vs[:, :, None], (0, 0, pos))
+  layer = {n: sharding.with_logical_constraint(a, _AXES[n])
+           for n, a in (("k", keys), ("v", values), ("k_scale", k_scale), ("v_scale", v_scale))}
   return attention._output(out[:, None].astype(cfg.dtype)), layer
 
 
@@ -300,12 +375,13 @@ def cache_phases(start: int, length: int, num_phases: int) -> List[int]:
 
 def _grow(cache: List[CacheLayer], length: int, cfg) -> List[CacheLayer]:
   """Pads each layer's cache to `length` slots (zeros; attention masks them)."""
-  def pad(name, x):
-    axis = _length_axis(name, cfg)
-    widths = [(0, 0)] * 4
+  def pad(name, x, quantized):
+    axis = _length_axis(name, cfg, quantized)
+    widths = [(0, 0)] * x.ndim
     widths[axis] = (0, length - x.shape[axis])
-    return sharding.with_logical_constraint(jnp.pad(x, widths), _layer_axes(name, cfg))
-  return [{n: pad(n, x) for n, x in layer.items()} for layer in cache]
+    return sharding.with_logical_constraint(jnp.pad(x, widths),
+                                            _layer_axes(name, cfg, quantized))
+  return [{n: pad(n, x, _quantized(layer)) for n, x in layer.items()} for layer in cache]
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -320,6 +396,7 @@ class SamplerSpec:
   use_top_p: bool
   grammar: grammar_lib.Grammar
   cache_phases: int
+  kv_cache: str = "model"
 
 
 def _sample(graphdef, spec: SamplerSpec, params, prompt, seed, temperature, top_p, max_seconds,
@@ -390,7 +467,7 @@ def _sample(graphdef, spec: SamplerSpec, params, prompt, seed, temperature, top_
       c, cache = jax.lax.while_loop(in_phase, chunk, (c, cache))
     return c
 
-  logits, cache = prefill(model, prompt, prompt_len)
+  logits, cache = prefill(model, prompt, prompt_len, spec.kv_cache)
   out = jnp.concatenate([prompt, jnp.zeros((batch, spec.max_new_tokens), jnp.int32)], axis=1)
   carry = {
       "i": jnp.zeros((), jnp.int32), "pos": jnp.asarray(prompt_len, jnp.int32),
@@ -408,7 +485,7 @@ def _sample(graphdef, spec: SamplerSpec, params, prompt, seed, temperature, top_
       window = jnp.concatenate(
           [c["out"][:, :spec.prefix_len],
            jax.lax.dynamic_slice_in_dim(c["out"], start, spec.window_keep, axis=1)], axis=1)
-      logits, cache = prefill(model, window, window_len)
+      logits, cache = prefill(model, window, window_len, spec.kv_cache)
       return run_phases({**c, "logits": logits, "pos": jnp.asarray(window_len, jnp.int32)},
                         cache, window_len)
 
@@ -449,7 +526,7 @@ def sample_tokens(model: transformer.Transformer, prompt, *, encoding: Encoding,
                   cache_len: Optional[int] = None, window_keep: Optional[int] = None,
                   prefix_len: Optional[int] = None, cache_phases: Optional[int] = None,
                   min_new_tokens: int = 0, token_limit: Optional[int] = None,
-                  mesh=None, rules=None) -> Dict[str, Any]:
+                  kv_cache: str = "model", mesh=None, rules=None) -> Dict[str, Any]:
   """Samples continuations of a batch of equal-length prompts (the low-level entry point).
 
   Args:
@@ -477,6 +554,8 @@ def sample_tokens(model: transformer.Transformer, prompt, *, encoding: Encoding,
     min_new_tokens: EOS is masked until this many new tokens (for exact-length timing).
     token_limit: stop after this many new tokens (<= max_new_tokens) without compiling
       another sampler; default max_new_tokens.
+    kv_cache: "model" (keys and values in the model's dtype) or "int8" (`quantize_kv`:
+      a quarter of the float32 bytes; not with relative attention).
     mesh, rules: a device mesh (`sharding.create_mesh`) and logical axis rules: the batch
       is split over its data axes and the sampler traced under `sharding.use_mesh`.
 
@@ -492,6 +571,11 @@ def sample_tokens(model: transformer.Transformer, prompt, *, encoding: Encoding,
   if prompt.ndim != 2 or prompt.shape[1] == 0:
     raise ValueError(f"prompt must be int [batch, length>0], got shape {prompt.shape}")
   cfg = model.config
+  if kv_cache not in KV_CACHE_KINDS:
+    raise MidijaxError(f"kv_cache must be one of {', '.join(KV_CACHE_KINDS)}, got {kv_cache!r}")
+  if kv_cache == "int8" and cfg.position == "relative":
+    raise MidijaxError("kv_cache='int8' does not support relative attention (this model's "
+                       "position='relative'); use kv_cache='model'")
   if encoding.vocab_size > cfg.vocab_size:
     raise MidijaxError(f"the model's vocabulary has {cfg.vocab_size} ids but encoding "
                        f"{encoding.name!r} needs {encoding.vocab_size}: incompatible encoding")
@@ -516,14 +600,14 @@ def sample_tokens(model: transformer.Transformer, prompt, *, encoding: Encoding,
     cache_phases = 1  # the kernel reads only the filled slots: no shorter phases needed
   if cache_phases is None:
     cache_bytes = (batch * cache_len * cfg.num_layers * 2 * cfg.qkv_dim *
-                   jnp.dtype(cfg.dtype).itemsize)
+                   (1 if kv_cache == "int8" else jnp.dtype(cfg.dtype).itemsize))
     cache_phases = int(np.clip(-(-cache_bytes // CACHE_BYTES_PER_PHASE), 1, MAX_CACHE_PHASES))
   spec = SamplerSpec(
       max_new_tokens=int(max_new_tokens), cache_len=cache_len, window_keep=window_keep,
       prefix_len=prefix_len, top_k=int(top_k) if 0 < top_k < cfg.padded_vocab_size else 0,
       use_top_p=top_p is not None and top_p < 1.0,
       grammar=grammar_lib.get(encoding, cfg.padded_vocab_size, qpm),
-      cache_phases=int(cache_phases))
+      cache_phases=int(cache_phases), kv_cache=kv_cache)
   if temperature < 0:
     raise ValueError(f"temperature must be >= 0, got {temperature}")
   if spec.use_top_p and not 0 < top_p <= 1:
@@ -612,8 +696,8 @@ def generate(model: transformer.Transformer, enc: Encoding, *, num_samples: int 
              top_p: float = 1.0, seed: int = 0, conditions: Optional[Mapping[str, str]] = None,
              prompt_ids: Optional[Sequence[int]] = None, max_seconds: Optional[float] = None,
              constrained: bool = True, window_keep: Optional[int] = None,
-             cache_len: Optional[int] = None, qpm: float = 120.0, mesh=None,
-             rules=None) -> SampleResult:
+             cache_len: Optional[int] = None, qpm: float = 120.0, kv_cache: str = "model",
+             mesh=None, rules=None) -> SampleResult:
   """Samples `num_samples` pieces from BOS + conditioning (+ optional event prompt).
 
   Args:
@@ -628,6 +712,7 @@ def generate(model: transformer.Transformer, enc: Encoding, *, num_samples: int 
     constrained: apply the encoding's grammar.
     window_keep, cache_len: sliding-window settings (`sample_tokens`).
     qpm: tempo for `triples` time (max_seconds).
+    kv_cache: "model" or "int8" (`sample_tokens`).
     mesh, rules: sample sharded over a mesh (`sample_tokens`).
 
   Returns:
@@ -642,7 +727,8 @@ def generate(model: transformer.Transformer, enc: Encoding, *, num_samples: int 
                       max_new_tokens=max_new_tokens, seed=seed, temperature=temperature,
                       top_k=top_k, top_p=top_p, constrained=constrained,
                       max_seconds=max_seconds, qpm=qpm, cache_len=cache_len,
-                      window_keep=window_keep, prefix_len=prefix_len, mesh=mesh, rules=rules)
+                      window_keep=window_keep, prefix_len=prefix_len, kv_cache=kv_cache,
+                      mesh=mesh, rules=rules)
   tokens = [trim_sample(row, len(prompt)) for row in out["tokens"]]
   new_tokens = sum(len(t) - len(prompt) for t in tokens)
   timing = {"compile_s": out["compile_s"], "sample_s": out["sample_s"],
@@ -708,7 +794,8 @@ def continue_midi(model: transformer.Transformer, enc: Encoding, prompt_path, *,
                   top_p: float = 1.0, seed: int = 0,
                   conditions: Optional[Mapping[str, str]] = None, constrained: bool = True,
                   window_keep: Optional[int] = None, cache_len: Optional[int] = None,
-                  is_drum: Optional[bool] = None, mesh=None, rules=None) -> Continuation:
+                  is_drum: Optional[bool] = None, kv_cache: str = "model", mesh=None,
+                  rules=None) -> Continuation:
   """Continues the start of a MIDI file.
 
   Args:
@@ -721,7 +808,7 @@ def continue_midi(model: transformer.Transformer, enc: Encoding, prompt_path, *,
     max_new_tokens: token cap; default enough room for `seconds` at a dense 200 tokens
       per second, or 2048.
     num_samples, temperature, top_k, top_p, seed, conditions, constrained, window_keep,
-    cache_len, mesh, rules: as in `generate`.
+    cache_len, kv_cache, mesh, rules: as in `generate`.
     is_drum: write drum-channel notes; default: the prompt is all drums (drums encoding
       always writes drums).
 
@@ -769,7 +856,7 @@ def continue_midi(model: transformer.Transformer, enc: Encoding, prompt_path, *,
                     temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                     conditions=conditions, prompt_ids=ids, max_seconds=seconds,
                     constrained=constrained, window_keep=window_keep, cache_len=cache_len,
-                    qpm=notes.qpm, mesh=mesh, rules=rules)
+                    qpm=notes.qpm, kv_cache=kv_cache, mesh=mesh, rules=rules)
   decode = functools.partial(enc.decode_notes, is_drum=is_drum, qpm=notes.qpm)
   return Continuation(prompt=decode(ids), full=[decode(t) for t in result.tokens],
                       continuation=[decode(t) for t in result.continuations], result=result,

@@ -11,7 +11,8 @@ runs 1.6x faster than the XLA version (`benchmarks/attention_throughput.py`).
 
 `decode_attention` is the sampler's step: one new token per row writes its key and value
 into the cache in place and attends over exactly the filled slots, on both cores (XLA ran
-those batched matrix-vector products on one).
+those batched matrix-vector products on one). `decode_attention_int8` does the same over an
+int8 cache with a float32 scale per cached vector (a quarter of the bytes per step).
 
 The kernel is compiled on first use with the system C++ compiler against the headers
 jaxlib ships (`jax.ffi.include_dir()`) and scipy-openblas32's sgemm, for this machine's
@@ -49,6 +50,7 @@ ENV_CACHE = "MIDIJAX_KERNEL_CACHE"
 FORWARD_TARGET = "midijax_causal_attention_fwd"
 BACKWARD_TARGET = "midijax_causal_attention_bwd"
 DECODE_TARGET = "midijax_decode_attention"
+DECODE_INT8_TARGET = "midijax_decode_attention_int8"
 # -ffast-math lets GCC vectorize expf through glibc's libmvec; the kernel only ever
 # exponentiates finite, max-subtracted logits.
 CXX_FLAGS = ("-O3", "-march=native", "-ffast-math", "-std=c++17", "-shared", "-fPIC")
@@ -137,6 +139,9 @@ def _load() -> Optional[str]:
                                 jax.ffi.pycapsule(library.MidijaxCausalAttentionBackward),
                                 platform="cpu")
     jax.ffi.register_ffi_target(DECODE_TARGET, jax.ffi.pycapsule(library.MidijaxDecodeAttention),
+                                platform="cpu")
+    jax.ffi.register_ffi_target(DECODE_INT8_TARGET,
+                                jax.ffi.pycapsule(library.MidijaxDecodeAttentionInt8),
                                 platform="cpu")
   except (KernelBuildError, OSError, AttributeError) as e:
     reason = str(e)
@@ -233,4 +238,43 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Arra
        jax.ShapeDtypeStruct(v_cache.shape, jnp.float32)),
       input_output_aliases={3: 1, 4: 2}, vmap_method="sequential")(
           q, k.astype(jnp.float32), v.astype(jnp.float32), k_cache, v_cache,
+          jnp.asarray(pos, jnp.int32), scale=scale)
+
+
+def decode_supports_int8(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
+                         k_scale: jax.Array, v_scale: jax.Array) -> bool:
+  """Whether float32 [B, H, D] queries, int8 [B, H, L, D] caches and float32 [B, H, L]
+  scales are in the int8 decode kernel's scope."""
+  return (q.ndim == 3 and k_cache.ndim == 4 and k_cache.shape == v_cache.shape
+          and k_cache.shape[:2] + k_cache.shape[3:] == q.shape
+          and k_scale.shape == v_scale.shape == k_cache.shape[:3]
+          and q.dtype == jnp.float32 and k_cache.dtype == v_cache.dtype == jnp.int8
+          and k_scale.dtype == v_scale.dtype == jnp.float32)
+
+
+def decode_attention_int8(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Array,
+                          v_cache: jax.Array, k_scale: jax.Array, v_scale: jax.Array,
+                          pos: jax.Array):
+  """`decode_attention` over an int8 cache (see `sampling.quantize_kv` for the format).
+
+  Args:
+    q, k, v: float32 [B, H, D], the new token's query, key and value (k and v are
+      quantized into slot `pos` first, so the token attends to itself as stored).
+    k_cache, v_cache: int8 [B, H, L, D]; k_scale, v_scale: float32 [B, H, L], a cached
+      vector being k_cache[b, h, s] * k_scale[b, h, s]. Slots < pos are filled.
+    pos: int32 scalar < L.
+
+  Returns:
+    (float32 [B, H, D] output, k_cache, v_cache, k_scale, v_scale with slot `pos`
+    written), updated in place; only slots 0..pos are read.
+  """
+  _require()
+  scale = np.float32(1 / math.sqrt(q.shape[-1]))
+  like = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype)  # noqa: E731
+  return jax.ffi.ffi_call(
+      DECODE_INT8_TARGET,
+      (jax.ShapeDtypeStruct(q.shape, jnp.float32), like(k_cache), like(v_cache),
+       like(k_scale), like(v_scale)),
+      input_output_aliases={3: 1, 4: 2, 5: 3, 6: 4}, vmap_method="sequential")(
+          q, k.astype(jnp.float32), v.astype(jnp.float32), k_cache, v_cache, k_scale, v_scale,
           jnp.asarray(pos, jnp.int32), scale=scale)

@@ -14,7 +14,9 @@
 // lse is float32 [B, H, T]. `block` divides T; `scale` multiplies q . k.
 //
 // Also the sampler's decode step (one new token per row against the key/value cache),
-// where XLA's batched matrix-vector products over the cache ran on one thread.
+// where XLA's batched matrix-vector products over the cache ran on one thread, with the
+// cache in float32 or in int8 (one float32 scale per cached key / value vector: a quarter
+// of the bytes to read per step, which bounds the step at large batch x length).
 
 #include <algorithm>
 #include <atomic>
@@ -25,6 +27,10 @@
 #include <thread>
 #include <vector>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include "cblas.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -32,6 +38,7 @@ namespace ffi = xla::ffi;
 using F32R3 = ffi::Buffer<ffi::F32, 3>;
 using F32R4 = ffi::Buffer<ffi::F32, 4>;
 using S32R0 = ffi::Buffer<ffi::S32, 0>;
+using S8R4 = ffi::Buffer<ffi::S8, 4>;
 
 namespace {
 
@@ -245,6 +252,176 @@ void DecodeItem(int64_t length, int64_t d, int64_t pos, float scale, const float
   for (int64_t c = 0; c < d; ++c) out[c] *= inv;
 }
 
+// int8 cache: a vector x is stored as round(x / s) with s = max|x| / 127 (s = 0 for a zero
+// vector). The scale factors out of both sums: q . k_j = s_j (q . kq_j) and
+// sum_j p_j v_j = sum_j (p_j s_j) vq_j, so the loops read one byte per element.
+// Quantize is the same formula as sampling.quantize_kv (round half to even).
+float Quantize(const float* x, int64_t d, int8_t* out) {
+  float top = 0.0f;
+  for (int64_t c = 0; c < d; ++c) top = std::max(top, std::fabs(x[c]));
+  const float s = top / 127.0f;
+  const float inv = s > 0.0f ? 1.0f / s : 0.0f;
+  for (int64_t c = 0; c < d; ++c)
+    out[c] = static_cast<int8_t>(std::clamp(std::nearbyint(x[c] * inv), -127.0f, 127.0f));
+  return s;
+}
+
+#if defined(__AVX512F__)
+// 16 int8 as float32.
+inline __m512 Load16(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+
+// Lane i of the result = the sum of v[i]'s 16 lanes: a shuffle-and-add tree (15 steps for
+// 16 vectors instead of a full horizontal sum per vector). The tree leaves input u at lane
+// 4 * (u % 4) + u / 4, so the inputs are read in that (self-inverse) order.
+inline __m512 Sum16(const __m512* v) {
+  auto in = [v](int m) { return v[(m % 4) * 4 + m / 4]; };
+  __m512 x[8], y[4], z[2];
+  for (int i = 0; i < 8; ++i) {  // 128-bit blocks 0-1: input 2i, 2-3: input 2i+1
+    const __m512 a = in(2 * i), b = in(2 * i + 1);
+    x[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+  }
+  for (int i = 0; i < 4; ++i)  // block k: input 4i + k
+    y[i] = _mm512_add_ps(_mm512_shuffle_f32x4(x[2 * i], x[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(x[2 * i], x[2 * i + 1], 0xDD));
+  for (int i = 0; i < 2; ++i)
+    z[i] = _mm512_add_ps(_mm512_unpacklo_ps(y[2 * i], y[2 * i + 1]),
+                         _mm512_unpackhi_ps(y[2 * i], y[2 * i + 1]));
+  const __m512d lo = _mm512_unpacklo_pd(_mm512_castps_pd(z[0]), _mm512_castps_pd(z[1]));
+  const __m512d hi = _mm512_unpackhi_pd(_mm512_castps_pd(z[0]), _mm512_castps_pd(z[1]));
+  return _mm512_add_ps(_mm512_castpd_ps(lo), _mm512_castpd_ps(hi));
+}
+
+// Scores s[j] = (q . key_j) * k_scales[j] * scale for j in [0, n), n a multiple of 16, and
+// the output sum over j of p[j] v_scales[j] value_j, for head dims D = 16 * C.
+template <int C>
+void Int8Scores(const float* q, const int8_t* keys, const float* k_scales, float scale,
+                int64_t n, float* s) {
+  __m512 qv[C];
+  for (int c = 0; c < C; ++c) qv[c] = _mm512_loadu_ps(q + 16 * c);
+  const __m512 sc = _mm512_set1_ps(scale);
+  for (int64_t j = 0; j < n; j += 16) {
+    __m512 acc[16];
+    for (int t = 0; t < 16; ++t) {
+      const int8_t* key = keys + (j + t) * 16 * C;
+      __m512 a = _mm512_mul_ps(qv[0], Load16(key));
+      for (int c = 1; c < C; ++c) a = _mm512_fmadd_ps(qv[c], Load16(key + 16 * c), a);
+      acc[t] = a;
+    }
+    const __m512 dots = _mm512_mul_ps(_mm512_mul_ps(Sum16(acc), _mm512_loadu_ps(k_scales + j)), sc);
+    _mm512_storeu_ps(s + j, dots);
+  }
+}
+
+template <int C>
+void Int8Values(const float* p, const int8_t* values, const float* v_scales, int64_t n,
+                float* out) {
+  __m512 o[C];
+  for (int c = 0; c < C; ++c) o[c] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; ++j) {
+    const __m512 w = _mm512_set1_ps(p[j] * v_scales[j]);
+    const int8_t* value = values + j * 16 * C;
+    for (int c = 0; c < C; ++c) o[c] = _mm512_fmadd_ps(w, Load16(value + 16 * c), o[c]);
+  }
+  for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + 16 * c, o[c]);
+}
+#endif
+
+// Vectorized paths for head dims 32, 64 and 128 on AVX-512 machines; the loops below for
+// the rest (and for the last n % 16 keys).
+bool Int8ScoresFast(int64_t d, const float* q, const int8_t* keys, const float* k_scales,
+                    float scale, int64_t n, float* s) {
+#if defined(__AVX512F__)
+  switch (d) {
+    case 32: Int8Scores<2>(q, keys, k_scales, scale, n, s); return true;
+    case 64: Int8Scores<4>(q, keys, k_scales, scale, n, s); return true;
+    case 128: Int8Scores<8>(q, keys, k_scales, scale, n, s); return true;
+  }
+#endif
+  return false;
+}
+
+bool Int8ValuesFast(int64_t d, const float* p, const int8_t* values, const float* v_scales,
+                    int64_t n, float* out) {
+#if defined(__AVX512F__)
+  switch (d) {
+    case 32: Int8Values<2>(p, values, v_scales, n, out); return true;
+    case 64: Int8Values<4>(p, values, v_scales, n, out); return true;
+    case 128: Int8Values<8>(p, values, v_scales, n, out); return true;
+  }
+#endif
+  return false;
+}
+
+void DecodeItemInt8(int64_t length, int64_t d, int64_t pos, float scale, const float* q,
+                    const float* k_new, const float* v_new, int8_t* keys, int8_t* values,
+                    float* k_scales, float* v_scales, float* out) {
+  k_scales[pos] = Quantize(k_new, d, keys + pos * d);
+  v_scales[pos] = Quantize(v_new, d, values + pos * d);
+  const int64_t n = pos + 1;
+  float* s = Scratch(scratch_a, n);
+  int64_t j = Int8ScoresFast(d, q, keys, k_scales, scale, n / 16 * 16, s) ? n / 16 * 16 : 0;
+  for (; j < n; ++j) {
+    const int8_t* key = keys + j * d;
+    float dot = 0.0f;
+    for (int64_t c = 0; c < d; ++c) dot += q[c] * static_cast<float>(key[c]);
+    s[j] = dot * k_scales[j] * scale;
+  }
+  const float m = *std::max_element(s, s + n);
+  float sum = 0.0f;
+  for (j = 0; j < n; ++j) {
+    s[j] = std::exp(s[j] - m);
+    sum += s[j];
+  }
+  const int64_t fast = n / 16 * 16;
+  float* tail = Scratch(scratch_b, d);
+  if (Int8ValuesFast(d, s, values, v_scales, fast, out)) {
+    j = fast;
+  } else {
+    std::fill(out, out + d, 0.0f);
+    j = 0;
+  }
+  std::fill(tail, tail + d, 0.0f);
+  for (; j < n; ++j) {
+    const int8_t* value = values + j * d;
+    const float p = s[j] * v_scales[j];
+    for (int64_t c = 0; c < d; ++c) tail[c] += p * static_cast<float>(value[c]);
+  }
+  const float inv = 1.0f / sum;
+  for (int64_t c = 0; c < d; ++c) out[c] = (out[c] + tail[c]) * inv;
+}
+
+ffi::Error DecodeInt8(ffi::ThreadPool pool, F32R3 q, F32R3 k_new, F32R3 v_new, S8R4 k_cache,
+                      S8R4 v_cache, F32R3 k_scale, F32R3 v_scale, S32R0 pos_buffer,
+                      ffi::ResultBuffer<ffi::F32, 3> out, ffi::ResultBuffer<ffi::S8, 4> k_out,
+                      ffi::ResultBuffer<ffi::S8, 4> v_out,
+                      ffi::ResultBuffer<ffi::F32, 3> ks_out,
+                      ffi::ResultBuffer<ffi::F32, 3> vs_out, float scale) {
+  auto dims = k_cache.dimensions();
+  const int64_t items = dims[0] * dims[1], length = dims[2], d = dims[3];
+  const int64_t pos = pos_buffer.typed_data()[0];
+  if (pos < 0 || pos >= length)
+    return ffi::Error::InvalidArgument("decode attention: position outside the cache");
+  auto alias = [](const auto& in, auto& result, int64_t n) {
+    if (result->typed_data() != in.typed_data())
+      std::copy(in.typed_data(), in.typed_data() + n, result->typed_data());
+  };
+  alias(k_cache, k_out, items * length * d);
+  alias(v_cache, v_out, items * length * d);
+  alias(k_scale, ks_out, items * length);
+  alias(v_scale, vs_out, items * length);
+  const float *qp = q.typed_data(), *kn = k_new.typed_data(), *vn = v_new.typed_data();
+  int8_t *kp = k_out->typed_data(), *vp = v_out->typed_data();
+  float *ksp = ks_out->typed_data(), *vsp = vs_out->typed_data(), *op = out->typed_data();
+  ParallelFor(pool, items, [&](int64_t i) {
+    DecodeItemInt8(length, d, pos, scale, qp + i * d, kn + i * d, vn + i * d,
+                   kp + i * length * d, vp + i * length * d, ksp + i * length,
+                   vsp + i * length, op + i * d);
+  });
+  return ffi::Error::Success();
+}
+
 ffi::Error Decode(ffi::ThreadPool pool, F32R3 q, F32R3 k_new, F32R3 v_new, F32R4 k_cache,
                   F32R4 v_cache, S32R0 pos_buffer,
                   ffi::ResultBuffer<ffi::F32, 3> out, ffi::ResultBuffer<ffi::F32, 4> k_out,
@@ -308,4 +485,22 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MidijaxDecodeAttention, Decode,
                                   .Ret<F32R3>()
                                   .Ret<F32R4>()
                                   .Ret<F32R4>()
+                                  .Attr<float>("scale"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MidijaxDecodeAttentionInt8, DecodeInt8,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<F32R3>()
+                                  .Arg<F32R3>()
+                                  .Arg<F32R3>()
+                                  .Arg<S8R4>()
+                                  .Arg<S8R4>()
+                                  .Arg<F32R3>()
+                                  .Arg<F32R3>()
+                                  .Arg<S32R0>()
+                                  .Ret<F32R3>()
+                                  .Ret<S8R4>()
+                                  .Ret<S8R4>()
+                                  .Ret<F32R3>()
+                                  .Ret<F32R3>()
                                   .Attr<float>("scale"));
