@@ -113,3 +113,34 @@ def test_decode_kernel_attends_to_the_filled_slots_and_writes_the_new_one(pos):
   with pytest.raises(Exception, match="position outside the cache"):
     jax.block_until_ready(jax.jit(cpu_attention.decode_attention)(
         q, k, v, k_cache, v_cache, jnp.int32(length)))
+
+
+@needs_kernel
+@pytest.mark.parametrize("pos, d", [(0, 16), (17, 16), (15, 32), (47, 64), (33, 128)])
+def test_int8_decode_kernel_matches_dequantized_attention(pos, d):
+  """int8 cache: the new key/value are quantized into slot `pos` (sampling.quantize_kv's
+  formula), and the output is exact attention over the dequantized slots 0..pos."""
+  from midijax import sampling
+  b, h, length = 2, 3, 48
+  rng = np.random.default_rng(pos + d)
+  q, k, v = (jnp.asarray(rng.standard_normal((b, h, d)), jnp.float32) for _ in range(3))
+  (k_cache, k_scale), (v_cache, v_scale) = (
+      sampling.quantize_kv(jnp.asarray(rng.standard_normal((b, h, length, d)), jnp.float32))
+      for _ in range(2))
+  out, *got = jax.jit(cpu_attention.decode_attention_int8)(
+      q, k, v, k_cache, v_cache, k_scale, v_scale, jnp.int32(pos))
+  (k8, ks), (v8, vs) = sampling.quantize_kv(k), sampling.quantize_kv(v)
+  want_cache = (k_cache.at[:, :, pos].set(k8), v_cache.at[:, :, pos].set(v8),
+                k_scale.at[:, :, pos].set(ks), v_scale.at[:, :, pos].set(vs))
+  for g, w in zip(got, want_cache):
+    # Codes may differ by one where x / scale sits on a rounding tie.
+    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32),
+                               atol=1.0 if g.dtype == jnp.int8 else 1e-6, rtol=1e-6)
+  keys = (got[0].astype(jnp.float32) * got[2][..., None])[:, :, :pos + 1]
+  values = (got[1].astype(jnp.float32) * got[3][..., None])[:, :, :pos + 1]
+  logits = jnp.einsum("bhd,bhld->bhl", q, keys) / np.sqrt(d)
+  want = jnp.einsum("bhl,bhld->bhd", jax.nn.softmax(logits, axis=-1), values)
+  np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)  # slots > pos never read
+  with pytest.raises(Exception, match="position outside the cache"):
+    jax.block_until_ready(jax.jit(cpu_attention.decode_attention_int8)(
+        q, k, v, k_cache, v_cache, k_scale, v_scale, jnp.int32(length)))

@@ -91,6 +91,91 @@ def test_cached_decode_matches_full_forward(drums, position, keys_transposed, ke
                              atol=ATOL, rtol=ATOL)
 
 
+def int8_cached_logits(model, tokens, prompt=5):
+  """Logits after positions prompt-1 .. T-2 from prefill + one-token steps, int8 cache."""
+  graphdef, state = nnx.split(model)
+  batch, length = tokens.shape
+
+  @jax.jit
+  def cached(state, tokens):
+    model = nnx.merge(graphdef, state)
+    first, cache = sampling.prefill(model, tokens[:, :prompt], prompt, "int8")
+    assert cache[0]["k"].dtype == jnp.int8 and cache[0]["k_scale"].shape == (
+        batch, model.config.num_heads, prompt)
+    steps = jnp.zeros((batch, length - 1, first.shape[-1])).at[:, prompt - 1].set(first)
+
+    def step(pos, carry):
+      steps, cache = carry
+      logits, cache = sampling.decode_step(model, tokens[:, pos], cache, pos)
+      return steps.at[:, pos].set(logits), cache
+
+    for start, end in ((prompt, 12), (12, length - 1)):
+      cache = sampling._grow(cache, end + 1, model.config)
+      steps, cache = jax.lax.fori_loop(start, end, step, (steps, cache))
+    return steps[:, prompt - 1:]
+
+  return np.asarray(cached(state, tokens))
+
+
+@pytest.mark.parametrize("width", [32, 64])  # head dims 16 (plain loops) and 32 (AVX-512)
+def test_int8_cache_decode_close_to_full_forward(drums, width, monkeypatch):
+  """kv_cache='int8': the kernel and XLA's path agree, and stay close to the exact logits.
+
+  40 tokens cover the kernel's 16-key blocks and its remainder loop.
+  """
+  model = transformer.Transformer(transformer.TransformerConfig(
+      vocab_size=drums.vocab_size, emb_dim=width, qkv_dim=width, num_heads=2, num_layers=2,
+      mlp_dim=64, max_len=48, position="rope", dropout_rate=0.0, attention_dropout_rate=0.0,
+      deterministic=True), rngs=nnx.Rngs(0))
+  tokens = jnp.asarray(np.random.default_rng(0).integers(2, drums.bos_id, (3, 40)), jnp.int32)
+  full = np.asarray(model(tokens))[:, 4:39, :drums.vocab_size]
+  paths = {}
+  if IN_CI or cpu_attention.available():
+    assert sampling.uses_decode_kernel(model.config)
+    paths["kernel"] = int8_cached_logits(model, tokens)[..., :drums.vocab_size]
+  monkeypatch.setattr(sampling, "uses_decode_kernel", lambda cfg, mesh=None: False)
+  paths["xla"] = int8_cached_logits(model, tokens)[..., :drums.vocab_size]
+  for got in paths.values():
+    # int8 keys/values: logits move by ~1-2% of their spread here, never by 5%.
+    assert np.abs(got - full).max() < 0.05 * full.std()
+    assert np.abs(got - full).max() > 1e-5  # it did store int8, not the exact cache
+    assert (got.argmax(-1) == full.argmax(-1)).mean() > 0.9
+  if "kernel" in paths:  # same quantization formula on both paths
+    np.testing.assert_allclose(paths["kernel"], paths["xla"], atol=1e-4, rtol=1e-4)
+
+
+def test_quantize_kv_round_trip():
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 3, 5, 64)) * 3, jnp.float32)
+  x = x.at[0, 0, 0].set(0.0)  # a zero vector: scale 0, codes 0
+  q, scale = sampling.quantize_kv(x)
+  assert q.dtype == jnp.int8 and scale.shape == (2, 3, 5)
+  assert np.abs(np.asarray(q)).max() == 127
+  err = np.abs(np.asarray(q, np.float32) * np.asarray(scale)[..., None] - np.asarray(x))
+  assert (err <= np.asarray(scale)[..., None] / 2 + 1e-6).all()  # half a step at most
+  assert float(scale[0, 0, 0]) == 0.0 and not np.asarray(q[0, 0, 0]).any()
+
+
+def test_sample_tokens_int8_cache(drums):
+  """The whole loop with an int8 cache: the same prompt kept, grammar-valid samples, and the
+  same seed giving the same samples; bad settings get a clear error."""
+  model = make_model(drums, "sinusoidal", max_len=64)
+  prompt = np.full((4, 3), drums.bos_id, np.int32)
+  prompt[:, 1:] = drums.body_offset
+  kw = dict(encoding=drums, max_new_tokens=40, temperature=1.0, top_k=20, seed=3,
+            kv_cache="int8", cache_len=32)  # 43 tokens > 32: the window slides too
+  a = sampling.sample_tokens(model, prompt, **kw)
+  b = sampling.sample_tokens(model, prompt, **kw)
+  np.testing.assert_array_equal(a["tokens"], b["tokens"])
+  assert (a["tokens"][:, :3] == prompt).all()
+  rows = [sampling.trim_sample(r, 3) for r in a["tokens"]]
+  assert not grammar.grammar_violations(rows, drums, model.config.padded_vocab_size).any()
+  with pytest.raises(sampling.MidijaxError, match="kv_cache must be one of model, int8"):
+    sampling.sample_tokens(model, prompt, encoding=drums, max_new_tokens=4, kv_cache="fp8")
+  relative = make_model(drums, "relative", max_len=32)
+  with pytest.raises(sampling.MidijaxError, match="relative attention"):
+    sampling.sample_tokens(relative, prompt, encoding=drums, max_new_tokens=4, kv_cache="int8")
+
+
 # ----------------------------------------------------------------------------- token choice
 def draw(logits, n, temperature, top_k=0, top_p=None, seed=0):
   """n samples of choose_tokens from one row of logits."""
