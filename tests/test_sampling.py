@@ -374,13 +374,16 @@ make = lambda: transformer.Transformer(cfg, rngs=nnx.Rngs(0))
 kw = dict(num_samples=6, max_new_tokens=48, temperature=1.0, top_k=20, top_p=0.95, seed=4,
           conditions={"dataset": "maestro"})
 report = {"devices": jax.device_count()}
-report["single"] = [t.tolist() for t in sampling.generate(make(), enc, **kw).tokens]
-for name, ici in (("data8", (8, 1, 1)), ("mixed", (2, 2, 2))):
-  mesh = sharding.create_mesh(ml_collections.ConfigDict(
-      {"ici_parallelism": ici, "dcn_parallelism": (1, 1, 1)}))
-  model = sharding.create_sharded_model(make, mesh)
-  result = sampling.generate(model, enc, mesh=mesh, **kw)
-  report[name] = [t.tolist() for t in result.tokens]
+for kv in ("model", "int8"):
+  report["single", kv] = [t.tolist() for t in
+                          sampling.generate(make(), enc, kv_cache=kv, **kw).tokens]
+  for name, ici in (("data8", (8, 1, 1)), ("mixed", (2, 2, 2))):
+    mesh = sharding.create_mesh(ml_collections.ConfigDict(
+        {"ici_parallelism": ici, "dcn_parallelism": (1, 1, 1)}))
+    model = sharding.create_sharded_model(make, mesh)
+    result = sampling.generate(model, enc, mesh=mesh, kv_cache=kv, **kw)
+    report[name, kv] = [t.tolist() for t in result.tokens]
+report = {"devices": report.pop("devices"), **{"/".join(k): v for k, v in report.items()}}
 print("REPORT=" + json.dumps(report))
 """
 
@@ -393,8 +396,10 @@ def test_sharded_sampling_matches_one_device():
   assert proc.returncode == 0, proc.stderr[-3000:]
   report = json.loads(proc.stdout.split("REPORT=")[-1])
   assert report["devices"] == 8
-  assert report["data8"] == report["single"]  # the batch split over 8 devices (6 rows padded)
-  assert report["mixed"] == report["single"]  # data x fsdp x tensor
+  for kv in ("model", "int8"):  # the int8 cache's scales are sharded like the cache
+    # The batch split over 8 devices (6 rows padded), and data x fsdp x tensor.
+    assert report[f"data8/{kv}"] == report[f"single/{kv}"]
+    assert report[f"mixed/{kv}"] == report[f"single/{kv}"]
 
 
 # ----------------------------------------------------------------------------- commands
@@ -478,6 +483,7 @@ def test_generate_writes_midi_tokens_and_report(groove_run, tmp_path, capsys):
   assert code == 0, err
   settings = json.loads((tmp_path / "course" / "generate.json").read_text())["settings"]
   assert (settings["max_new_tokens"], settings["temperature"], settings["top_k"]) == (120, 0.7, 30)
+  assert settings["kv_cache"] == "model"  # exact cache unless asked
 
 
 def test_continue_a_groove_file(groove_run, groove_files, tmp_path, capsys):
@@ -485,10 +491,11 @@ def test_continue_a_groove_file(groove_run, groove_files, tmp_path, capsys):
   out = tmp_path / "cont"
   code, stdout, err = run_cli(capsys, "continue", "--workdir", groove_run, "--prompt", src,
                               "--prompt_bars", 1, "--seconds", 4, "--num_samples", 2,
-                              "--top_k", 20, "--out", out)
+                              "--top_k", 20, "--kv_cache", "int8", "--out", out)
   assert code == 0, err
   prompt = midi_io.read_notes(out / "prompt.mid")
   report = json.loads((out / "continue.json").read_text())
+  assert report["settings"]["kv_cache"] == "int8"
   cut = report["settings"]["prompt_seconds"]
   for i in range(2):
     full = midi_io.read_notes(out / f"sample_{i:02d}_full.mid")
