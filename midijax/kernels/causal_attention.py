@@ -22,9 +22,8 @@ says so once in the log and the model keeps its XLA attention. `MIDIJAX_CPU_KERN
 (or false/off/no) turns the kernels off; `MIDIJAX_KERNEL_CACHE` moves the cache.
 
 Scope: float32 (the decode step also over an int8 cache), causal, no attention bias, mask
-or dropout, one CPU device (under a mesh of
-several devices the custom call would not be partitioned); `transformer.attend` and
-`sampling.uses_decode_kernel` check this.
+or dropout, one CPU device (under a mesh of several devices the custom call would not be
+partitioned); `transformer.attend` and `sampling.uses_decode_kernel` check this.
 """
 from __future__ import annotations
 
