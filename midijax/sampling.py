@@ -228,7 +228,9 @@ def _attention_step(attention: transformer.Attention, x: jax.Array, layer: Cache
 
   Attention reads the cache as it was (positions < pos) and the new key/value
   separately, and only then writes them into slot `pos`: with the write the last use of
-  the old cache, XLA updates it in place instead of copying the cache every step.
+  the old cache, XLA updates it in place instead of copying the cache every step. An int8
+  layer (`prefill(..., kv_cache="int8")`) stores the new key and value quantized and
+  attends to them as stored. On one CPU device the decode kernels do all of this.
 
   Args:
     attention: the block's attention module (its projections and tables are reused).
@@ -242,19 +244,29 @@ def _attention_step(attention: transformer.Attention, x: jax.Array, layer: Cache
   cfg = attention.config
   q, k, v = attention._project_qkv(x, jnp.reshape(pos, (1, 1)))  # [B, 1, H, Dh]
   q, k, v = q[:, 0], k[:, 0], v[:, 0]  # [B, H, Dh]
-  if _quantized(layer):
-    return _attention_step_int8(attention, q, k, v, layer, pos)
   keys, values = layer["k"], layer["v"]
-  if uses_decode_kernel(cfg) and cpu_attention.decode_supports(q, keys, values):
-    out, keys, values = cpu_attention.decode_attention(q, k, v, keys, values, pos)
-    layer = {n: sharding.with_logical_constraint(a, _layer_axes(n, cfg))
-             for n, a in (("k", keys), ("v", values))}
-    return attention._output(out[:, None].astype(cfg.dtype)), layer
-  transposed = _keys_transposed(cfg)
+  quantized = _quantized(layer)
+  if uses_decode_kernel(cfg):
+    if not quantized and cpu_attention.decode_supports(q, keys, values):
+      out, *cache = cpu_attention.decode_attention(q, k, v, keys, values, pos)
+      return attention._output(out[:, None].astype(cfg.dtype)), _constrain(cache, cfg)
+    if quantized and cpu_attention.decode_supports_int8(
+        q, keys, values, layer["k_scale"], layer["v_scale"]):
+      out, *cache = cpu_attention.decode_attention_int8(
+          q, k, v, keys, values, layer["k_scale"], layer["v_scale"], pos)
+      return attention._output(out[:, None].astype(cfg.dtype)), _constrain(cache, cfg)
+  if quantized:
+    # The new token is stored as int8 before it is attended to, as the kernel does.
+    (k_code, k_step), (v_code, v_step) = quantize_kv(k), quantize_kv(v)
+    k = (k_code.astype(jnp.float32) * k_step[..., None]).astype(q.dtype)
+    v = v_code.astype(jnp.float32) * v_step[..., None]
+  transposed = _keys_transposed(cfg, quantized)
   length = values.shape[2]
   scale = 1.0 / math.sqrt(cfg.head_dim)
   old = jnp.einsum("bhd,bhds->bhs" if transposed else "bhd,bhsd->bhs", q,
                    keys.astype(q.dtype), preferred_element_type=jnp.float32) * scale
+  if quantized:
+    old = old * layer["k_scale"]
   new = jnp.einsum("bhd,bhd->bh", q, k, preferred_element_type=jnp.float32) * scale
   if cfg.position == "relative":
     # q . E[distance], distance = pos - s: the last `length` rows of E (row m is distance
@@ -269,6 +281,8 @@ def _attention_step(attention: transformer.Attention, x: jax.Array, layer: Cache
   p_old = jnp.exp(old - top[..., None])
   p_new = jnp.exp(new - top)
   total = jnp.sum(p_old, axis=-1) + p_new
+  if quantized:  # sum_s p_s (code_s * step_s) = sum_s (p_s * step_s) code_s
+    p_old, values = p_old * layer["v_scale"], values.astype(q.dtype)
   out = jnp.einsum("bhs,bhsd->bhd", p_old.astype(values.dtype), values,
                    preferred_element_type=jnp.float32)
   out = (out + p_new[..., None] * v.astype(jnp.float32)) / total[..., None]
@@ -276,57 +290,34 @@ def _attention_step(attention: transformer.Attention, x: jax.Array, layer: Cache
   # orders them after the reads above and updates the cache in place instead of
   # copying it twice per step (measured: 4x slower per step at batch 32 without this).
   # An optimization_barrier does not help: XLA copies through it.
-  after = out[:, :, :1] * 0.0
-  k, v = k + after.astype(k.dtype), v + after.astype(v.dtype)
-  dtype = keys.dtype
-  layer = {
-      "k": (jax.lax.dynamic_update_slice(keys, k[..., None].astype(dtype), (0, 0, 0, pos))
-            if transposed else
-            jax.lax.dynamic_update_slice(keys, k[:, :, None].astype(dtype), (0, 0, pos, 0))),
-      "v": jax.lax.dynamic_update_slice(values, v[:, :, None].astype(dtype), (0, 0, pos, 0)),
-  }
-  layer = {n: sharding.with_logical_constraint(a, _layer_axes(n, cfg)) for n, a in layer.items()}
-  return attention._output(out[:, None].astype(cfg.dtype)), layer
-
-
-def _attention_step_int8(attention: transformer.Attention, q, k, v, layer: CacheLayer,
-                         pos: jax.Array):
-  """`_attention_step` over an int8 cache (float32 math, the new token stored as int8
-  before it is attended to, as the int8 decode kernel does)."""
-  cfg = attention.config
-  keys, values, k_scale, v_scale = (layer[n] for n in ("k", "v", "k_scale", "v_scale"))
-  q = q.astype(jnp.float32)
-  if uses_decode_kernel(cfg) and cpu_attention.decode_supports_int8(q, keys, values, k_scale,
-                                                                      v_scale):
-    out, keys, values, k_scale, v_scale = cpu_attention.decode_attention_int8(
-        q, k, v, keys, values, k_scale, v_scale, pos)
+  after = out[:, :, 0] * 0.0  # [B, H]
+  if quantized:
+    writes = ((layer["k"], k_code, 2), (layer["v"], v_code, 2),
+              (layer["k_scale"], k_step, 2), (layer["v_scale"], v_step, 2))
   else:
-    if cfg.position == "relative":
-      raise MidijaxError("kv_cache='int8' does not support relative attention; "
-                         "use kv_cache='model'")
-    (k8, ks), (v8, vs) = quantize_kv(k), quantize_kv(v)
-    length = values.shape[2]
-    scale = 1.0 / math.sqrt(cfg.head_dim)
-    old = jnp.einsum("bhd,bhsd->bhs", q, keys.astype(jnp.float32)) * k_scale * scale
-    new = jnp.einsum("bhd,bhd->bh", q, k8.astype(jnp.float32)) * ks * scale
-    old = jnp.where(jnp.arange(length) < pos, old, -jnp.inf)
-    top = jnp.maximum(jnp.max(old, axis=-1), new)
-    p_old = jnp.exp(old - top[..., None])
-    p_new = jnp.exp(new - top)
-    total = jnp.sum(p_old, axis=-1) + p_new
-    out = jnp.einsum("bhs,bhsd->bhd", p_old * v_scale, values.astype(jnp.float32))
-    out = (out + (p_new * vs)[..., None] * v8.astype(jnp.float32)) / total[..., None]
-    # As in _attention_step: the writes depend on `out`, so the cache updates in place.
-    after = out[:, :, 0] * 0.0
-    k8, v8 = k8 + after[..., None].astype(jnp.int8), v8 + after[..., None].astype(jnp.int8)
-    ks, vs = ks + after, vs + after
-    keys = jax.lax.dynamic_update_slice(keys, k8[:, :, None], (0, 0, pos, 0))
-    values = jax.lax.dynamic_update_slice(values, v8[:, :, None], (0, 0, pos, 0))
-    k_scale = jax.lax.dynamic_update_slice(k_scale, ks[:, :, None], (0, 0, pos))
-    v_scale = jax.lax.dynamic_update_slice(v_scale, vs[:, :, None], (0, 0, pos))
-  layer = {n: sharding.with_logical_constraint(a, _AXES[n])
-           for n, a in (("k", keys), ("v", values), ("k_scale", k_scale), ("v_scale", v_scale))}
-  return attention._output(out[:, None].astype(cfg.dtype)), layer
+    writes = ((keys, k, 3 if transposed else 2), (layer["v"], v, 2))
+  cache = [_write_slot(c, x, pos, axis, after) for c, x, axis in writes]
+  return attention._output(out[:, None].astype(cfg.dtype)), _constrain(cache, cfg)
+
+
+def _write_slot(cache: jax.Array, x: jax.Array, pos: jax.Array, axis: int,
+                after: jax.Array) -> jax.Array:
+  """`cache` with `x` ([B, H, ...], without the position axis) written at position `pos`
+  of `axis`; `after` ([B, H] zeros computed from the attention output) orders the write
+  after the reads."""
+  x = x + after.reshape(after.shape + (1,) * (x.ndim - 2)).astype(x.dtype)
+  start = [0] * cache.ndim
+  start[axis] = pos
+  return jax.lax.dynamic_update_slice(cache, jnp.expand_dims(x, axis).astype(cache.dtype),
+                                      start)
+
+
+def _constrain(cache: List[jax.Array], cfg) -> CacheLayer:
+  """A layer's updated arrays (k, v[, k_scale, v_scale]) as a CacheLayer, with its axes."""
+  names = ("k", "v", "k_scale", "v_scale")[:len(cache)]
+  quantized = len(cache) == 4
+  return {n: sharding.with_logical_constraint(a, _layer_axes(n, cfg, quantized))
+          for n, a in zip(names, cache)}
 
 
 def decode_step(model: transformer.Transformer, token: jax.Array, cache: List[CacheLayer],

@@ -252,6 +252,14 @@ void DecodeItem(int64_t length, int64_t d, int64_t pos, float scale, const float
   for (int64_t c = 0; c < d; ++c) out[c] *= inv;
 }
 
+// The decode outputs alias the caches (input_output_aliases); should XLA ever hand over
+// fresh buffers, the cache is copied into them first.
+template <typename In, typename Out>
+void CopyUnlessAliased(const In& in, Out& out, int64_t n) {
+  if (out->typed_data() != in.typed_data())
+    std::copy(in.typed_data(), in.typed_data() + n, out->typed_data());
+}
+
 // int8 cache: a vector x is stored as round(x / s) with s = max|x| / 127 (s = 0 for a zero
 // vector). The scale factors out of both sums: q . k_j = s_j (q . kq_j) and
 // sum_j p_j v_j = sum_j (p_j s_j) vq_j, so the loops read one byte per element.
@@ -403,14 +411,10 @@ ffi::Error DecodeInt8(ffi::ThreadPool pool, F32R3 q, F32R3 k_new, F32R3 v_new, S
   const int64_t pos = pos_buffer.typed_data()[0];
   if (pos < 0 || pos >= length)
     return ffi::Error::InvalidArgument("decode attention: position outside the cache");
-  auto alias = [](const auto& in, auto& result, int64_t n) {
-    if (result->typed_data() != in.typed_data())
-      std::copy(in.typed_data(), in.typed_data() + n, result->typed_data());
-  };
-  alias(k_cache, k_out, items * length * d);
-  alias(v_cache, v_out, items * length * d);
-  alias(k_scale, ks_out, items * length);
-  alias(v_scale, vs_out, items * length);
+  CopyUnlessAliased(k_cache, k_out, items * length * d);
+  CopyUnlessAliased(v_cache, v_out, items * length * d);
+  CopyUnlessAliased(k_scale, ks_out, items * length);
+  CopyUnlessAliased(v_scale, vs_out, items * length);
   const float *qp = q.typed_data(), *kn = k_new.typed_data(), *vn = v_new.typed_data();
   int8_t *kp = k_out->typed_data(), *vp = v_out->typed_data();
   float *ksp = ks_out->typed_data(), *vsp = vs_out->typed_data(), *op = out->typed_data();
@@ -431,11 +435,8 @@ ffi::Error Decode(ffi::ThreadPool pool, F32R3 q, F32R3 k_new, F32R3 v_new, F32R4
   const int64_t pos = pos_buffer.typed_data()[0];
   if (pos < 0 || pos >= length)
     return ffi::Error::InvalidArgument("decode attention: position outside the cache");
-  // The outputs alias the caches; should XLA ever hand over fresh buffers, copy first.
-  if (k_out->typed_data() != k_cache.typed_data())
-    std::copy(k_cache.typed_data(), k_cache.typed_data() + items * length * d, k_out->typed_data());
-  if (v_out->typed_data() != v_cache.typed_data())
-    std::copy(v_cache.typed_data(), v_cache.typed_data() + items * length * d, v_out->typed_data());
+  CopyUnlessAliased(k_cache, k_out, items * length * d);
+  CopyUnlessAliased(v_cache, v_out, items * length * d);
   const float *qp = q.typed_data(), *kn = k_new.typed_data(), *vn = v_new.typed_data();
   float *kp = k_out->typed_data(), *vp = v_out->typed_data(), *op = out->typed_data();
   ParallelFor(pool, items, [&](int64_t i) {
