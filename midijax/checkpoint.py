@@ -18,7 +18,6 @@ from typing import Any, Optional
 from etils import epath
 import jax
 import orbax.checkpoint as ocp
-from orbax.checkpoint._src.checkpoint_managers import preservation_policy as pp
 
 from midijax.errors import MidijaxError
 
@@ -41,9 +40,10 @@ def make_manager(workdir, keep_latest: int = 3, keep_best: int = 1,
                  async_save: bool = True) -> ocp.CheckpointManager:
   """A CheckpointManager keeping the `keep_latest` newest steps and the `keep_best` lowest
   `eval_loss` (orbax 0.12: `max_to_keep` with `best_fn` would keep only the best)."""
-  policy = pp.AnyPreservationPolicy([
-      pp.LatestN(n=keep_latest),
-      pp.BestN(get_metric_fn=lambda m: m["eval_loss"], reverse=True, n=keep_best,
+  policies = ocp.checkpoint_managers
+  policy = policies.AnyPreservationPolicy([
+      policies.LatestN(n=keep_latest),
+      policies.BestN(get_metric_fn=lambda m: m["eval_loss"], reverse=True, n=keep_best,
                keep_checkpoints_without_metrics=False),
   ])
   options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=True,

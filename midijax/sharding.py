@@ -111,14 +111,20 @@ def maybe_initialize_distributed(
 
 
 def _config_get(config: Any, name: str, default: Any) -> Any:
-  """Reads `name` from a ConfigDict, dict or plain object, `default` if absent."""
+  """Reads `name` from a ConfigDict, dict or plain object.
+
+  Returns `default` when the field is absent, None or an empty sequence: configs write
+  `()` for "the default" (e.g. `mesh.logical_axis_rules = ()`).
+  """
   if config is None:
     return default
   if isinstance(config, dict) or hasattr(config, "get"):
     value = config.get(name, default)
   else:
     value = getattr(config, name, default)
-  return default if value is None else value
+  if value is None or (isinstance(value, (tuple, list)) and not value):
+    return default
+  return value
 
 
 def _resolve_parallelism(values: Sequence[int], total: int, field: str) -> tuple[int, ...]:

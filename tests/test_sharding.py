@@ -90,6 +90,10 @@ def test_rules_from_config():
       ("batch", ("data", "fsdp")), ("embed", None))
   assert sharding.get_logical_axis_rules(ml_collections.ConfigDict()) == (
       sharding.DEFAULT_LOGICAL_AXIS_RULES)
+  # configs/default.py writes () for "the default rules".
+  from configs import default
+  assert sharding.get_logical_axis_rules(default.get_config().mesh) == (
+      sharding.DEFAULT_LOGICAL_AXIS_RULES)
 
 
 def _fake_devices(num, per_granule, with_slices):
