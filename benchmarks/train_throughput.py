@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Training throughput of a config's model: tokens/s, FLOP/s and MFU, on random tokens.
 
-Runs midijax's real jitted `train.train_step` (same optimizer, sharding and loss as
-`midijax train`) on random token batches of the config's shape and prints one JSON line:
+Runs midijax's real jitted train step (`train.jit_train_step`: the function `midijax train`
+runs, with the same optimizer, sharding and loss) on random token batches of the config's
+shape and prints one JSON line:
 
   tokens_per_s       median over the timed steps (after warm-up) of batch*seq / step time
   flops_per_token    transformer.flops_per_token: 6*N + 12*L*H*Dh*T (+6*L*H*Dh*T for relative
@@ -63,7 +64,6 @@ def main():
   import jax
   if a.prng:
     jax.config.update("jax_default_prng_impl", a.prng)
-  import jax.numpy as jnp
   import numpy as np
   from midijax import sharding, train
   from midijax.models import transformer
@@ -84,17 +84,11 @@ def main():
   train.validate_config(config)
   B, T = config.data.batch_size, config.data.seq_len
   mesh = sharding.create_mesh(config.mesh)
-  rules = sharding.get_logical_axis_rules(config.mesh) or sharding.DEFAULT_LOGICAL_AXIS_RULES
-  model_cfg, graphdef, tx, state, state_sh = train.build_model_and_state(config, a.vocab, mesh, rules)
-  batch_sh = sharding.batch_sharding(mesh, rules)
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  use_dropout = m.dropout_rate > 0 or m.attention_dropout_rate > 0
-  import functools
+  rules = sharding.get_logical_axis_rules(config.mesh)
+  setup, state = train.create_train_state(config, a.vocab, mesh, rules)
+  batch_sh = setup.batch_sharding
   with sharding.use_mesh(mesh, rules):
-    step_fn = jax.jit(functools.partial(train.train_step, graphdef=graphdef, tx=tx,
-                                        label_smoothing=0.0, use_dropout=use_dropout),
-                      in_shardings=(state_sh, batch_sh, replicated),
-                      out_shardings=(state_sh, replicated), donate_argnums=(0,))
+    step_fn = train.jit_train_step(config, setup)
     rng = np.random.default_rng(0)
     batches = []
     for _ in range(4):
@@ -129,7 +123,7 @@ def main():
       jax.profiler.stop_trace()
   step_s = statistics.median(times)
   tokens_per_s = B * T / step_s
-  fpt = transformer.flops_per_token(model_cfg, T)
+  fpt = transformer.flops_per_token(setup.model_config, T)
   peak = train.measure_matmul_flops(2048, repeats=8, dtype=m.dtype) * jax.device_count()
   out = {
       "bench": "train_throughput", "config": os.path.relpath(a.config, REPO),

@@ -3,10 +3,10 @@
     midijax compile --config=configs/NAME.py --topology=tpu:v4-8 [--config.x.y=...]
     midijax compile --config=configs/groove_tiny.py --topology=cpu:8
 
-Lowers and compiles the real train step (`midijax.train.train_step`, with the same
-parameter, optimizer-state and batch shardings `train_and_evaluate` uses) for a target
-set of devices, without any data and without allocating a parameter, then reports per
-device:
+Lowers and compiles the real train step (`midijax.train.jit_train_step`: the function
+`train_and_evaluate` runs, with the same parameter, optimizer-state and batch shardings)
+for a target set of devices, without any data and without allocating a parameter, then
+reports per device:
 
 * memory from XLA's `compiled.memory_analysis()`: arguments (train state shard + batch
   shard), outputs, the part of the outputs aliased to donated arguments, temporaries
@@ -29,32 +29,26 @@ Targets (``--topology``):
   ``pip install libtpu==0.0.42.*`` for jax 0.10.2); without it the command says so.
 * ``local`` — the devices this process sees (e.g. on the GPU host itself).
 
-`main(argv)` is the `midijax compile` command; the library functions
-(`parse_topology`, `target_devices`, `compile_train_step`, `format_report`) can be
+`midijax compile` (midijax/cli.py) parses the flags and calls the library functions
+(`parse_topology`, `target_devices`, `compile_train_step`, `format_report`), which can be
 called directly.
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
 import importlib.util
-import json
 import math
 import os
 import pathlib
 import re
-import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from absl import flags
-from flax import nnx
 import jax
 from jax._src import xla_bridge
 from jax.experimental import topologies
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
-from ml_collections import config_flags
 
 from midijax import encoding
 from midijax import sharding
@@ -377,33 +371,9 @@ def _resolve_vocab_size(config, vocab_size: int) -> Tuple[int, str]:
                     "(no built dataset and config.data.builder_config names no encoding)")
 
 
-def _validate(config, devices: Sequence[Any]) -> None:
-  """`train.validate_config` for `devices`, with DCN (multi-slice) meshes folded into ICI.
-
-  `validate_config` resolves the mesh as one granule; with dcn_parallelism > 1 the check
-  runs on a copy whose ici_parallelism is the whole resolved mesh shape.
-  """
-  dcn = tuple(config.mesh.get("dcn_parallelism", (1, 1, 1)))
-  if -1 not in dcn and math.prod(dcn) == 1:
-    train.validate_config(config, num_devices=len(devices))
-    return
-  num_slices = len({getattr(d, "slice_index", 0) for d in devices})
-  granules = num_slices if num_slices > 1 else len({d.process_index for d in devices})
-  try:
-    ici, dcn = sharding.resolve_mesh_shape(tuple(config.mesh.ici_parallelism), dcn,
-                                           len(devices), granules)
-  except ValueError as e:
-    raise ConfigError(f"config.mesh: {e}") from None
-  folded = config.copy_and_resolve_references()
-  with folded.unlocked():
-    folded.mesh.ici_parallelism = tuple(i * d for i, d in zip(ici, dcn))
-    folded.mesh.dcn_parallelism = (1,) * len(dcn)
-  train.validate_config(folded, num_devices=len(devices))
-
-
 def compile_train_step(config, topology: Topology, devices: Sequence[Any], *,
                        vocab_size: int = 0, memory_per_device: str = "") -> CompileReport:
-  """Lowers and compiles `train.train_step` for `devices` with the run's shardings.
+  """Lowers and compiles the run's train step (`train.jit_train_step`) for `devices`.
 
   Args:
     config: a run config (configs/*.py), already overridden.
@@ -418,57 +388,26 @@ def compile_train_step(config, topology: Topology, devices: Sequence[Any], *,
   Raises:
     ConfigError: naming the config field that cannot work on this target.
   """
-
   num_devices = len(devices)
   num_hosts = max(topology.num_hosts, len({d.process_index for d in devices}))
-  _validate(config, devices)
-  if config.data.batch_size % num_hosts:
-    raise ConfigError(f"config.data.batch_size={config.data.batch_size} must be divisible by "
-                      f"the {num_hosts} hosts of {topology.spec}")
+  train.validate_config(config, devices=devices, num_hosts=num_hosts)
   vocab, _ = _resolve_vocab_size(config, vocab_size)
 
   mesh = sharding.create_mesh(config.mesh, devices=devices)
-  rules = sharding.get_logical_axis_rules(config.mesh) or sharding.DEFAULT_LOGICAL_AXIS_RULES
-  model_cfg = train.model_config_from(config, vocab)
-  abstract_model = nnx.eval_shape(
-      lambda: transformer.Transformer(model_cfg, rngs=nnx.Rngs(config.seed)))
-  graphdef, abstract_params = nnx.split(abstract_model)
-  try:
-    param_sh = sharding.state_shardings(abstract_params, mesh, rules)
-  except ValueError as e:
-    raise ConfigError(f"config.mesh: {e}") from None
-  params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        abstract_params, param_sh)
-  tx = train.create_optimizer(config.train, abstract_params)
-  replicated = NamedSharding(mesh, PartitionSpec())
-  abstract_opt = jax.eval_shape(tx.init, abstract_params)
-  opt_sh = train.optimizer_state_shardings(tx, abstract_params, param_sh, mesh)
-  opt_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                           abstract_opt, opt_sh)
-  state_sh = train.TrainState(step=replicated, params=param_sh, opt_state=opt_sh)
-  state = train.TrainState(
-      step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), params=params,
-      opt_state=opt_state)
-
-  batch_sh = sharding.batch_sharding(mesh, rules)
+  rules = sharding.get_logical_axis_rules(config.mesh)
+  setup, state = train.create_train_state(config, vocab, mesh, rules, abstract=True)
   rows, seq_len = config.data.batch_size, config.data.seq_len
   batch_keys = {"inputs": jnp.int32, "targets": jnp.int32, "weights": jnp.float32}
   if config.data.get("packing", False):
     batch_keys.update(segment_ids=jnp.int32, positions=jnp.int32)
-  batch = {k: jax.ShapeDtypeStruct((rows, seq_len), dt, sharding=batch_sh)
+  batch = {k: jax.ShapeDtypeStruct((rows, seq_len), dt, sharding=setup.batch_sharding)
            for k, dt in batch_keys.items()}
   rng = jax.eval_shape(lambda: jax.random.key(0))
-  rng = jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=replicated)
+  rng = jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=NamedSharding(mesh, PartitionSpec()))
 
-  use_dropout = config.model.dropout_rate > 0 or config.model.attention_dropout_rate > 0
   start = time.perf_counter()
   with sharding.use_mesh(mesh, rules):
-    step_fn = jax.jit(
-        functools.partial(train.train_step, graphdef=graphdef, tx=tx,
-                          label_smoothing=config.train.label_smoothing, use_dropout=use_dropout),
-        in_shardings=(state_sh, batch_sh, replicated), out_shardings=(state_sh, replicated),
-        donate_argnums=(0,))
-    compiled = step_fn.lower(state, batch, rng).compile()
+    compiled = train.jit_train_step(config, setup).lower(state, batch, rng).compile()
   compile_seconds = time.perf_counter() - start
 
   mem = compiled.memory_analysis()
@@ -482,16 +421,17 @@ def compile_train_step(config, topology: Topology, devices: Sequence[Any], *,
   if isinstance(cost, (list, tuple)):  # Older JAX: one dict per module.
     cost = cost[0] if cost else {}
   compiler_flops = float((cost or {}).get("flops", 0.0))
-  model_flops = transformer.flops_per_token(model_cfg, seq_len) * rows * seq_len / num_devices
+  model_flops = (transformer.flops_per_token(setup.model_config, seq_len) * rows * seq_len
+                 / num_devices)
   limit, limit_source = device_memory_bytes(devices, topology, memory_per_device)
   fits = None if not limit else total <= limit
   return CompileReport(
       topology=topology.spec, device_kind=str(getattr(devices[0], "device_kind", "")),
       num_devices=num_devices, num_hosts=num_hosts, num_slices=topology.num_slices,
       mesh_shape={str(k): int(v) for k, v in mesh.shape.items()}, global_batch=rows,
-      seq_len=seq_len, vocab_size=vocab, num_params=transformer.count_params(abstract_params),
-      param_bytes_per_device=_shard_bytes(params),
-      opt_state_bytes_per_device=_shard_bytes(opt_state), argument_bytes=argument,
+      seq_len=seq_len, vocab_size=vocab, num_params=transformer.count_params(state.params),
+      param_bytes_per_device=_shard_bytes(state.params),
+      opt_state_bytes_per_device=_shard_bytes(state.opt_state), argument_bytes=argument,
       output_bytes=output, alias_bytes=alias, temp_bytes=temp, code_bytes=code,
       total_bytes=total, memory_limit_bytes=limit, memory_limit_source=limit_source,
       compiler_flops=compiler_flops, model_flops=model_flops,
@@ -540,82 +480,3 @@ def format_report(r: CompileReport) -> str:
   lines.append(f"FLOPs per device per step: compiler {r.compiler_flops:.4g}, model "
                f"{r.model_flops:.4g} (6N + attention, transformer.flops_per_token)")
   return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------- command
-
-USAGE = """usage: midijax compile --config=configs/NAME.py [--topology=cpu:8|tpu:v4-8|local]
-                       [--vocab_size=N] [--memory_per_device=h100|GiB] [--num_slices=N]
-                       [--json] [--config.FIELD=VALUE ...]
-
-Compiles the train step ahead of time for a device topology and reports memory per device
-and FLOPs, so you know whether a config fits before renting the hardware. No data needed.
-
-  --config             an ml-collections config file; fields overridable as for train
-  --topology           cpu:N (N fake CPU devices; default cpu:8), local (this process's
-                       devices), tpu:ACCELERATOR_TYPE (v4-8, v4-32, v5litepod-16, v5e-16,
-                       v5p-8, v6e-8) or tpu:GEN:AxB[xC]; TPU targets need libtpu
-                       (pip install 'jax[tpu]==JAX_VERSION'), no TPU
-  --vocab_size         vocabulary size (default: config.model.vocab_size, else the built
-                       dataset's, else the encoding named by config.data.builder_config)
-  --memory_per_device  compare with this memory: GiB or a name (v4, v5e, v5p, v6e, h100,
-                       h200, a100-40gb, a100-80gb, l4); TPU targets know theirs
-  --num_slices         TPU slices joined over DCN (set config.mesh.dcn_parallelism)
-  --json               print one JSON object instead of the table
-
-Exit status: 0 compiled and fits (or no memory figure to compare), 1 compiled but does not
-fit, 2 bad flags / config, or the target cannot be compiled for here.
-"""
-
-
-def _parse_flags(argv: List[str]):
-  fv = flags.FlagValues()
-  # sys_argv: overrides (--config.x.y=...) are found in this list, not in sys.argv.
-  config_flags.DEFINE_config_file("config", None, "config file", flag_values=fv,
-                                  lock_config=True, sys_argv=["midijax compile"] + argv)
-  flags.DEFINE_string("topology", "cpu:8", "compile target", flag_values=fv)
-  flags.DEFINE_integer("vocab_size", 0, "vocabulary size", flag_values=fv)
-  flags.DEFINE_string("memory_per_device", "", "GiB or a device name", flag_values=fv)
-  flags.DEFINE_integer("num_slices", 1, "TPU slices", flag_values=fv)
-  flags.DEFINE_boolean("json", False, "print JSON", flag_values=fv)
-  try:
-    fv(["midijax compile"] + argv)
-    config = fv.config
-    if config is not None:
-      config.to_dict()  # Config files load lazily: surface their errors here.
-  except OSError as e:
-    raise MidijaxError(f"cannot load the config file: {str(e).splitlines()[-1]}") from None
-  except (flags.Error, KeyError, AttributeError, ValueError, TypeError) as e:
-    raise MidijaxError(f"bad flags: {e}\n{USAGE}") from None
-  if config is None:
-    raise MidijaxError("--config is required\n" + USAGE)
-  return fv, config
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-  """`midijax compile`: `argv` holds the flags after the command name.
-
-  Returns:
-    0 compiled and fits (or nothing to compare with), 1 does not fit, 2 error.
-  """
-  argv = list(sys.argv[1:] if argv is None else argv)
-  if argv and argv[0] == "compile":
-    argv = argv[1:]
-  if not argv or any(a in ("-h", "--help", "--helpfull") for a in argv):
-    print(USAGE)
-    return 0 if argv else 2
-  try:
-    fv, config = _parse_flags(argv)
-    topology = parse_topology(fv.topology, fv.num_slices)
-    devices = target_devices(topology)
-    report = compile_train_step(config, topology, devices, vocab_size=fv.vocab_size,
-                                memory_per_device=fv.memory_per_device)
-  except MidijaxError as e:
-    print(f"midijax compile: error: {e}", file=sys.stderr)
-    return 2
-  print(json.dumps(report.to_json()) if fv.json else format_report(report), flush=True)
-  return 1 if report.fits is False else 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())

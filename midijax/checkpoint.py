@@ -68,6 +68,22 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any):
   return out.state, out.meta
 
 
+def restore_params(workdir, step: int, target: Any) -> Any:
+  """Restores only the parameters of the checkpoint at `step` (not the optimizer state).
+
+  `target`: the parameter tree as ShapeDtypeStructs with the shardings to restore into.
+  """
+  manager = make_manager(workdir, async_save=False)
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(
+            item={"params": target}, partial_restore=True,
+            restore_args={"params": ocp.checkpoint_utils.construct_restore_args(target)})))
+  finally:
+    manager.close()
+  return restored.state["params"]
+
+
 def read_meta(workdir, step: int) -> dict:
   path = checkpoint_dir(workdir) / str(step) / "meta" / "metadata"
   if not path.exists():

@@ -18,5 +18,5 @@ class TokenError(MidijaxError):
   """A token (or token file line) is not valid for the encoding."""
 
 
-class ConfigError(MidijaxError):
+class ConfigError(MidijaxError, ValueError):
   """A config field has a bad value; the message names the field."""

@@ -192,6 +192,12 @@ def resolve_mesh_shape(
   return ici, dcn
 
 
+def num_granules(devices: Sequence[Any]) -> int:
+  """DCN granules of `devices`: TPU slices where devices report several, else processes."""
+  num_slices = len({getattr(d, "slice_index", 0) for d in devices})
+  return num_slices if num_slices > 1 else len({d.process_index for d in devices})
+
+
 def create_mesh(mesh_config: Any, devices: Optional[Sequence[Any]] = None) -> Mesh:
   """Builds the device mesh described by a config.
 
@@ -214,11 +220,8 @@ def create_mesh(mesh_config: Any, devices: Optional[Sequence[Any]] = None) -> Me
   if ici_config is None:
     raise ValueError("ici_parallelism is missing from the mesh config.")
   dcn_config = _config_get(mesh_config, "dcn_parallelism", [1] * len(axes))
-  # Granules are TPU slices when devices report several; otherwise processes.
-  num_slices = len({getattr(d, "slice_index", 0) for d in devices})
-  num_granules = num_slices if num_slices > 1 else len({d.process_index for d in devices})
   ici, dcn = resolve_mesh_shape(
-      ici_config, dcn_config, len(devices), num_granules, num_axes=len(axes))
+      ici_config, dcn_config, len(devices), num_granules(devices), num_axes=len(axes))
   return Mesh(device_array(ici, dcn, devices), axes,
               axis_types=(jax.sharding.AxisType.Auto,) * len(axes))
 

@@ -1,9 +1,14 @@
 """Training: `train_and_evaluate(config, workdir)`, in the shape of Flax's lm1b example.
 
-Reads top-down: small pure helpers (schedule, optimizer, weighted loss), `train_step` and
-`eval_step`, `evaluate`, then the loop. The train step is one `jax.jit` with explicit in/out
-shardings over the device mesh (data / fsdp / tensor); batches arrive as per-process numpy
-arrays and become global sharded arrays, so the same code runs on one CPU, 8 GPUs or a pod.
+Reads top-down: small pure helpers (schedule, optimizer), `train_step`, the config check
+(`validate_config`), run records, then the train step's construction
+(`create_train_state`, `jit_train_step`: shared with `midijax compile` and
+benchmarks/train_throughput.py) and the loop. The loss and the evaluation step live in
+`midijax.losses`, metric files in `midijax.metric_writers`.
+
+The train step is one `jax.jit` with explicit in/out shardings over the device mesh
+(data / fsdp / tensor); batches arrive as per-process numpy arrays and become global
+sharded arrays, so the same code runs on one CPU, 8 GPUs or a pod.
 """
 from __future__ import annotations
 
@@ -11,13 +16,12 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import pathlib
 import signal
 import subprocess
 import sys
 import time
-from typing import Any, Callable, Dict, Iterator, Optional, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 from absl import logging
 from flax import nnx
@@ -29,6 +33,9 @@ import numpy as np
 import optax
 
 from midijax import checkpoint as ckpt_lib
+from midijax import losses
+from midijax import metric_writers
+from midijax import runs
 from midijax import sharding
 from midijax.errors import ConfigError, MidijaxError
 from midijax.models import transformer
@@ -36,6 +43,10 @@ from midijax.models import transformer
 
 class TrainingDivergedError(MidijaxError):
   pass
+
+
+# Learning-rate decays after the warmup (config.train.schedule).
+SCHEDULES = ("cosine", "rsqrt", "constant")
 
 
 # ----------------------------------------------------------------------------- pure helpers
@@ -49,9 +60,9 @@ def create_learning_rate_schedule(train_config) -> optax.Schedule:
     decay = lambda s: lr * jnp.sqrt(max(warmup, 1) / (s + max(warmup, 1)))
   elif train_config.schedule == "constant":
     decay = optax.constant_schedule(lr)
-  else:
+  else:  # validate_config names the field first; this guards direct calls
     raise ConfigError(f"config.train.schedule={train_config.schedule!r}; "
-                      "expected cosine | rsqrt | constant")
+                      f"expected {' | '.join(SCHEDULES)}")
   return optax.join_schedules([warm, decay], [warmup])
 
 
@@ -78,31 +89,6 @@ def create_optimizer(train_config, params) -> optax.GradientTransformation:
   return tx
 
 
-def weighted_cross_entropy(logits, targets, weights, label_smoothing: float = 0.0):
-  """Returns (sum of weighted token NLL in nats, sum of weights).
-
-  logits: float32 [B, T, V]; targets: int [B, T]; weights: float [B, T] (0 for padding).
-  With label smoothing the loss is against the smoothed targets, minus that distribution's
-  entropy, so a perfect model still scores 0.
-  """
-  vocab = logits.shape[-1]
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-  if label_smoothing > 0:
-    confidence = 1.0 - label_smoothing
-    low = label_smoothing / (vocab - 1)
-    smooth = -jnp.mean(jnp.where(logp > -1e9, logp, 0.0), axis=-1) * vocab / (vocab - 1)
-    normalizer = -(confidence * math.log(confidence) + (vocab - 1) * low * math.log(low + 1e-20))
-    nll = confidence * nll + label_smoothing * smooth - normalizer
-  return jnp.sum(nll * weights), jnp.sum(weights)
-
-
-def weighted_accuracy(logits, targets, weights):
-  """Returns (number of weighted tokens whose argmax is the target, sum of weights)."""
-  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
-  return jnp.sum(correct * weights), jnp.sum(weights)
-
-
 @struct.dataclass
 class TrainState:
   step: jax.Array
@@ -110,132 +96,82 @@ class TrainState:
   opt_state: Any
 
 
-def model_config_from(config, vocab_size: int, deterministic: bool = False
-                      ) -> transformer.TransformerConfig:
-  m = config.model
-  return transformer.TransformerConfig(
-      vocab_size=vocab_size, emb_dim=m.emb_dim, num_heads=m.num_heads, num_layers=m.num_layers,
-      qkv_dim=m.qkv_dim, mlp_dim=m.mlp_dim, max_len=m.max_len, dropout_rate=m.dropout_rate,
-      attention_dropout_rate=m.attention_dropout_rate, position=m.position, norm=m.norm,
-      mlp_activation=m.mlp_activation, tied_embeddings=m.tied_embeddings, dtype=m.dtype,
-      # Configs saved before this field existed get the default.
-      attention_block=m.get("attention_block", transformer.TransformerConfig.attention_block),
-      deterministic=deterministic)
-
-
 # ----------------------------------------------------------------------------- steps
-def _apply(graphdef, params, batch, deterministic, dropout_rng):
-  model = nnx.merge(graphdef, params)
-  return model(batch["inputs"], segment_ids=batch.get("segment_ids"),
-               positions=batch.get("positions"), deterministic=deterministic,
-               dropout_rng=dropout_rng)
-
-
 def train_step(state: TrainState, batch: Dict[str, jax.Array], dropout_rng, *, graphdef, tx,
                label_smoothing: float, use_dropout: bool):
   """One optimizer update; returns (new state, summed metrics)."""
   rng = jax.random.fold_in(dropout_rng, state.step)
 
   def loss_fn(params):
-    logits = _apply(graphdef, params, batch, not use_dropout, rng if use_dropout else None)
-    loss_sum, weight_sum = weighted_cross_entropy(logits, batch["targets"], batch["weights"],
-                                                  label_smoothing)
+    logits = losses.apply_model(graphdef, params, batch, not use_dropout,
+                                rng if use_dropout else None)
+    loss_sum, weight_sum = losses.weighted_cross_entropy(logits, batch["targets"],
+                                                         batch["weights"], label_smoothing)
     return loss_sum / jnp.maximum(weight_sum, 1.0), (logits, loss_sum, weight_sum)
 
   (_, (logits, loss_sum, weight_sum)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  correct, _ = weighted_accuracy(logits, batch["targets"], batch["weights"])
+  correct, _ = losses.weighted_accuracy(logits, batch["targets"], batch["weights"])
   metrics = {"loss_sum": loss_sum, "weight_sum": weight_sum, "correct": correct,
              "grad_norm": optax.tree.norm(grads)}
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def eval_step(params, batch: Dict[str, jax.Array], *, graphdef):
-  """Summed NLL (nats), correct predictions and token count of one batch (padding excluded)."""
-  logits = _apply(graphdef, params, batch, True, None)
-  loss_sum, weight_sum = weighted_cross_entropy(logits, batch["targets"], batch["weights"])
-  correct, _ = weighted_accuracy(logits, batch["targets"], batch["weights"])
-  return {"loss_sum": loss_sum, "weight_sum": weight_sum, "correct": correct}
-
-
-def summarize(sums: Dict[str, float]) -> Dict[str, float]:
-  """Token-weighted means: loss (nats/token), perplexity, accuracy."""
-  w = max(float(sums["weight_sum"]), 1.0)
-  loss = float(sums["loss_sum"]) / w
-  return {"loss": loss, "perplexity": float(np.exp(min(loss, 50.0))),
-          "accuracy": float(sums["correct"]) / w, "tokens": float(sums["weight_sum"])}
-
-
-def evaluate(eval_fn: Callable, params, batches: Iterator, to_global: Callable) -> Dict[str, float]:
-  """Runs `eval_fn` over every batch and returns the token-weighted summary."""
-  totals = {"loss_sum": 0.0, "weight_sum": 0.0, "correct": 0.0}
-  pending = []
-  for batch in batches:
-    pending.append(eval_fn(params, to_global(batch)))
-  for m in jax.device_get(pending):
-    for k in totals:
-      totals[k] += float(m[k])
-  return summarize(totals)
-
-
 # ----------------------------------------------------------------------------- validation
-def validate_config(config, num_devices: Optional[int] = None) -> None:
-  """Raises ConfigError naming the field for settings that cannot work (before compiling)."""
-  num_devices = jax.device_count() if num_devices is None else num_devices
+def validate_config(config, num_devices: Optional[int] = None, *,
+                    devices: Optional[Sequence[Any]] = None,
+                    num_hosts: Optional[int] = None) -> None:
+  """Checks a run config before anything is compiled or loaded.
+
+  The model's own fields are checked where the model config is built
+  (`TransformerConfig.__post_init__`, reached through `runs.model_config_from`); this
+  checks the data, training and mesh fields and how they fit the model and the devices.
+
+  Args:
+    config: a run config (configs/*.py, overridden).
+    num_devices: devices of the mesh (default: len(devices)).
+    devices: the target devices (default jax.devices()); their slices or processes are
+      the DCN granules, as in `sharding.create_mesh`.
+    num_hosts: processes feeding the batch (default jax.process_count()).
+
+  Raises:
+    ConfigError: naming the field that cannot work.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  num_devices = len(devices) if num_devices is None else num_devices
+  num_hosts = jax.process_count() if num_hosts is None else num_hosts
   m, d, t = config.model, config.data, config.train
-  if m.num_heads <= 0 or m.qkv_dim % m.num_heads:
-    raise ConfigError(f"config.model.num_heads={m.num_heads} must divide "
-                      f"config.model.qkv_dim={m.qkv_dim}")
-  if m.position == "rope" and (m.qkv_dim // m.num_heads) % 2:
-    raise ConfigError(f"config.model.qkv_dim/num_heads={m.qkv_dim // m.num_heads} must be even "
-                      "for rope positions")
-  for field, allowed in (("position", transformer.POSITIONS), ("norm", transformer.NORMS),
-                         ("mlp_activation", transformer.ACTIVATIONS)):
-    if m[field] not in allowed:
-      raise ConfigError(f"config.model.{field}={m[field]!r}; expected one of {allowed}")
-  if m.get("attention_block", 0) < 0:
-    raise ConfigError(f"config.model.attention_block={m.attention_block} must be >= 0 "
-                      "(0 = dense attention)")
+  runs.model_config_from(config, max(int(m.get("vocab_size", 0) or 0), 1))
   for field in ("batch_size", "seq_len", "eval_batch_size"):
     if d[field] <= 0:
       raise ConfigError(f"config.data.{field}={d[field]} must be positive")
   if d.seq_len > m.max_len:
     raise ConfigError(f"config.data.seq_len={d.seq_len} is above config.model.max_len="
                       f"{m.max_len}, the longest position the model supports")
-  if m.dtype not in ("float32", "bfloat16", "float16"):
-    raise ConfigError(f"config.model.dtype={m.dtype!r}; expected float32 | bfloat16 | float16")
-  for field in ("emb_dim", "num_layers", "mlp_dim"):
-    if m[field] <= 0:
-      raise ConfigError(f"config.model.{field}={m[field]} must be positive")
-  if not 0 <= m.dropout_rate < 1:
-    raise ConfigError(f"config.model.dropout_rate={m.dropout_rate} must be in [0, 1)")
   if t.num_steps <= 0 or t.learning_rate <= 0:
     raise ConfigError("config.train.num_steps and config.train.learning_rate must be positive")
   for field in ("log_every", "eval_every", "checkpoint_every", "grad_accum_steps"):
     if t[field] <= 0:
       raise ConfigError(f"config.train.{field}={t[field]} must be positive")
-  if t.schedule not in ("cosine", "rsqrt", "constant"):
-    raise ConfigError(f"config.train.schedule={t.schedule!r}; expected cosine | rsqrt | constant")
-  dcn_total = int(np.prod([d for d in config.mesh.dcn_parallelism if d > 0]))
-  # DCN groups are TPU slices where devices report one, else processes (as create_mesh does).
-  granules = len({getattr(d, "slice_index", d.process_index) for d in jax.devices()}) \
-      if (dcn_total > 1 or -1 in tuple(config.mesh.dcn_parallelism)) else 1
+  if t.schedule not in SCHEDULES:
+    raise ConfigError(f"config.train.schedule={t.schedule!r}; expected {' | '.join(SCHEDULES)}")
+  dcn = tuple(config.mesh.dcn_parallelism)
+  granules = sharding.num_granules(devices) if (-1 in dcn or math.prod(dcn) != 1) else 1
   try:
-    ici, dcn = sharding.resolve_mesh_shape(tuple(config.mesh.ici_parallelism),
-                                           tuple(config.mesh.dcn_parallelism), num_devices,
-                                           num_granules=granules)
+    ici, dcn = sharding.resolve_mesh_shape(tuple(config.mesh.ici_parallelism), dcn,
+                                           num_devices, num_granules=granules)
   except ValueError as e:
-    raise ConfigError(str(e)) from None
-  shape = [i * d for i, d in zip(ici, dcn)]
+    raise ConfigError(f"config.mesh.{e}") from None
+  shape = [i * g for i, g in zip(ici, dcn)]
   batch_shards = shape[0] * shape[1]
   if d.batch_size % batch_shards:
     raise ConfigError(f"config.data.batch_size={d.batch_size} must be divisible by the "
                       f"data x fsdp mesh size {batch_shards} (mesh {tuple(shape)})")
-  if d.batch_size % jax.process_count():
+  if d.batch_size % num_hosts:
     raise ConfigError(f"config.data.batch_size={d.batch_size} must be divisible by the "
-                      f"process count {jax.process_count()}")
+                      f"{num_hosts} hosts (processes) feeding it")
   if m.num_heads % shape[2] or m.mlp_dim % shape[2]:
     raise ConfigError(f"config.mesh tensor parallelism {shape[2]} must divide "
                       f"config.model.num_heads={m.num_heads} and mlp_dim={m.mlp_dim}")
@@ -263,82 +199,6 @@ def run_info() -> dict:
   return {"git_commit": commit, "versions": versions, "python": sys.version.split()[0],
           "devices": [str(d) for d in jax.devices()], "process_count": jax.process_count(),
           "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-
-
-class MetricWriter:
-  """metrics.jsonl and TensorBoard event files (the tensorboard package's writer, which needs
-  no TensorFlow). Only process 0 writes."""
-
-  def __init__(self, workdir):
-    self.active = jax.process_index() == 0
-    self._jsonl = None
-    self._tb = None
-    self._remote = "://" in str(workdir)
-    self._path = workdir / "metrics.jsonl"
-    self._rows: list = []
-    if self.active:
-      from midijax.evaluation import SummaryWriter  # tensorboard's protos, no TensorFlow
-      if self._remote:
-        # Object stores cannot append: metrics.jsonl is rewritten whole; TensorBoard events go
-        # to a local folder (sync it to the bucket, or point TensorBoard at it).
-        self._rows = self._path.read_text().splitlines(True) if self._path.exists() else []
-        local_tb = pathlib.Path("/tmp/midijax_tensorboard") / workdir.name
-        logging.info("TensorBoard events for %s are written to %s", workdir, local_tb)
-        self._tb = SummaryWriter(local_tb)
-      else:
-        self._jsonl = open(self._path, "a")
-        self._tb = SummaryWriter(workdir / "tensorboard")
-
-  def write(self, step: int, scalars: Dict[str, float]) -> None:
-    if not self.active:
-      return
-    line = json.dumps({"step": int(step), **{k: float(v) for k, v in scalars.items()}}) + "\n"
-    if self._remote:
-      self._rows.append(line)
-      self._path.write_text("".join(self._rows))
-    else:
-      self._jsonl.write(line)
-      self._jsonl.flush()
-    if self._tb is not None:
-      for k, v in scalars.items():
-        self._tb.scalar(k, float(v), int(step))
-
-  def close(self) -> None:
-    if self._jsonl:
-      self._jsonl.close()
-    if self._tb is not None:
-      self._tb.close()
-
-
-def plot_losses(workdir):
-  """Writes loss.png (training and validation loss per step) from metrics.jsonl."""
-  path = workdir / "metrics.jsonl"
-  if jax.process_index() != 0 or not path.exists():
-    return None
-  rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-  train = [(r["step"], r["train_loss"]) for r in rows if "train_loss" in r]
-  evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
-  if not train and not evals:
-    return None
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(7, 4))
-  if train:
-    ax.plot(*zip(*train), label="train", lw=1)
-  if evals:
-    ax.plot(*zip(*evals), "o-", label="validation", lw=1.5)
-  ax.set_xlabel("step")
-  ax.set_ylabel("NLL per token (nats)")
-  ax.set_title(workdir.name)
-  ax.grid(alpha=0.3)
-  ax.legend()
-  fig.tight_layout()
-  out = workdir / "loss.png"
-  with out.open("wb") as f:
-    fig.savefig(f, format="png", dpi=110)
-  plt.close(fig)
-  return out
 
 
 def peak_flops_per_device(config) -> Tuple[float, str]:
@@ -407,32 +267,89 @@ def _agree(flag: bool) -> bool:
   return bool(np.any(multihost_utils.process_allgather(np.asarray([flag], np.int32))))
 
 
-def build_model_and_state(config, vocab_size: int, mesh, rules):
-  """Creates the sharded model params, optimizer and their shardings."""
-  model_cfg = model_config_from(config, vocab_size)
-  model = sharding.create_sharded_model(
-      lambda: transformer.Transformer(model_cfg, rngs=_init_rngs(config.seed)), mesh, rules)
-  graphdef, params = nnx.split(model)
+# ----------------------------------------------------------------------------- the train step
+@dataclasses.dataclass(frozen=True)
+class TrainSetup:
+  """What the jitted train step is built from (`create_train_state` makes it).
+
+  Attributes:
+    model_config: the model's TransformerConfig.
+    graphdef: the model's NNX graph definition (its static structure).
+    tx: the optimizer.
+    mesh: the device mesh; rules: its logical axis rules.
+    state_shardings: a TrainState of shardings: the step replicated, parameters by their
+      logical axes, optimizer moments like their parameters.
+    batch_sharding: batch rows split over data x fsdp.
+  """
+  model_config: transformer.TransformerConfig
+  graphdef: Any
+  tx: optax.GradientTransformation
+  mesh: jax.sharding.Mesh
+  rules: Any
+  state_shardings: TrainState
+  batch_sharding: jax.sharding.NamedSharding
+
+
+def create_train_state(config, vocab_size: int, mesh, rules, *, abstract: bool = False
+                       ) -> Tuple[TrainSetup, TrainState]:
+  """The model, optimizer and their shardings, and the initial train state.
+
+  Args:
+    config: a validated run config.
+    vocab_size: the model's vocabulary (before padding).
+    mesh, rules: the device mesh and logical axis rules.
+    abstract: give the state as ShapeDtypeStructs carrying their shardings, allocating
+      nothing (ahead-of-time compilation for devices this process may not have).
+
+  Returns:
+    (TrainSetup, TrainState): the state's parameters are global arrays sharded on `mesh`
+    (created by jitted initializers, so no device holds the whole model), or abstract.
+
+  Raises:
+    ConfigError: when a parameter cannot be split as config.mesh asks.
+  """
+  model_cfg = runs.model_config_from(config, vocab_size)
+  model_fn = lambda: transformer.Transformer(model_cfg, rngs=_init_rngs(config.seed))
+  try:
+    if abstract:
+      graphdef, params = nnx.split(nnx.eval_shape(model_fn))
+    else:
+      graphdef, params = nnx.split(sharding.create_sharded_model(model_fn, mesh, rules))
+    param_sh = sharding.state_shardings(params, mesh, rules)
+  except ValueError as e:
+    raise ConfigError(f"config.mesh: {e}") from None
   tx = create_optimizer(config.train, params)
-  param_shardings = sharding.state_shardings(params, mesh, rules)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  # Everything is created by jitted functions so that every array is a global array on the
-  # mesh (a plain jnp array would sit on one local device, which multi-host jit rejects).
-  # The optimizer state takes its parameters' shardings by propagation; scalars replicate.
-  opt_shardings = optimizer_state_shardings(tx, params, param_shardings, mesh)
-  opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+  # The optimizer state takes its parameters' shardings (Adam's moments); scalars replicate.
+  opt_sh = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, params), param_sh,
+                                 transform_non_params=lambda _: replicated)
+  state_sh = TrainState(step=replicated, params=param_sh, opt_state=opt_sh)
+  setup = TrainSetup(model_config=model_cfg, graphdef=graphdef, tx=tx, mesh=mesh, rules=rules,
+                     state_shardings=state_sh, batch_sharding=sharding.batch_sharding(mesh, rules))
+  if abstract:
+    shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
+                        opt_state=jax.eval_shape(tx.init, params))
+    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                         shapes, state_sh)
+    return setup, state
+  # Every array is made by a jitted function so that it is a global array on the mesh (a
+  # plain jnp array would sit on one local device, which multi-host jit rejects).
+  opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
   step = jax.jit(lambda: jnp.zeros((), jnp.int32), out_shardings=replicated)()
-  state = TrainState(step=step, params=params, opt_state=opt_state)
-  state_sh = TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings)
-  return model_cfg, graphdef, tx, state, state_sh
+  return setup, TrainState(step=step, params=params, opt_state=opt_state)
 
 
-def optimizer_state_shardings(tx, params, param_shardings, mesh):
-  """Shardings of `tx`'s state: parameter-shaped leaves (Adam's moments) follow their
-  parameter's sharding; everything else (step counts) is replicated."""
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  return optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, params),
-                               param_shardings, transform_non_params=lambda _: replicated)
+def jit_train_step(config, setup: TrainSetup):
+  """`train_step` jitted with the run's shardings: (state, batch, dropout key) -> (state,
+  metrics), the state donated. Training, `midijax compile` and the throughput benchmark
+  all run this function; call (or lower) it inside `sharding.use_mesh(mesh, rules)`."""
+  replicated = jax.sharding.NamedSharding(setup.mesh, jax.sharding.PartitionSpec())
+  use_dropout = config.model.dropout_rate > 0 or config.model.attention_dropout_rate > 0
+  return jax.jit(
+      functools.partial(train_step, graphdef=setup.graphdef, tx=setup.tx,
+                        label_smoothing=config.train.label_smoothing, use_dropout=use_dropout),
+      in_shardings=(setup.state_shardings, setup.batch_sharding, replicated),
+      out_shardings=(setup.state_shardings, replicated), donate_argnums=(0,))
 
 
 def replicated_key(seed: int, mesh) -> jax.Array:
@@ -458,7 +375,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                       f"vocabulary ({data.vocab_size})")
 
   mesh = sharding.create_mesh(config.mesh)
-  rules = sharding.get_logical_axis_rules(config.mesh) or sharding.DEFAULT_LOGICAL_AXIS_RULES
+  rules = sharding.get_logical_axis_rules(config.mesh)
   is_chief = jax.process_index() == 0
   if is_chief:
     _write_json(workdir / "config.json", json.loads(config.to_json_best_effort()))
@@ -466,7 +383,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     data.save_vocab(workdir / "vocab.json")
 
   # Parameters are created outside `use_mesh`: their logical names resolve through the rules.
-  model_cfg, graphdef, tx, state, state_sh = build_model_and_state(config, vocab_size, mesh, rules)
+  setup, state = create_train_state(config, vocab_size, mesh, rules)
+  state_sh = setup.state_shardings
   with sharding.use_mesh(mesh, rules):
     manager = ckpt_lib.make_manager(workdir, config.train.keep_latest, config.train.keep_best,
                                     config.train.async_checkpointing)
@@ -486,22 +404,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       if is_chief:
         print(f"resuming from step {start_step}", flush=True)
 
-    batch_sh = sharding.batch_sharding(mesh, rules)
+    batch_sh = setup.batch_sharding
     to_global = functools.partial(sharding.host_local_to_global, mesh=mesh, sharding=batch_sh)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    use_dropout = config.model.dropout_rate > 0 or config.model.attention_dropout_rate > 0
-    p_train = jax.jit(
-        functools.partial(train_step, graphdef=graphdef, tx=tx,
-                          label_smoothing=config.train.label_smoothing, use_dropout=use_dropout),
-        in_shardings=(state_sh, batch_sh, replicated), out_shardings=(state_sh, replicated),
-        donate_argnums=(0,))
-    p_eval = jax.jit(functools.partial(eval_step, graphdef=graphdef),
+    p_train = jit_train_step(config, setup)
+    p_eval = jax.jit(functools.partial(losses.eval_step, graphdef=setup.graphdef),
                      in_shardings=(state_sh.params, batch_sh), out_shardings=replicated)
 
     seq_len = config.data.seq_len
-    fpt = transformer.flops_per_token(model_cfg, seq_len)
+    fpt = transformer.flops_per_token(setup.model_config, seq_len)
     peak, peak_src = peak_flops_per_device(config)
-    writer = MetricWriter(workdir)
+    writer = metric_writers.MetricWriter(workdir, active=is_chief)
     dropout_rng = replicated_key(config.seed + 1, mesh)
     train_iter = data.train_batches(start_step)
     meta = {"config": json.loads(config.to_json_best_effort()), "vocab_size": vocab_size}
@@ -521,7 +434,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
     def log_train(step_done, m):
       """Fetches a step's metrics; a NaN/inf loss stops the run before anything is saved."""
-      summary = summarize(jax.device_get(m))
+      summary = losses.summarize(jax.device_get(m))
       if config.train.stop_on_nan and not np.isfinite(summary["loss"]):
         raise TrainingDivergedError(
             f"loss became {summary['loss']} at step {step_done}; stopping. The last good "
@@ -569,7 +482,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         eval_loss = None
         if do_eval:
           t0 = time.perf_counter()
-          eval_summary = evaluate(p_eval, state.params, data.eval_batches(), to_global)
+          eval_summary = losses.evaluate(p_eval, state.params, data.eval_batches(), to_global)
           eval_loss = eval_summary["loss"]
           writer.write(step, {f"eval_{k}": v for k, v in eval_summary.items()})
           if is_chief:
@@ -597,41 +510,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     writer.close()
     if progress is not None:
       progress.close()
-    plot_losses(workdir)
+    if is_chief:
+      metric_writers.plot_losses(workdir)
   return {**last, **{f"eval_{k}": v for k, v in eval_summary.items()}, "step": step}
-
-
-# ----------------------------------------------------------------------------- loading runs
-def load_run(workdir, step: Optional[int] = None, best: bool = False, mesh=None, rules=None):
-  """Loads a trained model for sampling/evaluation: (model, encoding, config, step).
-
-  Raises CheckpointNotFoundError / ConfigError with the workdir named.
-  """
-  from midijax import encoding as enc_lib
-  workdir = ckpt_lib.workdir_path(workdir)
-  if not (workdir / "config.json").exists():
-    raise ckpt_lib.CheckpointNotFoundError(f"{workdir}: not a midijax workdir (no config.json)")
-  step = ckpt_lib.resolve_step(workdir, step, best)
-  config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
-  enc = enc_lib.load_vocab(workdir / "vocab.json")
-  meta = ckpt_lib.read_meta(workdir, step)
-  vocab_size = int(meta.get("vocab_size") or enc.vocab_size)
-  mesh = mesh or sharding.create_mesh(ml_collections.ConfigDict(
-      {"ici_parallelism": (-1, 1, 1), "dcn_parallelism": (1, 1, 1)}))
-  rules = rules or sharding.get_logical_axis_rules(config.mesh) or sharding.DEFAULT_LOGICAL_AXIS_RULES
-  model_cfg = model_config_from(config, vocab_size, deterministic=True)
-  abstract_model = nnx.eval_shape(lambda: transformer.Transformer(model_cfg, rngs=nnx.Rngs(0)))
-  graphdef, abstract_params = nnx.split(abstract_model)
-  param_sh = sharding.state_shardings(abstract_params, mesh, rules)
-  manager = ckpt_lib.make_manager(workdir, async_save=False)
-  # Restore only the parameters (the optimizer state is not needed to sample).
-  target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        abstract_params, param_sh)
-  import orbax.checkpoint as ocp
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.PyTreeRestore(
-          item={"params": target}, partial_restore=True,
-          restore_args={"params": ocp.checkpoint_utils.construct_restore_args(target)})))
-  manager.close()
-  model = nnx.merge(graphdef, restored.state["params"])
-  return model, enc, config, step

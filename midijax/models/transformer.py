@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from midijax import sharding
+from midijax.errors import ConfigError
 from midijax.kernels import causal_attention as cpu_attention
 from midijax.sharding import with_logical_constraint
 
@@ -45,6 +46,7 @@ VOCAB_MULTIPLE = 128
 POSITIONS = ("sinusoidal", "rope", "relative")
 NORMS = ("rmsnorm", "layernorm")
 ACTIVATIONS = ("gelu", "relu", "swiglu")
+DTYPES = (jnp.dtype("float32"), jnp.dtype("bfloat16"), jnp.dtype("float16"))
 
 # Decode cache: one {"k", "v"} dict per layer, arrays [B, S, H, Dh] with these
 # logical axes (for sharding the cache with midijax.sharding).
@@ -105,26 +107,38 @@ class TransformerConfig:
   attention_block: int = 128
 
   def __post_init__(self):
-    # Accept dtype names from ConfigDicts ("bfloat16").
-    object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
-    object.__setattr__(self, "param_dtype", jnp.dtype(self.param_dtype))
-    for field, value, allowed in (("position", self.position, POSITIONS),
-                                  ("norm", self.norm, NORMS),
-                                  ("mlp_activation", self.mlp_activation, ACTIVATIONS)):
-      if value not in allowed:
-        raise ValueError(f"TransformerConfig.{field}={value!r}; expected one of {allowed}.")
+    # The one place model fields are checked. A TransformerConfig is built from a run's
+    # config.model (midijax.runs.model_config_from), so errors name that field.
+    def bad(field: str, why: str):
+      raise ConfigError(f"config.model.{field}={getattr(self, field)!r} {why}")
+
+    for field, allowed in (("position", POSITIONS), ("norm", NORMS),
+                           ("mlp_activation", ACTIVATIONS)):
+      if getattr(self, field) not in allowed:
+        bad(field, f"; expected one of {allowed}")
+    for field in ("dtype", "param_dtype"):
+      try:
+        dtype = jnp.dtype(getattr(self, field))
+      except TypeError:
+        dtype = None
+      if dtype not in DTYPES:
+        bad(field, "; expected float32 | bfloat16 | float16")
+      # Accept dtype names from ConfigDicts ("bfloat16").
+      object.__setattr__(self, field, dtype)
+    for field in ("emb_dim", "num_heads", "num_layers", "qkv_dim", "mlp_dim", "max_len"):
+      if getattr(self, field) <= 0:
+        bad(field, "must be positive")
     if self.qkv_dim % self.num_heads:
-      raise ValueError(
-          f"TransformerConfig.qkv_dim={self.qkv_dim} is not divisible by "
-          f"num_heads={self.num_heads}.")
+      bad("num_heads", f"must divide config.model.qkv_dim={self.qkv_dim}")
     if self.position == "sinusoidal" and self.emb_dim % 2:
-      raise ValueError(f"Sinusoidal positions need an even emb_dim, got {self.emb_dim}.")
+      bad("emb_dim", "must be even for sinusoidal positions")
     if self.position == "rope" and self.head_dim % 2:
-      raise ValueError(f"RoPE needs an even head_dim, got {self.head_dim}.")
-    if not 0 <= self.dropout_rate < 1 or not 0 <= self.attention_dropout_rate < 1:
-      raise ValueError("dropout rates must be in [0, 1).")
+      bad("qkv_dim", f"/ num_heads = {self.head_dim} must be even for rope positions")
+    for field in ("dropout_rate", "attention_dropout_rate"):
+      if not 0 <= getattr(self, field) < 1:
+        bad(field, "must be in [0, 1)")
     if self.attention_block < 0:
-      raise ValueError(f"attention_block must be >= 0, got {self.attention_block}.")
+      bad("attention_block", "must be >= 0 (0 = dense attention)")
 
   @property
   def padded_vocab_size(self) -> int:

@@ -1,0 +1,91 @@
+"""Trained runs for inference: the model config of a run config, and `load_run`.
+
+A run folder (workdir) holds config.json, vocab.json and checkpoints/ (see
+`midijax.checkpoint`). Sampling, evaluation, export and the CLI load runs through here,
+never through training.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Optional
+
+from flax import nnx
+import jax
+import ml_collections
+
+from midijax import checkpoint as ckpt_lib
+from midijax import sharding
+from midijax.errors import MidijaxError
+from midijax.models import transformer
+
+# TransformerConfig fields that do not come from config.model.
+_DERIVED_FIELDS = ("vocab_size", "deterministic")
+
+
+def model_config_from(config, vocab_size: int, deterministic: bool = False
+                      ) -> transformer.TransformerConfig:
+  """The `TransformerConfig` of a run config.
+
+  Every TransformerConfig field present in `config.model` is taken from it; fields it lacks
+  (configs saved before the field existed) keep the dataclass default. `vocab_size` and
+  `deterministic` are the arguments.
+
+  Raises:
+    ConfigError: naming the config.model field that cannot work.
+  """
+  model = config.model
+  fields = {f.name: model[f.name] for f in dataclasses.fields(transformer.TransformerConfig)
+            if f.name not in _DERIVED_FIELDS and f.name in model}
+  return transformer.TransformerConfig(vocab_size=int(vocab_size), deterministic=deterministic,
+                                       **fields)
+
+
+def inference_mesh() -> jax.sharding.Mesh:
+  """A mesh over this process's devices for sampling: data parallel over all of them."""
+  return sharding.create_mesh(ml_collections.ConfigDict(
+      {"ici_parallelism": (-1, 1, 1), "dcn_parallelism": (1, 1, 1)}))
+
+
+def load_run(workdir, step: Optional[int] = None, best: bool = False, mesh=None, rules=None):
+  """Loads a trained model for sampling or evaluation.
+
+  Args:
+    workdir: the run folder (local path or gs://).
+    step: checkpoint step (default: the latest); `best`: the best by validation loss.
+    mesh: where the parameters go (default `inference_mesh()`).
+    rules: logical axis rules (default the run's config.mesh rules).
+
+  Returns:
+    (model with deterministic=True, encoding, config as saved, checkpoint step).
+
+  Raises:
+    CheckpointNotFoundError / ConfigError / MidijaxError: one line naming the workdir (a
+    missing, incompatible or damaged run).
+  """
+  from midijax import encoding as enc_lib  # pylint: disable=g-import-not-at-top
+  workdir = ckpt_lib.workdir_path(workdir)
+  if not (workdir / "config.json").exists():
+    raise ckpt_lib.CheckpointNotFoundError(f"{workdir}: not a midijax workdir (no config.json)")
+  step = ckpt_lib.resolve_step(workdir, step, best)
+  try:
+    config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+    enc = enc_lib.load_vocab(workdir / "vocab.json")
+    meta = ckpt_lib.read_meta(workdir, step)
+    vocab_size = int(meta.get("vocab_size") or enc.vocab_size)
+    mesh = mesh or inference_mesh()
+    rules = rules or sharding.get_logical_axis_rules(config.get("mesh"))
+    model_cfg = model_config_from(config, vocab_size, deterministic=True)
+    abstract_model = nnx.eval_shape(lambda: transformer.Transformer(model_cfg, rngs=nnx.Rngs(0)))
+    graphdef, abstract_params = nnx.split(abstract_model)
+    param_sh = sharding.state_shardings(abstract_params, mesh, rules)
+    # Restore only the parameters (the optimizer state is not needed to sample).
+    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          abstract_params, param_sh)
+    params = ckpt_lib.restore_params(workdir, step, target)
+  except MidijaxError:
+    raise
+  except Exception as e:  # Orbax / JSON errors of a damaged workdir: one line, no traceback.
+    first = str(e).splitlines()[0] if str(e) else ""
+    raise MidijaxError(f"{workdir}: cannot load the run ({type(e).__name__}: {first})") from None
+  return nnx.merge(graphdef, params), enc, config, step
