@@ -45,20 +45,16 @@ def main():
     subprocess.run(cmd, check=True, cwd=REPO)
     t_train = time.perf_counter() - t
 
-  import jax
   import numpy as np
-  from flax import nnx
-  from midijax import input_pipeline, train
-  from midijax.evaluation import NgramModel
+  from midijax import input_pipeline, losses, runs
+  from midijax.ngram import NgramModel
 
-  model, enc, config, step = train.load_run(a.workdir, best=True)
+  model, enc, config, step = runs.load_run(a.workdir, best=True)
   if a.data_dir:
     config.data.data_dir = a.data_dir
   data = input_pipeline.DataSource(config)
   batches = list(data.eval_batches())
-  graphdef, params = nnx.split(model)
-  eval_fn = jax.jit(lambda p, b: train.eval_step(p, b, graphdef=graphdef))
-  tf_metrics = train.evaluate(eval_fn, params, iter(batches), lambda b: b)
+  tf_metrics = losses.score_batches(model, batches)
 
   spec = input_pipeline.dataset_specs(config)[0]
   store = input_pipeline.load_split(spec.version_dir, config.data.train_split)

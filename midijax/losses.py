@@ -76,3 +76,10 @@ def evaluate(eval_fn: Callable, params, batches: Iterator, to_global: Callable) 
     for k in totals:
       totals[k] += float(m[k])
   return summarize(totals)
+
+
+def score_batches(model, batches) -> Dict[str, float]:
+  """`evaluate` of an NNX model on host batches, on this process's default device."""
+  graphdef, params = nnx.split(model)
+  eval_fn = jax.jit(lambda p, b: eval_step(p, b, graphdef=graphdef))
+  return evaluate(eval_fn, params, iter(batches), lambda b: b)

@@ -12,8 +12,9 @@ Reading returns `Notes` (float64 seconds). Two readers give the same notes:
 Sustain pedal (CC 64) can be applied to extend piano notes exactly as
 ``note_seq.apply_sustain_control_changes`` does (`apply_sustain`).
 
-Writing goes through note-seq (``sequence_proto_to_midi_file``): drums on MIDI channel 10
-(index 9), tempo and time signature set.
+Writing (`write_midi`) produces note-seq's bytes (``note_sequence_to_midi_file``) through
+the same pretty_midi calls, without importing note-seq: drums on MIDI channel 10 (index 9),
+tempo map and time signatures set.
 """
 from __future__ import annotations
 
@@ -361,22 +362,93 @@ def apply_sustain(notes: Notes, control_number: int = SUSTAIN_CC) -> Notes:
 
 
 # --------------------------------------------------------------------------- writing
-def write_midi(seq, path: PathLike) -> pathlib.Path:
-  """Writes a NoteSequence (or `Notes`) to a MIDI file through note-seq.
+# note-seq's defaults (note_seq.constants): the resolution of a sequence without one, and
+# the tempo of a sequence without a tempo at time 0.
+NOTE_SEQ_PPQ = 220
+NOTE_SEQ_QPM = 120.0
 
-  Drum notes go to MIDI channel 10 (index 9); the first tempo and time signature are set
-  (120 qpm, 4/4 when the sequence has none). Parent folders are created. The file is
-  written to a temporary name and renamed, so an existing file is never left half-written.
+
+def notes_to_pretty_midi(notes: Notes):
+  """A `pretty_midi.PrettyMIDI` of `notes`, made as note-seq makes one.
+
+  The same pretty_midi calls, in the same order, as
+  `note_seq.midi_io.note_sequence_to_pretty_midi(notes.to_note_sequence())`, done from the
+  columns so that writing MIDI never imports note_seq (its package import loads its
+  plotting stack, bokeh and pandas: seconds of start-up). tests/test_midi_write.py checks
+  that the written bytes equal note-seq's. An empty tempo or meter map gets 120 qpm / 4/4
+  at time 0.
   """
-  import note_seq
-  ns = seq.to_note_sequence() if isinstance(seq, Notes) else seq
-  if not ns.tempos:
-    ns.tempos.add(time=0.0, qpm=120.0)
-  if not ns.time_signatures:
-    ns.time_signatures.add(time=0.0, numerator=4, denominator=4)
+  import pretty_midi  # pylint: disable=g-import-not-at-top
+  tempos = [(float(t), float(q)) for t, q in np.asarray(notes.tempos).reshape(-1, 2)]
+  tempos = tempos or [(0.0, NOTE_SEQ_QPM)]
+  meters = [(float(t), int(n), int(d))
+            for t, n, d in np.asarray(notes.time_signatures).reshape(-1, 3)]
+  meters = meters or [(0.0, 4, 4)]
+  initial = next((tempo for tempo in tempos if tempo[0] == 0), None)
+  pm = pretty_midi.PrettyMIDI(resolution=int(notes.ticks_per_quarter) or NOTE_SEQ_PPQ,
+                              initial_tempo=initial[1] if initial else NOTE_SEQ_QPM)
+  # Instrument 0 also carries the meters (pretty_midi writes them in the first track).
+  instrument = pretty_midi.Instrument(0)
+  pm.instruments.append(instrument)
+  for t, numerator, denominator in meters:
+    pm.time_signature_changes.append(pretty_midi.TimeSignature(numerator, denominator, t))
+  for tempo in tempos:
+    if tempo == initial:
+      continue
+    # pretty_midi has no public way to add a tempo change; note-seq appends a tick scale.
+    # pylint: disable=protected-access
+    pm._tick_scales.append((pm.time_to_tick(tempo[0]), 60.0 / (pm.resolution * tempo[1])))
+    pm._update_tick_to_time(0)
+    # pylint: enable=protected-access
+  events: dict = {}
+
+  def track(instrument_id, program, is_drum) -> dict:
+    key = (int(instrument_id), int(program), bool(is_drum))
+    return events.setdefault(key, {"notes": [], "controls": []})
+
+  for i in range(len(notes)):
+    track(notes.instrument[i], notes.program[i], notes.is_drum[i])["notes"].append(
+        pretty_midi.Note(int(notes.velocity[i]), int(notes.pitch[i]), float(notes.start[i]),
+                         float(notes.end[i])))
+  for i in range(len(notes.cc_time)):
+    track(notes.cc_instrument[i], notes.cc_program[i], notes.cc_is_drum[i])["controls"].append(
+        pretty_midi.ControlChange(int(notes.cc_number[i]), int(notes.cc_value[i]),
+                                  float(notes.cc_time[i])))
+  for (instrument_id, program, is_drum) in sorted(events):
+    # As note-seq: instrument ids above 0 get a track of their own; id 0 (and below) fill
+    # the first track.
+    if instrument_id > 0:
+      name = "Drums" if is_drum else pretty_midi.program_to_instrument_name(program)
+      instrument = pretty_midi.Instrument(program, is_drum, name)
+      pm.instruments.append(instrument)
+    else:
+      instrument.is_drum = is_drum
+    instrument.program = program
+    instrument.notes = events[(instrument_id, program, is_drum)]["notes"]
+    instrument.pitch_bends = []
+    instrument.control_changes = events[(instrument_id, program, is_drum)]["controls"]
+  return pm
+
+
+def write_midi(seq, path: PathLike) -> pathlib.Path:
+  """Writes `Notes` (or a note-seq NoteSequence) to a MIDI file; the one MIDI writer.
+
+  The bytes are note-seq's (`notes_to_pretty_midi`): drum notes on MIDI channel 10 (index
+  9), the tempo map and meters written (120 qpm, 4/4 when there are none). Parent folders
+  are created. The file is written to a temporary name and renamed, so an existing file is
+  never left half-written.
+  """
   p = pathlib.Path(path)
   p.parent.mkdir(parents=True, exist_ok=True)
   tmp = p.with_name(p.name + ".tmp")
-  note_seq.sequence_proto_to_midi_file(ns, str(tmp))
+  if isinstance(seq, Notes):
+    notes_to_pretty_midi(seq).write(str(tmp))
+  else:  # A NoteSequence: note_seq is loaded already; its writer keeps every field.
+    import note_seq  # pylint: disable=g-import-not-at-top
+    if not seq.tempos:
+      seq.tempos.add(time=0.0, qpm=NOTE_SEQ_QPM)
+    if not seq.time_signatures:
+      seq.time_signatures.add(time=0.0, numerator=4, denominator=4)
+    note_seq.sequence_proto_to_midi_file(seq, str(tmp))
   os.replace(tmp, p)
   return p

@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from midijax import sharding
-from midijax.encoding import CONDITIONING, EOS_ID, PAD_ID, Encoding
+from midijax.encoding import CONDITIONING, EOS_ID, PAD_ID, Encoding, is_drum_music
 from midijax.encoding import grammar as grammar_lib
 from midijax.errors import MidijaxError
 from midijax.kernels import causal_attention as cpu_attention
@@ -814,13 +814,13 @@ def continue_midi(model: transformer.Transformer, enc: Encoding, prompt_path, *,
   if prompt_seconds is not None and prompt_bars is not None:
     raise MidijaxError("give prompt_seconds or prompt_bars, not both")
   notes = midi_io.read_notes(prompt_path)
-  if enc.name != "drums" and not _all_drums(notes):
+  if not is_drum_music(enc, notes=notes):
     notes = midi_io.apply_sustain(notes)  # as the piano builders encode pitched music
   if enc.name == "drums":
     notes = notes.select(notes.is_drum)
     if len(notes) == 0:
       raise MidijaxError(f"{prompt_path}: no drum notes for the drums model to continue")
-  is_drum = bool(enc.name == "drums" or _all_drums(notes)) if is_drum is None else is_drum
+  is_drum = is_drum_music(enc, notes=notes) if is_drum is None else is_drum
   if prompt_bars is not None:
     if prompt_bars <= 0:
       raise MidijaxError(f"prompt_bars must be positive, got {prompt_bars}")
@@ -852,7 +852,3 @@ def continue_midi(model: transformer.Transformer, enc: Encoding, prompt_path, *,
   return Continuation(prompt=decode(ids), full=[decode(t) for t in result.tokens],
                       continuation=[decode(t) for t in result.continuations], result=result,
                       prompt_seconds=cut, qpm=notes.qpm, is_drum=is_drum)
-
-
-def _all_drums(notes) -> bool:
-  return bool(len(notes)) and bool(notes.is_drum.all())

@@ -39,6 +39,21 @@ def from_config(config: dict) -> Encoding:
   return get(config.pop("name"), **config)
 
 
+def is_drum_music(enc: Encoding, *, dataset: str = "", conditions=None, notes=None) -> bool:
+  """Whether tokens of `enc` stand for drums (decoded onto the GM drum channel).
+
+  The one rule every command and library function uses: drums when the encoding is
+  `drums`, the run was trained on the Groove dataset (`dataset`, config.data.name), the
+  conditioning asks for the drums family (`conditions`, {kind: value}), or a prompt's
+  `notes` are all drum notes.
+  """
+  if enc.name == "drums" or dataset == "groove":
+    return True
+  if (conditions or {}).get("family") == "drums":
+    return True
+  return notes is not None and bool(len(notes)) and bool(notes.is_drum.all())
+
+
 def load_vocab(path) -> Encoding:
   """Rebuilds the encoding saved by `Encoding.save_vocab` and checks the token list matches."""
   from etils import epath  # local paths and gs:// alike
@@ -50,4 +65,4 @@ def load_vocab(path) -> Encoding:
 
 
 __all__ = ["get", "from_config", "load_vocab", "Encoding", "Vocab", "CONDITIONING", "PAD_ID",
-           "EOS_ID", "ENCODINGS", "tempo_bin", "family_of_program"]
+           "EOS_ID", "ENCODINGS", "tempo_bin", "family_of_program", "is_drum_music"]
