@@ -47,6 +47,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
+from midijax import midi_io
 from midijax.notes import Notes
 
 PathLike = Union[str, os.PathLike]
@@ -125,44 +126,6 @@ def cut_notes(notes: Notes, seconds: float) -> Notes:
       out, cc_time=np.clip(notes.cc_time[cc], 0.0, None), cc_number=notes.cc_number[cc],
       cc_value=notes.cc_value[cc], cc_instrument=notes.cc_instrument[cc],
       cc_program=notes.cc_program[cc], cc_is_drum=notes.cc_is_drum[cc])
-
-
-def write_notes_midi(notes: Notes, path: PathLike) -> pathlib.Path:
-  """Writes `notes` as a MIDI file; drum notes go on the GM drum channel (10, index 9).
-
-  One track per (instrument, program, is_drum); control changes (sustain pedal) go to
-  the track with the same key. The first tempo and time signature are written; note
-  times are exact in seconds whatever the tempo.
-  """
-  import pretty_midi  # pylint: disable=g-import-not-at-top
-  pm = pretty_midi.PrettyMIDI(resolution=int(notes.ticks_per_quarter or 480),
-                              initial_tempo=float(notes.qpm))
-  ts = np.asarray(notes.time_signatures).reshape(-1, 3)
-  if len(ts):
-    _, num, den = ts[np.argmin(ts[:, 0])]
-    pm.time_signature_changes.append(pretty_midi.TimeSignature(int(num), int(den), 0.0))
-  tracks = {}
-
-  def track(key):
-    if key not in tracks:
-      # No track names: a name could carry a condition into a rater's DAW.
-      tracks[key] = pretty_midi.Instrument(program=int(key[1]), is_drum=bool(key[2]))
-    return tracks[key]
-
-  for i in np.lexsort((notes.pitch, notes.start)):
-    key = (int(notes.instrument[i]), int(notes.program[i]), bool(notes.is_drum[i]))
-    track(key).notes.append(pretty_midi.Note(
-        velocity=int(np.clip(notes.velocity[i], 1, 127)), pitch=int(notes.pitch[i]),
-        start=float(notes.start[i]), end=float(notes.end[i])))
-  for i in np.argsort(notes.cc_time, kind="stable"):
-    key = (int(notes.cc_instrument[i]), int(notes.cc_program[i]), bool(notes.cc_is_drum[i]))
-    track(key).control_changes.append(pretty_midi.ControlChange(
-        int(notes.cc_number[i]), int(notes.cc_value[i]), float(notes.cc_time[i])))
-  # Drums first so pitched tracks keep low channel numbers; order is otherwise stable.
-  pm.instruments = [tracks[k] for k in sorted(tracks, key=lambda k: (not k[2], k))]
-  path = pathlib.Path(path)
-  pm.write(str(path))
-  return path
 
 
 def fluidsynth_version() -> Optional[str]:
@@ -384,7 +347,8 @@ def _render_one(job) -> np.ndarray:
 
 def export_listening(clips: Sequence[Clip], out_dir: PathLike, seconds: float,
                      seed: Optional[int] = None,
-                     settings: Optional[Mapping[str, Any]] = None) -> dict:
+                     settings: Optional[Mapping[str, Any]] = None,
+                     generation: Optional[Mapping[str, Any]] = None) -> dict:
   """Writes a blinded listening test for `clips` into `out_dir` (see the module docstring).
 
   Args:
@@ -395,6 +359,8 @@ def export_listening(clips: Sequence[Clip], out_dir: PathLike, seconds: float,
     seed: makes ids and thus the whole export reproducible; None draws ids from
       `secrets` (raters cannot guess them from anything).
     settings: overrides of DEFAULT_SETTINGS (texts shown, audio options).
+    generation: how the clips were made (runs, sampling settings), recorded in the
+      manifest so the study can be reproduced.
 
   Returns:
     The manifest (also written as manifest.json): resolved settings, paths, counts,
@@ -441,7 +407,7 @@ def export_listening(clips: Sequence[Clip], out_dir: PathLike, seconds: float,
   prompt_seconds = float(cfg["prompt_seconds"] or seconds)
   lengths = [prompt_seconds if c.role == "prompt" else float(seconds) for c in clips]
   cut = [cut_notes(as_notes(c.notes), s) for c, s in zip(clips, lengths)]
-  midi_paths = [write_notes_midi(n, midi_dir / f"{i}.mid") for n, i in zip(cut, clip_ids)]
+  midi_paths = [midi_io.write_midi(n, midi_dir / f"{i}.mid") for n, i in zip(cut, clip_ids)]
   workers = int(cfg["workers"] or os.cpu_count() or 1)
   with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
     rendered = list(pool.map(_render_one, [(m, cfg) for m in midi_paths]))
@@ -480,9 +446,9 @@ def export_listening(clips: Sequence[Clip], out_dir: PathLike, seconds: float,
     srcs.append({"src": f"audio/{wav.name}", "type": "audio/wav"})
     sources[cid] = srcs
 
-  from midijax import evaluation  # pylint: disable=g-import-not-at-top  # matplotlib is slow to import
+  from midijax import reports  # pylint: disable=g-import-not-at-top  # matplotlib: slow import
   for n, cid, s in zip(cut, clip_ids, lengths):
-    evaluation.plot_pianoroll(n, roll_dir / f"{cid}.png", title=cid, seconds=s)
+    reports.plot_pianoroll(n, roll_dir / f"{cid}.png", title=cid, seconds=s)
 
   # Rater-facing data: ids, audio paths and the shown texts only; sorted by id so the
   # order of `clips` (which usually follows the conditions) is not visible.
@@ -543,6 +509,8 @@ def export_listening(clips: Sequence[Clip], out_dir: PathLike, seconds: float,
                 "clips_json": "rater/clips.json", "key_csv": "key.csv",
                 "midi_dir": "midi", "pianoroll_dir": "pianoroll"},
   }
+  if generation is not None:
+    manifest["generation"] = dict(generation)
   (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
   return manifest
 
@@ -584,88 +552,32 @@ def build_page(page_data: Mapping[str, Any]) -> str:
 # Results
 # -----------------------------------------------------------------------------------------
 
-def _betacf(a: float, b: float, x: float) -> float:
-  """Continued fraction of the regularized incomplete beta (modified Lentz)."""
-  tiny = 1e-300
-  c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
-  d = 1.0 / (d if abs(d) > tiny else tiny)
-  h = d
-  for m in range(1, 300):
-    m2 = 2 * m
-    for num in (m * (b - m) * x / ((a + m2 - 1) * (a + m2)),
-                -(a + m) * (a + b + m) * x / ((a + m2) * (a + m2 + 1))):
-      d = 1.0 + num * d
-      d = 1.0 / (d if abs(d) > tiny else tiny)
-      c = 1.0 + num / c
-      c = c if abs(c) > tiny else tiny
-      h *= d * c
-    if abs(d * c - 1.0) < 1e-15:
-      break
-  return h
-
-
-def _betainc(a: float, b: float, x: float) -> float:
-  """Regularized incomplete beta I_x(a, b)."""
-  if x <= 0:
-    return 0.0
-  if x >= 1:
-    return 1.0
-  ln = (math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x)
-        + b * math.log1p(-x))
-  if x < (a + 1) / (a + b + 2):
-    return math.exp(ln) * _betacf(a, b, x) / a
-  return 1.0 - math.exp(ln) * _betacf(b, a, 1 - x) / b
-
-
-def student_t_cdf(t: float, df: float) -> float:
-  """P(T <= t) for Student's t with `df` degrees of freedom."""
-  tail = 0.5 * _betainc(df / 2, 0.5, df / (df + t * t))
-  return 1 - tail if t > 0 else tail
-
-
-def student_t_ppf(p: float, df: float) -> float:
-  """Quantile of Student's t (bisection on the CDF; |error| < 1e-10)."""
-  if not 0 < p < 1:
-    raise ValueError(p)
-  lo, hi = -1e4, 1e4
-  for _ in range(200):
-    mid = 0.5 * (lo + hi)
-    if student_t_cdf(mid, df) < p:
-      lo = mid
-    else:
-      hi = mid
-    if hi - lo < 1e-12:
-      break
-  return 0.5 * (lo + hi)
-
-
 def mean_ci(values: Sequence[float], level: float = 0.95) -> dict:
-  """Mean, sample std and the t-distribution confidence interval of the mean."""
+  """Mean, sample std and the Student t confidence interval of the mean (scipy.stats)."""
+  from scipy import stats  # pylint: disable=g-import-not-at-top
   x = np.asarray(values, np.float64)
   n = len(x)
   mean = float(x.mean()) if n else float("nan")
   std = float(x.std(ddof=1)) if n > 1 else float("nan")
-  half = (student_t_ppf(0.5 + level / 2, n - 1) * std / math.sqrt(n)) if n > 1 else float("nan")
+  half = (float(stats.t.ppf(0.5 + level / 2, n - 1)) * std / math.sqrt(n) if n > 1
+          else float("nan"))
   return {"n": n, "mean": mean, "std": std, "ci95": half,
           "ci95_low": mean - half, "ci95_high": mean + half}
 
 
-def _wilson(k: int, n: int, z: float = 1.959963984540054) -> tuple:
+def proportion_ci(k: int, n: int, level: float = 0.95) -> tuple:
+  """Wilson score interval (low, high) of a proportion k / n; NaNs when n is 0."""
+  from scipy import stats  # pylint: disable=g-import-not-at-top
   if n == 0:
     return float("nan"), float("nan")
-  p = k / n
-  den = 1 + z * z / n
-  center = (p + z * z / (2 * n)) / den
-  half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-  return center - half, center + half
+  ci = stats.binomtest(k, n).proportion_ci(confidence_level=level, method="wilson")
+  return float(ci.low), float(ci.high)
 
 
-def _binomial_two_sided(k: int, n: int) -> float:
-  """Exact two-sided sign-test p-value for k successes of n at p = 0.5."""
-  if n == 0:
-    return float("nan")
-  tail = sum(math.comb(n, i) for i in range(0, min(k, n - k) + 1)) / 2 ** n
-  return min(1.0, 2 * tail)
+def sign_test(k: int, n: int) -> float:
+  """Exact two-sided sign-test p-value of k successes in n at p = 0.5; NaN when n is 0."""
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  return float(stats.binomtest(k, n, 0.5).pvalue) if n else float("nan")
 
 
 def read_key(key_csv: PathLike) -> dict:
@@ -755,8 +667,8 @@ def listening_results(csv_paths: Sequence[PathLike], key_csv: PathLike, *,
     n = entry["a_wins"] + entry["b_wins"]
     entry["n"] = n
     entry["a_rate"] = entry["a_wins"] / n if n else float("nan")
-    entry["ci95_low"], entry["ci95_high"] = _wilson(entry["a_wins"], n)
-    entry["p_value"] = _binomial_two_sided(entry["a_wins"], n)
+    entry["ci95_low"], entry["ci95_high"] = proportion_ci(entry["a_wins"], n)
+    entry["p_value"] = sign_test(entry["a_wins"], n)
   results = {"n_raters": len(raters), "n_ratings": n_ratings, "n_preferences": n_prefs,
              "mos": mos, "preferences": dict(sorted(prefs.items())),
              "same_condition_pairs": same, "mismatched_pairs": mismatched,
@@ -768,7 +680,7 @@ def listening_results(csv_paths: Sequence[PathLike], key_csv: PathLike, *,
 
 def plot_listening_results(results: Mapping[str, Any], path: PathLike) -> pathlib.Path:
   """PNG: MOS per condition with 95% CIs, and preference rates with Wilson CIs."""
-  from midijax.evaluation import agg_figure  # pylint: disable=g-import-not-at-top
+  from midijax.reports import agg_figure  # pylint: disable=g-import-not-at-top
   mos, prefs = results["mos"], results["preferences"]
   fig = agg_figure(10, 3.5 + 0.35 * max(len(mos), len(prefs)))
   ax1, ax2 = fig.subplots(1, 2)
@@ -844,14 +756,15 @@ def clips_from_runs(runs: Mapping[str, str], *, real_split: str = "test", num_cl
   Every clip is later cut to `seconds`. The key records run, workdir, checkpoint step, seed,
   prompt and real piece index.
   """
-  from midijax import input_pipeline, sampling, train
+  # pylint: disable=g-import-not-at-top
+  from midijax import encoding as encoding_lib
+  from midijax import input_pipeline, runs as runs_lib, sampling
   if mode not in ("free", "continuation", "both"):
     raise ValueError(f"mode must be free, continuation or both, got {mode!r}")
   prompt_seconds = seconds / 4 if prompt_seconds is None else prompt_seconds
   loaded = {}
   for name, workdir in runs.items():
-    model, enc, config, step = train.load_run(workdir, best=True) if _has_best(workdir) \
-        else train.load_run(workdir)
+    model, enc, config, step = runs_lib.load_run(workdir, best=_has_best(workdir))
     if data_dir:
       config.data.data_dir = data_dir
     loaded[name] = (model, enc, config, step, str(workdir))
@@ -861,7 +774,7 @@ def clips_from_runs(runs: Mapping[str, str], *, real_split: str = "test", num_cl
     if e.vocab.names != enc.vocab.names or c.data.name != config.data.name:
       raise ValueError(f"run {name} ({w}) uses another encoding or dataset than "
                        f"{next(iter(loaded))}; compare runs of one dataset")
-  is_drum = config.data.name == "groove" or enc.name == "drums"
+  is_drum = encoding_lib.is_drum_music(enc, dataset=config.data.name)
   spec = input_pipeline.dataset_specs(config)[0]
   store = input_pipeline.load_split(spec.version_dir, real_split)
   rng = np.random.default_rng(seed)
@@ -919,3 +832,25 @@ def _has_best(workdir) -> bool:
   from midijax import checkpoint as ckpt_lib
   b = ckpt_lib.best_step(workdir)
   return b is not None and b in ckpt_lib.available_steps(workdir)
+
+
+def export_runs(runs: Mapping[str, str], out_dir: PathLike, *, real_split: str = "test",
+                num_clips: int = 20, seconds: float = 20.0,
+                prompt_seconds: Optional[float] = None, mode: str = "both", seed: int = 0,
+                temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                data_dir: Optional[str] = None, log=print) -> dict:
+  """A listening test of trained runs against real clips: `clips_from_runs` (see there for
+  the arguments) then `export_listening`, with the settings in manifest.json.
+
+  Returns:
+    The manifest (also out_dir/manifest.json).
+  """
+  clips = clips_from_runs(runs, real_split=real_split, num_clips=num_clips, seconds=seconds,
+                          prompt_seconds=prompt_seconds, mode=mode, seed=seed,
+                          temperature=temperature, top_k=top_k, top_p=top_p,
+                          data_dir=data_dir, log=log)
+  generation = {"runs": dict(runs), "real_split": real_split, "mode": mode,
+                "temperature": temperature, "top_k": top_k, "top_p": top_p,
+                "num_clips": num_clips, "seconds": seconds, "prompt_seconds": prompt_seconds,
+                "seed": seed}
+  return export_listening(clips, out_dir, seconds=seconds, seed=seed, generation=generation)

@@ -224,10 +224,30 @@ def test_cut_notes_clips_to_the_window():
 
 # ------------------------------------------------------------------ results
 
+# The 97.5% Student t quantiles the hand-written t distribution gave before scipy.stats
+# replaced it (bisection on a continued-fraction incomplete beta).
+HAND_WRITTEN_T_975 = {1: 12.70620473617451, 3: 3.1824463052834706, 9: 2.2621571627981507,
+                      30: 2.0422724563010086}
+
+
 def test_student_t_quantiles():
-  # Reference values from standard t tables.
+  # Reference values from standard t tables, through the interval of the mean: n = df + 1
+  # ratings, half-width = t(0.975, df) * std / sqrt(n).
   for df, q in ((1, 12.706204736), (3, 3.182446305), (9, 2.262157163), (30, 2.042272456)):
-    assert export.student_t_ppf(0.975, df) == pytest.approx(q, abs=1e-6)
+    m = export.mean_ci(np.arange(df + 1.0))
+    t = m["ci95"] * math.sqrt(m["n"]) / m["std"]
+    assert t == pytest.approx(q, abs=1e-6)
+    assert abs(t - HAND_WRITTEN_T_975[df]) < 1e-12
+
+
+def test_wilson_and_sign_test_match_the_hand_written_versions():
+  # Numbers of the hand-written Wilson interval and exact binomial sum they replace.
+  assert export.proportion_ci(1, 4) == pytest.approx(
+      (0.04558726080970055, 0.6993581574175981), abs=1e-12)
+  assert export.proportion_ci(3, 10) == pytest.approx(
+      (0.10779126740630099, 0.6032218525388546), abs=1e-12)
+  assert export.sign_test(1, 4) == 0.625 and export.sign_test(3, 10) == 0.34375
+  assert all(math.isnan(v) for v in (*export.proportion_ci(0, 0), export.sign_test(0, 0)))
 
 
 KEY_CSV = """id,kind,condition,role,pair_group,prompt_id,members
