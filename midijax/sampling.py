@@ -48,9 +48,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from midijax import constraints as grammar_lib
 from midijax import sharding
 from midijax.encoding import CONDITIONING, EOS_ID, PAD_ID, Encoding, is_drum_music
-from midijax.encoding import grammar as grammar_lib
 from midijax.errors import MidijaxError
 from midijax.kernels import causal_attention as cpu_attention
 from midijax.models import transformer

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from midijax import cli, encoding, midi_io, sampling
-from midijax.encoding import grammar
+from midijax import constraints as grammar
 from conftest import IN_CI
 from midijax.kernels import causal_attention as cpu_attention
 from midijax.models import transformer
