@@ -1,31 +1,55 @@
-"""The `midijax` command: a thin layer over the library's functions.
+"""The `midijax` command: one argparse parser over the library's functions.
 
+    midijax train --config=configs/NAME.py --workdir=DIR [--config.FIELD=VALUE ...]
+    midijax compile --config=configs/NAME.py [--topology=cpu:8|tpu:v4-8|local] [--json]
+    midijax build-data groove|piano|midi_folder --manual_dir DIR [--data_dir DIR]
+    midijax generate [LENGTH [TEMPERATURE [TOP_K]]] --workdir RUN [--style funk ...]
+    midijax continue --workdir RUN --prompt FILE.mid [--prompt_bars 2 | --prompt_seconds S]
+    midijax evaluate --workdir RUN [--split test] [--num_samples 64]
+    midijax export-listening --run NAME=RUN [--run ...] --out DIR
+    midijax listening-results ANSWERS.csv ... --key DIR/key.csv
     midijax midi2tokens IN.mid OUT.txt [--encoding performance|drums|triples] [--ids]
     midijax tokens2midi IN.txt OUT.mid [--encoding ...] [--tempo 120] [--lenient]
-    midijax encodings
+    midijax encodings [--json]
 
-Errors caused by input (a bad file, flag or config) print one line naming the file or field
-and exit with status 2; nothing already written is touched.
+`midijax --help` lists every command with its flags; `midijax COMMAND --help` explains
+them. `train` and `compile` read an ml_collections config file whose fields any
+`--config.FIELD=VALUE` flag overrides (`load_config`).
+
+Each command parses its flags and calls library functions; heavy modules (JAX,
+TensorFlow, note-seq) are imported inside the commands that need them, so `--help`,
+`encodings`, `midi2tokens` and `tokens2midi` start in well under a second. Errors caused by
+input (a bad file, flag or config) print one line naming the file or field and exit with
+status 2; nothing already written is touched.
 """
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
 import pathlib
 import sys
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from midijax.errors import MidijaxError
+from midijax.errors import ConfigError, MidijaxError
 
-COMMANDS: Dict[str, Callable] = {}
+# Sub-command name -> (one-line help, description, add_flags(parser)).
+COMMANDS: Dict[str, Tuple[str, str, Callable[[argparse.ArgumentParser], None]]] = {}
+# Commands that run JAX (or TensorFlow's input pipeline): they re-execute under tcmalloc.
+COMPUTE_COMMANDS = ("train", "compile", "build-data", "generate", "continue", "evaluate",
+                    "export-listening")
+# Commands whose config file takes --config.FIELD=VALUE overrides.
+CONFIG_COMMANDS = ("train", "compile")
+OVERRIDE_PREFIX = "--config."
 
 
-def command(name: str, help: str):
-  """Registers `fn(subparsers) -> parser` building the sub-command `name`."""
-  def wrap(fn):
-    COMMANDS[name] = (fn, help)
-    return fn
+def command(name: str, help: str, description: str = ""):
+  """Registers `add_flags(parser)`: it adds the flags of sub-command `name` and sets
+  `func` (the function the command runs). `help` is its line in `midijax --help`."""
+  def wrap(add_flags):
+    COMMANDS[name] = (help, description or help, add_flags)
+    return add_flags
   return wrap
 
 
@@ -34,6 +58,97 @@ def _atomic_write_text(path: pathlib.Path, text: str) -> None:
   tmp = path.with_name(path.name + ".tmp")
   tmp.write_text(text)
   os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- configs
+def split_config_overrides(argv: Sequence[str]) -> Tuple[List[str], List[str]]:
+  """Separates `--config.FIELD=VALUE` (or `--config.FIELD VALUE`) flags from the rest.
+
+  Returns:
+    (the other arguments, the overrides as --config.FIELD=VALUE strings).
+  """
+  rest, overrides = [], []
+  args = list(argv)
+  i = 0
+  while i < len(args):
+    arg = args[i]
+    if arg.startswith(OVERRIDE_PREFIX):
+      if "=" not in arg and i + 1 < len(args):
+        arg, i = f"{arg}={args[i + 1]}", i + 1
+      overrides.append(arg)
+    else:
+      rest.append(arg)
+    i += 1
+  return rest, overrides
+
+
+def _unknown_override(config, overrides: Sequence[str]) -> Optional[str]:
+  """The first override naming a field `config` does not have, described; else None."""
+  for override in overrides:
+    path = override[len(OVERRIDE_PREFIX):].split("=", 1)[0].split(".")
+    node, where = config, "config"
+    for part in path:
+      keys = list(node.keys()) if hasattr(node, "keys") else []
+      if part not in keys:
+        close = difflib.get_close_matches(part, keys, n=1)
+        hint = f"; did you mean {where}.{close[0]}?" if close else ""
+        return (f"{OVERRIDE_PREFIX}{'.'.join(path)}: unknown config field ({where} has no "
+                f"field {part!r}{hint})")
+      node, where = node[part], f"{where}.{part}"
+  return None
+
+
+def load_config(path: str, overrides: Sequence[str] = ()):
+  """Loads an ml_collections config file (`get_config()`) and applies overrides.
+
+  Args:
+    path: the config file, e.g. configs/groove_small.py.
+    overrides: "--config.FIELD=VALUE" strings (ml_collections' config_flags syntax;
+      tuples as "(1,8,1)").
+
+  Returns:
+    The locked ConfigDict.
+
+  Raises:
+    ConfigError: naming the file, or the override that names an unknown field or has a
+      value of the wrong type.
+  """
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
+  def parse(extra):
+    fv = flags.FlagValues()
+    argv = ["midijax", f"--config={path}", *extra]
+    config_flags.DEFINE_config_file("config", None, "config file", flag_values=fv,
+                                    lock_config=True, sys_argv=argv)
+    fv(argv)
+    config = fv.config
+    config.to_dict()  # config files load lazily: surface their errors here
+    return config
+
+  try:
+    return parse(overrides)
+  except OSError as e:
+    lines = [line.strip() for line in str(e).splitlines()[-2:]]
+    raise ConfigError(f"cannot load the config file {path}: {' '.join(lines)}") from None
+  except (flags.Error, KeyError, AttributeError, ValueError, TypeError) as e:
+    error = e
+  try:
+    unknown = _unknown_override(parse(()), overrides)
+  except Exception:  # pylint: disable=broad-except  # the file itself is broken
+    unknown = None
+  if unknown:
+    raise ConfigError(unknown)
+  raise ConfigError(f"bad config override: {error}".splitlines()[0])
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--config", required=True,
+                 help="an ml-collections config file (configs/NAME.py)")
+  p.add_argument(OVERRIDE_PREFIX + "FIELD", dest="override_help", metavar="VALUE",
+                 help="override any config field, e.g. --config.train.num_steps=200 "
+                      "--config.mesh.ici_parallelism=(1,8,1); repeatable; unknown fields "
+                      "are rejected")
 
 
 # ----------------------------------------------------------------------------- tokens
@@ -52,10 +167,9 @@ def _parse_header(text: str) -> dict:
   return out
 
 
-@command("midi2tokens", "MIDI file -> token file (names one a line, or ids)")
-def _midi2tokens_parser(sub):
-  p = sub.add_parser("midi2tokens", help="MIDI file -> token file (names one a line, or ids)",
-                     description="Reads a .mid/.midi file and writes its tokens, one a line.")
+@command("midi2tokens", "MIDI file -> token file (names one a line, or ids)",
+         "Reads a .mid/.midi file and writes its tokens, one a line.")
+def _midi2tokens_flags(p):
   p.add_argument("input", help="MIDI file (.mid or .midi)")
   p.add_argument("output", help="token text file to write")
   p.add_argument("--encoding", default="performance", choices=["performance", "drums", "triples"],
@@ -87,10 +201,9 @@ def run_midi2tokens(args) -> int:
   return 0
 
 
-@command("tokens2midi", "token file -> MIDI file (written by note-seq)")
-def _tokens2midi_parser(sub):
-  p = sub.add_parser("tokens2midi", help="token file -> MIDI file (written by note-seq)",
-                     description="Reads token names or ids (one a line) and writes a MIDI file.")
+@command("tokens2midi", "token file -> MIDI file",
+         "Reads token names or ids (one a line) and writes a MIDI file.")
+def _tokens2midi_flags(p):
   p.add_argument("input", help="token text file (names or integer ids, one a line)")
   p.add_argument("output", help="MIDI file to write")
   p.add_argument("--encoding", default=None, choices=["performance", "drums", "triples"],
@@ -136,8 +249,7 @@ def run_tokens2midi(args) -> int:
 
 
 @command("encodings", "list the encodings, vocabulary sizes and what each keeps")
-def _encodings_parser(sub):
-  p = sub.add_parser("encodings", help="list the encodings, vocabulary sizes and what each keeps")
+def _encodings_flags(p):
   p.add_argument("--json", action="store_true", help="print JSON instead of a table")
   p.set_defaults(func=run_encodings)
 
@@ -204,14 +316,11 @@ def _add_sampling_flags(p, num_samples: int, seconds: Optional[float]) -> None:
                       "on CPU; default: config.sample.kv_cache, else model)")
 
 
-@command("generate", "sample new pieces from a trained model (MIDI + token files)")
-def _generate_parser(sub):
-  p = sub.add_parser(
-      "generate", help="sample new pieces from a trained model (MIDI + token files)",
-      description="Samples pieces from a trained run and writes, per sample, a MIDI file "
-                  "(note-seq) and its tokens, plus generate.json (settings, checkpoint, "
-                  "timing). The course project's form `midijax generate LENGTH [TEMPERATURE] "
-                  "[TOP_K] --workdir RUN` works too.")
+@command("generate", "sample new pieces from a trained model (MIDI + token files)",
+         "Samples pieces from a trained run and writes, per sample, a MIDI file and its "
+         "tokens, plus generate.json (settings, checkpoint, timing). The course project's "
+         "form `midijax generate LENGTH [TEMPERATURE] [TOP_K] --workdir RUN` works too.")
+def _generate_flags(p):
   p.add_argument("length", nargs="?", type=int, default=None, metavar="LENGTH",
                  help="new tokens per sample (same as --max_tokens)")
   p.add_argument("pos_temperature", nargs="?", type=float, default=None, metavar="TEMPERATURE",
@@ -222,13 +331,11 @@ def _generate_parser(sub):
   p.set_defaults(func=run_generate)
 
 
-@command("continue", "continue the start of a MIDI file (a drum groove, a piano opening)")
-def _continue_parser(sub):
-  p = sub.add_parser(
-      "continue", help="continue the start of a MIDI file (a drum groove, a piano opening)",
-      description="Encodes the first seconds or bars of a MIDI file, samples continuations "
-                  "and writes per sample prompt+continuation and the continuation alone as "
-                  "MIDI, plus prompt.mid, the tokens and continue.json.")
+@command("continue", "continue the start of a MIDI file (a drum groove, a piano opening)",
+         "Encodes the first seconds or bars of a MIDI file, samples continuations and "
+         "writes per sample prompt+continuation and the continuation alone as MIDI, plus "
+         "prompt.mid, the tokens and continue.json.")
+def _continue_flags(p):
   p.add_argument("--prompt", required=True, help="MIDI file to continue")
   cut = p.add_mutually_exclusive_group()
   cut.add_argument("--prompt_seconds", type=float, default=None,
@@ -239,19 +346,11 @@ def _continue_parser(sub):
   p.set_defaults(func=run_continue)
 
 
-def _pick(name: str, flag_name: str, flag, positional, config, default):
-  """A sampling setting: the flag, the course-style positional, config.sample.NAME, the
-  default."""
+def _one_of(name: str, flag, positional):
+  """A setting given as a flag, the course-style positional, or neither (None)."""
   if flag is not None and positional is not None and flag != positional:
-    raise MidijaxError(f"{flag_name} given twice: {positional} (positional) and "
-                       f"--{flag_name} {flag}")
-  for value in (flag, positional):
-    if value is not None:
-      return value
-  sample = config.get("sample") if hasattr(config, "get") else None
-  if sample is not None and sample.get(name) is not None:
-    return sample.get(name)
-  return default
+    raise MidijaxError(f"{name} given twice: {positional} (positional) and --{name} {flag}")
+  return flag if flag is not None else positional
 
 
 def _use_compilation_cache() -> None:
@@ -271,146 +370,125 @@ def _sampling_setup(args, positional=(None, None, None)):
     (model, encoding, config, checkpoint step, mesh, logical axis rules, settings dict).
   """
   _use_compilation_cache()
-  from midijax import sampling, sharding, train
-  import ml_collections
-  mesh = sharding.create_mesh(ml_collections.ConfigDict(
-      {"ici_parallelism": (-1, 1, 1), "dcn_parallelism": (1, 1, 1)}))
-  try:
-    model, enc, config, step = train.load_run(args.workdir, step=args.step, best=args.best,
-                                              mesh=mesh)
-  except MidijaxError:
-    raise
-  except Exception as e:  # orbax / JSON errors of a damaged workdir: one line, no traceback
-    raise MidijaxError(f"{args.workdir}: cannot load the run ({type(e).__name__}: "
-                       f"{str(e).splitlines()[0] if str(e) else ''})") from None
-  rules = sharding.get_logical_axis_rules(config.get("mesh")) \
-      or sharding.DEFAULT_LOGICAL_AXIS_RULES
+  from midijax import generation, runs, sharding
+  mesh = runs.inference_mesh()
+  model, enc, config, step = runs.load_run(args.workdir, step=args.step, best=args.best,
+                                           mesh=mesh)
+  rules = sharding.get_logical_axis_rules(config.get("mesh"))
   length, temperature, top_k = positional
-  settings = {
-      "num_samples": args.num_samples,
-      "max_new_tokens": int(_pick("max_new_tokens", "max_tokens", args.max_tokens, length,
-                                  config, 512)),
-      "temperature": float(_pick("temperature", "temperature", args.temperature, temperature,
-                                 config, 1.0)),
-      "top_k": int(_pick("top_k", "top_k", args.top_k, top_k, config, 0)),
-      "top_p": float(_pick("top_p", "top_p", args.top_p, None, config, 1.0)),
-      "seed": args.seed, "max_seconds": args.seconds,
-      "constrained": not args.unconstrained, "cache_len": args.context,
-      "window_keep": args.window_keep,
-      "kv_cache": str(_pick("kv_cache", "kv_cache", args.kv_cache, None, config, "model")),
-  }
-  if settings["num_samples"] < 1 or settings["max_new_tokens"] < 1:
-    raise MidijaxError("--num_samples and the token count must be at least 1")
-  if settings["temperature"] < 0 or not 0 < settings["top_p"] <= 1 or settings["top_k"] < 0:
-    raise MidijaxError("need --temperature >= 0, 0 < --top_p <= 1 and --top_k >= 0")
-  conditions = {kind: getattr(args, flag) for flag, kind in CONDITION_FLAGS.items()
-                if getattr(args, flag) is not None}
-  if "tempo" in conditions:
-    conditions["tempo"] = f"{conditions['tempo']:g}"
-  for kind, value in conditions.items():
-    enc.condition_id(kind, value)  # an unknown value lists the valid ones
-  settings["conditions"] = sampling.ordered_conditions(conditions)
+  settings = generation.sampling_settings(
+      config, enc, num_samples=args.num_samples,
+      max_new_tokens=_one_of("max_tokens", args.max_tokens, length),
+      temperature=_one_of("temperature", args.temperature, temperature),
+      top_k=_one_of("top_k", args.top_k, top_k), top_p=args.top_p, seed=args.seed,
+      max_seconds=args.seconds, constrained=not args.unconstrained, cache_len=args.context,
+      window_keep=args.window_keep, kv_cache=args.kv_cache,
+      conditions={kind: getattr(args, flag) for flag, kind in CONDITION_FLAGS.items()})
   return model, enc, config, step, mesh, rules, settings
 
 
-def _tokens_text(enc, ids, is_drum: bool, qpm: float) -> str:
-  """Token names one a line, under the header `midijax tokens2midi` reads."""
-  from midijax.encoding.base import Encoding
-  header = HEADER.format(enc=enc.name, drum=int(is_drum), tpq=480, qpm=qpm)
-  return header + Encoding.to_text(enc, ids)  # names, also for triples (not course text)
-
-
-def _sample_record(ids, notes, result, i: int, files: dict) -> dict:
-  """One sample's entry in generate.json / continue.json."""
-  return {**files, "tokens": int(len(ids)), "new_tokens": int(len(ids) - result.prompt_length),
-          "notes": len(notes), "music_seconds": round(notes.total_time, 3),
-          "stop_reason": result.stop_reasons[i]}
-
-
 def run_generate(args) -> int:
-  import numpy as np
-  from midijax import midi_io, sampling
-  from midijax.encoding import grammar
+  from midijax import generation
   model, enc, config, step, mesh, rules, s = _sampling_setup(
       args, (args.length, args.pos_temperature, args.pos_top_k))
-  qpm = float(args.bpm or 120.0)
-  data = config.get("data") or {}
-  is_drum = (enc.name == "drums" or data.get("name") == "groove"
-             or s["conditions"].get("family") == "drums")
-  result = sampling.generate(
-      model, enc, num_samples=s["num_samples"], max_new_tokens=s["max_new_tokens"],
-      temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"], seed=s["seed"],
-      conditions=s["conditions"], max_seconds=s["max_seconds"], constrained=s["constrained"],
-      window_keep=s["window_keep"], cache_len=s["cache_len"], qpm=qpm,
-      kv_cache=s["kv_cache"], mesh=mesh, rules=rules)
   out = pathlib.Path(args.out or pathlib.Path(args.workdir) / "samples")
-  violations = (grammar.grammar_violations(result.tokens, enc, model.config.padded_vocab_size)
-                if not s["constrained"] else np.zeros(len(result.tokens), np.int64))
-  samples = []
-  for i, ids in enumerate(result.tokens):
-    notes = enc.decode_notes(ids, is_drum=is_drum, qpm=qpm)
-    midi, text = out / f"sample_{i:02d}.mid", out / f"sample_{i:02d}.txt"
-    midi_io.write_midi(notes, midi)
-    _atomic_write_text(text, _tokens_text(enc, ids, is_drum, qpm))
-    samples.append({**_sample_record(ids, notes, result, i,
-                                     {"midi": midi.name, "tokens_file": text.name}),
-                    "grammar_violations": int(violations[i])})
-  report = {"command": "generate", "workdir": str(pathlib.Path(args.workdir).absolute()),
-            "checkpoint_step": int(step), "encoding": enc.config, "is_drum": is_drum,
-            "qpm": qpm, "settings": s, "timing": result.timing, "samples": samples}
-  _atomic_write_text(out / "generate.json", json.dumps(report, indent=1, default=str))
-  t = result.timing
-  print(f"{len(samples)} samples from {args.workdir} step {step} -> {out} "
+  report = generation.generate_files(model, enc, out, s, config=config, step=step,
+                                     workdir=args.workdir, qpm=float(args.bpm or 120.0),
+                                     mesh=mesh, rules=rules)
+  t = report["timing"]
+  print(f"{len(report['samples'])} samples from {args.workdir} step {step} -> {out} "
         f"({t['new_tokens']} tokens in {t['sample_s']:.2f} s, {t['tokens_per_s']:,.0f} tokens/s; "
         f"compile {t['compile_s']:.1f} s)")
   return 0
 
 
 def run_continue(args) -> int:
-  from midijax import midi_io, sampling
-  model, enc, config, step, mesh, rules, s = _sampling_setup(args)
+  from midijax import generation
+  model, enc, _, step, mesh, rules, s = _sampling_setup(args)
   # The drummer's-first-two-bars use case: 2 bars unless told otherwise.
   bars = None if args.prompt_seconds is not None else (
       args.prompt_bars if args.prompt_bars is not None else 2.0)
-  cont = sampling.continue_midi(
-      model, enc, args.prompt, prompt_seconds=args.prompt_seconds, prompt_bars=bars,
-      seconds=s["max_seconds"], max_new_tokens=args.max_tokens, num_samples=s["num_samples"],
-      temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"], seed=s["seed"],
-      conditions=s["conditions"], constrained=s["constrained"], window_keep=s["window_keep"],
-      cache_len=s["cache_len"], kv_cache=s["kv_cache"], mesh=mesh, rules=rules)
-  result = cont.result
   out = pathlib.Path(args.out or pathlib.Path(args.workdir) / "samples")
-  midi_io.write_midi(cont.prompt, out / "prompt.mid")
-  samples = []
-  for i, ids in enumerate(result.tokens):
-    full, alone = out / f"sample_{i:02d}_full.mid", out / f"sample_{i:02d}_continuation.mid"
-    text = out / f"sample_{i:02d}.txt"
-    midi_io.write_midi(cont.full[i], full)
-    midi_io.write_midi(cont.continuation[i], alone)
-    _atomic_write_text(text, _tokens_text(enc, ids, cont.is_drum, cont.qpm))
-    samples.append(_sample_record(ids, cont.continuation[i], result, i, {
-        "full_midi": full.name, "continuation_midi": alone.name, "tokens_file": text.name}))
-  settings = {**s, "max_new_tokens": args.max_tokens,
-              "prompt": str(args.prompt), "prompt_seconds": cont.prompt_seconds,
-              "prompt_bars": bars, "prompt_tokens": result.prompt_length}
-  report = {"command": "continue", "workdir": str(pathlib.Path(args.workdir).absolute()),
-            "checkpoint_step": int(step), "encoding": enc.config, "is_drum": cont.is_drum,
-            "qpm": cont.qpm, "settings": settings, "timing": result.timing, "samples": samples}
-  _atomic_write_text(out / "continue.json", json.dumps(report, indent=1, default=str))
-  t = result.timing
-  print(f"{args.prompt}: {cont.prompt_seconds:.2f} s prompt ({result.prompt_length} tokens), "
-        f"{len(samples)} continuations from step {step} -> {out} ({t['new_tokens']} tokens in "
-        f"{t['sample_s']:.2f} s; compile {t['compile_s']:.1f} s)")
+  report = generation.continue_files(
+      model, enc, args.prompt, out, s, step=step, workdir=args.workdir,
+      prompt_seconds=args.prompt_seconds, prompt_bars=bars, max_new_tokens=args.max_tokens,
+      mesh=mesh, rules=rules)
+  t, recorded = report["timing"], report["settings"]
+  print(f"{args.prompt}: {recorded['prompt_seconds']:.2f} s prompt "
+        f"({recorded['prompt_tokens']} tokens), {len(report['samples'])} continuations from "
+        f"step {step} -> {out} ({t['new_tokens']} tokens in {t['sample_s']:.2f} s; compile "
+        f"{t['compile_s']:.1f} s)")
   return 0
 
 
+# ----------------------------------------------------------------------------- training
+@command("train", "train or resume a model from a config file",
+         "Trains (or resumes) the model a config file describes, checkpointing into "
+         "--workdir: checkpoints/, metrics.jsonl, tensorboard/, loss.png, config.json. A "
+         "workdir with checkpoints resumes from the latest.")
+def _train_flags(p):
+  _add_config_flags(p)
+  p.add_argument("--workdir", required=True, help="run folder (local path or gs://...)")
+  hosts = p.add_argument_group(
+      "multi-host start-up (jax.distributed); also read from MIDIJAX_COORDINATOR_ADDRESS / "
+      "MIDIJAX_NUM_PROCESSES / MIDIJAX_PROCESS_ID")
+  hosts.add_argument("--coordinator_address", default=None, help="host:port of process 0")
+  hosts.add_argument("--num_processes", type=int, default=None, help="number of processes")
+  hosts.add_argument("--process_id", type=int, default=None, help="this process's index")
+  p.set_defaults(func=run_train)
+
+
+def run_train(args) -> int:
+  config = load_config(args.config, args.config_overrides)
+  from midijax import sharding, train
+  sharding.maybe_initialize_distributed(args.coordinator_address, args.num_processes,
+                                        args.process_id)
+  train.train_and_evaluate(config, args.workdir)
+  return 0
+
+
+@command("compile", "ahead-of-time compile the train step for a topology: memory, FLOPs",
+         "Compiles the train step ahead of time for a device topology and reports memory "
+         "per device and FLOPs, so you know whether a config fits before renting the "
+         "hardware. No data needed. Exit status: 0 compiled and fits (or no memory figure "
+         "to compare), 1 compiled but does not fit, 2 bad flags / config, or the target "
+         "cannot be compiled for here.")
+def _compile_flags(p):
+  _add_config_flags(p)
+  p.add_argument("--topology", default="cpu:8",
+                 help="cpu:N (N fake CPU devices; default cpu:8), local (this process's "
+                      "devices), tpu:ACCELERATOR_TYPE (v4-8, v4-32, v5litepod-16, v5e-16, "
+                      "v5p-8, v6e-8) or tpu:GEN:AxB[xC]; TPU targets need libtpu "
+                      "(pip install 'jax[tpu]==JAX_VERSION'), no TPU")
+  p.add_argument("--vocab_size", type=int, default=0,
+                 help="vocabulary size (default: config.model.vocab_size, else the built "
+                      "dataset's, else the encoding named by config.data.builder_config)")
+  p.add_argument("--memory_per_device", default="",
+                 help="compare with this memory: GiB or a name (v4, v5e, v5p, v6e, h100, "
+                      "h200, a100-40gb, a100-80gb, l4); TPU targets know theirs")
+  p.add_argument("--num_slices", type=int, default=1,
+                 help="TPU slices joined over DCN (set config.mesh.dcn_parallelism)")
+  p.add_argument("--json", action="store_true", help="print one JSON object, not the table")
+  p.set_defaults(func=run_compile)
+
+
+def run_compile(args) -> int:
+  """Exit status 0 compiled and fits (or nothing to compare with), 1 does not fit."""
+  config = load_config(args.config, args.config_overrides)
+  from midijax import aot
+  topology = aot.parse_topology(args.topology, args.num_slices)
+  devices = aot.target_devices(topology)
+  report = aot.compile_train_step(config, topology, devices, vocab_size=args.vocab_size,
+                                  memory_per_device=args.memory_per_device)
+  print(json.dumps(report.to_json()) if args.json else aot.format_report(report), flush=True)
+  return 1 if report.fits is False else 0
+
+
 # ----------------------------------------------------------------------------- datasets
-@command("build-data", "tokenize MIDI into sharded TFRecords (TFDS builders)")
-def _build_data_parser(sub):
-  p = sub.add_parser(
-      "build-data", help="tokenize MIDI into sharded TFRecords (TFDS builders)",
-      description="Builds a TFDS dataset (TFRecord shards, dataset_info.json, vocab.json and a "
-                  "report of skipped files) with the builders in data_pipelines/.")
+@command("build-data", "tokenize MIDI into sharded TFRecords (TFDS builders)",
+         "Builds a TFDS dataset (TFRecord shards, dataset_info.json, vocab.json and a report "
+         "of skipped files) with the builders in data_pipelines/.")
+def _build_data_flags(p):
   p.add_argument("name", choices=["groove", "piano", "midi_folder"], help="builder")
   p.add_argument("--config", default=None,
                  help="builder config (groove: drums | drums_2bar | drums_4bar | performance | "
@@ -439,14 +517,12 @@ def run_build_data(args) -> int:
 
 
 # ----------------------------------------------------------------------------- evidence
-@command("evaluate", "held-out NLL, music statistics of samples vs real clips, validity")
-def _evaluate_parser(sub):
-  p = sub.add_parser(
-      "evaluate", help="held-out NLL, music statistics of samples vs real clips, validity",
-      description="Writes WORKDIR/eval/<step>/metrics.json, metrics.md and PNG plots, and "
-                  "TensorBoard scalars: NLL per token and per note on the whole split, "
-                  "Yang & Lerch (2020) feature distances (OA, KL) of generated vs real clips, "
-                  "and the share of unconstrained samples that decode validly.")
+@command("evaluate", "held-out NLL, music statistics of samples vs real clips, validity",
+         "Writes WORKDIR/eval/<step>/metrics.json, metrics.md and PNG plots, and "
+         "TensorBoard scalars: NLL per token and per note on the whole split, Yang & Lerch "
+         "(2020) feature distances (OA, KL) of generated vs real clips, and the share of "
+         "unconstrained samples that decode validly.")
+def _evaluate_flags(p):
   p.add_argument("--workdir", required=True, help="a trained run folder")
   p.add_argument("--split", default="test", help="held-out split (default test)")
   p.add_argument("--num_samples", type=int, default=64, help="generated (and real) clips")
@@ -473,14 +549,12 @@ def run_evaluate(args) -> int:
   return 0
 
 
-@command("export-listening", "blinded listening test: audio, rating page, key")
-def _export_parser(sub):
-  p = sub.add_parser(
-      "export-listening", help="blinded listening test: audio, rating page, key",
-      description="Renders free samples and prompted continuations of each run, and real "
-                  "clips of the same length, to loudness-matched audio (FluidSynth, GM "
-                  "soundfont); writes DIR/rater/index.html (a static rating page), the key "
-                  "DIR/key.csv (never linked from the page), MIDI, piano rolls, manifest.json.")
+@command("export-listening", "blinded listening test: audio, rating page, key",
+         "Renders free samples and prompted continuations of each run, and real clips of the "
+         "same length, to loudness-matched audio (FluidSynth, GM soundfont); writes "
+         "DIR/rater/index.html (a static rating page), the key DIR/key.csv (never linked "
+         "from the page), MIDI, piano rolls, manifest.json.")
+def _export_flags(p):
   p.add_argument("--run", action="append", required=True, metavar="NAME=WORKDIR",
                  help="a run to include (repeat for several)")
   p.add_argument("--real", default="test", metavar="SPLIT", help="split of the real clips")
@@ -507,30 +581,23 @@ def run_export_listening(args) -> int:
     name, workdir = item.split("=", 1)
     runs[name] = workdir
   try:
-    clips = export.clips_from_runs(runs, real_split=args.real, num_clips=args.num_clips,
-                                   seconds=args.seconds, prompt_seconds=args.prompt_seconds,
-                                   mode=args.mode, seed=args.seed,
-                                   temperature=args.temperature, top_k=args.top_k,
-                                   top_p=args.top_p, data_dir=args.data_dir)
-    settings = {"runs": runs, "real_split": args.real, "mode": args.mode,
-                "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
-    export.export_listening(clips, args.out, seconds=args.seconds, seed=args.seed)
+    manifest = export.export_runs(
+        runs, args.out, real_split=args.real, num_clips=args.num_clips, seconds=args.seconds,
+        prompt_seconds=args.prompt_seconds, mode=args.mode, seed=args.seed,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        data_dir=args.data_dir)
   except (ValueError, RuntimeError) as e:
     raise MidijaxError(str(e)) from None
-  # Record how the clips were made, so the study can be reproduced.
-  manifest_path = pathlib.Path(args.out) / "manifest.json"
-  manifest = json.loads(manifest_path.read_text())
-  manifest["generation"] = {**settings, "num_clips": args.num_clips, "seconds": args.seconds,
-                            "prompt_seconds": args.prompt_seconds, "seed": args.seed}
-  manifest_path.write_text(json.dumps(manifest, indent=1))
-  print(f"{args.out}: {len(clips)} clips; send {args.out}/rater/ to raters, keep key.csv apart")
+  print(f"{args.out}: {manifest['counts']['clips']} clips; send {args.out}/rater/ to raters, "
+        "keep key.csv apart")
   return 0
 
 
-@command("listening-results", "join rater CSVs with the key: MOS with 95%% CIs, preferences")
-def _results_parser(sub):
-  p = sub.add_parser("listening-results",
-                     help="join rater CSVs with the key: MOS with 95%% CIs, preferences")
+@command("listening-results", "join rater CSVs with the key: MOS with 95%% CIs, preferences",
+         "Joins the answer CSVs raters downloaded with the export's key.csv: mean opinion "
+         "score per condition with 95% confidence intervals, pairwise preferences with "
+         "Wilson intervals and sign-test p-values, and a plot.")
+def _results_flags(p):
   p.add_argument("csv", nargs="+", help="answer CSVs downloaded from the rating page")
   p.add_argument("--key", required=True, help="the export's key.csv")
   p.add_argument("--plot", default=None, help="PNG to write (default beside the key)")
@@ -552,105 +619,52 @@ def run_listening_results(args) -> int:
   return 0
 
 
-def run_compile(argv: List[str]) -> int:
-  """`midijax compile`: ahead-of-time compile check (midijax/aot.py)."""
-  from midijax import aot
-  return aot.main(argv)
-
-
-# ----------------------------------------------------------------------------- training
-TRAIN_USAGE = """usage: midijax train --config=configs/NAME.py --workdir=DIR [--config.FIELD=VALUE ...]
-
-Trains (or resumes) the model a config file describes, checkpointing into DIR.
-
-  --config          an ml-collections config file (see configs/); any field may be
-                    overridden, e.g. --config.train.num_steps=200 --config.data.batch_size=16
-                    (unknown fields are rejected)
-  --workdir         run folder: checkpoints/, metrics.jsonl, tensorboard/, loss.png,
-                    config.json; a workdir with checkpoints resumes from the latest
-  --coordinator_address, --num_processes, --process_id
-                    multi-host start-up (jax.distributed); also read from
-                    MIDIJAX_COORDINATOR_ADDRESS / MIDIJAX_NUM_PROCESSES / MIDIJAX_PROCESS_ID
-"""
-
-
-def run_train(argv: List[str]) -> int:
-  """`midijax train`: absl flags + ml_collections.config_flags, as Flax's examples do."""
-  if not argv or any(a in ("-h", "--help", "--helpfull") for a in argv):
-    print(TRAIN_USAGE)
-    return 0 if argv else 2
-  from absl import flags
-  from ml_collections import config_flags
-  fv = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, "config file", flag_values=fv,
-                                  lock_config=True, sys_argv=["midijax train"] + argv)
-  flags.DEFINE_string("workdir", None, "run folder", flag_values=fv)
-  flags.DEFINE_string("coordinator_address", None, "host:port of process 0", flag_values=fv)
-  flags.DEFINE_integer("num_processes", None, "number of processes", flag_values=fv)
-  flags.DEFINE_integer("process_id", None, "this process's index", flag_values=fv)
-  try:
-    fv(["midijax train"] + argv)
-    config = fv.config  # config files load lazily: surface their errors here
-    if config is not None:
-      config.to_dict()
-  except OSError as e:
-    first = str(e).splitlines()
-    raise MidijaxError("cannot load the config file: " + " ".join(
-        line.strip() for line in first[-2:])) from None
-  except (flags.Error, KeyError, AttributeError, ValueError, TypeError) as e:
-    override = next((a.split("=")[0] for a in argv if a.startswith("--config.")), "")
-    hint = f" (check {override}: unknown config fields are rejected)" if "KeyError" in repr(
-        e) or isinstance(e, KeyError) or "'" in str(e)[:2] else ""
-    raise MidijaxError(f"bad flags: {e}{hint}\n{TRAIN_USAGE}") from None
-  if config is None or not fv.workdir:
-    raise MidijaxError("--config and --workdir are required\n" + TRAIN_USAGE)
-  from midijax import sharding, train
-  sharding.maybe_initialize_distributed(fv.coordinator_address, fv.num_processes, fv.process_id)
-  train.train_and_evaluate(config, fv.workdir)
-  return 0
-
-
 # ----------------------------------------------------------------------------- entry point
-# Commands whose flags absl parses (ml_collections config overrides).
-ABSL_COMMANDS = {"train": run_train, "compile": run_compile}
-
-
 def build_parser() -> argparse.ArgumentParser:
+  """The `midijax` parser: one sub-parser per registered command.
+
+  `midijax --help` lists every command with its one-line help and then every command's
+  flags (its usage line); `midijax COMMAND --help` explains each flag.
+  """
   parser = argparse.ArgumentParser(
-      prog="midijax",
-      description="midijax: train and sample Transformer models of MIDI music with JAX.",
-      epilog="train: midijax train --config=configs/NAME.py --workdir=DIR "
-             "(see `midijax train --help`)")
-  sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+      prog="midijax", formatter_class=argparse.RawDescriptionHelpFormatter,
+      description="midijax: train and sample Transformer models of MIDI music with JAX.")
+  sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
   sub.required = True
-  sub.add_parser("train", help="train or resume a model from a config file (absl flags; "
-                               "`midijax train --help`)")
-  sub.add_parser("compile", help="ahead-of-time compile the train step for a topology and "
-                                 "report per-device memory (`midijax compile --help`)")
-  for fn, _ in COMMANDS.values():
-    fn(sub)
+  usages = []
+  for name in COMMAND_ORDER:
+    help, description, add_flags = COMMANDS[name]
+    p = sub.add_parser(name, help=help, description=description)
+    add_flags(p)
+    usages.append(p.format_usage().replace("usage: ", "  ", 1).rstrip())
+  parser.epilog = ("flags of every command (`midijax COMMAND --help` explains them):\n" +
+                   "\n".join(usages))
   return parser
 
 
+# The order of `midijax --help`: the path from data to listening tests, then the tools.
+COMMAND_ORDER = ("build-data", "train", "compile", "generate", "continue", "evaluate",
+                 "export-listening", "listening-results", "midi2tokens", "tokens2midi",
+                 "encodings")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-  if argv is None:  # the `midijax` command itself (not a call from Python): see allocator.py
+  """The `midijax` command; `argv` holds the arguments after the program name."""
+  from_shell = argv is None
+  argv = list(sys.argv[1:] if argv is None else argv)
+  name = next((a for a in argv if not a.startswith("-")), "")
+  if from_shell and name in COMPUTE_COMMANDS:
+    # Before JAX is imported; see midijax/allocator.py.
     from midijax import allocator
     allocator.reexec_with_tcmalloc()
   # TensorFlow (used by tf.data) logs C++ start-up chatter unless told otherwise.
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  argv = list(sys.argv[1:] if argv is None else argv)
-  if argv and argv[0] in ABSL_COMMANDS:
-    name = argv[0]
-    try:
-      return ABSL_COMMANDS[name](argv[1:])
-    except MidijaxError as e:
-      print(f"midijax {name}: error: {e}", file=sys.stderr)
-      return 2
-    except KeyboardInterrupt:
-      print(f"midijax {name}: interrupted", file=sys.stderr)
-      return 130
+  rest, overrides = split_config_overrides(argv)
   parser = build_parser()
-  args = parser.parse_args(argv)
+  args = parser.parse_args(rest)
+  if overrides and args.command not in CONFIG_COMMANDS:
+    parser.error(f"{overrides[0]}: only {' and '.join(CONFIG_COMMANDS)} take config overrides")
+  args.config_overrides = overrides
   try:
     return int(args.func(args) or 0)
   except MidijaxError as e:

@@ -25,6 +25,41 @@ def test_help_explains_every_subcommand():
     assert "usage: midijax " + name in sub
 
 
+def test_help_lists_every_command_with_its_flags():
+  out = run("--help").stdout
+  assert set(cli.COMMANDS) == set(cli.COMMAND_ORDER)
+  for name in cli.COMMAND_ORDER:
+    assert f"  midijax {name} [-h]" in out, name  # the command's flags, one usage each
+    assert name in cli.__doc__, name
+  for flag in ("--workdir", "--config.FIELD", "--topology", "--prompt_bars", "--manual_dir",
+               "--key", "--lenient", "--ids"):
+    assert flag in out, flag
+  for name in ("train", "compile"):
+    assert "--config.FIELD" in run(name, "--help").stdout
+
+
+def test_unknown_config_field_is_named(tmp_path):
+  proc = run("train", "--config=configs/groove_tiny.py", f"--workdir={tmp_path / 'run'}",
+             "--config.train.num_steps=3", "--config.train.num_stepz=5", check=False)
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr
+  assert "--config.train.num_stepz" in proc.stderr and "num_steps" in proc.stderr
+  assert len(proc.stderr.strip().splitlines()) == 1
+  proc = run("compile", "--config=configs/groove_tiny.py", "--config.trian.num_steps=5",
+             check=False)
+  assert proc.returncode == 2 and "--config.trian.num_steps" in proc.stderr
+  assert "config.train" in proc.stderr  # the suggestion
+  proc = run("train", "--config=configs/groove_tiny.py", f"--workdir={tmp_path / 'run'}",
+             "--config.train.num_steps=many", check=False)
+  assert proc.returncode == 2 and "--config.train.num_steps=many" in proc.stderr
+  proc = run("train", f"--config={tmp_path / 'missing.py'}", f"--workdir={tmp_path}",
+             check=False)
+  assert proc.returncode == 2 and "cannot load the config file" in proc.stderr
+  assert not (tmp_path / "run").exists()
+  # Only train and compile read a config file.
+  proc = run("encodings", "--config.train.num_steps=3", check=False)
+  assert proc.returncode == 2 and "only train and compile" in proc.stderr
+
+
 @pytest.mark.parametrize("encoding", ["drums", "performance", "triples"])
 def test_round_trip_groove(tmp_path, groove_files, encoding):
   src = groove_files[5]

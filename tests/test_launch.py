@@ -319,13 +319,13 @@ def test_parse_other_topologies():
 
 _AOT_SCRIPT = """
 import json, sys
-from midijax import aot
-tiny = ["--config=configs/groove_tiny.py", "--config.model.vocab_size=205", "--json"]
+from midijax import cli
+tiny = ["compile", "--config=configs/groove_tiny.py", "--config.model.vocab_size=205", "--json"]
 for name, extra in (("fits", ["--memory_per_device=1"]),
                     ("too_small", ["--memory_per_device=0.0001"]),
                     ("fsdp", ["--config.mesh.ici_parallelism=(1,8,1)"])):
-  print("AOT", name, aot.main([*tiny, "--topology=cpu:8", *extra]), flush=True)
-print("AOT bad", aot.main(["--config=configs/groove_tiny.py", "--topology=cpu:8",
+  print("AOT", name, cli.main([*tiny, "--topology=cpu:8", *extra]), flush=True)
+print("AOT bad", cli.main(["compile", "--config=configs/groove_tiny.py", "--topology=cpu:8",
                            "--config.model.num_heads=3"]), flush=True)
 """
 
@@ -407,7 +407,7 @@ def test_aot_text_report():
                     reason="libtpu not installed: TPU AOT needs pip install 'jax[tpu]' "
                            "(works without a TPU)")
 def test_aot_tpu_v4_8_with_libtpu():
-  proc = _run([sys.executable, "-m", "midijax.aot", "--config=configs/groove_tiny.py",
+  proc = _run([sys.executable, "-m", "midijax.cli", "compile", "--config=configs/groove_tiny.py",
                "--topology=tpu:v4-8", "--config.data.batch_size=8", "--json"])
   assert proc.returncode == 0, proc.stderr
   r = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -418,7 +418,7 @@ def test_aot_tpu_v4_8_with_libtpu():
 def test_aot_without_libtpu_says_how_to_get_it():
   if importlib.util.find_spec("libtpu") is not None:
     pytest.skip("libtpu is installed here")
-  proc = _run([sys.executable, "-m", "midijax.aot", "--config=configs/groove_tiny.py",
+  proc = _run([sys.executable, "-m", "midijax.cli", "compile", "--config=configs/groove_tiny.py",
                "--topology=tpu:v4-8"])
   assert proc.returncode == 2
   assert "needs libtpu" in proc.stderr and f"jax[tpu]=={JAX_PIN}" in proc.stderr
