@@ -10,7 +10,7 @@ On a tiny groove dataset built from 12 files of the real corpus:
     (`DataSource(config, process_index=p, process_count=2)`), since each process draws
     from its own share of the split;
     both runs' losses in metrics.jsonl must agree within `LOSS_RTOL`;
-(c) the checkpoint the 2-process run wrote restores in one process: `train.load_run`
+(c) the checkpoint the 2-process run wrote restores in one process: `runs.load_run`
     gives the same parameters as run (b)'s, and training resumes from it for one more step.
 """
 import csv
@@ -99,7 +99,7 @@ result = train.train_and_evaluate(config, workdir, data=TwoProcessBatches(config
 print("RESULT=" + json.dumps({k: float(v) for k, v in result.items()}), flush=True)
 """
 
-# One process with 8 CPU devices: load both runs' final parameters with train.load_run.
+# One process with 8 CPU devices: load both runs' final parameters with runs.load_run.
 LOAD_RUN = """\
 import sys
 import jax
@@ -107,10 +107,10 @@ jax.config.update("jax_platforms", "cpu")
 jax.config.update("jax_num_cpu_devices", 8)
 from flax import nnx
 import numpy as np
-from midijax import train
+from midijax import runs
 
 def params(workdir):
-  model, _, _, step = train.load_run(workdir)
+  model, _, _, step = runs.load_run(workdir)
   state = nnx.state(model, nnx.Param)
   return step, {jax.tree_util.keystr(p): np.asarray(x) for p, x in
                 jax.tree_util.tree_leaves_with_path(state)}

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from midijax import checkpoint as ckpt_lib
-from midijax import train
+from midijax import runs, train
 from midijax.errors import ConfigError
 
 import configs.groove_tiny as groove_tiny
@@ -82,14 +82,6 @@ def test_schedule_and_decay_mask():
   assert mask == {"embedding": False, "blocks": {"kernel": True, "scale": False}}
 
 
-def test_weighted_loss_excludes_padding():
-  import jax.numpy as jnp
-  logits = jnp.log(jnp.array([[[0.5, 0.5], [0.9, 0.1]]]))
-  targets = jnp.array([[0, 1]])
-  s, w = train.weighted_cross_entropy(logits, targets, jnp.array([[1.0, 0.0]]))
-  assert abs(float(s) - np.log(2)) < 1e-6 and float(w) == 1.0
-
-
 def test_train_resume_and_checkpoint_policy(tfds_dir, tmp_path):
   workdir = tmp_path / "run"
   out = train.train_and_evaluate(tiny(tfds_dir, keep_latest=1, keep_best=1), str(workdir))
@@ -120,8 +112,8 @@ def test_resume_after_kill_matches_uninterrupted(tfds_dir, tmp_path):
   stopped = max(ckpt_lib.available_steps(part))
   assert stopped < 6
   train.train_and_evaluate(tiny(tfds_dir, num_steps=6, async_checkpointing=False), str(part))
-  a, *_ = train.load_run(full)
-  b, *_ = train.load_run(part)
+  a, *_ = runs.load_run(full)
+  b, *_ = runs.load_run(part)
   from flax import nnx
   for x, y in zip(jax.tree.leaves(nnx.state(a)), jax.tree.leaves(nnx.state(b))):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
