@@ -1,9 +1,15 @@
 """Base config: every field of a midijax run, with its meaning and unit.
 
 Other configs import this one and change a few fields. Any field can be overridden on the
-command line, e.g. `--config.train.num_steps=200`. This file alone trains a small groove model:
+command line, e.g. `--config.train.num_steps=200`. This file alone trains a small groove
+model (4 layers of width 128, `drums` encoding):
 
+    midijax build-data groove --manual_dir ../shared/data/groove
     midijax train --config=configs/default.py --workdir=/tmp/run
+
+Expect: about 2,000 training tokens/s on the 2-core CPU machine
+(`python benchmarks/train_throughput.py --config configs/default.py`), so the 2,000 steps
+of batch 32 x 256 take about 2 hours there; groove_small.py is the measured small run.
 """
 import ml_collections
 

@@ -6,7 +6,10 @@ style / tempo / beat-fill prefix; rotary positions; 4 layers of width 128.
     midijax build-data groove --manual_dir ../shared/data/groove
     midijax train --config=configs/groove_small.py --workdir=workdirs/groove_small
 
-Expect: validation NLL per token and the n-gram baseline in README ("Quality").
+Expect (`python benchmarks/groove_quality.py --data_dir workdirs/tfds --workdir
+workdirs/groove_small`, 2-core CPU machine, 2026-12-02): all 3,000 steps in about 11
+minutes and a best validation NLL of 2.31 nats/token (perplexity 10.0), against 2.88 for
+the best n-gram model (3-gram) on the same windows.
 """
 from configs import default
 

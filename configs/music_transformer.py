@@ -4,7 +4,11 @@ Relative attention with skewing, 6 layers, 8 heads, width 512, MLP 2048, sequenc
 `performance` encoding with transposition +-3 and time stretch +-5%, bfloat16 compute.
 
     midijax build-data piano --manual_dir /path/to/maestro-v3.0.0   # or the official download
+    midijax compile --config=configs/music_transformer.py --topology=tpu:v4-8
     midijax train --config=configs/music_transformer.py --workdir=gs://BUCKET/mt
+
+Expect: `midijax compile` reports whether it fits the target (tpu_v4_8.py and gpu_8.py are
+its sharding variants); no training run of this config has been measured yet.
 """
 from configs import default
 

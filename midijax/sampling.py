@@ -692,7 +692,7 @@ def generate(model: transformer.Transformer, enc: Encoding, *, num_samples: int 
   """Samples `num_samples` pieces from BOS + conditioning (+ optional event prompt).
 
   Args:
-    model, enc: the trained model and its encoding (`train.load_run`).
+    model, enc: the trained model and its encoding (`runs.load_run`).
     num_samples: samples, drawn as one batch.
     max_new_tokens: tokens per sample after the prompt, at most.
     temperature, top_k, top_p, seed: see `sample_tokens`.

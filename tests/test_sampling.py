@@ -1,4 +1,4 @@
-"""Tests for midijax.sampling, midijax.encoding.grammar and `midijax generate / continue`.
+"""Tests for midijax.sampling, midijax.constraints and `midijax generate / continue`.
 
 Small random-weight models check the mechanics (cache, token choice, grammar, sliding
 window, sharding); a tiny model trained for a few steps on real Groove files checks the
