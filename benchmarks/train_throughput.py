@@ -18,7 +18,6 @@ shape and prints one JSON line:
         --heads 8 --mlp 2048 --seq 1024 --batch 8 --dropout 0
 """
 import argparse
-import importlib.util
 import json
 import os
 import pathlib
@@ -28,13 +27,6 @@ import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-
-
-def load_config(path):
-  spec = importlib.util.spec_from_file_location("bench_config", path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config()
 
 
 def main():
@@ -66,6 +58,7 @@ def main():
     jax.config.update("jax_default_prng_impl", a.prng)
   import numpy as np
   from midijax import sharding, train
+  from midijax.cli import load_config
   from midijax.models import transformer
 
   config = load_config(a.config)

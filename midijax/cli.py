@@ -517,6 +517,19 @@ def run_build_data(args) -> int:
 
 
 # ----------------------------------------------------------------------------- evidence
+def _add_decoding_flags(p) -> None:
+  """Flags shared by `evaluate` and `export-listening`: how samples are drawn, real data."""
+  p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same clips")
+  p.add_argument("--temperature", type=float, default=1.0,
+                 help="softmax temperature, 0 = greedy (default 1)")
+  p.add_argument("--top_k", type=int, default=0,
+                 help="sample among the k most likely tokens, 0 = all (default)")
+  p.add_argument("--top_p", type=float, default=1.0,
+                 help="nucleus sampling probability, 1 = off (default)")
+  p.add_argument("--data_dir", default=None,
+                 help="TFDS data dir of the real clips (default: the run's config)")
+
+
 @command("evaluate", "held-out NLL, music statistics of samples vs real clips, validity",
          "Writes WORKDIR/eval/<step>/metrics.json, metrics.md and PNG plots, and "
          "TensorBoard scalars: NLL per token and per note on the whole split, Yang & Lerch "
@@ -531,11 +544,7 @@ def _evaluate_flags(p):
   step = p.add_mutually_exclusive_group()
   step.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
   step.add_argument("--best", action="store_true", help="the best checkpoint by validation")
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--temperature", type=float, default=1.0)
-  p.add_argument("--top_k", type=int, default=0)
-  p.add_argument("--top_p", type=float, default=1.0)
-  p.add_argument("--data_dir", default=None, help="TFDS data dir (default: the run's)")
+  _add_decoding_flags(p)
   p.add_argument("--out", default=None, help="output folder (default WORKDIR/eval/<step>)")
   p.set_defaults(func=run_evaluate)
 
@@ -563,11 +572,7 @@ def _export_flags(p):
   p.add_argument("--prompt_seconds", type=float, default=None,
                  help="prompt length for continuations (default seconds / 4)")
   p.add_argument("--mode", choices=["free", "continuation", "both"], default="both")
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--temperature", type=float, default=1.0)
-  p.add_argument("--top_k", type=int, default=0)
-  p.add_argument("--top_p", type=float, default=1.0)
-  p.add_argument("--data_dir", default=None, help="TFDS data dir (default: the runs')")
+  _add_decoding_flags(p)
   p.add_argument("--out", required=True, help="output folder")
   p.set_defaults(func=run_export_listening)
 
