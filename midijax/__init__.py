@@ -1,8 +1,20 @@
 """midijax: a JAX/Flax training system for symbolic music (MIDI).
 
-Stages, in the order data flows: `midi_io` (MIDI <-> `notes.Notes`), `encoding` (notes <->
-token ids), `input_pipeline` (TFDS -> batches), `models` and `sharding`, `train`,
-`checkpoint`, `sampling`, `evaluation`, `export`; `cli` is the `midijax` command.
+Modules by stage, in the order data flows (each imports only its own stage or earlier
+ones; tests/test_imports.py checks it):
+
+* MIDI and tokens: `midi_io` (MIDI <-> `notes.Notes`), `encoding` (notes <-> token ids,
+  grammar tables).
+* Data and measures: `input_pipeline` (TFDS -> batches), `music_stats` (music features,
+  set comparison), `reports` (metrics files, plots), `metric_writers` (metrics.jsonl,
+  TensorBoard), `ngram` (the baseline).
+* Model: `models`, `sharding`, `kernels`.
+* Runtime: `checkpoint`, `losses`, `runs` (loading a trained run), `constraints` (the
+  grammars' JAX state machines).
+* Training and sampling: `train`, `aot` (`midijax compile`), `sampling`, `generation`
+  (what `generate` / `continue` write).
+* Evidence: `evaluation` (`midijax evaluate`), `export` (listening tests).
+* `cli`: the `midijax` command.
 """
 import warnings
 
