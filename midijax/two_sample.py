@@ -18,14 +18,17 @@ Sections, in the order a clip's path through them goes:
      binomial interval, a p-value against chance and the most telling features.
   4. Reports: `c2st_scalars` (TensorBoard) and `c2st_markdown` (metrics.md).
 
-Typical use (one real and one generated continuation per prompt; row i of each is
-prompt i)::
+Typical use: for prompt i, its real continuation and a generated one, each decoded
+after the same context (the piece up to the continuation) on the piece's clock::
 
-  real = two_sample.clip_feature_matrix(real_clips, kind="drums")
-  gen = two_sample.clip_feature_matrix(generated_clips, kind="drums")
-  result = two_sample.c2st(real.values, gen.values, real_groups=prompt_ids,
-                           generated_groups=prompt_ids, feature_names=real.names)
-  result["classifiers"]["boosted_trees"]["accuracy"]   # 0.5 = cannot tell apart
+  real = [two_sample.continuation_clip(enc, context[i], real_ids[i], qpm=qpm[i])
+          for i in range(n)]                   # (notes, seconds) pairs; same for generated
+  r = two_sample.clip_feature_matrix([c for c, _ in real], kind="drums",
+                                     durations=[d for _, d in real])
+  g = two_sample.clip_feature_matrix(...)      # the generated clips, the same way
+  result = two_sample.c2st(r.values, g.values, real_groups=np.arange(n),
+                           generated_groups=np.arange(n), feature_names=r.names)
+  result["accuracy"]                           # strongest classifier; 0.5 = cannot tell
 """
 from __future__ import annotations
 
@@ -118,7 +121,9 @@ def shift_clock(notes: Notes, offset: float) -> Notes:
       time_signatures=moved(notes.time_signatures))
 
 
-def _bar_line_at_or_before(notes: Notes, seconds: float) -> float:
+def bar_line_at_or_before(notes: Notes, seconds: float) -> float:
+  """Time (seconds) of the last bar line at or before `seconds` on the notes' grid (the
+  tempo map from time 0 and the first time signature)."""
   bar_q = evaluation.bar_quarters(notes)
   q = float(evaluation.seconds_to_quarters(np.array([seconds]), notes.tempos)[0])
   # A hair of tolerance so a time on a bar line (in float noise) is its own bar line.
@@ -203,7 +208,7 @@ def cut_windows(pieces: Sequence[Notes], *, bars: Optional[float] = None,
         kept += 1
       if bars is None:
         # Next start: the first bar line at or after t0 + hop.
-        nxt = _bar_line_at_or_before(piece, t0 + step)
+        nxt = bar_line_at_or_before(piece, t0 + step)
         if nxt < t0 + step - 1e-9:
           q = evaluation.seconds_to_quarters(np.array([nxt]), piece.tempos)[0] + bar_q
           nxt = float(quarters_to_seconds(np.array([q]), piece.tempos)[0])
@@ -258,7 +263,7 @@ def continuation_clip(encoding, context_ids, continuation_ids, *, qpm: float = 1
   both = encoding.decode_notes(ids, **kw)
   before = encoding.decode_notes(context, **kw)
   notes = both.select(_onsets_not_in(both, before))
-  origin = _bar_line_at_or_before(notes, t_context)
+  origin = bar_line_at_or_before(notes, t_context)
   return shift_clock(notes, origin), max(t_end - t_context, 0.0)
 
 
@@ -359,7 +364,7 @@ def metrical_weights(steps_per_bar: int, numerator: int = 4, denominator: int = 
 
   The downbeat weighs 0 and each level down the metrical hierarchy one less. In 4/4:
   0 (downbeat), -1 (half bar), -2 (beats 2 and 4), -3 (8th off-beats), -4 (16th
-  off-beats): the profile Witek et al. (2014) use for the syncopation of drum breaks.
+  off-beats), the 16th-level profile Witek et al. (2014) also use for drum breaks.
   Bars with a power-of-two number of beats halve down to the beat; others (3/4, 5/4)
   put every beat at -1. Below the beat, beats halve (compound beats of 6/8, 9/8, 12/8
   first split in three 8ths).
@@ -396,12 +401,14 @@ def metrical_weights(steps_per_bar: int, numerator: int = 4, denominator: int = 
   return w
 
 
-def _syncopation_per_bar(step: np.ndarray, weights: np.ndarray) -> float:
+def syncopation_per_bar(step: np.ndarray, weights: np.ndarray) -> float:
   """Mean, over bars with onsets, of the Longuet-Higgins & Lee syncopation in the bar.
 
   A syncopation is an onset followed, before the next onset, by a silent position of
-  higher metrical weight; it scores the highest such weight minus the onset's (LHL 1984,
-  summed over a pattern as Witek et al. 2014 do). The clip's last onset scores nothing
+  higher metrical weight; it scores the highest such weight minus the onset's, and a
+  pattern's syncopation is the sum (LHL 1984's monophonic measure; Witek et al. 2014
+  build their polyphonic drum-break index on the same weights and sums). Here it runs on
+  one onset stream (all hits merged, or one class). The clip's last onset scores nothing
   (what follows it is unknown). Each syncopation counts in the bar of its onset.
 
   Args:
@@ -474,7 +481,7 @@ def drum_features(notes: Notes, duration: float) -> dict:
     `drum_velocity_class` [9]: mean velocity per class (0 for a class without hits).
   * `drum_syncopation`, `drum_syncopation_class` [9]: Longuet-Higgins & Lee syncopation
     per bar of the onset pattern (all hits; each class alone), the mean over bars with
-    hits (see `metrical_weights`, `_syncopation_per_bar`).
+    hits (see `metrical_weights`, `syncopation_per_bar`).
   * `drum_metrical_share` [downbeat, beat, beat_half, finer]: share of the velocity on
     the downbeat, the other beats, the first split of the beat (4/4: 8th off-beats) and
     finer positions (4/4: 16th off-beats).
@@ -505,9 +512,9 @@ def drum_features(notes: Notes, duration: float) -> dict:
   num, den = _meter(drums)
   spb = max(1, int(round(evaluation.bar_quarters(drums) * 4)))
   weights = metrical_weights(spb, num, den)
-  out["drum_syncopation"] = _syncopation_per_bar(step, weights)
+  out["drum_syncopation"] = syncopation_per_bar(step, weights)
   out["drum_syncopation_class"] = np.array(
-      [_syncopation_per_bar(step[cls == c], weights) for c in range(NUM_DRUM_CLASSES)])
+      [syncopation_per_bar(step[cls == c], weights) for c in range(NUM_DRUM_CLASSES)])
   pos = np.mod(step, spb)
   beat = _beat_steps(num, den) if spb % _beat_steps(num, den) == 0 else 1
   beat_w = weights[::beat].min() if spb else 0.0  # weakest beat's weight

@@ -91,14 +91,14 @@ def test_metrical_weights_follow_longuet_higgins_lee():
 def test_syncopation_known_patterns():
   w = ts.metrical_weights(16)
   # Straight quarters (and a last downbeat): no onset is followed by a stronger rest.
-  assert ts._syncopation_per_bar(np.array([0, 4, 8, 12, 16]), w) == 0.0
+  assert ts.syncopation_per_bar(np.array([0, 4, 8, 12, 16]), w) == 0.0
   # Son clave's first bar (onsets 0, 3, 6, 10, 12): 3 -> rest on beat 2 (-2 - -4 = 2),
   # 6 -> rest on the half bar (-1 - -3 = 2); 10 and 12 meet no stronger rest before 12, 16.
-  assert ts._syncopation_per_bar(np.array([0, 3, 6, 10, 12, 16]), w) == pytest.approx(
+  assert ts.syncopation_per_bar(np.array([0, 3, 6, 10, 12, 16]), w) == pytest.approx(
       (4 + 0) / 2)
   # An anticipated downbeat: the last 16th of bar 1 (-4) held over bar 2's silent downbeat
   # (0) scores 4 in bar 1; bar 2's only onset is the clip's last: (4 + 0) / 2 bars.
-  assert ts._syncopation_per_bar(np.array([0, 15, 18]), w) == pytest.approx(2.0)
+  assert ts.syncopation_per_bar(np.array([0, 15, 18]), w) == pytest.approx(2.0)
 
 
 # ------------------------------------------------------------------ clips
@@ -130,7 +130,7 @@ def test_token_windows_decode_on_the_pieces_clock(gmd_pieces):
   rebuilt = []
   for i in np.flatnonzero(w.groups == 0):
     assert len(w.ids[i]) == 128
-    origin = ts._bar_line_at_or_before(full, w.starts[i])
+    origin = ts.bar_line_at_or_before(full, w.starts[i])
     assert origin <= w.starts[i] + 1e-6
     rebuilt += [(int(p), round(float(s) + origin, 5)) for p, s in
                 zip(w.clips[i].pitch, w.clips[i].start)]
