@@ -880,12 +880,14 @@ def c2st_markdown(result: dict, title: str = "Classifier two-sample test") -> st
       f"| classifier | accuracy | {level} interval | p (> 50%) | AUC | most telling features |",
       "|---|---|---|---|---|---|"]
   for name, r in result["classifiers"].items():
-    feats = ", ".join(f"{f['name']} ({f['importance']:+.3f})" for f in r["top_features"])
+    feats = ", ".join(f"{f['name']} ({f['importance']:+.3f})" for f in r["top_features"]
+                      if f["importance"] > 0)
     lines.append(f"| {name} | {pct(r['accuracy'])} ({r['correct']}/{r['n']}) | "
                  f"{pct(r['ci_low'])} to {pct(r['ci_high'])} | {r['p_value']:.3g} | "
                  f"{r['auc']:.3f} | {feats.replace('|', '/') or '-'} |")
   lines += ["", "50% means the classifier cannot tell generated clips from real ones; 100% "
             "means every clip gives itself away. Interval: Wilson score; p: one-sided "
             "binomial test of accuracy above 50%. A feature's importance is the drop in "
-            "held-out accuracy when its column is shuffled.", ""]
+            "held-out accuracy when its column is shuffled (features that drop nothing "
+            "are not listed).", ""]
   return "\n".join(lines)
