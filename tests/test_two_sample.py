@@ -121,6 +121,21 @@ def test_bar_windows_keep_the_drummers_grid(gmd_pieces, gmd_windows):
     assert w.durations[i] == pytest.approx(16 * 60.0 / piece.qpm)
 
 
+def test_second_windows_start_on_bar_lines(gmd_pieces):
+  pieces = gmd_pieces[:4]
+  w = ts.cut_windows(pieces, seconds=5.0, hop=7.0, max_per_piece=3)
+  assert len(w) > 4 and (w.durations == 5.0).all()
+  for i in range(len(w)):
+    piece = pieces[w.groups[i]]
+    bar = 4 * 60.0 / piece.qpm  # GMD pieces: one tempo, 4/4
+    k = w.starts[i] / bar
+    assert k == pytest.approx(round(k), abs=1e-6)
+    if i and w.groups[i - 1] == w.groups[i]:
+      # The next window starts on the first bar line at least `hop` seconds later.
+      gap = w.starts[i] - w.starts[i - 1]
+      assert 7.0 - 1e-6 <= gap < 7.0 + bar
+
+
 def test_token_windows_decode_on_the_pieces_clock(gmd_pieces):
   from midijax import encoding
   enc = encoding.get("drums")
