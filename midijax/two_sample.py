@@ -37,14 +37,14 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from midijax import evaluation
+from midijax import music_stats
 from midijax.errors import MidijaxError
 from midijax.notes import Notes
 
 CLASSIFIERS = ("logistic_regression", "boosted_trees")
 FEATURE_KINDS = ("drums", "pitched")
 NUM_DRUM_CLASSES = 9
-# Onsets closer than this (seconds) are one onset, as in midijax.evaluation.
+# Onsets closer than this (seconds) are one onset, as in midijax.music_stats.
 ONSET_TOLERANCE_S = 1e-3
 
 
@@ -83,7 +83,7 @@ class Windows:
 
 
 def quarters_to_seconds(quarters, tempos: np.ndarray) -> np.ndarray:
-  """Inverse of `evaluation.seconds_to_quarters`: quarter notes since 0 -> seconds.
+  """Inverse of `music_stats.seconds_to_quarters`: quarter notes since 0 -> seconds.
 
   Args:
     quarters: float quarter notes, any shape.
@@ -95,7 +95,7 @@ def quarters_to_seconds(quarters, tempos: np.ndarray) -> np.ndarray:
   tempos = tempos[np.argsort(tempos[:, 0], kind="stable")]
   t0 = tempos[:, 0].copy()
   t0[0] = 0.0
-  q0 = evaluation.seconds_to_quarters(t0, tempos)
+  q0 = music_stats.seconds_to_quarters(t0, tempos)
   q = np.asarray(quarters, np.float64)
   k = np.clip(np.searchsorted(q0, q, side="right") - 1, 0, None)
   return t0[k] + (q - q0[k]) * 60.0 / tempos[k, 1]
@@ -124,8 +124,8 @@ def shift_clock(notes: Notes, offset: float) -> Notes:
 def bar_line_at_or_before(notes: Notes, seconds: float) -> float:
   """Time (seconds) of the last bar line at or before `seconds` on the notes' grid (the
   tempo map from time 0 and the first time signature)."""
-  bar_q = evaluation.bar_quarters(notes)
-  q = float(evaluation.seconds_to_quarters(np.array([seconds]), notes.tempos)[0])
+  bar_q = music_stats.bar_quarters(notes)
+  q = float(music_stats.seconds_to_quarters(np.array([seconds]), notes.tempos)[0])
   # A hair of tolerance so a time on a bar line (in float noise) is its own bar line.
   bar = np.floor(q / bar_q + 1e-9)
   return float(quarters_to_seconds(np.array([bar * bar_q]), notes.tempos)[0])
@@ -189,7 +189,7 @@ def cut_windows(pieces: Sequence[Notes], *, bars: Optional[float] = None,
     if len(piece) == 0:
       continue
     last_onset = float(piece.start.max())
-    bar_q = evaluation.bar_quarters(piece)
+    bar_q = music_stats.bar_quarters(piece)
     kept, b, t0 = 0, 0.0, 0.0
     while max_per_piece is None or kept < max_per_piece:
       if bars is not None:
@@ -210,7 +210,7 @@ def cut_windows(pieces: Sequence[Notes], *, bars: Optional[float] = None,
         # Next start: the first bar line at or after t0 + hop.
         nxt = bar_line_at_or_before(piece, t0 + step)
         if nxt < t0 + step - 1e-9:
-          q = evaluation.seconds_to_quarters(np.array([nxt]), piece.tempos)[0] + bar_q
+          q = music_stats.seconds_to_quarters(np.array([nxt]), piece.tempos)[0] + bar_q
           nxt = float(quarters_to_seconds(np.array([q]), piece.tempos)[0])
         t0 = nxt
   if not clips:
@@ -223,8 +223,8 @@ def cut_windows(pieces: Sequence[Notes], *, bars: Optional[float] = None,
 
 def _token_seconds(encoding, qpm: float) -> np.ndarray:
   """float64 [vocab]: seconds of music each id moves time forward (the grammar's table)."""
-  from midijax.encoding import grammar  # pylint: disable=g-import-not-at-top  (imports JAX)
-  return grammar.get(encoding, qpm=qpm).seconds.astype(np.float64)
+  from midijax.encoding import grammar  # pylint: disable=g-import-not-at-top
+  return grammar.get_tables(encoding, qpm=qpm).seconds.astype(np.float64)
 
 
 def continuation_clip(encoding, context_ids, continuation_ids, *, qpm: float = 120.0,
@@ -439,12 +439,12 @@ def _stats(x: np.ndarray) -> tuple:
 
 def _labels(name: str, size: int) -> tuple:
   labels = None
-  if name in evaluation.FEATURES_BY_NAME:
-    labels = evaluation.feature_labels(name)
+  if name in music_stats.FEATURES_BY_NAME:
+    labels = music_stats.feature_labels(name)
   elif name in _LABELS:
     labels = _LABELS[name]
   elif size == NUM_DRUM_CLASSES:
-    labels = evaluation.drum_class_names()
+    labels = music_stats.drum_class_names()
   if labels is None or len(labels) != size:
     labels = tuple(str(i) for i in range(size))
   return labels
@@ -469,7 +469,7 @@ def flatten_features(features: dict) -> tuple:
 
 def drum_features(notes: Notes, duration: float) -> dict:
   """The C2ST's drum features of one clip: midijax's per-clip drum features
-  (`evaluation.clip_features`) plus
+  (`music_stats.clip_features`) plus
 
   * `drum_onset_density` [9]: hits per second of each GrooVAE class.
   * `drum_microtiming_mean`, `drum_microtiming_std`: signed offset of all hits from the
@@ -494,8 +494,8 @@ def drum_features(notes: Notes, duration: float) -> dict:
     {name: float64 scalar or vector}; a clip without drum hits gets zeros.
   """
   drums = notes.select(np.asarray(notes.is_drum, bool))
-  out = dict(evaluation.clip_features(drums, duration=duration, groups=("drums",)))
-  mt = evaluation.microtiming_offsets(drums)
+  out = dict(music_stats.clip_features(drums, duration=duration, groups=("drums",)))
+  mt = music_stats.microtiming_offsets(drums)
   cls, off, step = mt["drum_class"], mt["offset_16ths"], mt["step"]
   vel = drums.velocity.astype(np.float64)
   mapped = cls >= 0
@@ -510,7 +510,7 @@ def drum_features(notes: Notes, duration: float) -> dict:
   out["drum_velocity_mean"], out["drum_velocity_std"] = _stats(vel)
   out["drum_velocity_class"] = np.bincount(cls[mapped], vel[mapped], NUM_DRUM_CLASSES) / safe
   num, den = _meter(drums)
-  spb = max(1, int(round(evaluation.bar_quarters(drums) * 4)))
+  spb = max(1, int(round(music_stats.bar_quarters(drums) * 4)))
   weights = metrical_weights(spb, num, den)
   out["drum_syncopation"] = syncopation_per_bar(step, weights)
   out["drum_syncopation_class"] = np.array(
@@ -527,14 +527,14 @@ def drum_features(notes: Notes, duration: float) -> dict:
 
 def pitched_features(notes: Notes, duration: float) -> dict:
   """The C2ST's pitched features of one clip (its non-drum notes): midijax's per-clip
-  pitched features (`evaluation.clip_features`, which include pitch range, polyphony and
+  pitched features (`music_stats.clip_features`, which include pitch range, polyphony and
   the mean inter-onset interval) plus `pitch_mean`, `pitch_std`, `pitch_lowest`,
   `pitch_highest` (MIDI pitch), `onset_density` (distinct onsets/s), `ioi_std`,
   `ioi_median` (s, between distinct onsets), `note_length_mean`, `note_length_std` (s),
   `velocity_mean`, `velocity_std` and `polyphony_max` (most notes sounding at once).
   Zeros for a clip without pitched notes."""
   pitched = notes.select(~np.asarray(notes.is_drum, bool))
-  out = dict(evaluation.clip_features(pitched, duration=duration, groups=("pitched",)))
+  out = dict(music_stats.clip_features(pitched, duration=duration, groups=("pitched",)))
   pitch = pitched.pitch.astype(np.float64)
   out["pitch_mean"], out["pitch_std"] = _stats(pitch)
   out["pitch_lowest"] = float(pitch.min()) if len(pitch) else 0.0
@@ -574,7 +574,7 @@ def clip_feature_matrix(clips: Sequence[Notes], *, kind: str = "auto",
     kind: "drums" (`drum_features`), "pitched" (`pitched_features`) or "auto" (the kind
       most of the clips' notes are).
     durations: seconds of music per clip, for densities (default: each clip's last note
-      end, as `evaluation.clip_features`).
+      end, as `music_stats.clip_features`).
 
   Returns:
     `FeatureMatrix` [len(clips), d]; every call with the same kind has the same columns.

@@ -6,7 +6,7 @@ still a dependency). Stages, lowest first (a module may import its own stage or 
 
   0 base       errors, notes, allocator
   1 encoding   encoding.*, midi_io                          (numpy only: no JAX)
-  2 data       input_pipeline, music_stats, reports, metric_writers, ngram
+  2 data       input_pipeline, music_stats, two_sample, reports, metric_writers, ngram
   3 model      sharding, kernels.*, models.*
   4 runtime    checkpoint, losses, runs, constraints
   5 train      train, aot, sampling, generation
@@ -29,6 +29,7 @@ STAGES = {
     "errors": 0, "notes": 0, "allocator": 0,
     "encoding": 1, "midi_io": 1,
     "input_pipeline": 2, "music_stats": 2, "reports": 2, "metric_writers": 2, "ngram": 2,
+    "two_sample": 2,
     "sharding": 3, "kernels": 3, "models": 3,
     "checkpoint": 4, "losses": 4, "runs": 4, "constraints": 4,
     "train": 5, "aot": 5, "sampling": 5, "generation": 5,

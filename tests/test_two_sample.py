@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 
-from midijax import evaluation, midi_io
+from midijax import midi_io, music_stats
 from midijax import two_sample as ts
 from midijax.errors import MidijaxError
 from midijax.notes import Notes
@@ -114,8 +114,8 @@ def test_bar_windows_keep_the_drummers_grid(gmd_pieces, gmd_windows):
     np.testing.assert_allclose(np.sort(clip.start + w.starts[i]), np.sort(piece.start[inside]),
                                atol=1e-9)
     # Starting on a bar line keeps every hit's offset from the 16th grid.
-    whole = evaluation.microtiming_offsets(piece.select(inside))["offset_16ths"]
-    cut = evaluation.microtiming_offsets(clip)["offset_16ths"]
+    whole = music_stats.microtiming_offsets(piece.select(inside))["offset_16ths"]
+    cut = music_stats.microtiming_offsets(clip)["offset_16ths"]
     np.testing.assert_allclose(np.sort(cut), np.sort(whole), atol=1e-6)
     # 4 bars of 4/4 at the piece's tempo.
     assert w.durations[i] == pytest.approx(16 * 60.0 / piece.qpm)
@@ -166,7 +166,7 @@ def test_drum_feature_matrix(gmd_windows, gmd_features):
   assert f.values.shape == (len(gmd_windows), len(f.names)) and f.kind == "drums"
   assert len(set(f.names)) == len(f.names) and np.isfinite(f.values).all()
   col = {n: f.values[:, i] for i, n in enumerate(f.names)}
-  classes = evaluation.drum_class_names()
+  classes = music_stats.drum_class_names()
   density = np.stack([col[f"drum_onset_density[{c}]"] for c in classes], 1)
   # Per-class densities add up to the hit density (every GMD hit maps to a class here,
   # up to unmapped pitches), and match the existing per-class hit counts.
