@@ -14,6 +14,21 @@ import numpy as np
 
 DEFAULT_QPM = 120.0
 
+# Limits on one file, generous for real music; they keep a command's or a build worker's
+# time and memory bounded whatever a file contains. Readers (`midi_io.read_notes`),
+# encoders (`Encoding.encode`) and token files (`encoding.token_files`) check them before
+# allocating anything proportional to the music's length.
+# Seconds of music: the end of the last note (2 hours).
+MAX_SECONDS = 7200.0
+# Tokens per file (and notes per file, as every note kept makes at least one token). The
+# densest piano performance in the test corpus makes 83 performance tokens a second, 0.6 M
+# in 2 hours.
+MAX_TOKENS = 2_000_000
+# The largest tick a written MIDI event may fall on: MIDI's delta times have 28 bits, so a
+# file whose every event lies within it can always be written (and symusic, which keeps
+# ticks in int32, reads it back).
+MAX_TICK = 2**28 - 1
+
 
 @dataclasses.dataclass
 class Notes:
@@ -148,6 +163,32 @@ class Notes:
     s = self.sorted()
     return [(int(p), int(v), round(float(a), decimals), round(float(b), decimals), int(pr), bool(d))
             for p, v, a, b, pr, d in zip(s.pitch, s.velocity, s.start, s.end, s.program, s.is_drum)]
+
+
+def time_problem(notes: Notes, max_seconds: Optional[float] = MAX_SECONDS) -> Optional[str]:
+  """Why the notes' times cannot be encoded or written, or None when they can.
+
+  Args:
+    notes: the notes to check.
+    max_seconds: the latest end allowed (seconds); None: no limit.
+  Returns:
+    A reason (a phrase, then details in parentheses) for a start or end that is not finite,
+    is negative, ends before it starts or ends after `max_seconds`; None otherwise.
+  """
+  if len(notes) == 0:
+    return None
+  start, end = notes.start, notes.end
+  if not (np.isfinite(start).all() and np.isfinite(end).all()):
+    return "note times that are not finite numbers"
+  if start.min() < 0:
+    return f"notes that start before time 0 (at {start.min():g} s)"
+  if (end < start).any():
+    return "notes that end before they start"
+  last = float(end.max())
+  if max_seconds is not None and last > max_seconds:
+    return (f"music longer than the max_seconds limit (the last note ends at {last:.1f} s; "
+            f"limit {max_seconds:g} s)")
+  return None
 
 
 _NOTE_FIELDS = ("pitch", "velocity", "start", "end", "program", "is_drum", "instrument")
