@@ -219,28 +219,51 @@ class TokenFile:
   skipped: int
 
 
-def _lines(f) -> Iterator[Tuple[int, Optional[str], Optional[str]]]:
-  """(line number, stripped text or None, problem or None) for each line of a binary file."""
-  lineno = 0
+def _lines(f, block: int = 1 << 20) -> Iterator[Tuple[int, Optional[str], Optional[str]]]:
+  """(line number, stripped text or None, problem or None) for each line of a binary file.
+
+  Reads `block` bytes at a time, so memory stays bounded by the block and MAX_LINE_BYTES
+  however long a line is.
+  """
+  lineno, tail, overlong = 0, b"", False
   while True:
-    raw = f.readline(MAX_LINE_BYTES + 1)
-    if not raw:
-      return
-    lineno += 1
-    if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
-      while raw and not raw.endswith(b"\n"):  # the rest of the line, a piece at a time
-        raw = f.readline(1 << 16)
-      yield lineno, None, f"longer than {MAX_LINE_BYTES} bytes"
-      continue
-    try:
-      text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-      yield lineno, None, "not UTF-8 text"
-      continue
-    if "\0" in text:
-      yield lineno, None, "not text (a NUL byte)"
-      continue
-    yield lineno, text.strip().lstrip("\ufeff"), None
+    data = f.read(block)
+    if not data:
+      break
+    parts = (tail + data).split(b"\n")
+    tail = parts.pop()
+    for raw in parts:
+      lineno += 1
+      if overlong:  # the end of a line already reported as too long
+        overlong = False
+        continue
+      if len(raw) <= MAX_LINE_BYTES:
+        try:
+          text = raw.decode("utf-8")
+          if "\0" not in text:
+            yield lineno, text.strip(), None
+            continue
+        except UnicodeDecodeError:
+          pass
+      yield _line(lineno, raw)
+    if len(tail) > MAX_LINE_BYTES:
+      if not overlong:
+        yield lineno + 1, None, f"longer than {MAX_LINE_BYTES} bytes"
+      overlong, tail = True, b""
+  if tail and not overlong:
+    yield _line(lineno + 1, tail)
+
+
+def _line(lineno: int, raw: bytes) -> Tuple[int, Optional[str], Optional[str]]:
+  if len(raw) > MAX_LINE_BYTES:
+    return lineno, None, f"longer than {MAX_LINE_BYTES} bytes"
+  try:
+    text = raw.decode("utf-8")
+  except UnicodeDecodeError:
+    return lineno, None, "not UTF-8 text"
+  if "\0" in text:
+    return lineno, None, "not text (a NUL byte)"
+  return lineno, text.strip(), None
 
 
 class _Reader:
@@ -266,10 +289,14 @@ class _Reader:
     self.skipped += 1
 
   def count(self, lineno: int) -> None:
+    """Counts a token line; raises past max_tokens."""
     self.tokens += 1
     if self.max_tokens is not None and self.tokens > self.max_tokens:
-      raise self.error(lineno, f"more tokens than the max_tokens limit ({self.max_tokens}; "
-                               "raise --max_tokens to read it)")
+      raise self.too_many(lineno)
+
+  def too_many(self, lineno: int) -> MidijaxError:
+    return self.error(lineno, f"more tokens than the max_tokens limit ({self.max_tokens}; "
+                              "raise --max_tokens to read it)")
 
   def check_notes(self, num_notes: int, lineno: int) -> None:
     if self.max_notes is not None and num_notes > self.max_notes:
@@ -317,7 +344,7 @@ def read_tokens(path: PathLike, *, encoding: Optional[str] = None, qpm: Optional
     nul = head.find(b"\0")
     if nul >= 0:
       raise r.error(None, f"not a token file: binary data (a NUL byte at byte {nul})")
-    f.seek(0)
+    f.seek(3 if head.startswith(b"\xef\xbb\xbf") else 0)  # a UTF-8 byte-order mark
     lines = _lines(f)
     first = next(lines, None)
     fields = {}
@@ -371,37 +398,48 @@ def _settings(r: _Reader, fields: Dict[str, str], encoding, qpm, ticks_per_quart
 def _read_ids(r: _Reader, enc: base.Encoding, decoder: base.Decoder, lines,
               flag: str, first_token: Optional[Tuple[int, str]] = None) -> Notes:
   """Token names or ids -> notes through `decoder`, a chunk at a time."""
-  def take(lineno: int, tok: str) -> None:
-    i = enc.token_id(tok)
-    if i is None:
-      r.bad_line(lineno, enc.invalid_token(tok))
-      return
-    r.count(lineno)
-    if r.ended or not enc.is_event(i):
-      r.ended = r.ended or i == enc.eos_id
-      return
-    r.ids.append(i)
-    r.linenos.append(lineno)
-    if len(r.ids) >= _CHUNK:
-      flush()
+  # One dict lookup a line for names and plain ids; `token_id` for anything else.
+  lookup = {**{str(i): i for i in range(enc.vocab_size)}, **enc.vocab.ids}
+  lo, hi, eos = enc.body_offset, enc.bos_id, enc.eos_id
+  limit = r.max_tokens if r.max_tokens is not None else float("inf")
+  ids, linenos = r.ids, r.linenos
 
   def flush() -> None:
     try:
-      decoder.feed(np.asarray(r.ids, np.int64))
+      decoder.feed(np.asarray(ids, np.int64))
     except TimeLimitError as e:
-      raise r.error(r.linenos[e.index], f"{e.reason} ({flag})") from None
-    r.check_notes(decoder.num_notes, r.linenos[-1])
-    r.ids.clear()
-    r.linenos.clear()
+      raise r.error(linenos[e.index], f"{e.reason} ({flag})") from None
+    r.check_notes(decoder.num_notes, linenos[-1])
+    ids.clear()
+    linenos.clear()
 
   if first_token is not None:
-    take(*first_token)
+    lines = _chain((first_token[0], first_token[1], None), lines)
   for lineno, tok, problem in lines:
     if problem is not None:
       r.bad_line(lineno, problem)
-    elif tok and not tok.startswith("#"):
-      take(lineno, tok)
-  if r.ids:
+      continue
+    if not tok or tok[0] == "#":
+      continue
+    i = lookup.get(tok)
+    if i is None:
+      i = enc.token_id(tok)
+      if i is None:
+        r.bad_line(lineno, enc.invalid_token(tok))
+        continue
+    r.tokens += 1
+    if r.tokens > limit:
+      raise r.too_many(lineno)
+    if r.ended:
+      continue
+    if lo <= i < hi:
+      ids.append(i)
+      linenos.append(lineno)
+      if len(ids) >= _CHUNK:
+        flush()
+    elif i == eos:
+      r.ended = True  # later lines are checked and counted, not decoded
+  if ids:
     flush()
   try:
     notes = decoder.notes()
