@@ -189,7 +189,8 @@ def read_notes(path: PathLike, *, reader: str = "symusic", sustain: bool = False
 
 
 def _over_notes(n: int, limit: int) -> str:
-  return f"more notes than the max_notes limit ({n} notes; limit {limit})"
+  # midi2tokens and the builders pass max_tokens here: every note kept makes a token.
+  return f"more notes than the limit ({n} notes; limit {limit}, from max_tokens or max_notes)"
 
 
 def read_note_sequence(path: PathLike, *, max_bytes: Optional[int] = None):

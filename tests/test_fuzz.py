@@ -133,7 +133,7 @@ def test_midi2tokens_survives_hostile_midi(midi_dir, tmp_path):
     assert "tempo of 0" in reason(f"{_named(names, 'tempo_zero_start')}:{enc}")
     assert "max_seconds" in reason(f"{_named(names, 'delta_huge_two_98_bytes')}:{enc}")
     assert "instrument tracks" in reason(f"{_named(names, 'tracks_65535')}:{enc}")
-    assert "max_notes" in reason(f"{_named(names, 'notes_2_1_million')}:{enc}")
+    assert "more notes than the limit" in reason(f"{_named(names, 'notes_2_1_million')}:{enc}")
   assert "max_tokens" in reason(f"{_named(names, 'notes_million')}:performance")
   print(f"\nmidi2tokens fuzz: {len(names)} files, {len(cases) + len(note_seq)} runs, "
         f"{dict(outcomes)}, slowest {max(r['seconds'] for r in results.values()):.1f} s, "
@@ -232,7 +232,8 @@ def test_build_data_midi_folder_skips_hostile_files(midi_dir, piano_files, tmp_p
   assert "max_tokens" in skipped[_named(names, "notes_million")]
   # No hostile file that slipped through makes more tokens than a real piece could.
   assert report["tokens"] < 5_000_000
-  assert rss < 3 * 1024, f"peak RSS {rss} MB"
+  # TensorFlow's import alone is most of it (0.8 GB measured, 2 workers).
+  assert rss < 2 * 1024, f"peak RSS {rss} MB"
   print(f"\nbuild-data: {report['files']} files ({len(chosen)} hostile), {report['ok']} ok, "
         f"{report['skipped']} skipped, {report['tokens']} tokens, peak RSS {rss} MB")
 
