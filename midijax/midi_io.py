@@ -513,11 +513,20 @@ def apply_sustain(notes: Notes, control_number: int = SUSTAIN_CC) -> Notes:
                   cc_t.max())
   end = notes.end.copy()
   removed = np.zeros(len(notes), bool)
+  # Each instrument's notes and pedal events as slices of stable sorts (in their original
+  # order), so a file of thousands of instruments costs no more than one of a few.
+  note_idx = np.flatnonzero(pitched)
+  note_idx = note_idx[np.argsort(notes.instrument[note_idx], kind="stable")]
+  note_ins = notes.instrument[note_idx]
+  cc_order = np.argsort(cc_i, kind="stable")
+  cc_sorted = cc_i[cc_order]
   for ins in np.unique(cc_i):
-    idx = np.flatnonzero(pitched & (notes.instrument == ins))
+    a, b = np.searchsorted(note_ins, ins, "left"), np.searchsorted(note_ins, ins, "right")
+    idx = note_idx[a:b]
     if len(idx) == 0:
       continue
-    t, on = cc_t[cc_i == ins], cc_on[cc_i == ins]
+    sel = cc_order[np.searchsorted(cc_sorted, ins, "left"):np.searchsorted(cc_sorted, ins, "right")]
+    t, on = cc_t[sel], cc_on[sel]
     # Pedal state after all pedal events at each distinct time: up if any pedal-up there.
     times, inv = np.unique(t, return_inverse=True)
     any_off = np.zeros(len(times), bool)
@@ -532,8 +541,9 @@ def apply_sustain(notes: Notes, control_number: int = SUSTAIN_CC) -> Notes:
     s, e, p = notes.start[idx], notes.end[idx], notes.pitch[idx]
     # Release: the note-off if the pedal is up then, else the next pedal-up (or the end).
     k = np.searchsorted(off_times, e, side="right")
+    # (A pedal never lifted holds its notes to the last event.)
     later_off = np.where(k < len(off_times), off_times[np.minimum(k, len(off_times) - 1)],
-                         last_time)
+                         last_time) if len(off_times) else np.full(len(e), last_time)
     release = np.where(pedal_down(e), later_off, e)
     # Truncation: the next note-on of the same pitch, in event order, made while the pedal is
     # down (note-ons are processed in (time, sequence order)).

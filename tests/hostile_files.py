@@ -421,7 +421,6 @@ def token_cases(seed: int = 0) -> List[Tuple[str, bytes, str]]:
   add("performance_fast_tempo", h(qpm="6e7") + note * 200)
   # Many lines.
   add("lines_10m_ids", b"62\n" * 10_000_000, "performance")
-  add("lines_3m_note_on", b"NOTE_ON_60\n" * 3_000_000, "performance")
   add("lines_1m_drum_hits", b"DRUM_kick\n" * 1_000_000, "drums")
   add("lines_2_1m_triples", triple * 700_001, "triples")
   return cases

@@ -110,7 +110,10 @@ def test_midi2tokens_survives_hostile_midi(midi_dir, tmp_path):
   for i, name in enumerate(names):
     src = folder / f"{name}.mid"
     for enc in ENCODINGS:
-      flags = [["--ids"], ["--sustain"], []][i % 3] if enc == "performance" else []
+      flags = {"performance": [["--ids"], ["--sustain"], []][i % 3],
+               "triples": [[], [], ["--sustain"]][i % 3], "drums": []}[enc]
+      if "sustain" in name and "--sustain" not in flags:
+        flags = flags + ["--sustain"]
       cases.append({"id": f"{name}:{enc}", "encoding": enc, "check": "tokens",
                     "argv": ["midi2tokens", str(src), str(tmp_path / f"{name}.{enc}.txt"),
                              "--encoding", enc, *flags]})

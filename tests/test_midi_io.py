@@ -205,3 +205,25 @@ def test_exact_pairing_replay_refuses_malformed_bytes(tmp_path, groove_files):
                                      hf.header() + hf.chunk(b"\xff\xff\xff\xff\xff\x00"))
   notes, _ = midi_io._pretty_notes_from_bytes(tmp_path / "x.mid", data)
   assert len(notes) == len(midi_io.read_notes(groove_files[0]))
+
+
+def test_sustain_matches_note_seq_on_random_pedalling():
+  """apply_sustain equals note-seq's on random notes and pedal events over 4 instruments,
+  including pedals pressed and never lifted (which used to raise IndexError)."""
+  import note_seq
+  rng = np.random.default_rng(0)
+  for case in range(60):
+    k, c = int(rng.integers(1, 200)), int(rng.integers(1, 60))
+    start = np.round(rng.uniform(0, 10, k), 2)
+    notes = Notes.from_arrays(rng.integers(60, 64, k), start,
+                              start + np.round(rng.uniform(0.01, 2, k), 2))
+    notes.instrument = rng.integers(0, 4, k).astype(np.int32)
+    notes.cc_time = np.round(rng.uniform(0, 12, c), 1)
+    notes.cc_number = np.full(c, 64, np.int32)
+    values = rng.choice([0, 127], c) if case % 3 else np.full(c, 127)
+    notes.cc_value = values.astype(np.int32)
+    notes.cc_instrument = rng.integers(0, 4, c).astype(np.int32)
+    notes.cc_program = np.zeros(c, np.int32)
+    notes.cc_is_drum = np.zeros(c, bool)
+    ref = note_seq.apply_sustain_control_changes(notes.to_note_sequence())
+    assert midi_io.apply_sustain(notes).tuples() == Notes.from_note_sequence(ref).tuples(), case
