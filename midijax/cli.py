@@ -53,15 +53,14 @@ def _positive(kind):
 
 def _add_limit_flags(p, notes: bool = False) -> None:
   """--max_seconds and --max_tokens (and --max_notes): the limits of token_files."""
-  from midijax.notes import MAX_SECONDS, MAX_TOKENS
+  from midijax.limits import MAX_SECONDS, MAX_TOKENS, MAX_WRITE_NOTES
   p.add_argument("--max_seconds", type=_positive(float), default=MAX_SECONDS,
                  help=f"refuse music lasting longer, seconds (default {MAX_SECONDS:g}: 2 hours)")
   p.add_argument("--max_tokens", type=_positive(int), default=MAX_TOKENS,
                  help=f"refuse a file of more tokens (default {MAX_TOKENS})")
   if notes:
-    from midijax.encoding.token_files import MAX_NOTES
-    p.add_argument("--max_notes", type=_positive(int), default=MAX_NOTES,
-                   help=f"refuse to write more notes (default {MAX_NOTES})")
+    p.add_argument("--max_notes", type=_positive(int), default=MAX_WRITE_NOTES,
+                   help=f"refuse to write more notes (default {MAX_WRITE_NOTES})")
 
 
 @command("midi2tokens", "MIDI file -> token file (names one a line, or ids)")

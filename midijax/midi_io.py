@@ -11,8 +11,8 @@ Reading returns `Notes` (float64 seconds). Two readers give the same notes:
 
 Both agree on every file of the test corpus. A file that cannot be read, or is over a limit,
 raises `MidiReadError` (one line naming the file and the reason) before anything
-proportional to its size is built: the limits below and `notes.MAX_SECONDS` /
-`notes.MAX_TOKENS` keep any one file's time and memory bounded. Files whose times cannot be
+proportional to its size is built: the limits of midijax/limits.py keep any one file's
+time and memory bounded. Files whose times cannot be
 computed (time division 0, SMPTE timing, tempo 0) are refused, so every time read is finite.
 
 Sustain pedal (CC 64) can be applied to extend piano notes exactly as
@@ -30,6 +30,7 @@ from typing import Optional, Tuple, Union
 
 import numpy as np
 
+from midijax import limits
 from midijax import notes as notes_lib
 from midijax.errors import MidiReadError
 from midijax.notes import Notes
@@ -38,22 +39,12 @@ PathLike = Union[str, os.PathLike]
 SUSTAIN_CC = 64
 
 # Limits that keep reading bounded in time and memory whatever a file holds (each is a
-# keyword of `read_notes`, or fixed where no real file comes near it).
-# Files larger than this are refused (bytes); the symusic reader's default.
-DEFAULT_MAX_BYTES = 64 * 1024 * 1024
-# The note_seq reader holds every event as a Python object (mido, then pretty_midi and the
-# NoteSequence: about 150 bytes of memory and 10 us per byte of file), so its default is
-# lower. The largest file of the test corpus is 0.16 MB.
-NOTE_SEQ_MAX_BYTES = 4 * 1024 * 1024
-# pretty_midi allocates 24 bytes per tick up to the file's last tick; this is its own limit,
-# which note-seq raises to 1e10 (240 GB). 10 M ticks is 2.9 hours at 480 ticks per quarter
-# and 120 quarters a minute.
-NOTE_SEQ_MAX_TICK = 10_000_000
-# Instrument tracks (MIDI track x channel x program) a file may hold; each costs the parser
-# about 2 kB and the reader a fraction of a millisecond. Counted from the bytes before parsing.
-MAX_TRACKS = 4096
-# Control changes a file may hold (a pedalled piano performance has up to 5 per note).
-MAX_CONTROL_CHANGES = 8_000_000
+# keyword of `read_notes`, or fixed where no real file comes near it): see midijax/limits.py.
+DEFAULT_MAX_BYTES = limits.MAX_BYTES
+NOTE_SEQ_MAX_BYTES = limits.NOTE_SEQ_MAX_BYTES
+NOTE_SEQ_MAX_TICK = limits.NOTE_SEQ_MAX_TICK
+MAX_TRACKS = limits.MAX_TRACKS
+MAX_CONTROL_CHANGES = limits.MAX_CONTROL_CHANGES
 # symusic holds ticks in int32: a track running past this tick has wrapped around.
 MAX_SYMUSIC_TICK = 2**31 - 1
 

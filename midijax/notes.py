@@ -12,22 +12,10 @@ from typing import Optional
 
 import numpy as np
 
-DEFAULT_QPM = 120.0
+# Re-exported: the limits `time_problem` checks, and readers and encoders (midijax/limits.py).
+from midijax.limits import MAX_SECONDS, MAX_TICK, MAX_TOKENS  # pylint: disable=unused-import
 
-# Limits on one file, generous for real music; they keep a command's or a build worker's
-# time and memory bounded whatever a file contains. Readers (`midi_io.read_notes`),
-# encoders (`Encoding.encode`) and token files (`encoding.token_files`) check them before
-# allocating anything proportional to the music's length.
-# Seconds of music: the end of the last note (2 hours).
-MAX_SECONDS = 7200.0
-# Tokens per file (and notes per file, as every note kept makes at least one token). The
-# densest piano performance in the test corpus makes 83 performance tokens a second, 0.6 M
-# in 2 hours.
-MAX_TOKENS = 2_000_000
-# The largest tick a written MIDI event may fall on: MIDI's delta times have 28 bits, so a
-# file whose every event lies within it can always be written (and symusic, which keeps
-# ticks in int32, reads it back).
-MAX_TICK = 2**28 - 1
+DEFAULT_QPM = 120.0
 
 
 @dataclasses.dataclass

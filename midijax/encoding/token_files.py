@@ -33,7 +33,8 @@ import numpy as np
 from midijax.encoding import base
 from midijax.encoding.base import TimeLimitError, TokenLimitError, quote_token
 from midijax.errors import MidijaxError, TokenError
-from midijax.notes import MAX_SECONDS, MAX_TICK, MAX_TOKENS, Notes
+from midijax.limits import MAX_LINE_BYTES, MAX_SECONDS, MAX_TICK, MAX_TOKENS, MAX_WRITE_NOTES
+from midijax.notes import Notes
 
 PathLike = Union[str, os.PathLike]
 HEADER_PREFIX = "# midijax "
@@ -44,11 +45,8 @@ MAX_QPM = 6e7
 MAX_TICKS_PER_QUARTER = 0x7FFF
 # Resolution of written performance and drums files (their tokens have no ticks).
 DEFAULT_TICKS_PER_QUARTER = 480
-# Notes `tokens_to_midi` writes at most: the MIDI writer (note-seq, pretty_midi, mido) holds
-# about 1.5 kB of Python objects per note. A dense 2-hour piano performance has 0.2 M notes.
-MAX_NOTES = 500_000
-# Longest line read (bytes); a token is a few dozen.
-MAX_LINE_BYTES = 256
+# Notes `tokens_to_midi` writes at most (midijax/limits.py).
+MAX_NOTES = MAX_WRITE_NOTES
 # Ids decoded at a time.
 _CHUNK = 4096
 # A NUL byte in the first bytes marks a binary file.
@@ -304,14 +302,15 @@ class _Reader:
                                "raise --max_notes to write them)")
 
 
-def _time_limit(max_seconds: Optional[float], qpm: float, ticks_per_quarter: int
-                ) -> Tuple[float, str]:
-  """The latest note end allowed (seconds) and the flag to change it: `max_seconds`, or the
-  time of tick MAX_TICK at this tempo and resolution if that comes first."""
-  tick_limit = MAX_TICK * (60.0 / (qpm * ticks_per_quarter))  # as `CourseText` computes it
+def _time_limit(max_seconds: Optional[float], settings: Header) -> Tuple[float, str]:
+  """The latest note end allowed (seconds) and what sets it: `max_seconds`, or the time of
+  tick MAX_TICK at the file's tempo and resolution if that comes first."""
+  # Computed as `CourseText` computes a note's end, so the two agree to the last bit.
+  tick_limit = MAX_TICK * (60.0 / (settings.qpm * settings.ticks_per_quarter))
   if max_seconds is not None and max_seconds <= tick_limit:
     return float(max_seconds), "--max_seconds"
-  return tick_limit, f"tick {MAX_TICK}, the most a MIDI file can hold; lower --tempo"
+  flags = "--tempo or --ticks_per_quarter" if settings.encoding == "triples" else "--tempo"
+  return tick_limit, f"tick {MAX_TICK}, the most a MIDI file can hold; lower {flags}"
 
 
 def read_tokens(path: PathLike, *, encoding: Optional[str] = None, qpm: Optional[float] = None,
@@ -354,7 +353,7 @@ def read_tokens(path: PathLike, *, encoding: Optional[str] = None, qpm: Optional
     settings = _settings(r, fields, encoding, qpm, ticks_per_quarter, is_drum)
     from midijax import encoding as encoding_lib  # pylint: disable=g-import-not-at-top
     enc = encoding_lib.get(settings.encoding)
-    limit, flag = _time_limit(max_seconds, settings.qpm, settings.ticks_per_quarter)
+    limit, flag = _time_limit(max_seconds, settings)
     rest = lines if first is None else _chain(first, lines)
     if settings.encoding == "triples":
       notes = _read_triples(r, enc, rest, settings, limit, flag)
