@@ -9,11 +9,11 @@ Reading returns `Notes` (float64 seconds). Two readers give the same notes:
   on that channel that started before it (pretty_midi's rule), not just the oldest one.
 * ``reader="note_seq"``: ``note_seq.midi_file_to_note_sequence``; the reference.
 
-Both agree on every file of the test corpus. A file that cannot be read, or is over a limit,
-raises `MidiReadError` (one line naming the file and the reason) before anything
-proportional to its size is built: the limits of midijax/limits.py keep any one file's
-time and memory bounded. Files whose times cannot be
-computed (time division 0, SMPTE timing, tempo 0) are refused, so every time read is finite.
+Both agree on every file of the test corpus. A file that cannot be read, or is over a
+limit, raises `MidiReadError` (one line naming the file and the reason) before anything
+in proportion to its size is built: the limits of midijax/limits.py keep any one file's
+time and memory bounded. Files whose times cannot be computed (time division 0, SMPTE
+timing, tempo 0) are refused, so every time read is finite.
 
 Sustain pedal (CC 64) can be applied to extend piano notes exactly as
 ``note_seq.apply_sustain_control_changes`` does (`apply_sustain`).
