@@ -96,11 +96,12 @@ def check_midi(path: str, encoding: str, work: pathlib.Path) -> str:
   if not (np.isfinite(notes.start).all() and np.isfinite(notes.end).all()):
     return "non-finite times read back"
   out, err = io.StringIO(), io.StringIO()
+  tokens = str(work / f"roundtrip_{os.getpid()}.txt")  # batches run side by side
   with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-    rc = cli.main(["midi2tokens", path, str(work / f"roundtrip_{os.getpid()}.txt"), "--encoding", encoding])
+    rc = cli.main(["midi2tokens", path, tokens, "--encoding", encoding])
   if rc != 0:
     return f"midi2tokens refused tokens2midi's output: {err.getvalue().strip()}"
-  return check_tokens(str(work / f"roundtrip_{os.getpid()}.txt"), encoding)
+  return check_tokens(tokens, encoding)
 
 
 def run_case(case: dict, work: pathlib.Path) -> dict:

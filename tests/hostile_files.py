@@ -151,8 +151,10 @@ def midi_cases(real: Sequence[bytes], seed: int = 0) -> List[Tuple[str, bytes]]:
       add("garbage_track", header() + chunk(body))
   # Not MIDI at all, named .mid; empty and tiny files.
   for name, data in [("text", b"hello, this is not a MIDI file\n"), ("json", b'{"a": 1}'),
-                     ("png", b"\x89PNG\r\n\x1a\n" + rng.bytes(200)), ("zip", b"PK\x03\x04" + rng.bytes(100)),
-                     ("riff", b"RIFF\x00\x00\x00\x00WAVEfmt "), ("tokens", b"NOTE_ON_60\nTIME_SHIFT_10\n"),
+                     ("png", b"\x89PNG\r\n\x1a\n" + rng.bytes(200)),
+                     ("zip", b"PK\x03\x04" + rng.bytes(100)),
+                     ("riff", b"RIFF\x00\x00\x00\x00WAVEfmt "),
+                     ("tokens", b"NOTE_ON_60\nTIME_SHIFT_10\n"),
                      ("empty", b""), ("one_byte", b"M"), ("mthd_only", b"MThd"),
                      ("mthd_short", b"MThd\x00\x00\x00\x06\x00"), ("header_only", header()),
                      ("nul", b"\x00" * 1000)]:
@@ -235,7 +237,8 @@ def midi_cases(real: Sequence[bytes], seed: int = 0) -> List[Tuple[str, bytes]]:
   add("notes_overlap_many", midi([track([(1, on())] * 3000 + [(0, off())] * 3000)]))
   add("notes_all_channels", midi([track([e for c in range(16) for e in
                                          [(1, on(60, 100, c)), (5, off(60, c))]])]))
-  add("notes_pitch_extremes", midi([track([(0, on(0)), (10, off(0)), (0, on(127)), (10, off(127))])]))
+  add("notes_pitch_extremes", midi([track([(0, on(0)), (10, off(0)), (0, on(127)),
+                                           (10, off(127))])]))
   add("notes_drums_only", midi([track(notes_track(200, ch=9))]))
   add("notes_out_of_performance_range", midi([track([(0, on(5)), (10, off(5)), (0, on(120)),
                                                      (10, off(120))])]))

@@ -167,7 +167,8 @@ def test_count_tokens_is_the_length_of_encode(name, groove_files, piano_files):
     assert enc.count_tokens(notes) == len(ids)
     if not len(ids):  # drums of a piano file
       continue
-    with pytest.raises(TokenLimitError, match=rf"\({len(ids)} {name} tokens; limit {len(ids) - 1}\)"):
+    want = rf"\({len(ids)} {name} tokens; limit {len(ids) - 1}\)"
+    with pytest.raises(TokenLimitError, match=want):
       enc.encode(notes, max_tokens=len(ids) - 1)
 
 

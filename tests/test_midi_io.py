@@ -168,7 +168,8 @@ def test_limits_are_checked_and_configurable(tmp_path):
     midi_io.read_notes(path, max_notes=1, max_seconds=None)
   # A sustain pedal held down to a control change far away lengthens the notes past the limit.
   pedal = tmp_path / "pedal.mid"
-  pedal.write_bytes(hf.midi([hf.track([(0, b"\xb0\x40\x7f")] + _NOTE + [(8000 * 960, b"\xb0\x40\x00")])]))
+  pedal.write_bytes(hf.midi([hf.track([(0, b"\xb0\x40\x7f")] + _NOTE
+                                      + [(8000 * 960, b"\xb0\x40\x00")])]))
   assert midi_io.read_notes(pedal).total_time < 1
   with pytest.raises(MidiReadError, match="max_seconds"):
     midi_io.read_notes(pedal, sustain=True)

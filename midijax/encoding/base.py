@@ -345,7 +345,8 @@ class Decoder:
 
 
 # ----------------------------------------------------------------------------- shared kernels
-def stream_length(steps: np.ndarray, vel_ids: np.ndarray, max_shift: int) -> Tuple[np.ndarray, np.ndarray]:
+def stream_length(steps: np.ndarray, vel_ids: np.ndarray,
+                  max_shift: int) -> Tuple[np.ndarray, np.ndarray]:
   """Per event, the time shifts and the velocity token `event_stream` writes before it.
 
   Returns (n_shift int64[E], need_vel int64[E]); the stream has

@@ -31,7 +31,7 @@ from typing import Dict, Iterator, List, Optional, Tuple, Union
 import numpy as np
 
 from midijax.encoding import base
-from midijax.encoding.base import TimeLimitError, TokenLimitError, quote_token
+from midijax.encoding.base import TimeLimitError, quote_token
 from midijax.errors import MidijaxError, TokenError
 from midijax.limits import MAX_LINE_BYTES, MAX_SECONDS, MAX_TICK, MAX_TOKENS, MAX_WRITE_NOTES
 from midijax.notes import Notes
