@@ -61,7 +61,9 @@ def build(name: str, config: Optional[str] = None, manual_dir: Optional[str] = N
     download_dir: where downloads go (default <data_dir>/downloads).
     config_name: name for a config changed by `overrides` (default: derived from them).
     **overrides: `MidiBuilderConfig` fields to change, e.g. ``split_ratios=(.9, .05, .05)``,
-      ``conditioning=("tempo",)``, ``sustain=False``, ``window_bars=2``.
+      ``conditioning=("tempo",)``, ``sustain=False``, ``window_bars=2``, or the limits a
+      file must keep to (else it is skipped and listed in build_report.json):
+      ``max_seconds=7200.0``, ``max_tokens=2_000_000``, ``max_bytes``.
 
   Returns:
     The prepared `tfds.core.DatasetBuilder` (`builder.data_dir` is the version dir).

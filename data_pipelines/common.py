@@ -34,6 +34,8 @@ import tqdm
 
 from midijax import encoding as encoding_lib
 from midijax import midi_io
+from midijax import notes as notes_lib
+from midijax.encoding.base import TokenLimitError
 from midijax.errors import MidijaxError, MidiReadError
 from midijax.notes import Notes
 
@@ -82,6 +84,9 @@ class MidiBuilderConfig(tfds.core.BuilderConfig):
     num_shards: shards per split unless the caller asks for a count (capped at the
       split's example count).
     max_bytes: files larger than this are skipped (bytes).
+    max_seconds: files whose music lasts longer are skipped (seconds; the last note's end).
+    max_tokens: files that make more tokens (all their windows together), or have more
+      notes, are skipped; counted before the tokens are made.
   """
   encoding: str = "performance"
   encoding_options: Dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -96,6 +101,8 @@ class MidiBuilderConfig(tfds.core.BuilderConfig):
   sources: Tuple[str, ...] = ()
   num_shards: int = DEFAULT_NUM_SHARDS
   max_bytes: int = midi_io.DEFAULT_MAX_BYTES
+  max_seconds: float = notes_lib.MAX_SECONDS
+  max_tokens: int = notes_lib.MAX_TOKENS
 
 
 def config_with_overrides(base: MidiBuilderConfig, name: Optional[str] = None,
@@ -177,6 +184,8 @@ class Recipe:
   sustain: bool
   drum_policy: str
   max_bytes: int
+  max_seconds: float = notes_lib.MAX_SECONDS
+  max_tokens: int = notes_lib.MAX_TOKENS
 
   @classmethod
   def from_config(cls, config: MidiBuilderConfig) -> "Recipe":
@@ -188,11 +197,14 @@ class Recipe:
                        f"{', '.join(encoding_lib.CONDITIONING)}")
     if config.window_bars < 0 or config.hop_bars < 1:
       raise BuildError("window_bars must be >= 0 and hop_bars >= 1")
+    if not config.max_seconds > 0 or not config.max_tokens > 0:
+      raise BuildError("max_seconds and max_tokens must be positive")
     return cls(encoding={"name": config.encoding, **dict(config.encoding_options)},
                conditioning=tuple(config.conditioning), bos=bool(config.bos), eos=bool(config.eos),
                window_bars=int(config.window_bars), hop_bars=int(config.hop_bars),
                sustain=bool(config.sustain), drum_policy=config.drum_policy,
-               max_bytes=int(config.max_bytes))
+               max_bytes=int(config.max_bytes), max_seconds=float(config.max_seconds),
+               max_tokens=int(config.max_tokens))
 
   def make_encoding(self) -> encoding_lib.Encoding:
     return encoding_lib.from_config(dict(self.encoding))
@@ -256,10 +268,43 @@ def _window_notes(notes: Notes, t0: float, t1: float) -> Notes:
   return dataclasses.replace(sel, start=sel.start - t0, end=np.minimum(sel.end, t1) - t0)
 
 
+def _windows_with_notes(notes: Notes, bar: float, total_bars: int, window_bars: int,
+                        hop_bars: int) -> Iterator[Tuple[int, float, float, Notes]]:
+  """(index, t0, t1, notes of the window) for each bar window that has notes, in order.
+
+  The windows start every `hop_bars` bars from 0 to `total_bars - window_bars`; only those
+  near a note are looked at, and each one's notes are a slice of the notes sorted by start,
+  so the work grows with the notes, not with the bars (a file's tempo or meter may make
+  billions of them). Each window's notes are those of `_window_notes`, in the same order.
+  """
+  order = np.argsort(notes.start, kind="stable")
+  starts = notes.start[order]
+  bars = np.unique(np.floor(starts / bar)).astype(np.int64)
+  # Windows that may hold a note of bar b start in [b - window_bars + 1, b]; one more bar
+  # each side covers rounding in start / bar.
+  first = (bars - window_bars) // hop_bars * hop_bars
+  span = window_bars // hop_bars + 3
+  cand = np.unique((first[:, None] + hop_bars * np.arange(span)[None, :]).ravel())
+  cand = cand[(cand >= 0) & (cand <= total_bars - window_bars)]
+  lo = np.searchsorted(starts, cand * bar, side="left")
+  hi = np.searchsorted(starts, (cand + window_bars) * bar, side="left")
+  for i, a, b in zip(cand.tolist(), lo.tolist(), hi.tolist()):
+    if b > a:
+      t0, t1 = i * bar, (i + window_bars) * bar
+      yield i, t0, t1, _window_notes(notes.select(np.sort(order[a:b])), t0, t1)
+
+
 def tokenize_file(job: FileJob, recipe: Recipe, enc: encoding_lib.Encoding) -> FileResult:
-  """Reads, filters, windows and encodes one file; never raises for a bad file."""
+  """Reads, filters, windows and encodes one file; never raises for a bad file.
+
+  A file over the recipe's limits (max_bytes, max_seconds, max_tokens for all its windows
+  together) is skipped with the limit named in its reason; the limits are checked before
+  anything proportional to the music's length is made.
+  """
+  specials = 0  # BOS, conditioning and EOS tokens of each example
   try:
-    notes = midi_io.read_notes(job.path, sustain=recipe.sustain, max_bytes=recipe.max_bytes)
+    notes = midi_io.read_notes(job.path, sustain=recipe.sustain, max_bytes=recipe.max_bytes,
+                               max_seconds=recipe.max_seconds, max_notes=recipe.max_tokens)
     if recipe.drum_policy == "only":
       notes = notes.select(notes.is_drum)
       if len(notes) == 0:
@@ -278,23 +323,23 @@ def tokenize_file(job: FileJob, recipe: Recipe, enc: encoding_lib.Encoding) -> F
       bar = 60.0 / _qpm(notes, job.meta) * num * 4.0 / den  # seconds per bar
       # As TFDS's GMD builder: the last bar counts if at least half of it is played.
       total_bars = int(round(notes.total_time / bar))
-      starts = range(0, total_bars - recipe.window_bars + 1, recipe.hop_bars)
-      windows = [(i, i * bar, (i + recipe.window_bars) * bar) for i in starts]
-      if not windows:
+      if total_bars < recipe.window_bars:
         return FileResult(job, [], f"shorter than {recipe.window_bars} bars "
                                    f"({notes.total_time:.2f} s, {bar:.2f} s a bar)",
                           too_short=True)
+      # A silent window teaches nothing; skipped, not reported.
+      windows = _windows_with_notes(notes, bar, total_bars, recipe.window_bars, recipe.hop_bars)
     else:
-      windows = [(0, 0.0, None)]
-    examples = []
-    for index, t0, t1 in windows:
-      part = notes if t1 is None else _window_notes(notes, t0, t1)
-      if len(part) == 0:
-        continue  # A silent window teaches nothing; skipped, not reported.
-      events = enc.encode(part)
+      windows = [(0, 0.0, None, notes)]
+    examples, budget = [], recipe.max_tokens
+    specials = int(recipe.bos) + len(conditions) + int(recipe.eos)
+    for index, t0, t1, part in windows:
+      events = enc.encode(part, max_tokens=max(budget - specials, 0),
+                          max_seconds=recipe.max_seconds)
       if len(events) == 0:
         continue
       tokens = enc.with_specials(events, conditions=conditions, bos=recipe.bos, eos=recipe.eos)
+      budget -= len(tokens)
       if t1 is not None:
         duration = t1 - t0
       else:  # A duration in the metadata (e.g. GMD's info.csv) beats the last note-off.
@@ -313,6 +358,13 @@ def tokenize_file(job: FileJob, recipe: Recipe, enc: encoding_lib.Encoding) -> F
     return FileResult(job, examples)
   except MidiReadError as e:
     return FileResult(job, [], e.reason)
+  except TokenLimitError as e:
+    made = (f"its windows make over {recipe.max_tokens}" if recipe.window_bars
+            else f"{e.count + specials}")  # e.count: one window's events
+    return FileResult(job, [], f"more tokens than the max_tokens limit ({made} {enc.name} "
+                               f"tokens; limit {recipe.max_tokens})")
+  except MidijaxError as e:
+    return FileResult(job, [], str(e))
   except Exception as e:  # pylint: disable=broad-except
     # A bad file must never abort a build; the reason goes to the report.
     return FileResult(job, [], f"{type(e).__name__}: {e}")

@@ -53,13 +53,6 @@ def command(name: str, help: str, description: str = ""):
   return wrap
 
 
-def _atomic_write_text(path: pathlib.Path, text: str) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(text)
-  os.replace(tmp, path)
-
-
 # ----------------------------------------------------------------------------- configs
 def split_config_overrides(argv: Sequence[str]) -> Tuple[List[str], List[str]]:
   """Separates `--config.FIELD=VALUE` (or `--config.FIELD VALUE`) flags from the rest.
@@ -152,23 +145,36 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
 
 
 # ----------------------------------------------------------------------------- tokens
-HEADER = "# midijax encoding={enc} is_drum={drum} ticks_per_quarter={tpq} qpm={qpm:g}\n"
+def _positive(kind):
+  """An argparse type: a positive number of `kind` (int or float)."""
+  def parse(text: str):
+    try:
+      value = kind(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(
+          f"{text!r} is not {'a whole number' if kind is int else 'a number'}") from None
+    if not value > 0 or value != value or value == float("inf"):
+      raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
+    return value
+  return parse
 
 
-def _parse_header(text: str) -> dict:
-  first = text.split("\n", 1)[0]
-  if not first.startswith("# midijax "):
-    return {}
-  out = {}
-  for part in first[len("# midijax "):].split():
-    if "=" in part:
-      k, v = part.split("=", 1)
-      out[k] = v
-  return out
+def _add_limit_flags(p, notes: bool = False) -> None:
+  """--max_seconds and --max_tokens (and --max_notes): the limits of token_files."""
+  from midijax.limits import MAX_SECONDS, MAX_TOKENS, MAX_WRITE_NOTES
+  p.add_argument("--max_seconds", type=_positive(float), default=MAX_SECONDS,
+                 help=f"refuse music lasting longer, seconds (default {MAX_SECONDS:g}: 2 hours)")
+  p.add_argument("--max_tokens", type=_positive(int), default=MAX_TOKENS,
+                 help=f"refuse a file of more tokens (default {MAX_TOKENS})")
+  if notes:
+    p.add_argument("--max_notes", type=_positive(int), default=MAX_WRITE_NOTES,
+                   help=f"refuse to write more notes (default {MAX_WRITE_NOTES})")
 
 
 @command("midi2tokens", "MIDI file -> token file (names one a line, or ids)",
-         "Reads a .mid/.midi file and writes its tokens, one a line.")
+         "Reads a .mid/.midi file and writes its tokens, one a line, under a '# midijax ...' "
+         "header line. A file that cannot be read or is over a limit is refused with one "
+         "line saying why.")
 def _midi2tokens_flags(p):
   p.add_argument("input", help="MIDI file (.mid or .midi)")
   p.add_argument("output", help="token text file to write")
@@ -178,33 +184,32 @@ def _midi2tokens_flags(p):
   p.add_argument("--sustain", action="store_true",
                  help="apply the sustain pedal (CC 64) before encoding, as for piano")
   p.add_argument("--reader", default="symusic", choices=["symusic", "note_seq"],
-                 help="MIDI parser: symusic (fast, default) or note_seq (reference)")
+                 help="MIDI parser: symusic (fast, default) or note_seq (reference; files up "
+                      "to 4 MB)")
   p.add_argument("--no_header", action="store_true",
                  help="omit the '# midijax ...' first line (encoding, drum flag, tempo)")
+  _add_limit_flags(p)
   p.set_defaults(func=run_midi2tokens)
 
 
 def run_midi2tokens(args) -> int:
-  from midijax import encoding, midi_io
-  enc = encoding.get(args.encoding)
-  notes = midi_io.read_notes(args.input, reader=args.reader, sustain=args.sustain)
-  if args.ids:
-    body = "".join(f"{i}\n" for i in enc.encode(notes).tolist())
-  else:
-    body = enc.notes_to_text(notes)
-  drum = int(bool(len(notes)) and bool(notes.is_drum.all()))
-  header = "" if args.no_header else HEADER.format(enc=enc.name, drum=drum,
-                                                   tpq=notes.ticks_per_quarter, qpm=notes.qpm)
-  out = pathlib.Path(args.output)
-  _atomic_write_text(out, header + body)
-  print(f"{args.input}: {len(notes)} notes -> {len(body.splitlines())} {enc.name} tokens -> {out}")
+  from midijax.encoding import token_files
+  num_notes, num_tokens = token_files.midi_to_tokens(
+      args.input, args.output, encoding=args.encoding, ids=args.ids, sustain=args.sustain,
+      reader=args.reader, header=not args.no_header, max_seconds=args.max_seconds,
+      max_tokens=args.max_tokens)
+  print(f"{args.input}: {num_notes} notes -> {num_tokens} {args.encoding} tokens -> "
+        f"{args.output}")
   return 0
 
 
 @command("tokens2midi", "token file -> MIDI file",
-         "Reads token names or ids (one a line) and writes a MIDI file.")
+         "Reads tokens (one a line) and writes a MIDI file that `midijax midi2tokens` reads "
+         "back. A bad line is an error naming it (or, with --lenient, skipped and counted).")
 def _tokens2midi_flags(p):
-  p.add_argument("input", help="token text file (names or integer ids, one a line)")
+  p.add_argument("input", help="token text file: names or integer ids, one a line; for "
+                               "triples also the course text (POSITION_<tick>, "
+                               "NOTE_ON_<pitch>, DURATION_<ticks>)")
   p.add_argument("output", help="MIDI file to write")
   p.add_argument("--encoding", default=None, choices=["performance", "drums", "triples"],
                  help="token encoding; default: from the file's header, else performance")
@@ -217,34 +222,19 @@ def _tokens2midi_flags(p):
                  help="write notes on the drum channel; auto: from the header / encoding")
   p.add_argument("--lenient", action="store_true",
                  help="skip invalid tokens (and count them) instead of failing on the first")
+  _add_limit_flags(p, notes=True)
   p.set_defaults(func=run_tokens2midi)
 
 
 def run_tokens2midi(args) -> int:
-  from midijax import encoding, midi_io
-  path = pathlib.Path(args.input)
-  if not path.is_file():
-    raise MidijaxError(f"{path}: token file not found")
-  text = path.read_text()
-  header = _parse_header(text)
-  name = args.encoding or header.get("encoding", "performance")
-  enc = encoding.get(name)
-  qpm = args.tempo or float(header.get("qpm", 120.0))
-  tpq = args.ticks_per_quarter or int(header.get("ticks_per_quarter", 480))
-  if args.drums == "auto":
-    is_drum = name == "drums" or header.get("is_drum") == "1"
-  else:
-    is_drum = args.drums == "yes"
-  stats: dict = {}
-  try:
-    notes = enc.text_to_notes(text, lenient=args.lenient, stats=stats, qpm=qpm,
-                              ticks_per_quarter=tpq, is_drum=is_drum)
-  except MidijaxError as e:
-    raise MidijaxError(f"{path}: {e}") from None
-  out = midi_io.write_midi(notes, args.output)
-  skipped = stats.get("skipped", 0)
-  print(f"{path}: {len(notes)} notes -> {out}" + (f" ({skipped} invalid tokens skipped)"
-                                                  if skipped else ""))
+  from midijax.encoding import token_files
+  is_drum = None if args.drums == "auto" else args.drums == "yes"
+  tf = token_files.tokens_to_midi(
+      args.input, args.output, encoding=args.encoding, qpm=args.tempo,
+      ticks_per_quarter=args.ticks_per_quarter, is_drum=is_drum, lenient=args.lenient,
+      max_tokens=args.max_tokens, max_seconds=args.max_seconds, max_notes=args.max_notes)
+  print(f"{args.input}: {len(tf.notes)} notes -> {args.output}" +
+        (f" ({tf.skipped} invalid tokens skipped)" if tf.skipped else ""))
   return 0
 
 

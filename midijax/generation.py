@@ -101,8 +101,8 @@ def token_file_text(enc, ids, *, is_drum: bool, qpm: float) -> str:
   """Token names one a line (triples too, not the course's text form), under the header
   `midijax tokens2midi` reads."""
   from midijax.encoding.base import Encoding  # pylint: disable=g-import-not-at-top
-  header = (f"# midijax encoding={enc.name} is_drum={int(is_drum)} "
-            f"ticks_per_quarter={TOKEN_FILE_TICKS_PER_QUARTER} qpm={qpm:g}\n")
+  from midijax.encoding.token_files import format_header  # pylint: disable=g-import-not-at-top
+  header = format_header(enc.name, is_drum, TOKEN_FILE_TICKS_PER_QUARTER, qpm)
   return header + Encoding.to_text(enc, ids)
 
 

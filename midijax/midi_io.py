@@ -9,6 +9,12 @@ Reading returns `Notes` (float64 seconds). Two readers give the same notes:
   on that channel that started before it (pretty_midi's rule), not just the oldest one.
 * ``reader="note_seq"``: ``note_seq.midi_file_to_note_sequence``; the reference.
 
+Both agree on every file of the test corpus. A file that cannot be read, or is over a
+limit, raises `MidiReadError` (one line naming the file and the reason) before anything
+in proportion to its size is built: the limits of midijax/limits.py keep any one file's
+time and memory bounded. Files whose times cannot be computed (time division 0, SMPTE
+timing, tempo 0) are refused, so every time read is finite.
+
 Sustain pedal (CC 64) can be applied to extend piano notes exactly as
 ``note_seq.apply_sustain_control_changes`` does (`apply_sustain`).
 
@@ -18,22 +24,39 @@ tempo map and time signatures set.
 """
 from __future__ import annotations
 
+import io
 import os
 import pathlib
-from typing import Union
+from typing import Optional, Tuple, Union
 
 import numpy as np
 
+from midijax import limits
+from midijax import notes as notes_lib
 from midijax.errors import MidiReadError
 from midijax.notes import Notes
 
 PathLike = Union[str, os.PathLike]
-# Files larger than this are refused (bytes); configurable per call.
-DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 SUSTAIN_CC = 64
 
+# Limits that keep reading bounded in time and memory whatever a file holds (each is a
+# keyword of `read_notes`, or fixed where no real file comes near it): see midijax/limits.py.
+DEFAULT_MAX_BYTES = limits.MAX_BYTES
+NOTE_SEQ_MAX_BYTES = limits.NOTE_SEQ_MAX_BYTES
+NOTE_SEQ_MAX_TICK = limits.NOTE_SEQ_MAX_TICK
+MAX_TRACKS = limits.MAX_TRACKS
+MAX_CONTROL_CHANGES = limits.MAX_CONTROL_CHANGES
+# symusic holds ticks in int32: a track running past this tick has wrapped around.
+MAX_SYMUSIC_TICK = 2**31 - 1
 
-def _check_file(path: PathLike, max_bytes: int) -> pathlib.Path:
+
+def _check_file(path: PathLike, max_bytes: int) -> Tuple[pathlib.Path, bytes]:
+  """The file's path and bytes after the checks every reader shares.
+
+  Refuses (MidiReadError) a missing, empty, oversized or non-MIDI file, a header with time
+  division 0 or SMPTE timing, and a file that could hold more than MAX_TRACKS instrument
+  tracks.
+  """
   p = pathlib.Path(path)
   if not p.exists():
     raise MidiReadError(p, "file not found")
@@ -45,47 +68,162 @@ def _check_file(path: PathLike, max_bytes: int) -> pathlib.Path:
   if size > max_bytes:
     raise MidiReadError(p, f"file is {size} bytes, above the {max_bytes}-byte limit (max_bytes)")
   with open(p, "rb") as f:
-    head = f.read(4)
-  if head != b"MThd":
+    data = f.read(max_bytes + 1)
+  if data[:4] != b"MThd":
     raise MidiReadError(p, "not a MIDI file (no 'MThd' header)")
-  return p
+  if len(data) < 14:
+    raise MidiReadError(p, f"truncated MIDI header ({len(data)} bytes)")
+  header_len = int.from_bytes(data[4:8], "big")
+  if header_len < 6:
+    raise MidiReadError(p, f"bad MIDI header (its length is {header_len}, not 6)")
+  division = int.from_bytes(data[12:14], "big")
+  if division == 0:
+    raise MidiReadError(p, "time division of 0 ticks per quarter note (a corrupt header)")
+  if division & 0x8000:
+    fps, per_frame = 256 - (division >> 8), division & 0xFF
+    raise MidiReadError(p, f"SMPTE time division is not supported ({fps} frames a second x "
+                           f"{per_frame} ticks a frame; midijax reads ticks per quarter note)")
+  tracks = _max_instrument_tracks(data, header_len)
+  if tracks > MAX_TRACKS:
+    raise MidiReadError(p, f"more instrument tracks than the limit (up to {tracks} track x "
+                           f"channel x program combinations; limit {MAX_TRACKS})")
+  return p, data
+
+
+_NOTE_ON = [bytes([0x90 | c]) for c in range(16)]
+_PROGRAM = [bytes([0xC0 | c]) for c in range(16)]
+
+
+def _tracks_bound(data: bytes, start: int, end: int, chunks: int) -> int:
+  """Upper bound on the instrument tracks `chunks` MTrk chunks within data[start:end] give.
+
+  A parser makes one track per (chunk, channel, program) that plays a note. Running status
+  does not cross chunks, so each such track's first note-on has its own status byte 0x9c,
+  and each program after a channel's first needs a program-change status byte 0xCc. Bytes
+  that only look like these (in delta times, meta or sysex data) make the bound larger,
+  never smaller.
+  """
+  total = 0
+  for c in range(16):
+    on = data.count(_NOTE_ON[c], start, end)
+    if on:
+      total += min(on, chunks * 128, chunks + data.count(_PROGRAM[c], start, end))
+  return total
+
+
+def _max_instrument_tracks(data: bytes, header_len: int) -> int:
+  """An upper bound on the instrument tracks a parser makes of the file (cheap: byte counts).
+
+  The whole file counted as one region first (fast); when that bound is high, chunk by
+  chunk. Parsers read up to the header's track count of MTrk chunks, skipping other chunks.
+  """
+  ntracks = int.from_bytes(data[10:12], "big")
+  first = 8 + header_len
+  bound = _tracks_bound(data, first, len(data), max(ntracks, 1))
+  if bound <= MAX_TRACKS:
+    return bound
+  bound, pos, seen, steps = 0, first, 0, 0
+  while pos + 8 <= len(data) and seen < ntracks and bound <= MAX_TRACKS:
+    steps += 1
+    if steps > 4 * 65536:  # more chunks than any real file: count the rest as one chunk
+      return bound + _tracks_bound(data, pos, len(data), ntracks - seen)
+    end = min(len(data), pos + 8 + int.from_bytes(data[pos + 4:pos + 8], "big"))
+    if data[pos:pos + 4] == b"MTrk":
+      seen += 1
+      bound += _tracks_bound(data, pos + 8, end, 1)
+    pos = end
+  return bound
 
 
 def read_notes(path: PathLike, *, reader: str = "symusic", sustain: bool = False,
-               max_bytes: int = DEFAULT_MAX_BYTES, allow_empty: bool = False) -> Notes:
+               max_bytes: Optional[int] = None, allow_empty: bool = False,
+               max_seconds: Optional[float] = notes_lib.MAX_SECONDS,
+               max_notes: Optional[int] = notes_lib.MAX_TOKENS) -> Notes:
   """Reads a .mid/.midi file into `Notes`.
 
   Args:
     path: the MIDI file.
     reader: "symusic" (fast, default) or "note_seq" (reference).
     sustain: apply sustain-pedal (CC 64) note extension, as for piano performances.
-    max_bytes: refuse files larger than this many bytes.
+    max_bytes: refuse files larger than this many bytes (default DEFAULT_MAX_BYTES, or
+      NOTE_SEQ_MAX_BYTES for the note_seq reader).
     allow_empty: return empty `Notes` instead of raising for a file with no notes.
+    max_seconds: refuse a file whose last note ends later (seconds; after `sustain`);
+      None: no limit.
+    max_notes: refuse a file with more notes; None: no limit.
 
   Raises:
-    MidiReadError: missing, empty, oversized, corrupt or truncated file, or no notes.
+    MidiReadError: missing, empty, oversized, corrupt or truncated file, a header or
+      tempo the file's times cannot be computed from (division 0, SMPTE, tempo 0), a file
+      over a limit, or no notes.
   """
-  p = _check_file(path, max_bytes)
   if reader == "symusic":
-    notes = _read_symusic(p)
+    p, data = _check_file(path, DEFAULT_MAX_BYTES if max_bytes is None else max_bytes)
+    notes = _read_symusic(p, data, max_notes)
   elif reader == "note_seq":
-    notes = Notes.from_note_sequence(read_note_sequence(p, max_bytes=max_bytes))
+    p, data = _check_file(path, NOTE_SEQ_MAX_BYTES if max_bytes is None else max_bytes)
+    ns = _note_sequence(p, data)
+    if max_notes is not None and len(ns.notes) > max_notes:
+      raise MidiReadError(p, _over_notes(len(ns.notes), max_notes))
+    notes = Notes.from_note_sequence(ns)
   else:
     raise ValueError(f"unknown reader {reader!r}; use 'symusic' or 'note_seq'")
   notes.source = str(p)
   if len(notes) == 0 and not allow_empty:
     raise MidiReadError(p, "the file contains no notes")
-  if sustain:
+  problem = notes_lib.time_problem(notes, None)
+  if problem is None and sustain:
     notes = apply_sustain(notes)
+  problem = problem or notes_lib.time_problem(notes, max_seconds)
+  if problem is not None:
+    raise MidiReadError(p, problem)
   return notes
 
 
-def read_note_sequence(path: PathLike, *, max_bytes: int = DEFAULT_MAX_BYTES):
-  """note-seq's reader (pretty_midi underneath): the reference NoteSequence."""
-  p = _check_file(path, max_bytes)
+def _over_notes(n: int, limit: int) -> str:
+  # midi2tokens and the builders pass max_tokens here: every note kept makes a token.
+  return f"more notes than the limit ({n} notes; limit {limit}, from max_tokens or max_notes)"
+
+
+def read_note_sequence(path: PathLike, *, max_bytes: Optional[int] = None):
+  """note-seq's reader (pretty_midi underneath): the reference NoteSequence.
+
+  The same as ``note_seq.midi_file_to_note_sequence``, after the checks of `_check_file`
+  and two of its own that keep memory bounded: `max_bytes` (default NOTE_SEQ_MAX_BYTES) and
+  NOTE_SEQ_MAX_TICK. Raises MidiReadError for a file it cannot read.
+  """
+  p, data = _check_file(path, NOTE_SEQ_MAX_BYTES if max_bytes is None else max_bytes)
+  return _note_sequence(p, data)
+
+
+def _note_sequence(p: pathlib.Path, data: bytes):
+  """note-seq's NoteSequence of a checked file's bytes (mido -> pretty_midi -> note-seq)."""
+  import mido
   import note_seq
+  import pretty_midi
+  # note_seq.midi_file_to_note_sequence parses with pretty_midi.PrettyMIDI(BytesIO(data)),
+  # which parses with mido.MidiFile(file=..., charset="latin1"): the same three steps, with
+  # the tick and tempo checks between the first two.
   try:
-    ns = note_seq.midi_file_to_note_sequence(str(p))
+    midi = mido.MidiFile(file=io.BytesIO(data), charset="latin1")
+  except Exception as e:  # mido raises OSError, EOFError, ValueError, KeyError, ...
+    raise MidiReadError(p, f"cannot parse MIDI ({type(e).__name__}: {e})") from None
+  last_tick = 0
+  for i, track in enumerate(midi.tracks):
+    tick = 0
+    for msg in track:
+      tick += msg.time
+      # pretty_midi takes tempos from the first track only.
+      if i == 0 and msg.type == "set_tempo" and msg.tempo == 0:
+        raise MidiReadError(p, f"tempo of 0 microseconds per quarter note (at tick {tick})")
+    last_tick = max(last_tick, tick)
+  if last_tick > NOTE_SEQ_MAX_TICK:
+    raise MidiReadError(p, f"more ticks than the note_seq reader's limit (the last event is "
+                           f"at tick {last_tick}; limit {NOTE_SEQ_MAX_TICK}; the symusic "
+                           "reader has no such limit)")
+  try:
+    pm = pretty_midi.PrettyMIDI(mido_object=midi)
+    ns = note_seq.midi_to_note_sequence(pm)
   except Exception as e:  # note-seq wraps mido/pretty_midi errors in several types.
     raise MidiReadError(p, f"cannot parse MIDI ({type(e).__name__}: {e})") from None
   ns.filename = str(p)
@@ -97,7 +235,8 @@ def _tick_to_seconds_fn(tempo_ticks: np.ndarray, mspq: np.ndarray, tpq: int):
   """Returns f(ticks int64 array) -> float64 seconds for a piecewise-constant tempo map.
 
   Mirrors pretty_midi: 120 qpm before the first tempo event; seconds per tick of each
-  segment is 60 / (qpm * tpq) with qpm = 6e7 / microseconds-per-quarter.
+  segment is 60 / (qpm * tpq) with qpm = 6e7 / microseconds-per-quarter. `tpq` and every
+  `mspq` must be positive.
   """
   if len(tempo_ticks) == 0 or tempo_ticks[0] != 0:
     tempo_ticks = np.concatenate([[0], tempo_ticks])
@@ -121,23 +260,53 @@ def _tick_to_seconds_fn(tempo_ticks: np.ndarray, mspq: np.ndarray, tpq: int):
   return f, tempo_ticks, qpm
 
 
-def _read_symusic(p: pathlib.Path) -> Notes:
+def _check_score(p: pathlib.Path, score, max_notes: Optional[int]) -> None:
+  """Refuses a parsed score whose times cannot be computed or that is over a limit."""
+  tracks = score.tracks
+  num_notes = sum(len(t.notes) for t in tracks)
+  if max_notes is not None and num_notes > max_notes:
+    raise MidiReadError(p, _over_notes(num_notes, max_notes))
+  num_controls = sum(len(t.controls) for t in tracks)
+  if num_controls > MAX_CONTROL_CHANGES:
+    raise MidiReadError(p, f"more control changes than the limit ({num_controls}; limit "
+                           f"{MAX_CONTROL_CHANGES})")
+  tempos = score.tempos.numpy()
+  zero = np.flatnonzero(tempos["mspq"] <= 0)
+  if len(zero):
+    raise MidiReadError(p, f"tempo of {int(tempos['mspq'][zero[0]])} microseconds per quarter "
+                           f"note (at tick {int(tempos['time'][zero[0]])})")
+  ts = score.time_signatures.numpy()
+  bad = np.flatnonzero((ts["numerator"] == 0) | (ts["denominator"] == 0))
+  if len(bad):
+    raise MidiReadError(p, f"bad time signature ({int(ts['numerator'][bad[0]])}/"
+                           f"{int(ts['denominator'][bad[0]])} at tick {int(ts['time'][bad[0]])})")
+  # symusic adds delta times in int32; a negative tick means a track ran past 2**31 ticks.
+  negative = (tempos["time"] < 0).any() or (ts["time"] < 0).any() or any(
+      (t.notes.numpy()["time"] < 0).any() or (t.controls.numpy()["time"] < 0).any()
+      for t in tracks)
+  if negative:
+    raise MidiReadError(p, f"event times past tick {MAX_SYMUSIC_TICK} (corrupt delta times)")
+
+
+def _read_symusic(p: pathlib.Path, data: bytes, max_notes: Optional[int] = None) -> Notes:
   import symusic
   try:
     score = symusic.Score(str(p))
   except Exception as e:  # symusic raises RuntimeError("MiniMidi: ...") for corrupt data.
     raise MidiReadError(p, f"cannot parse MIDI ({e})") from None
+  _check_score(p, score, max_notes)
   tpq = int(score.ticks_per_quarter)
   tempos = score.tempos.numpy()
   to_sec, tempo_ticks, qpm = _tick_to_seconds_fn(tempos["time"], tempos["mspq"], tpq)
 
   exact = None
-  for track in score.tracks:
-    nt = track.notes.numpy()
-    on = nt["time"].astype(np.int64)
-    if _needs_exact_pairing(on, on + nt["duration"], nt["pitch"].astype(np.int64)):
-      exact = _pretty_notes_from_bytes(p.read_bytes())
-      break
+  if len(data) <= EXACT_PAIRING_MAX_BYTES:
+    for track in score.tracks:
+      nt = track.notes.numpy()
+      on = nt["time"].astype(np.int64)
+      if _needs_exact_pairing(on, on + nt["duration"], nt["pitch"].astype(np.int64)):
+        exact = _pretty_notes_from_bytes(p, data)
+        break
   cols = {k: [] for k in ("pitch", "velocity", "start", "end", "program", "is_drum", "inst")}
   ccs = {k: [] for k in ("time", "number", "value", "program", "is_drum", "inst")}
   for ti, track in enumerate(score.tracks):
@@ -217,24 +386,45 @@ def _needs_exact_pairing(on: np.ndarray, off: np.ndarray, pitch: np.ndarray) -> 
   return bool(np.intersect1d(risky, same_tick).size)
 
 
+# The exact pairing below is pure Python (about 2 us per byte of file); larger files, which
+# note-seq's own reader refuses by default anyway, keep symusic's pairing.
+EXACT_PAIRING_MAX_BYTES = NOTE_SEQ_MAX_BYTES
+
+
+class _Malformed(Exception):
+  """A file's bytes do not follow the MIDI event grammar (where symusic let them pass)."""
+
+
 def _read_vlq(data: bytes, pos: int):
+  """A variable-length quantity (at most 4 bytes, as MIDI allows) and the position after it."""
   value = 0
-  while True:
+  for _ in range(4):
     b = data[pos]
     pos += 1
     value = (value << 7) | (b & 0x7F)
     if b < 0x80:
       return value, pos
+  raise _Malformed(f"a variable-length number longer than 4 bytes at byte {pos - 4}")
 
 
-def _pretty_notes_from_bytes(data: bytes):
+def _pretty_notes_from_bytes(p: pathlib.Path, data: bytes):
   """pretty_midi's note pairing replayed on the file's own event order (exact, pure Python).
 
   Used only for the rare files where symusic's pairing is ambiguous. Returns note rows
   (pitch, velocity, start tick, end tick, program, is_drum, instrument) and control-change
   rows (tick, number, value, program, is_drum, instrument); an instrument is a
-  (track, channel) pair.
+  (track, channel) pair. Raises MidiReadError for bytes that end early or break the event
+  grammar.
   """
+  try:
+    return _replay_pretty_pairing(data)
+  except (_Malformed, IndexError) as e:
+    where = str(e) if isinstance(e, _Malformed) else "an event runs past the end of the file"
+    raise MidiReadError(p, f"cannot parse MIDI ({where})") from None
+
+
+def _replay_pretty_pairing(data: bytes):
+  """The body of `_pretty_notes_from_bytes`; raises IndexError or _Malformed on bad bytes."""
   ntracks = int.from_bytes(data[10:12], "big")
   pos = 8 + int.from_bytes(data[4:8], "big")
   notes, ccs, inst_ids = [], [], {}
@@ -243,7 +433,7 @@ def _pretty_notes_from_bytes(data: bytes):
       pos += 8 + int.from_bytes(data[pos + 4:pos + 8], "big")
     if pos + 8 > len(data):
       break
-    end = pos + 8 + int.from_bytes(data[pos + 4:pos + 8], "big")
+    end = min(len(data), pos + 8 + int.from_bytes(data[pos + 4:pos + 8], "big"))
     pos += 8
     tick, status = 0, 0
     program = [0] * 16
@@ -315,11 +505,20 @@ def apply_sustain(notes: Notes, control_number: int = SUSTAIN_CC) -> Notes:
                   cc_t.max())
   end = notes.end.copy()
   removed = np.zeros(len(notes), bool)
+  # Each instrument's notes and pedal events as slices of stable sorts (in their original
+  # order), so a file of thousands of instruments costs no more than one of a few.
+  note_idx = np.flatnonzero(pitched)
+  note_idx = note_idx[np.argsort(notes.instrument[note_idx], kind="stable")]
+  note_ins = notes.instrument[note_idx]
+  cc_order = np.argsort(cc_i, kind="stable")
+  cc_sorted = cc_i[cc_order]
   for ins in np.unique(cc_i):
-    idx = np.flatnonzero(pitched & (notes.instrument == ins))
+    a, b = np.searchsorted(note_ins, ins, "left"), np.searchsorted(note_ins, ins, "right")
+    idx = note_idx[a:b]
     if len(idx) == 0:
       continue
-    t, on = cc_t[cc_i == ins], cc_on[cc_i == ins]
+    sel = cc_order[np.searchsorted(cc_sorted, ins, "left"):np.searchsorted(cc_sorted, ins, "right")]
+    t, on = cc_t[sel], cc_on[sel]
     # Pedal state after all pedal events at each distinct time: up if any pedal-up there.
     times, inv = np.unique(t, return_inverse=True)
     any_off = np.zeros(len(times), bool)
@@ -334,8 +533,9 @@ def apply_sustain(notes: Notes, control_number: int = SUSTAIN_CC) -> Notes:
     s, e, p = notes.start[idx], notes.end[idx], notes.pitch[idx]
     # Release: the note-off if the pedal is up then, else the next pedal-up (or the end).
     k = np.searchsorted(off_times, e, side="right")
+    # (A pedal never lifted holds its notes to the last event.)
     later_off = np.where(k < len(off_times), off_times[np.minimum(k, len(off_times) - 1)],
-                         last_time)
+                         last_time) if len(off_times) else np.full(len(e), last_time)
     release = np.where(pedal_down(e), later_off, e)
     # Truncation: the next note-on of the same pitch, in event order, made while the pedal is
     # down (note-ons are processed in (time, sequence order)).

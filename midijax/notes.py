@@ -12,6 +12,9 @@ from typing import Optional
 
 import numpy as np
 
+# Re-exported: the limits `time_problem` checks, and readers and encoders (midijax/limits.py).
+from midijax.limits import MAX_SECONDS, MAX_TICK, MAX_TOKENS  # pylint: disable=unused-import
+
 DEFAULT_QPM = 120.0
 
 
@@ -148,6 +151,32 @@ class Notes:
     s = self.sorted()
     return [(int(p), int(v), round(float(a), decimals), round(float(b), decimals), int(pr), bool(d))
             for p, v, a, b, pr, d in zip(s.pitch, s.velocity, s.start, s.end, s.program, s.is_drum)]
+
+
+def time_problem(notes: Notes, max_seconds: Optional[float] = MAX_SECONDS) -> Optional[str]:
+  """Why the notes' times cannot be encoded or written, or None when they can.
+
+  Args:
+    notes: the notes to check.
+    max_seconds: the latest end allowed (seconds); None: no limit.
+  Returns:
+    A reason (a phrase, then details in parentheses) for a start or end that is not finite,
+    is negative, ends before it starts or ends after `max_seconds`; None otherwise.
+  """
+  if len(notes) == 0:
+    return None
+  start, end = notes.start, notes.end
+  if not (np.isfinite(start).all() and np.isfinite(end).all()):
+    return "note times that are not finite numbers"
+  if start.min() < 0:
+    return f"notes that start before time 0 (at {start.min():g} s)"
+  if (end < start).any():
+    return "notes that end before they start"
+  last = float(end.max())
+  if max_seconds is not None and last > max_seconds:
+    return (f"music longer than the max_seconds limit (the last note ends at {last:.1f} s; "
+            f"limit {max_seconds:g} s)")
+  return None
 
 
 _NOTE_FIELDS = ("pitch", "velocity", "start", "end", "program", "is_drum", "instrument")

@@ -1,4 +1,5 @@
 """The `midijax` command as a user runs it: round trips, --help, clear errors."""
+import re
 import subprocess
 import sys
 
@@ -115,3 +116,78 @@ def test_errors_are_one_clear_line_and_keep_existing_output(tmp_path, groove_fil
 def test_encodings_lists_sizes():
   out = run("encodings").stdout
   assert "performance" in out and "372" in out and "drums" in out and "triples" in out
+
+
+# ----------------------------------------------------------------------------- token files
+def test_triples_ids_and_names_round_trip(tmp_path, groove_files):
+  """The help's "names or integer ids" holds for triples too: ids, vocabulary names and the
+  course text all turn back into the same notes."""
+  src = groove_files[5]
+  mids = []
+  for flags in ([], ["--ids"]):
+    txt, mid = tmp_path / f"t{len(flags)}.txt", tmp_path / f"t{len(flags)}.mid"
+    assert cli.main(["midi2tokens", str(src), str(txt), "--encoding", "triples", *flags]) == 0
+    assert cli.main(["tokens2midi", str(txt), str(mid)]) == 0
+    mids.append(midi_io.read_notes(mid))
+  names = tmp_path / "names.txt"
+  lines = (tmp_path / "t1.txt").read_text().splitlines()
+  from midijax import encoding
+  enc = encoding.get("triples")
+  names.write_text("\n".join([lines[0]] + [enc.vocab.names[int(i)] for i in lines[1:]]) + "\n")
+  assert cli.main(["tokens2midi", str(names), str(tmp_path / "n.mid")]) == 0
+  assert midi_io.read_notes(tmp_path / "n.mid").tuples() == mids[1].tuples()
+  assert sorted(mids[0].pitch.tolist()) == sorted(mids[1].pitch.tolist())
+  assert "integer ids" in run("tokens2midi", "--help").stdout
+
+
+@pytest.mark.parametrize("text,message", [
+    ("# midijax encoding=triples is_drum=0 ticks_per_quarter=480 qpm=inf\nPOSITION_0\n",
+     "line 1: header field qpm: tempo inf is outside what MIDI can hold"),
+    ("# midijax encoding=triples is_drum=0 ticks_per_quarter=1.5 qpm=120\nPOSITION_0\n",
+     "line 1: header field ticks_per_quarter: '1.5' is not a whole number"),
+    ("POSITION_0\nNOTE_ON_60\nDURATION_99999999999999999999999\n", "line 3: "),
+    ("POSITION_0\nNOTE_ON_60\nDURATION_1\nPOSITION_1000000000\n", "line 4: .* past tick 268435455"),
+    ("# comment only\n", "no notes to write"),
+])
+def test_token_file_errors_name_the_line(tmp_path, text, message):
+  path = tmp_path / "t.txt"
+  path.write_text(text)
+  proc = run("tokens2midi", path, tmp_path / "o.mid", "--encoding", "triples", check=False)
+  assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+  assert re.search(message, proc.stderr), proc.stderr
+  assert not (tmp_path / "o.mid").exists()
+
+
+def test_binary_token_file_is_a_clean_error(tmp_path):
+  path = tmp_path / "b.txt"
+  path.write_bytes(bytes(range(256)) * 10)
+  for flags in ([], ["--lenient"]):
+    proc = run("tokens2midi", path, tmp_path / "o.mid", *flags, check=False)
+    assert proc.returncode == 2 and "binary data" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_token_files_stream(tmp_path):
+  """A 40 MB token file that fails on line 1 is not read whole: memory stays at the block
+  size (the issue: 890 MB)."""
+  import tracemalloc
+  from midijax.encoding import token_files
+  from midijax.errors import MidijaxError
+  path = tmp_path / "big.txt"
+  path.write_bytes(b"NOT_A_TOKEN\n" * 3_500_000)
+  tracemalloc.start()
+  with pytest.raises(MidijaxError, match="line 1: 'NOT_A_TOKEN'"):
+    token_files.read_tokens(path)
+  peak = tracemalloc.get_traced_memory()[1]
+  tracemalloc.stop()
+  assert peak < 8 << 20
+
+
+def test_midi2tokens_limits_are_flags(tmp_path, groove_files):
+  src, out = groove_files[5], tmp_path / "t.txt"
+  for flags, message in [(["--max_tokens", "500"], "more tokens than the max_tokens limit"),
+                         (["--max_tokens", "10"], "more notes than the limit"),
+                         (["--max_seconds", "1"], "music longer than the max_seconds limit")]:
+    proc = run("midi2tokens", src, out, *flags, check=False)
+    assert proc.returncode == 2 and message in proc.stderr and not out.exists()
+  proc = run("midi2tokens", src, out, "--max_seconds", "0", check=False)
+  assert proc.returncode == 2 and "not a positive number" in proc.stderr

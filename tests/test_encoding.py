@@ -152,3 +152,92 @@ def test_conditioning_block_and_vocab_json(tmp_path):
     enc.condition_id("style", "polka")
   with pytest.raises(ConfigError, match="unknown encoding"):
     encoding.get("remi")
+
+
+# ----------------------------------------------------------------------------- limits
+from midijax.encoding.base import TimeLimitError, TokenLimitError  # noqa: E402
+
+
+@pytest.mark.parametrize("name", ["performance", "drums", "triples"])
+def test_count_tokens_is_the_length_of_encode(name, groove_files, piano_files):
+  enc = encoding.get(name)
+  for path in groove_files[:3] + piano_files[:2]:
+    notes = midi_io.read_notes(path, sustain=True)
+    ids = enc.encode(notes)
+    assert enc.count_tokens(notes) == len(ids)
+    if not len(ids):  # drums of a piano file
+      continue
+    want = rf"\({len(ids)} {name} tokens; limit {len(ids) - 1}\)"
+    with pytest.raises(TokenLimitError, match=want):
+      enc.encode(notes, max_tokens=len(ids) - 1)
+
+
+def test_encode_refuses_before_allocating():
+  """Two notes 30 years apart would be ~1e9 time shifts: refused after counting them, with
+  no allocation in proportion (the issue: a 98-byte file asked for gigabytes)."""
+  import tracemalloc
+  notes = Notes.from_arrays([60, 62], [0.0, 1e9], [0.5, 1e9 + 1], [80, 80])
+  for name in ("performance", "drums"):
+    enc = encoding.get(name)
+    if name == "drums":
+      notes.is_drum[:] = True
+      notes.pitch[:] = 36
+    tracemalloc.start()
+    with pytest.raises(TokenLimitError) as e:
+      enc.encode(notes, max_seconds=None)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert e.value.count > 10**9 and e.value.limit == 2_000_000 and peak < 1 << 20
+    with pytest.raises(TokenError, match="max_seconds limit"):
+      enc.encode(notes)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -1.0])
+def test_encode_refuses_times_that_are_not_finite_or_negative(bad):
+  notes = Notes.from_arrays([60], [bad], [1.0])
+  for name in encoding.ENCODINGS:
+    with pytest.raises(TokenError, match="cannot encode note"):
+      encoding.get(name).encode(notes)
+
+
+@pytest.mark.parametrize("name", ["performance", "drums", "triples"])
+def test_decoders_stream_in_chunks(name, groove_files, piano_files):
+  """Feeding a decoder chunk by chunk gives the notes of one decode; a time limit names the
+  id (its index in the chunk) that passes it."""
+  enc = encoding.get(name)
+  notes = midi_io.read_notes(piano_files[0] if name != "drums" else groove_files[0])
+  ids = enc.encode(notes)
+  whole = enc.decode_notes(ids, qpm=notes.qpm)
+  d = enc.decoder(qpm=notes.qpm)
+  for a in range(0, len(ids), 97):
+    d.feed(ids[a:a + 97])
+  assert d.notes().tuples() == whole.tuples() and d.num_notes == len(whole)
+  limit = float(np.median(whole.end))
+  d = enc.decoder(qpm=notes.qpm, max_seconds=limit)
+  with pytest.raises(TimeLimitError) as e:
+    d.feed(ids)
+  assert e.value.seconds > limit and 0 <= e.value.index < len(ids)
+
+
+def test_token_ids_are_ascii_digits_in_range():
+  enc = encoding.get("performance")
+  assert enc.token_id("62") == 62 and enc.token_id("NOTE_ON_60") == enc.vocab["NOTE_ON_60"]
+  for tok in ("\u0663", "372", "-1", "1_0", "+5", "99999999999999999999", "3.0", ""):
+    assert enc.token_id(tok) is None, tok
+  with pytest.raises(TokenError, match="line 1: '\u0663' is not a performance token"):
+    enc.from_text("\u0663\n")
+
+
+@pytest.mark.parametrize("line,reason", [
+    ("DURATION_99999999999999999999999", "needs a whole number of at most 12 digits"),
+    ("DURATION_0", "at least 1 tick"), ("DURATION_-5", "needs a whole number"),
+    ("DURATION_268435000", "past tick 268435455"), ("NOTE_ON_60", "not a valid DURATION_<n>"),
+])
+def test_course_text_bounds_each_line(line, reason):
+  enc = encoding.get("triples")
+  text = f"POSITION_500\nNOTE_ON_60\n{line}\n"
+  with pytest.raises(TokenError, match=f"line 3: .*{reason}"):
+    enc.text_to_notes(text)
+  stats = {}
+  assert len(enc.text_to_notes(text + "POSITION_0\nNOTE_ON_1\nDURATION_2\n", lenient=True,
+                               stats=stats)) == 1 and stats["skipped"] == 1

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from midijax.errors import TokenError
-from midijax.notes import Notes
+from midijax.notes import MAX_SECONDS, MAX_TOKENS, Notes, time_problem
 
 PAD, EOS = "PAD", "EOS"
 PAD_ID, EOS_ID = 0, 1
@@ -160,32 +161,79 @@ class Encoding:
     keep = (ids >= self.body_offset) & (ids < self.bos_id)
     return ids[keep].astype(np.int32)
 
+  def is_event(self, i: int) -> bool:
+    """Whether id `i` is one of the encoding's own event tokens (not PAD/EOS/BOS/conditioning)."""
+    return self.body_offset <= i < self.bos_id
+
   # -- encode / decode ---------------------------------------------------------------------
-  def encode(self, notes) -> np.ndarray:
-    """Notes (or a NoteSequence) -> event ids (int32)."""
+  def encode(self, notes, *, max_tokens: Optional[int] = MAX_TOKENS,
+             max_seconds: Optional[float] = MAX_SECONDS) -> np.ndarray:
+    """Notes (or a NoteSequence) -> event ids (int32).
+
+    Args:
+      notes: `Notes` or a note-seq NoteSequence.
+      max_tokens: refuse (TokenLimitError) notes that make more tokens; the count is made
+        before the ids are allocated. None: no limit.
+      max_seconds: refuse (TokenError) notes ending later (seconds). None: no limit.
+    Raises:
+      TokenError: times that are not finite, negative, or past `max_seconds`.
+      TokenLimitError: more than `max_tokens` tokens.
+    """
+    return self._encode(self._checked(notes, max_seconds), max_tokens)
+
+  def count_tokens(self, notes, *, max_seconds: Optional[float] = MAX_SECONDS) -> int:
+    """How many event ids `encode(notes)` makes, without making them (memory in proportion to
+    the notes, not to the music's length)."""
+    return self._count(self._checked(notes, max_seconds))
+
+  def _checked(self, notes, max_seconds: Optional[float]) -> Notes:
     if not isinstance(notes, Notes):
       notes = Notes.from_note_sequence(notes)
-    return self._encode(notes)
+    problem = time_problem(notes, max_seconds)
+    if problem is not None:
+      raise TokenError(f"cannot encode {problem}")
+    return notes
 
   def decode_notes(self, ids, **kw) -> Notes:
-    """ids -> `Notes`; special tokens are skipped, decoding stops at EOS."""
+    """ids -> `Notes`; special tokens are skipped, decoding stops at EOS.
+
+    Keywords go to `decoder` (e.g. is_drum, qpm, max_seconds).
+    """
     return self._decode(self.strip_specials(ids), **kw)
 
   def decode(self, ids, **kw):
     """ids -> note-seq NoteSequence."""
     return self.decode_notes(ids, **kw).to_note_sequence()
 
-  def _encode(self, notes: Notes) -> np.ndarray:
+  def decoder(self, **kw) -> "Decoder":
+    """A `Decoder` that turns event ids into notes a chunk at a time (see `Decoder`)."""
+    raise NotImplementedError
+
+  def _encode(self, notes: Notes, max_tokens: Optional[int]) -> np.ndarray:
+    raise NotImplementedError
+
+  def _count(self, notes: Notes) -> int:
     raise NotImplementedError
 
   def _decode(self, ids: np.ndarray, **kw) -> Notes:
-    raise NotImplementedError
+    d = self.decoder(**kw)
+    d.feed(ids)
+    return d.notes()
 
   # -- text ----------------------------------------------------------------------------------
   def to_text(self, ids) -> str:
     """Token names, one a line."""
     names = self.vocab.names
     return "".join(names[int(i)] + "\n" for i in np.asarray(ids).ravel())
+
+  def token_id(self, tok: str) -> Optional[int]:
+    """The id of a token name or of an integer id written as text; None when it is neither."""
+    i = self.vocab.ids.get(tok)
+    if i is None and _INTEGER.fullmatch(tok):
+      i = int(tok)
+      if i >= len(self.vocab):
+        return None
+    return i
 
   def from_text(self, text: str, lenient: bool = False, stats: Optional[dict] = None
                 ) -> np.ndarray:
@@ -195,27 +243,30 @@ class Encoding:
     naming the line number, or with `lenient` is skipped and counted in stats['skipped'].
     """
     out, skipped = [], 0
-    n = len(self.vocab)
     for lineno, line in enumerate(text.splitlines(), 1):
       tok = line.strip()
       if not tok or tok.startswith("#"):
         continue
-      if tok in self.vocab.ids:
-        out.append(self.vocab.ids[tok])
-      elif tok.lstrip("-").isdigit() and 0 <= int(tok) < n:
-        out.append(int(tok))
+      i = self.token_id(tok)
+      if i is not None:
+        out.append(i)
       elif lenient:
         skipped += 1
       else:
-        raise TokenError(f"line {lineno}: {tok!r} is not a {self.name} token "
-                         f"(names like {self.vocab.names[2]!r} or ids 0..{n - 1})")
+        raise TokenError(f"line {lineno}: {self.invalid_token(tok)}")
     if stats is not None:
       stats["skipped"] = skipped
     return np.asarray(out, np.int32)
 
-  def notes_to_text(self, notes: Notes) -> str:
-    """The text form of a file's notes (`midijax midi2tokens`)."""
-    return self.to_text(self.encode(notes))
+  def invalid_token(self, tok: str) -> str:
+    """Why `tok` is not a token of this encoding (a phrase for an error message)."""
+    return (f"{quote_token(tok)} is not a {self.name} token (names like {self.vocab.names[2]!r} "
+            f"or ids 0..{len(self.vocab) - 1})")
+
+  def notes_to_text(self, notes: Notes, *, max_tokens: Optional[int] = MAX_TOKENS,
+                    max_seconds: Optional[float] = MAX_SECONDS) -> str:
+    """The text form of a file's notes (`midijax midi2tokens`); limits as for `encode`."""
+    return self.to_text(self.encode(notes, max_tokens=max_tokens, max_seconds=max_seconds))
 
   def text_to_notes(self, text: str, lenient: bool = False, stats=None, **kw) -> Notes:
     """Parses text written by `notes_to_text` (or ids) back into notes."""
@@ -226,9 +277,98 @@ class Encoding:
             "description": self.description, "keeps": self.keeps, "options": self.options}
 
 
+# Integer ids as text: ASCII digits (int() would also take '\u0663' or '1_0'), 9 at most.
+_INTEGER = re.compile(r"[0-9]{1,9}")
+
+
+def quote_token(tok: str, limit: int = 40) -> str:
+  """`tok` quoted for an error message, shortened to `limit` characters."""
+  return repr(tok if len(tok) <= limit else tok[:limit] + "...")
+
+
+class TokenLimitError(TokenError):
+  """Notes would make more tokens than a limit allows (`count` of them)."""
+
+  def __init__(self, count: int, limit: int, name: str):
+    self.count, self.limit = int(count), int(limit)
+    super().__init__(f"more tokens than the max_tokens limit ({self.count} {name} tokens; "
+                     f"limit {self.limit})")
+
+
+class TimeLimitError(TokenError):
+  """Decoded music runs past a time limit.
+
+  Attributes:
+    seconds: when the offending note ends.
+    limit: the limit (seconds).
+    index: position, in the chunk last given to `Decoder.feed`, of the id that made it; -1
+      for a note that `Decoder.notes` ended, or for a text line (`lineno`).
+    lineno: the text line that made it, when known.
+  """
+
+  def __init__(self, seconds: float, limit: float, index: int = -1,
+               lineno: Optional[int] = None):
+    self.seconds, self.limit, self.index, self.lineno = float(seconds), float(limit), int(
+        index), lineno
+    super().__init__(("" if lineno is None else f"line {lineno}: ") + self.reason)
+
+  @property
+  def reason(self) -> str:
+    return f"a note ends at {self.seconds:.2f} s, past the {self.limit:g} s limit"
+
+
+class Decoder:
+  """Turns event ids into `Notes` a chunk at a time, so a token file can be streamed.
+
+  Call `feed(ids)` any number of times with event ids (no PAD, EOS, BOS or conditioning),
+  then `notes()` once. Memory grows with the notes kept, not with the ids fed. With
+  `max_seconds`, a note ending later raises `TimeLimitError`.
+  """
+
+  def __init__(self, max_seconds: Optional[float] = None):
+    self.max_seconds = max_seconds
+
+  @property
+  def num_notes(self) -> int:
+    """Notes decoded so far."""
+    raise NotImplementedError
+
+  def feed(self, ids) -> None:
+    raise NotImplementedError
+
+  def notes(self) -> Notes:
+    raise NotImplementedError
+
+  def _check_end(self, seconds: float, index: int) -> None:
+    if self.max_seconds is not None and seconds > self.max_seconds:
+      raise TimeLimitError(seconds, self.max_seconds, index)
+
+
 # ----------------------------------------------------------------------------- shared kernels
+def stream_length(steps: np.ndarray, vel_ids: np.ndarray,
+                  max_shift: int) -> Tuple[np.ndarray, np.ndarray]:
+  """Per event, the time shifts and the velocity token `event_stream` writes before it.
+
+  Returns (n_shift int64[E], need_vel int64[E]); the stream has
+  sum(n_shift) + sum(need_vel) + E tokens. Memory in proportion to E, whatever the gaps.
+  """
+  E = len(steps)
+  delta = np.diff(steps, prepend=0)
+  n_shift = -(-delta // max_shift)  # ceil
+  vel_idx = np.flatnonzero(vel_ids >= 0)
+  v = vel_ids[vel_idx]
+  changed = np.empty(len(v), bool)
+  if len(v):
+    changed[0] = True  # the initial velocity bin is 0, which no event has.
+    changed[1:] = v[1:] != v[:-1]
+  need_vel = np.zeros(E, np.int64)
+  need_vel[vel_idx[changed]] = 1
+  return n_shift, need_vel
+
+
 def event_stream(steps: np.ndarray, event_ids: np.ndarray, vel_ids: np.ndarray,
-                 shift_base: int, max_shift: int) -> np.ndarray:
+                 shift_base: int, max_shift: int, max_tokens: Optional[int] = None,
+                 name: str = "") -> np.ndarray:
   """Interleaves time shifts and velocity changes with already-ordered events (vectorised).
 
   Args:
@@ -239,6 +379,8 @@ def event_stream(steps: np.ndarray, event_ids: np.ndarray, vel_ids: np.ndarray,
     shift_base: id of the 1-step time shift; shift s has id shift_base + s - 1.
     max_shift: largest single shift; longer gaps use several shift tokens (the last one
       carries the remainder), as Magenta's Performance does.
+    max_tokens: raise TokenLimitError, before allocating the stream, when it would be longer.
+    name: the encoding's name, for that error.
   Returns:
     int32 ids: for each event [shift tokens..., velocity token?, event token].
   """
@@ -246,18 +388,11 @@ def event_stream(steps: np.ndarray, event_ids: np.ndarray, vel_ids: np.ndarray,
   if E == 0:
     return np.zeros(0, np.int32)
   delta = np.diff(steps, prepend=0)
-  n_shift = -(-delta // max_shift)  # ceil
-  has_vel = vel_ids >= 0
-  vel_idx = np.flatnonzero(has_vel)
-  v = vel_ids[vel_idx]
-  changed = np.empty(len(v), bool)
-  if len(v):
-    changed[0] = True  # the initial velocity bin is 0, which no event has.
-    changed[1:] = v[1:] != v[:-1]
-  need_vel = np.zeros(E, np.int64)
-  need_vel[vel_idx[changed]] = 1
+  n_shift, need_vel = stream_length(steps, vel_ids, max_shift)
   counts = n_shift + need_vel + 1
   ends = np.cumsum(counts)
+  if max_tokens is not None and int(ends[-1]) > max_tokens:
+    raise TokenLimitError(int(ends[-1]), max_tokens, name)
   out = np.empty(int(ends[-1]), np.int64)
   starts = ends - counts
   out[ends - 1] = event_ids

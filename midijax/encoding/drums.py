@@ -8,10 +8,12 @@ Decoded hits last `hit_seconds` and are written on the drum channel.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 
 from midijax.encoding import drum_map
-from midijax.encoding.base import Encoding, event_stream
+from midijax.encoding.base import Decoder, Encoding, event_stream, stream_length
 from midijax.encoding.performance import quantize_steps
 from midijax.notes import Notes
 
@@ -56,7 +58,8 @@ class DrumsEncoding(Encoding):
       return drum_map.pitch_to_groovae_class(pitch)
     return np.asarray(pitch, np.int32)
 
-  def _encode(self, notes: Notes) -> np.ndarray:
+  def _events(self, notes: Notes):
+    """(steps, hit ids, velocity ids) of the drum hits, in stream order."""
     notes = notes.select(notes.is_drum) if not notes.is_drum.all() else notes
     drum = self.drum_index(notes.pitch).astype(np.int64)
     ok = drum >= 0
@@ -64,24 +67,63 @@ class DrumsEncoding(Encoding):
     drum = drum[ok]
     vbin = (notes.velocity[ok].astype(np.int64) - 1) // self.velocity_bin_size + 1
     order = np.lexsort((drum, step))
-    return event_stream(step[order], self.drum_base + drum[order],
-                        self.velocity_base - 1 + vbin[order], self.shift_base,
-                        self.max_shift_steps)
+    return step[order], self.drum_base + drum[order], self.velocity_base - 1 + vbin[order]
 
-  def _decode(self, ids: np.ndarray, qpm: float = 120.0, **unused) -> Notes:
-    ids = ids.astype(np.int64)
-    is_shift = (ids >= self.shift_base) & (ids < self.velocity_base)
-    shift = np.where(is_shift, ids - self.shift_base + 1, 0)
-    step = np.cumsum(shift)
-    is_vel = ids >= self.velocity_base
+  def _count(self, notes: Notes) -> int:
+    steps, hit_ids, vel_ids = self._events(notes)
+    n_shift, need_vel = stream_length(steps, vel_ids, self.max_shift_steps)
+    return int(n_shift.sum() + need_vel.sum() + len(steps))
+
+  def _encode(self, notes: Notes, max_tokens: Optional[int]) -> np.ndarray:
+    steps, hit_ids, vel_ids = self._events(notes)
+    return event_stream(steps, hit_ids, vel_ids, self.shift_base, self.max_shift_steps,
+                        max_tokens, self.name)
+
+  def decoder(self, qpm: float = 120.0, max_seconds: Optional[float] = None,
+              **unused) -> "DrumsDecoder":
+    return DrumsDecoder(self, qpm, max_seconds)
+
+
+class DrumsDecoder(Decoder):
+  """Drum ids -> hits of `hit_seconds` on the drum channel (vectorised per chunk)."""
+
+  def __init__(self, enc: DrumsEncoding, qpm: float, max_seconds: Optional[float]):
+    super().__init__(max_seconds)
+    self.enc, self.qpm = enc, qpm
+    self.step = 0  # time step after the ids fed so far
+    self.velocity = 100  # the velocity in force after them
+    self.pitch, self.start, self.vel = [], [], []  # arrays, one per chunk
+
+  @property
+  def num_notes(self) -> int:
+    return sum(len(p) for p in self.pitch)
+
+  def feed(self, ids) -> None:
+    enc = self.enc
+    ids = np.asarray(ids, np.int64)
+    if len(ids) == 0:
+      return
+    is_shift = (ids >= enc.shift_base) & (ids < enc.velocity_base)
+    step = self.step + np.cumsum(np.where(is_shift, ids - enc.shift_base + 1, 0))
+    is_vel = ids >= enc.velocity_base
     # Velocity in force at each position: the last VELOCITY token at or before it.
-    last_vel = np.maximum.accumulate(np.where(is_vel, np.arange(len(ids)), -1)) if len(ids) \
-        else np.zeros(0, np.int64)
-    vel_bin = np.where(last_vel >= 0, ids[np.maximum(last_vel, 0)] - self.velocity_base, -1)
-    velocity = np.where(vel_bin >= 0, 1 + vel_bin * self.velocity_bin_size, 100)
-    hit = ids < self.shift_base
-    d = ids[hit] - self.drum_base
-    pitch = drum_map.GROOVAE_CANONICAL_PITCH[d] if self.pitch_map == "groovae" else d
-    start = step[hit] / self.steps_per_second
-    return Notes.from_arrays(pitch, start, start + self.hit_seconds, velocity[hit],
-                             is_drum=True, qpm=qpm)
+    last_vel = np.maximum.accumulate(np.where(is_vel, np.arange(len(ids)), -1))
+    vel_bin = ids[np.maximum(last_vel, 0)] - enc.velocity_base
+    velocity = np.where(last_vel >= 0, 1 + vel_bin * enc.velocity_bin_size, self.velocity)
+    hit = np.flatnonzero(ids < enc.shift_base)
+    start = step[hit] / enc.steps_per_second
+    if self.max_seconds is not None and len(hit):
+      late = np.flatnonzero(start + enc.hit_seconds > self.max_seconds)
+      if len(late):
+        self._check_end(float(start[late[0]] + enc.hit_seconds), int(hit[late[0]]))
+    d = ids[hit] - enc.drum_base
+    self.pitch.append(drum_map.GROOVAE_CANONICAL_PITCH[d] if enc.pitch_map == "groovae" else d)
+    self.start.append(start)
+    self.vel.append(velocity[hit])
+    self.step, self.velocity = int(step[-1]), int(velocity[-1])
+
+  def notes(self) -> Notes:
+    cat = lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)
+    start = cat(self.start, np.float64)
+    return Notes.from_arrays(cat(self.pitch, np.int32), start, start + self.enc.hit_seconds,
+                             cat(self.vel, np.int32), is_drum=True, qpm=self.qpm)

@@ -12,11 +12,13 @@ pass ``is_drum=True`` to decode drums).
 """
 from __future__ import annotations
 
+import collections
 import math
+from typing import Optional
 
 import numpy as np
 
-from midijax.encoding.base import Encoding, event_stream
+from midijax.encoding.base import Decoder, Encoding, event_stream, stream_length
 from midijax.notes import Notes
 
 
@@ -55,13 +57,12 @@ class PerformanceEncoding(Encoding):
   def velocity_bin(self, velocity: np.ndarray) -> np.ndarray:
     return (np.asarray(velocity, np.int64) - 1) // self.velocity_bin_size + 1
 
-  def _encode(self, notes: Notes) -> np.ndarray:
+  def _events(self, notes: Notes):
+    """(steps, event ids, velocity ids or -1) of the note-ons and note-offs, in stream order."""
     inr = (notes.pitch >= self.min_pitch) & (notes.pitch <= self.max_pitch)
     if not inr.all():  # Magenta raises on such notes; we drop them.
       notes = notes.select(inr)
     n = len(notes)
-    if n == 0:
-      return np.zeros(0, np.int32)
     # Magenta: notes sorted (stably) by (start_time, pitch), then onsets/offsets sorted by
     # (quantized step, note index, is_offset).
     order = np.lexsort((notes.pitch, notes.start))
@@ -78,33 +79,76 @@ class PerformanceEncoding(Encoding):
     event_ids = np.where(is_off == 1, self.note_off_base, self.note_on_base) + pitch2
     vbin = self.velocity_bin(notes.velocity[order])
     vel_ids = np.where(is_off == 1, -1, self.velocity_base - 1 + np.concatenate([vbin, vbin])[ev])
-    return event_stream(steps[ev], event_ids, vel_ids, self.shift_base, self.max_shift_steps)
+    return steps[ev], event_ids, vel_ids
 
-  def _decode(self, ids: np.ndarray, is_drum: bool = False, program: int = 0,
-              qpm: float = 120.0, **unused) -> Notes:
-    sec = 1.0 / self.steps_per_second
-    step, velocity = 0, 100
-    open_notes = {}
-    out = []
-    for i in ids.tolist():
-      if i >= self.velocity_base:
-        velocity = 1 + (i - self.velocity_base) * self.velocity_bin_size
-      elif i >= self.shift_base:
-        step += i - self.shift_base + 1
-      elif i >= self.note_off_base:
-        p = i - self.note_off_base + self.min_pitch
-        q = open_notes.get(p)
-        if q:
-          s, v = q.pop(0)
-          if step > s:
-            out.append((p, v, s, step))
-      else:
-        p = i - self.note_on_base + self.min_pitch
-        open_notes.setdefault(p, []).append((step, velocity))
-    for p, q in open_notes.items():  # Notes never switched off end at the last step.
+  def _count(self, notes: Notes) -> int:
+    steps, event_ids, vel_ids = self._events(notes)
+    n_shift, need_vel = stream_length(steps, vel_ids, self.max_shift_steps)
+    return int(n_shift.sum() + need_vel.sum() + len(steps))
+
+  def _encode(self, notes: Notes, max_tokens: Optional[int]) -> np.ndarray:
+    steps, event_ids, vel_ids = self._events(notes)
+    return event_stream(steps, event_ids, vel_ids, self.shift_base, self.max_shift_steps,
+                        max_tokens, self.name)
+
+  def decoder(self, is_drum: bool = False, program: int = 0, qpm: float = 120.0,
+              max_seconds: Optional[float] = None, **unused) -> "PerformanceDecoder":
+    return PerformanceDecoder(self, is_drum, program, qpm, max_seconds)
+
+
+class PerformanceDecoder(Decoder):
+  """Performance ids -> notes: a note sounds from its NOTE_ON to the next NOTE_OFF of its
+  pitch (first in, first out); notes never switched off end at the last step."""
+
+  def __init__(self, enc: PerformanceEncoding, is_drum: bool, program: int, qpm: float,
+               max_seconds: Optional[float]):
+    super().__init__(max_seconds)
+    self.enc, self.is_drum, self.program, self.qpm = enc, is_drum, program, qpm
+    self.step, self.velocity = 0, 100
+    self.open_notes = collections.defaultdict(collections.deque)  # pitch -> (step, velocity)
+    self.rows = []  # (pitch, velocity, start step, end step)
+    self.max_step = None if max_seconds is None else math.floor(
+        max_seconds * enc.steps_per_second)
+
+  @property
+  def num_notes(self) -> int:
+    return len(self.rows)
+
+  def feed(self, ids) -> None:
+    enc, max_step = self.enc, self.max_step
+    step, velocity, open_notes, rows = self.step, self.velocity, self.open_notes, self.rows
+    try:
+      for k, i in enumerate(np.asarray(ids).tolist()):
+        if i >= enc.velocity_base:
+          velocity = 1 + (i - enc.velocity_base) * enc.velocity_bin_size
+        elif i >= enc.shift_base:
+          step += i - enc.shift_base + 1
+        elif i >= enc.note_off_base:
+          p = i - enc.note_off_base + enc.min_pitch
+          q = open_notes.get(p)
+          if q:
+            s, v = q.popleft()
+            if step > s:
+              if max_step is not None and step > max_step:
+                self._check_end(step / enc.steps_per_second, k)
+              rows.append((p, v, s, step))
+        else:
+          p = i - enc.note_on_base + enc.min_pitch
+          if max_step is not None and step + 1 > max_step:
+            self._check_end((step + 1) / enc.steps_per_second, k)
+          open_notes[p].append((step, velocity))
+    finally:
+      self.step, self.velocity = step, velocity
+
+  def notes(self) -> Notes:
+    out = list(self.rows)
+    for p, q in self.open_notes.items():  # Notes never switched off end at the last step.
       for s, v in q:
-        out.append((p, v, s, max(step, s + 1)))
+        out.append((p, v, s, max(self.step, s + 1)))
+    if self.max_step is not None and out and max(r[3] for r in out) > self.max_step:
+      self._check_end(max(r[3] for r in out) / self.enc.steps_per_second, -1)
     out.sort(key=lambda r: (r[2], r[0]))
     a = np.array(out, np.int64).reshape(-1, 4)
-    return Notes.from_arrays(a[:, 0], a[:, 2] * sec, a[:, 3] * sec, a[:, 1], is_drum=is_drum,
-                             program=program, qpm=qpm)
+    sec = 1.0 / self.enc.steps_per_second
+    return Notes.from_arrays(a[:, 0], a[:, 2] * sec, a[:, 3] * sec, a[:, 1],
+                             is_drum=self.is_drum, program=self.program, qpm=self.qpm)
