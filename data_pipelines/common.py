@@ -87,6 +87,12 @@ class MidiBuilderConfig(tfds.core.BuilderConfig):
     max_seconds: files whose music lasts longer are skipped (seconds; the last note's end).
     max_tokens: files that make more tokens (all their windows together), or have more
       notes, are skipped; counted before the tokens are made.
+    prompt_bars, target_bars: continuation pairs when prompt_bars > 0: each example is a
+      window of prompt_bars + target_bars bars (windows `hop_bars` apart; window_bars is
+      not used), split at the bar line after prompt_bars: the prompt as `midijax continue`
+      encodes it (`midijax.encoding.continuation_pair`), then the target; the example's
+      `num_prompt_tokens` says where the target starts. Windows with no note in the
+      prompt or in the target are skipped. Encodings with time shifts only.
   """
   encoding: str = "performance"
   encoding_options: Dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -103,6 +109,8 @@ class MidiBuilderConfig(tfds.core.BuilderConfig):
   max_bytes: int = midi_io.DEFAULT_MAX_BYTES
   max_seconds: float = notes_lib.MAX_SECONDS
   max_tokens: int = notes_lib.MAX_TOKENS
+  prompt_bars: int = 0
+  target_bars: int = 0
 
 
 def config_with_overrides(base: MidiBuilderConfig, name: Optional[str] = None,
@@ -119,10 +127,9 @@ def config_with_overrides(base: MidiBuilderConfig, name: Optional[str] = None,
     raise BuildError(f"unknown config field(s) {unknown}; valid: {sorted(fields)}")
   if not overrides and name is None:
     return base
-  if "conditioning" in overrides:
-    overrides["conditioning"] = tuple(overrides["conditioning"])
-  if "sources" in overrides:
-    overrides["sources"] = tuple(overrides["sources"])
+  for key, value in overrides.items():  # tuple fields (conditioning, sources, ...) from lists
+    if isinstance(getattr(base, key), tuple):
+      overrides[key] = (value,) if isinstance(value, str) else tuple(value)
   if "split_ratios" in overrides:
     overrides["split_ratios"] = tuple(float(r) for r in overrides["split_ratios"])
   if name is None:
@@ -186,6 +193,18 @@ class Recipe:
   max_bytes: int
   max_seconds: float = notes_lib.MAX_SECONDS
   max_tokens: int = notes_lib.MAX_TOKENS
+  prompt_bars: int = 0
+  target_bars: int = 0
+
+  @property
+  def pairs(self) -> bool:
+    """Whether examples are continuation pairs (prompt bars, then target bars)."""
+    return self.prompt_bars > 0
+
+  @property
+  def windowed(self) -> bool:
+    """Whether a file gives several examples (bar windows or pairs), keyed by window."""
+    return bool(self.window_bars) or self.pairs
 
   @classmethod
   def from_config(cls, config: MidiBuilderConfig) -> "Recipe":
@@ -199,12 +218,20 @@ class Recipe:
       raise BuildError("window_bars must be >= 0 and hop_bars >= 1")
     if not config.max_seconds > 0 or not config.max_tokens > 0:
       raise BuildError("max_seconds and max_tokens must be positive")
+    if config.prompt_bars < 0 or (config.prompt_bars > 0) != (config.target_bars > 0):
+      raise BuildError("continuation pairs need prompt_bars > 0 and target_bars > 0 "
+                       f"(got {config.prompt_bars} and {config.target_bars})")
+    if config.prompt_bars and config.encoding not in encoding_lib.TIME_SHIFT_ENCODINGS:
+      raise BuildError(f"continuation pairs need an encoding with time shifts "
+                       f"({', '.join(encoding_lib.TIME_SHIFT_ENCODINGS)}), not "
+                       f"{config.encoding!r}")
     return cls(encoding={"name": config.encoding, **dict(config.encoding_options)},
                conditioning=tuple(config.conditioning), bos=bool(config.bos), eos=bool(config.eos),
                window_bars=int(config.window_bars), hop_bars=int(config.hop_bars),
                sustain=bool(config.sustain), drum_policy=config.drum_policy,
                max_bytes=int(config.max_bytes), max_seconds=float(config.max_seconds),
-               max_tokens=int(config.max_tokens))
+               max_tokens=int(config.max_tokens), prompt_bars=int(config.prompt_bars),
+               target_bars=int(config.target_bars))
 
   def make_encoding(self) -> encoding_lib.Encoding:
     return encoding_lib.from_config(dict(self.encoding))
@@ -318,24 +345,36 @@ def tokenize_file(job: FileJob, recipe: Recipe, enc: encoding_lib.Encoding) -> F
       value = condition_value(kind, notes, job.meta)
       if value is not None:
         conditions[kind] = value
-    if recipe.window_bars:
+    window_bars = recipe.prompt_bars + recipe.target_bars if recipe.pairs else recipe.window_bars
+    bar = 0.0
+    if window_bars:
       num, den = _meter(notes, job.meta)
       bar = 60.0 / _qpm(notes, job.meta) * num * 4.0 / den  # seconds per bar
       # As TFDS's GMD builder: the last bar counts if at least half of it is played.
       total_bars = int(round(notes.total_time / bar))
-      if total_bars < recipe.window_bars:
-        return FileResult(job, [], f"shorter than {recipe.window_bars} bars "
+      if total_bars < window_bars:
+        return FileResult(job, [], f"shorter than {window_bars} bars "
                                    f"({notes.total_time:.2f} s, {bar:.2f} s a bar)",
                           too_short=True)
       # A silent window teaches nothing; skipped, not reported.
-      windows = _windows_with_notes(notes, bar, total_bars, recipe.window_bars, recipe.hop_bars)
+      windows = _windows_with_notes(notes, bar, total_bars, window_bars, recipe.hop_bars)
     else:
       windows = [(0, 0.0, None, notes)]
     examples, budget = [], recipe.max_tokens
     specials = int(recipe.bos) + len(conditions) + int(recipe.eos)
     for index, t0, t1, part in windows:
-      events = enc.encode(part, max_tokens=max(budget - specials, 0),
-                          max_seconds=recipe.max_seconds)
+      pair = {}
+      if recipe.pairs:
+        prompt, target = encoding_lib.continuation_pair(
+            enc, part, recipe.prompt_bars * bar, window_bars * bar,
+            max_tokens=max(budget - specials, 0))
+        if len(prompt) == 0 or len(target) == 0:
+          continue  # no note in the prompt, or none in the target: not a pair
+        events = np.concatenate([prompt, target]).astype(np.int32)
+        pair = {"num_prompt_tokens": np.int32(len(prompt))}
+      else:
+        events = enc.encode(part, max_tokens=max(budget - specials, 0),
+                            max_seconds=recipe.max_seconds)
       if len(events) == 0:
         continue
       tokens = enc.with_specials(events, conditions=conditions, bos=recipe.bos, eos=recipe.eos)
@@ -352,6 +391,7 @@ def tokenize_file(job: FileJob, recipe: Recipe, enc: encoding_lib.Encoding) -> F
           "duration": np.float32(duration),
           "num_notes": np.int32(len(part)),
           "has_drums": bool(part.is_drum.any()),
+          **pair,
       })
     if not examples:
       return FileResult(job, [], f"no notes the {enc.name} encoding keeps")
@@ -564,6 +604,11 @@ COMMON_FEATURES = {
     # Whether the token stream contains drum notes (never transposed).
     "has_drums": np.bool_,
 }
+# Features of continuation-pair configs (prompt_bars > 0) only.
+PAIR_FEATURES = {
+    # Event tokens of the prompt, right after BOS + conditioning; the target follows.
+    "num_prompt_tokens": np.int32,
+}
 
 
 class MidiDatasetBuilder(tfds.core.GeneratorBasedBuilder):
@@ -611,10 +656,14 @@ class MidiDatasetBuilder(tfds.core.GeneratorBasedBuilder):
         condition_ids={k: {v: enc.condition_id(k, v) for v in encoding_lib.CONDITIONING[k]}
                        for k in config.conditioning},
         window_bars=config.window_bars, hop_bars=config.hop_bars, sustain=config.sustain,
-        drum_policy=config.drum_policy, dataset=self.DATASET_VALUE)
+        drum_policy=config.drum_policy, dataset=self.DATASET_VALUE,
+        **({"prompt_bars": config.prompt_bars, "target_bars": config.target_bars}
+           if config.prompt_bars else {}))
+    pairs = PAIR_FEATURES if config.prompt_bars else {}
     return tfds.core.DatasetInfo(
         builder=self, description=self.DESCRIPTION,
-        features=tfds.features.FeaturesDict({**COMMON_FEATURES, **self.METADATA_FEATURES}),
+        features=tfds.features.FeaturesDict({**COMMON_FEATURES, **pairs,
+                                             **self.METADATA_FEATURES}),
         homepage=self.HOMEPAGE, citation=self.CITATION, metadata=metadata,
         disable_shuffling=False)
 
@@ -660,7 +709,7 @@ class MidiDatasetBuilder(tfds.core.GeneratorBasedBuilder):
     start = time.perf_counter()
     kept = 0
     desc = f"Tokenizing {self.name}/{self.builder_config.name} {split}"
-    windowed = bool(self.builder_config.window_bars)
+    windowed = self.recipe.windowed
     for result in tokenize_all(jobs, self.recipe, self.num_workers, desc=desc):
       self._report.add(split, result)
       for ex in result.examples:
@@ -727,7 +776,7 @@ class MidiDatasetBuilder(tfds.core.GeneratorBasedBuilder):
     beam = tfds.core.lazy_imports.apache_beam
     return (f"List {split}" >> beam.Create(list(jobs))
             | f"Tokenize {split}" >> beam.FlatMap(
-                _beam_tokenize, recipe=self.recipe, windowed=bool(self.builder_config.window_bars),
+                _beam_tokenize, recipe=self.recipe, windowed=self.recipe.windowed,
                 meta_keys=tuple(self.METADATA_FEATURES)))
 
 

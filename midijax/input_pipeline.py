@@ -36,6 +36,14 @@ window c holds the prefix followed by body tokens [c*W, (c+1)*W), W = seq_len + 
 prefix length, so every event token and EOS is a weighted target exactly once and
 eval NLL is comparable between runs and models with the same seq_len.
 
+Continuation pairs (datasets built with `prompt_bars`, e.g. groove/drums_continuation)
+keep the whole prompt after the prefix, as given, never cropped, and never a loss
+target: weights are 1 only on the target that follows it, so training optimises exactly
+the continuation. The target is cut at the row's end (no random crop), packing packs
+whole pairs, and the order stays a function of (seed, step). A prompt that leaves no
+room for a target in a row is a ConfigError; pairs are not augmented. Evaluation gives
+each pair one window (prefix + prompt + as much of the target as fits).
+
 Batches are dicts of numpy arrays, [rows, seq_len]: inputs, targets (int32), weights
 (float32: 1 for real targets, 0 for padding, conditioning tokens and packed-segment
 boundaries) and, when packing, segment_ids and positions (int32).
@@ -196,6 +204,8 @@ class TokenStore:
     prefix_lengths: int64[N] BOS + conditioning tokens at the front of each piece.
     transposable: bool[N] pitched `performance` pieces (no drums).
     stretchable: bool[N] pieces whose time shifts may be rescaled.
+    head_lengths: int64[N] tokens at the front that are given, never cropped or scored:
+      the prefix, plus the prompt of a continuation pair (default: prefix_lengths).
   """
   values: np.ndarray
   starts: np.ndarray
@@ -203,9 +213,19 @@ class TokenStore:
   prefix_lengths: np.ndarray
   transposable: np.ndarray
   stretchable: np.ndarray
+  head_lengths: Optional[np.ndarray] = None
+
+  def __post_init__(self):
+    if self.head_lengths is None:
+      self.head_lengths = np.asarray(self.prefix_lengths, np.int64).copy()
 
   def __len__(self) -> int:
     return int(self.starts.shape[0])
+
+  @property
+  def is_pair(self) -> np.ndarray:
+    """bool[N]: continuation pairs (a prompt after the prefix)."""
+    return self.head_lengths > self.prefix_lengths
 
   @property
   def num_tokens(self) -> int:
@@ -220,7 +240,8 @@ class TokenStore:
     return cls(values=np.concatenate([s.values for s in stores]),
                starts=np.concatenate([s.starts + o for s, o in zip(stores, offsets)]),
                **{f: np.concatenate([getattr(s, f) for s in stores])
-                  for f in ("lengths", "prefix_lengths", "transposable", "stretchable")})
+                  for f in ("lengths", "prefix_lengths", "transposable", "stretchable",
+                            "head_lengths")})
 
 
 def load_split(version_dir: os.PathLike, split: str, process_index: int = 0,
@@ -242,8 +263,11 @@ def load_split(version_dir: os.PathLike, split: str, process_index: int = 0,
   enc = load_encoding(version_dir)
   bos_id = meta.get("bos_id")
   ds = builder.as_dataset(split=split, shuffle_files=False)
-  ds = ds.map(lambda ex: {k: ex[k] for k in ("tokens", "num_condition_tokens", "has_drums")})
-  values, lengths, prefix, drums = [], [], [], []
+  # Continuation pairs store the length of their prompt (data_pipelines.common.PAIR_FEATURES).
+  keys = ("tokens", "num_condition_tokens", "has_drums") + (
+      ("num_prompt_tokens",) if "num_prompt_tokens" in builder.info.features else ())
+  ds = ds.map(lambda ex: {k: ex[k] for k in keys})
+  values, lengths, prefix, drums, prompts = [], [], [], [], []
   flat = ds.ragged_batch(1024).map(lambda ex: {
       **ex, "tokens": ex["tokens"].flat_values, "lengths": ex["tokens"].row_lengths()})
   for ex in flat.as_numpy_iterator():
@@ -251,6 +275,7 @@ def load_split(version_dir: os.PathLike, split: str, process_index: int = 0,
     lengths.append(ex["lengths"])
     drums.append(ex["has_drums"])
     prefix.append(ex["num_condition_tokens"])
+    prompts.append(ex.get("num_prompt_tokens", np.zeros_like(ex["num_condition_tokens"])))
   if not values:
     raise ConfigError(f"data: split {split} of {version_dir} is empty for this process")
   values, lengths = np.concatenate(values), np.concatenate(lengths).astype(np.int64)
@@ -263,7 +288,25 @@ def load_split(version_dir: os.PathLike, split: str, process_index: int = 0,
   return TokenStore(
       values=values, starts=starts, lengths=lengths, prefix_lengths=prefix_lengths,
       transposable=(~has_drums) & (enc.name == "performance"),
-      stretchable=np.full(n, enc.name in ("performance", "drums")))
+      stretchable=np.full(n, enc.name in ("performance", "drums")),
+      head_lengths=prefix_lengths + np.concatenate(prompts).astype(np.int64))
+
+
+def check_prompts_fit(store: TokenStore, seq_len: int, where: str) -> None:
+  """Raises ConfigError when a piece's given head (prefix + prompt) leaves no room for a
+  target in a row of `seq_len` tokens; `where` names the dataset and split."""
+  longest = int(store.head_lengths.max()) if len(store) else 0
+  if longest < seq_len:
+    return
+  i = int(np.argmax(store.head_lengths))
+  if store.is_pair[i]:
+    raise ConfigError(
+        f"config.data.seq_len={seq_len} is shorter than the longest continuation prompt of "
+        f"{where} ({longest} tokens: {int(store.prefix_lengths[i])} prefix + "
+        f"{longest - int(store.prefix_lengths[i])} prompt), so no target fits; raise "
+        "data.seq_len and model.max_len, or build the pairs with fewer prompt_bars")
+  raise ConfigError(f"config.data.seq_len={seq_len} leaves no room after the {longest}-token "
+                    f"conditioning prefix of {where}")
 
 
 # --------------------------------------------------------------------------- augmentation
@@ -376,6 +419,7 @@ class _TrainSettings:
   stretch: float
   seed: int
   process_index: int
+  pairs: bool = False  # some pieces are continuation pairs (weights 0 on their prompt)
 
 
 class TrainIterator:
@@ -476,10 +520,13 @@ def make_train_iterator(config: Any, start_step: int = 0, *,
   enc = load_encoding(config)
   split = _field(data, "train_split", "train")
   stores = [load_split(s.version_dir, split, process_index, process_count) for s in specs]
-  longest_prefix = max(int(s.prefix_lengths.max()) for s in stores)
-  if longest_prefix >= seq_len:
-    raise ConfigError(f"data.seq_len = {seq_len} leaves no room after the {longest_prefix}-"
-                      "token conditioning prefix")
+  for spec, store in zip(specs, stores):
+    check_prompts_fit(store, seq_len, f"{spec.name}/{spec.builder_config} {split}")
+  pairs = any(bool(s.is_pair.any()) for s in stores)
+  if pairs and (settings.transpose or settings.stretch):
+    raise ConfigError("config.data.transpose_semitones / time_stretch: continuation pairs are "
+                      "not augmented (the target would move but not its prompt); set them to 0")
+  settings = dataclasses.replace(settings, pairs=pairs)
   weights = np.array([s.weight for s in specs], np.float64)
   ds = _train_dataset(TokenStore.concatenate(stores), [len(s) for s in stores],
                       weights / weights.sum(), enc, settings, int(start_step))
@@ -506,7 +553,9 @@ def _train_dataset(store: TokenStore, sizes: Sequence[int], weights: np.ndarray,
   values = tf.constant(store.values, tf.int32)
   starts = tf.constant(store.starts, tf.int64)
   lengths = tf.constant(store.lengths, tf.int64)
-  prefix_lengths = tf.constant(store.prefix_lengths, tf.int64)
+  # The kept, unscored front of each piece: its prefix (and a pair's prompt).
+  prefix_lengths = tf.constant(store.head_lengths, tf.int64)
+  is_pair = tf.constant(store.is_pair)
   transposable = tf.constant(store.transposable)
   ds_sizes = tf.constant(sizes, tf.int64)
   ds_offsets = tf.constant(np.cumsum([0] + list(sizes[:-1])), tf.int64)
@@ -537,6 +586,8 @@ def _train_dataset(store: TokenStore, sizes: Sequence[int], weights: np.ndarray,
     body_len = length - prefix
     room = row_len - prefix  # body tokens that fit in a row after the prefix
     spare = tf.maximum(body_len - room, 0)
+    if s.pairs:  # a pair's target starts right after its prompt: cut at the end, not cropped
+      spare = tf.where(tf.gather(is_pair, i), tf.zeros_like(spare), spare)
     u = tf.random.stateless_uniform([draws], seed=seeds[1], dtype=tf.float64)
     crop = tf.minimum(tf.cast(tf.floor(u * tf.cast(spare + 1, tf.float64)), tf.int64), spare)
     # Augmentation may drop or merge tokens: read a little more, cut to `room` after.
@@ -577,10 +628,14 @@ def _train_dataset(store: TokenStore, sizes: Sequence[int], weights: np.ndarray,
       return tf.scatter_nd(where, flat, [s.rows, row_len])
 
     batch = to_rows(tokens)
+    # Pairs: only tokens after the head (prefix + prompt) are scored.
+    scored = None
+    if s.pairs:
+      scored = to_rows(tf.cast(position >= tf.gather(prefix, piece), tf.int32)) > 0
     if not s.packing:
-      return _to_batch(batch, None, None, bos_id)
+      return _to_batch(batch, None, None, bos_id, scored)
     segments = to_rows(tf.cast(piece % s.draws_per_row + 1, tf.int32))
-    return _to_batch(batch, segments, to_rows(tf.cast(position, tf.int32)), bos_id)
+    return _to_batch(batch, segments, to_rows(tf.cast(position, tf.int32)), bos_id, scored)
 
   steps = tf.data.Dataset.range(start_step, np.iinfo(np.int64).max)
   # make_batch branches only on Python constants: skip autograph's slow conversion.
@@ -591,11 +646,14 @@ def _train_dataset(store: TokenStore, sizes: Sequence[int], weights: np.ndarray,
   return batches.with_options(options).prefetch(tf.data.AUTOTUNE)
 
 
-def _to_batch(rows, segments, positions, bos_id: int) -> Dict[str, tf.Tensor]:
-  """[B, seq_len + 1] rows -> inputs/targets/weights[/segment_ids/positions]."""
+def _to_batch(rows, segments, positions, bos_id: int, scored=None) -> Dict[str, tf.Tensor]:
+  """[B, seq_len + 1] rows -> inputs/targets/weights[/segment_ids/positions]; `scored`
+  (bool [B, seq_len + 1], optional) marks the tokens that may be loss targets."""
   inputs, targets = rows[:, :-1], rows[:, 1:]
   # No loss on padding or on BOS/conditioning targets: they are given, not generated.
   weights = (targets != encoding_lib.PAD_ID) & (targets < bos_id)
+  if scored is not None:
+    weights &= scored[:, 1:]
   out = {"inputs": inputs, "targets": targets}
   if segments is not None:
     weights &= (segments[:, 1:] == segments[:, :-1]) & (segments[:, :-1] > 0)
@@ -606,17 +664,18 @@ def _to_batch(rows, segments, positions, bos_id: int) -> Dict[str, tf.Tensor]:
 
 
 # --------------------------------------------------------------------------- evaluation
-def eval_windows(store: TokenStore, seq_len: int) -> np.ndarray:
+def eval_windows(store: TokenStore, seq_len: int, where: str = "the eval split") -> np.ndarray:
   """(piece, body start, body length) rows of the non-overlapping eval windows, int64[M, 3].
 
-  Piece i with prefix P and body length L (events + EOS) gets ceil(L / W) windows,
-  W = seq_len + 1 - P: prefix + body[c*W:(c+1)*W] for c = 0, 1, ...
+  Piece i with head H (prefix, or prefix + prompt for a continuation pair) and body
+  length L (events + EOS, or the target) gets ceil(L / W) windows, W = seq_len + 1 - H:
+  head + body[c*W:(c+1)*W] for c = 0, 1, ...; a pair gets only its first window (the
+  target is scored given its real prompt, as far as it fits).
   """
-  room = seq_len + 1 - store.prefix_lengths
-  if (room < 1).any():
-    raise ConfigError(f"data.seq_len = {seq_len} leaves no room after the conditioning prefix")
-  body = store.lengths - store.prefix_lengths
-  count = -(-body // room)
+  check_prompts_fit(store, seq_len, where)
+  room = seq_len + 1 - store.head_lengths
+  body = store.lengths - store.head_lengths
+  count = np.where(store.is_pair, np.minimum(1, body), -(-body // room))
   piece = np.repeat(np.arange(len(store)), count)
   c = np.arange(int(count.sum())) - np.repeat(np.cumsum(count) - count, count)
   begin = c * room[piece]
@@ -639,6 +698,8 @@ class EvalIterator:
     self.store, self.seq_len, self.rows, self.bos_id = store, seq_len, rows, bos_id
     self.num_windows = int(len(windows))
     self.num_targets = int(windows[:, 2].sum())
+    # Target tokens of continuation pairs past the end of their window (not scored).
+    self.num_cut_targets = int((store.lengths - store.head_lengths).sum() - self.num_targets)
     # Window w goes to process w % process_count; every process runs as many batches.
     self._windows = windows[process_index::process_count]
     per_process = -(-self.num_windows // process_count)
@@ -655,15 +716,19 @@ class EvalIterator:
     s, row_len = self.store, self.seq_len + 1
     for b in range(self.num_batches):
       batch = np.zeros((self.rows, row_len), np.int32)
+      heads = np.zeros((self.rows, 1), np.int64)
       for r, (piece, begin, size) in enumerate(self._windows[b * self.rows:(b + 1) * self.rows]):
-        start, prefix = s.starts[piece], s.prefix_lengths[piece]
+        start, prefix = s.starts[piece], s.head_lengths[piece]
+        heads[r] = prefix
         batch[r, :prefix] = s.values[start:start + prefix]
         batch[r, prefix:prefix + size] = s.values[start + prefix + begin:
                                                   start + prefix + begin + size]
       targets = batch[:, 1:]
+      # Scored: real event targets after the head (a pair's prompt is given, not scored).
+      after_head = np.arange(1, row_len)[None, :] >= heads
       yield {"inputs": batch[:, :-1], "targets": targets,
-             "weights": ((targets != encoding_lib.PAD_ID) & (targets < self.bos_id)
-                         ).astype(np.float32)}
+             "weights": ((targets != encoding_lib.PAD_ID) & (targets < self.bos_id) &
+                         after_head).astype(np.float32)}
 
 
 def make_eval_iterator(config: Any, split: Optional[str] = None, *,
@@ -686,8 +751,10 @@ def make_eval_iterator(config: Any, split: Optional[str] = None, *,
   seq_len = int(_field(data, "seq_len", 256))
   spec = dataset_specs(config)[0]
   enc = load_encoding(spec.version_dir)
-  store = load_split(spec.version_dir, split or _field(data, "eval_split", "validation"))
-  return EvalIterator(store, eval_windows(store, seq_len), seq_len, rows, global_rows,
+  split = split or _field(data, "eval_split", "validation")
+  store = load_split(spec.version_dir, split)
+  windows = eval_windows(store, seq_len, f"{spec.name}/{spec.builder_config} {split}")
+  return EvalIterator(store, windows, seq_len, rows, global_rows,
                       process_index, process_count, enc.bos_id,
                       int(_field(data, "max_eval_batches", -1)))
 

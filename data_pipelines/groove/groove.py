@@ -11,19 +11,29 @@ Configs (one per encoding, plus GMD's usual bar windows)::
   drums         GrooVAE's 9 drum classes, 10 ms microtiming, full performances (default)
   drums_2bar    the same, 2-bar windows at the file's tempo, 1-bar hop
   drums_4bar    the same, 4-bar windows, 1-bar hop
+  drums_continuation  continuation pairs: 2 prompt bars, then the next 2 bars as the
+                target (windows 2 bars apart, so each bar is a target once; no EOS)
   performance   Music Transformer events (drum pitches as notes), full performances
   triples       POS/NOTE_ON/DUR triples on a 24-per-quarter grid, full performances
 
 Every config prepends BOS, STYLE_<primary style>, TEMPO_<bin of the CSV bpm> and
-TYPE_<beat|fill> and appends EOS.
+TYPE_<beat|fill> and appends EOS (continuation pairs: no EOS, the music goes on).
+
+Any config can be narrowed to some styles or drummers (`styles`, `drummers`: primary
+styles and drummer names of info.csv) and pairs re-cut (`prompt_bars`, `target_bars`,
+`hop_bars`), under a name of its own:
 
     tfds build data_pipelines/groove --config drums --manual_dir ../shared/data/groove
+    midijax build-data groove --config drums_continuation --set styles=funk \
+        --name drums_continuation_funk --manual_dir ../shared/data/groove
 """
 from __future__ import annotations
 
 import csv
+import dataclasses
 import pathlib
 import sys
+from typing import Tuple
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -48,10 +58,23 @@ _CITATION = """\
 """
 
 
-def _config(name: str, description: str, **kw) -> common.MidiBuilderConfig:
+@dataclasses.dataclass(eq=False)
+class GrooveConfig(common.MidiBuilderConfig):
+  """A groove builder config: `common.MidiBuilderConfig` plus a choice of files.
+
+  Attributes:
+    styles: keep only files of these primary styles (info.csv's style before '/', e.g.
+      funk); empty = all.
+    drummers: keep only files of these drummers (e.g. drummer1); empty = all.
+  """
+  styles: Tuple[str, ...] = ()
+  drummers: Tuple[str, ...] = ()
+
+
+def _config(name: str, description: str, **kw) -> GrooveConfig:
   kw.setdefault("conditioning", CONDITIONING)
   kw.setdefault("drum_policy", "only")
-  return common.MidiBuilderConfig(name=name, description=description, **kw)
+  return GrooveConfig(name=name, description=description, **kw)
 
 
 class Groove(common.MidiDatasetBuilder):
@@ -66,6 +89,9 @@ class Groove(common.MidiDatasetBuilder):
               encoding="drums", window_bars=2),
       _config("drums_4bar", "drums, 4-bar windows at the file's tempo, 1-bar hop.",
               encoding="drums", window_bars=4),
+      _config("drums_continuation", "drums continuation pairs: 2 prompt bars, then the "
+              "next 2 bars as the target (2-bar hop, no EOS).", encoding="drums",
+              prompt_bars=2, target_bars=2, hop_bars=2, eos=False),
       _config("performance", "Performance events (drum pitches as notes), full performances.",
               encoding="performance"),
       _config("triples", "POSITION/NOTE_ON/DURATION triples, full performances.",
@@ -122,6 +148,7 @@ class Groove(common.MidiDatasetBuilder):
                "midi_filename", "duration", "split"} - set(rows[0] if rows else ())
     if missing:
       raise common.BuildError(f"{root / 'info.csv'}: missing column(s) {sorted(missing)}")
+    rows = self._chosen(rows, root)
     jobs = {}
     for row in rows:
       style_full = row["style"]
@@ -136,3 +163,19 @@ class Groove(common.MidiDatasetBuilder):
       jobs.setdefault(row["split"], []).append(
           common.FileJob(key=row["id"], path=str(root / row["midi_filename"]), meta=meta))
     return self._split_dict(jobs)
+
+  def _chosen(self, rows, root: pathlib.Path):
+    """The info.csv rows of the config's `styles` and `drummers` (all when empty)."""
+    config = self.builder_config
+    styles = tuple(getattr(config, "styles", ()) or ())
+    drummers = tuple(getattr(config, "drummers", ()) or ())
+    for field, wanted, column in (("styles", styles, lambda r: r["style"].split("/")[0]),
+                                  ("drummers", drummers, lambda r: r["drummer"])):
+      have = sorted({column(r) for r in rows})
+      unknown = [w for w in wanted if w not in have]
+      if unknown:
+        raise common.BuildError(f"{field}={unknown}: not in {root / 'info.csv'}; it has "
+                                f"{', '.join(have)}")
+      if wanted:
+        rows = [r for r in rows if column(r) in wanted]
+    return rows

@@ -6,8 +6,12 @@
     enc.to_text(ids); enc.from_text(text)         # token names, one a line
     enc.save_vocab("vocab.json"); load_vocab("vocab.json") -> Encoding
 """
+import dataclasses
 import json
 import pathlib
+from typing import Optional, Tuple
+
+import numpy as np
 
 from midijax.encoding.base import (CONDITIONING, EOS_ID, PAD_ID, Encoding, Vocab, family_of_program,
                                    tempo_bin)
@@ -15,6 +19,8 @@ from midijax.encoding.drums import DrumsEncoding
 from midijax.encoding.performance import PerformanceEncoding
 from midijax.encoding.triples import TriplesEncoding
 from midijax.errors import ConfigError
+from midijax.limits import MAX_TOKENS
+from midijax.notes import Notes
 
 ENCODINGS = {
     "performance": PerformanceEncoding,
@@ -64,5 +70,58 @@ def load_vocab(path) -> Encoding:
   return enc
 
 
+# Encodings whose time is the sum of their TIME_SHIFT tokens: a prompt and its continuation
+# encode apart and join into one stream (`encode_prompt`, `continuation_pair`).
+TIME_SHIFT_ENCODINGS = ("performance", "drums")
+
+
+def encode_prompt(enc: Encoding, notes: Notes, cut_seconds: float, *,
+                  max_tokens: Optional[int] = MAX_TOKENS) -> np.ndarray:
+  """Event ids of the notes starting before `cut_seconds` (ends cut there), then time
+  shifts up to the cut, so that what follows starts at the cut (e.g. on a bar line).
+
+  The prompt `midijax continue` feeds the model and the prompt of a continuation pair
+  (`continuation_pair`) are this, so training and use see the same tokens. Encodings
+  without time shifts (`triples`) get no trailing shifts.
+
+  Args:
+    enc: the encoding; notes: the music (seconds from its start); cut_seconds: the cut.
+    max_tokens: refuse (TokenLimitError) a prompt of more event tokens; None: no limit.
+  """
+  part = notes.select(notes.start < cut_seconds)
+  part = dataclasses.replace(part, end=np.minimum(part.end, cut_seconds))
+  ids = enc.encode(part, max_tokens=max_tokens)
+  if enc.name in TIME_SHIFT_ENCODINGS and len(ids):
+    sps, max_shift = enc.steps_per_second, enc.max_shift_steps
+    shifts = (ids >= enc.shift_base) & (ids < enc.shift_base + max_shift)
+    last_step = int(np.sum(np.where(shifts, ids - enc.shift_base + 1, 0)))
+    gap = int(np.floor(cut_seconds * sps + 0.5)) - last_step
+    tail = [max_shift] * (gap // max_shift) + ([gap % max_shift] if gap % max_shift else [])
+    ids = np.concatenate([ids, enc.shift_base - 1 + np.asarray(tail, np.int32)]).astype(np.int32)
+  return ids
+
+
+def continuation_pair(enc: Encoding, notes: Notes, cut_seconds: float, end_seconds: float, *,
+                      max_tokens: Optional[int] = MAX_TOKENS) -> Tuple[np.ndarray, np.ndarray]:
+  """(prompt ids, target ids) of music split at `cut_seconds`: the prompt as
+  `encode_prompt` makes it (ending on the cut), the target the notes starting in
+  [cut_seconds, end_seconds), timed from the cut (ends cut at `end_seconds`). Joined, they
+  are one token stream whose time runs on across the cut.
+
+  Raises:
+    ConfigError: the encoding has no time shifts (its prompt and target cannot be joined).
+    TokenLimitError: either part makes more than `max_tokens` event tokens.
+  """
+  if enc.name not in TIME_SHIFT_ENCODINGS:
+    raise ConfigError(f"continuation pairs need an encoding with time shifts "
+                      f"({', '.join(TIME_SHIFT_ENCODINGS)}), not {enc.name!r}")
+  prompt = encode_prompt(enc, notes, cut_seconds, max_tokens=max_tokens)
+  later = notes.select((notes.start >= cut_seconds) & (notes.start < end_seconds))
+  later = dataclasses.replace(later, start=later.start - cut_seconds,
+                              end=np.minimum(later.end, end_seconds) - cut_seconds)
+  return prompt, enc.encode(later, max_tokens=max_tokens)
+
+
 __all__ = ["get", "from_config", "load_vocab", "Encoding", "Vocab", "CONDITIONING", "PAD_ID",
-           "EOS_ID", "ENCODINGS", "tempo_bin", "family_of_program", "is_drum_music"]
+           "EOS_ID", "ENCODINGS", "tempo_bin", "family_of_program", "is_drum_music", "TIME_SHIFT_ENCODINGS",
+           "encode_prompt", "continuation_pair"]
