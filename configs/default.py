@@ -113,6 +113,19 @@ def get_config():
   train.peak_flops_per_device = 0.0
   # Stop with an error on a NaN/inf loss (the last good checkpoint stays).
   train.stop_on_nan = True
+  # Start from another run's parameters: "WORKDIR" (its latest checkpoint), "WORKDIR:best"
+  # or "WORKDIR:STEP"; "" = random initialisation. Parameters only: the optimizer starts
+  # afresh at step 0. The architecture (config.model layers, widths, heads, positions,
+  # norm, activation) must match; vocabulary rows are copied by token name, new tokens
+  # initialised. Ignored once this run has checkpoints (it resumes from them).
+  train.init_from = ""
+  # Parameters to train: a Python regular expression matched against the whole of each
+  # parameter's path (re.fullmatch), e.g. "output", "output|final_norm/scale",
+  # "blocks/[23]/.*" or "blocks/.*/mlp/.*"; the others get no update (bit-identical) and
+  # no optimizer state. Paths are attribute names joined by "/" (embedding,
+  # blocks/0/attention/query, blocks/0/mlp/wi, final_norm/scale, output); a pattern
+  # matching nothing is an error that lists them. "" = all parameters.
+  train.trainable = ""
 
   # ---------------------------------------------------------------- devices
   config.mesh = mesh = ml_collections.ConfigDict()

@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import pathlib
 import signal
 import subprocess
@@ -33,6 +34,7 @@ import numpy as np
 import optax
 
 from midijax import checkpoint as ckpt_lib
+from midijax import finetune
 from midijax import losses
 from midijax import metric_writers
 from midijax import runs
@@ -74,16 +76,30 @@ def weight_decay_mask(params, decay_all: bool = False):
   return jax.tree_util.tree_map_with_path(keep, params)
 
 
-def create_optimizer(train_config, params) -> optax.GradientTransformation:
-  """AdamW with the decay mask, global-norm clipping and optional gradient accumulation."""
+def create_optimizer(train_config, params, trainable: Optional[Sequence[bool]] = None
+                     ) -> optax.GradientTransformation:
+  """AdamW with the decay mask, global-norm clipping and optional gradient accumulation.
+
+  `trainable` (bools in `jax.tree.leaves(params)` order, from
+  `finetune.trainable_leaves`; None = all): the other parameters get no update and no
+  optimizer state (`optax.multi_transform` with `set_to_zero`), and clipping sees only
+  the trainable gradients.
+  """
   schedule = create_learning_rate_schedule(train_config)
   parts = []
   if train_config.grad_clip_norm > 0:
     parts.append(optax.clip_by_global_norm(train_config.grad_clip_norm))
+  # The decay mask is a function of the parameters the transform sees: with frozen
+  # parameters that is only the trainable part of the tree.
   parts.append(optax.adamw(schedule, b1=train_config.b1, b2=train_config.b2,
                            weight_decay=train_config.weight_decay,
-                           mask=weight_decay_mask(params, train_config.decay_all)))
+                           mask=functools.partial(weight_decay_mask,
+                                                  decay_all=train_config.decay_all)))
   tx = optax.chain(*parts)
+  if trainable is not None:
+    labels = jax.tree.unflatten(jax.tree.structure(params),
+                                ["trainable" if t else "frozen" for t in trainable])
+    tx = optax.multi_transform({"trainable": tx, "frozen": optax.set_to_zero()}, labels)
   if train_config.grad_accum_steps > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=train_config.grad_accum_steps)
   return tx
@@ -98,8 +114,10 @@ class TrainState:
 
 # ----------------------------------------------------------------------------- steps
 def train_step(state: TrainState, batch: Dict[str, jax.Array], dropout_rng, *, graphdef, tx,
-               label_smoothing: float, use_dropout: bool):
-  """One optimizer update; returns (new state, summed metrics)."""
+               label_smoothing: float, use_dropout: bool,
+               trainable: Optional[Tuple[bool, ...]] = None):
+  """One optimizer update; returns (new state, summed metrics). Parameters `trainable`
+  marks False are passed through untouched (bit-identical)."""
   rng = jax.random.fold_in(dropout_rng, state.step)
 
   def loss_fn(params):
@@ -112,10 +130,14 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], dropout_rng, *, g
   (_, (logits, loss_sum, weight_sum)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+  params = finetune.keep_frozen(optax.apply_updates(state.params, updates), state.params,
+                                trainable)
   correct, _ = losses.weighted_accuracy(logits, batch["targets"], batch["weights"])
+  # The norm of the trainable gradients only: frozen ones are never used (XLA drops them).
+  trained = [g for g, t in zip(jax.tree.leaves(grads), trainable or [True] * len(
+      jax.tree.leaves(grads))) if t]
   metrics = {"loss_sum": loss_sum, "weight_sum": weight_sum, "correct": correct,
-             "grad_norm": optax.tree.norm(grads)}
+             "grad_norm": optax.tree.norm(trained)}
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
@@ -157,6 +179,10 @@ def validate_config(config, num_devices: Optional[int] = None, *,
       raise ConfigError(f"config.train.{field}={t[field]} must be positive")
   if t.schedule not in SCHEDULES:
     raise ConfigError(f"config.train.schedule={t.schedule!r}; expected {' | '.join(SCHEDULES)}")
+  for field in ("init_from", "trainable"):
+    if not isinstance(t.get(field, "") or "", str):
+      raise ConfigError(f"config.train.{field}={t.get(field)!r} must be a string")
+  finetune.compile_pattern(t.get("trainable", "") or "")
   dcn = tuple(config.mesh.dcn_parallelism)
   granules = sharding.num_granules(devices) if (-1 in dcn or math.prod(dcn) != 1) else 1
   try:
@@ -182,7 +208,18 @@ def _write_json(path, obj) -> None:
   path.write_text(json.dumps(obj, indent=1, default=str))
 
 
+def _write_json_atomic(path, obj) -> None:
+  """Writes JSON through a temporary file and a rename (local folders; gs:// writes whole)."""
+  if "://" in str(path):
+    _write_json(path, obj)
+    return
+  tmp = path.parent / (path.name + ".tmp")
+  _write_json(tmp, obj)
+  os.replace(tmp, path)
+
+
 def run_info() -> dict:
+  """What a run ran on: git commit, package versions, Python, devices, start time."""
   import importlib.metadata as md
   try:
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -280,6 +317,9 @@ class TrainSetup:
     state_shardings: a TrainState of shardings: the step replicated, parameters by their
       logical axes, optimizer moments like their parameters.
     batch_sharding: batch rows split over data x fsdp.
+    trainable: bools in `jax.tree.leaves(params)` order, the parameters
+      config.train.trainable selects; None = all.
+    param_counts: (all parameter scalars, trainable ones).
   """
   model_config: transformer.TransformerConfig
   graphdef: Any
@@ -288,6 +328,8 @@ class TrainSetup:
   rules: Any
   state_shardings: TrainState
   batch_sharding: jax.sharding.NamedSharding
+  trainable: Optional[Tuple[bool, ...]] = None
+  param_counts: Tuple[int, int] = (0, 0)
 
 
 def create_train_state(config, vocab_size: int, mesh, rules, *, abstract: bool = False
@@ -306,7 +348,8 @@ def create_train_state(config, vocab_size: int, mesh, rules, *, abstract: bool =
     (created by jitted initializers, so no device holds the whole model), or abstract.
 
   Raises:
-    ConfigError: when a parameter cannot be split as config.mesh asks.
+    ConfigError: when a parameter cannot be split as config.mesh asks, or
+      config.train.trainable matches no parameter.
   """
   model_cfg = runs.model_config_from(config, vocab_size)
   model_fn = lambda: transformer.Transformer(model_cfg, rngs=_init_rngs(config.seed))
@@ -318,14 +361,19 @@ def create_train_state(config, vocab_size: int, mesh, rules, *, abstract: bool =
     param_sh = sharding.state_shardings(params, mesh, rules)
   except ValueError as e:
     raise ConfigError(f"config.mesh: {e}") from None
-  tx = create_optimizer(config.train, params)
+  trainable = finetune.trainable_leaves(params, config.train.get("trainable", ""))
+  tx = create_optimizer(config.train, params, trainable)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   # The optimizer state takes its parameters' shardings (Adam's moments); scalars replicate.
-  opt_sh = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, params), param_sh,
-                                 transform_non_params=lambda _: replicated)
+  # Frozen parameters (config.train.trainable) have no state: optax marks them MaskedNode.
+  masked = lambda x: isinstance(x, optax.MaskedNode)
+  opt_sh = optax.tree_map_params(tx, lambda x, s: x if masked(x) else s,
+                                 jax.eval_shape(tx.init, params), param_sh,
+                                 transform_non_params=lambda _: replicated, is_leaf=masked)
   state_sh = TrainState(step=replicated, params=param_sh, opt_state=opt_sh)
   setup = TrainSetup(model_config=model_cfg, graphdef=graphdef, tx=tx, mesh=mesh, rules=rules,
-                     state_shardings=state_sh, batch_sharding=sharding.batch_sharding(mesh, rules))
+                     state_shardings=state_sh, batch_sharding=sharding.batch_sharding(mesh, rules),
+                     trainable=trainable, param_counts=finetune.count_params(params, trainable))
   if abstract:
     shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
                         opt_state=jax.eval_shape(tx.init, params))
@@ -347,7 +395,8 @@ def jit_train_step(config, setup: TrainSetup):
   use_dropout = config.model.dropout_rate > 0 or config.model.attention_dropout_rate > 0
   return jax.jit(
       functools.partial(train_step, graphdef=setup.graphdef, tx=setup.tx,
-                        label_smoothing=config.train.label_smoothing, use_dropout=use_dropout),
+                        label_smoothing=config.train.label_smoothing, use_dropout=use_dropout,
+                        trainable=setup.trainable),
       in_shardings=(setup.state_shardings, setup.batch_sharding, replicated),
       out_shardings=(setup.state_shardings, replicated), donate_argnums=(0,))
 
@@ -363,8 +412,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """Trains `config` in `workdir` (resuming from its latest checkpoint) and returns the final
   metrics. `data` (tests) may supply a `midijax.input_pipeline` data source."""
   sharding.maybe_initialize_distributed()
+  session_start = time.perf_counter()
   workdir = ckpt_lib.workdir_path(workdir)  # a local folder or gs://bucket/path
-  workdir.mkdir(parents=True, exist_ok=True)
   validate_config(config)
   if data is None:
     from midijax import input_pipeline
@@ -373,18 +422,57 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if vocab_size < data.vocab_size:
     raise ConfigError(f"config.model.vocab_size={vocab_size} is smaller than the dataset's "
                       f"vocabulary ({data.vocab_size})")
+  # A run with checkpoints resumes from them: init_from is read only by a fresh run, and
+  # checked before anything is written or compiled.
+  resuming = bool(ckpt_lib.available_steps(workdir))
+  init_source = None
+  if config.train.get("init_from", "") and not resuming:
+    init_source = finetune.resolve_init_from(config.train.init_from)
+    finetune.check_init_from(config, init_source, vocab_size, init_source.vocab_size)
+  workdir.mkdir(parents=True, exist_ok=True)
 
   mesh = sharding.create_mesh(config.mesh)
   rules = sharding.get_logical_axis_rules(config.mesh)
   is_chief = jax.process_index() == 0
+  old_info = {}
+  if (workdir / "run_info.json").exists():
+    try:
+      old_info = json.loads((workdir / "run_info.json").read_text())
+    except ValueError:  # damaged by an earlier crash: start a new record
+      old_info = {}
   if is_chief:
     _write_json(workdir / "config.json", json.loads(config.to_json_best_effort()))
-    _write_json(workdir / "run_info.json", run_info())
     data.save_vocab(workdir / "vocab.json")
 
   # Parameters are created outside `use_mesh`: their logical names resolve through the rules.
   setup, state = create_train_state(config, vocab_size, mesh, rules)
   state_sh = setup.state_shardings
+  info = run_info()
+  total, trainable = setup.param_counts
+  info["params"] = {"total": total, "trainable": trainable,
+                    "trainable_pattern": config.train.get("trainable", "")}
+  if resuming:
+    for key in ("init_from", "wall_seconds"):  # the run's own history, kept across restarts
+      if key in old_info:
+        info[key] = old_info[key]
+  if is_chief:
+    print(f"parameters: {total:,}" + (
+        f", {trainable:,} trainable ({trainable / max(total, 1):.1%}, config.train.trainable="
+        f"{config.train.trainable!r})" if trainable != total else " (all trainable)"), flush=True)
+  if init_source is not None:
+    params, info["init_from"] = finetune.load_init_params(
+        init_source, state.params, state_sh.params, data.encoding.vocab.names, mesh, rules)
+    state = state.replace(params=params)
+    vocab = info["init_from"]["vocabulary"]
+    if is_chief:
+      print(f"init_from {init_source.spec}: parameters of step {init_source.step} of "
+            f"{init_source.workdir}; vocabulary rows: {vocab['copied']} copied by token name, "
+            f"{vocab['initialised']} initialised" + (
+                f" ({', '.join(vocab['initialised_tokens'][:8])}"
+                f"{', ...' if vocab['initialised'] > 8 else ''})" if vocab["initialised"] else ""),
+            flush=True)
+  if is_chief:
+    _write_json_atomic(workdir / "run_info.json", info)
   with sharding.use_mesh(mesh, rules):
     manager = ckpt_lib.make_manager(workdir, config.train.keep_latest, config.train.keep_best,
                                     config.train.async_checkpointing)
@@ -506,10 +594,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                   f"{config.train.max_seconds} reached", flush=True)
           break
     manager.wait_until_finished()
+    latest = manager.latest_step()
     manager.close()
     writer.close()
     if progress is not None:
       progress.close()
     if is_chief:
       metric_writers.plot_losses(workdir)
+      info["wall_seconds"] = round(float(info.get("wall_seconds", 0.0)) +
+                                   time.perf_counter() - session_start, 3)
+      info["steps"] = int(step)
+      if latest is not None:
+        size = finetune.directory_bytes(ckpt_lib.checkpoint_dir(workdir) / str(latest))
+        info["checkpoint_bytes"] = size
+        print(f"checkpoint at step {latest}: {size / 2**20:.2f} MiB (parameters + optimizer "
+              f"state{'' if trainable == total else ' of the trainable ones'})", flush=True)
+      _write_json_atomic(workdir / "run_info.json", info)
   return {**last, **{f"eval_{k}": v for k, v in eval_summary.items()}, "step": step}

@@ -1,0 +1,391 @@
+"""Fine-tuning: start a run from another run's parameters, train only some of them, export.
+
+* `config.train.init_from` ("WORKDIR", "WORKDIR:best" or "WORKDIR:STEP"): the new run
+  starts from that run's parameters (not its optimizer state; training starts at step
+  0). `check_init_from` compares the two models before anything is loaded or compiled
+  and names the config field that differs; `load_init_params` restores the source's
+  parameters onto the new run's mesh and, when the vocabularies differ, copies the
+  embedding and output rows of tokens with the same name (the rest keep their fresh
+  initialisation).
+* `config.train.trainable`: a regular expression over parameter paths
+  (`param_paths`: "embedding", "blocks/0/attention/query", ...). `trainable_leaves`
+  says which parameters it selects; training (`midijax.train.create_optimizer`) gives
+  the others no update at all, so they stay bit-identical.
+* `export_run` (`midijax export`): a plain parameters-only checkpoint of a run, in a new
+  workdir that `generate`, `continue` and `evaluate` load like any other. Every
+  parameter transform an export applies goes through `EXPORT_TRANSFORMS`; LoRA's
+  "merge the adapters into their kernels" is meant to be one of them.
+
+Parameter paths are the model's attribute names joined by "/", list indices as numbers;
+the logical axis "vocab" (the parameter's sharding annotation) marks the rows that
+follow the vocabulary, so neither depends on the model's layout.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from midijax import checkpoint as ckpt_lib
+from midijax import runs
+from midijax.errors import ConfigError, MidijaxError
+from midijax.models import transformer
+
+# Model fields that must agree between an init_from run and the new run: they decide the
+# parameters' shapes or what they mean (rope vs relative positions have the same shapes).
+# Dropout, dtype, attention_block and max_len (except for relative positions, whose
+# table it sizes; the shape check catches that) may change.
+ARCHITECTURE_FIELDS = ("num_layers", "emb_dim", "qkv_dim", "num_heads", "mlp_dim", "position",
+                       "norm", "mlp_activation", "tied_embeddings", "rope_max_wavelength")
+# The logical axis of parameter dimensions indexed by token id (embedding rows, output
+# columns).
+VOCAB_AXIS = "vocab"
+
+
+# ----------------------------------------------------------------------------- paths
+def _key_name(key) -> str:
+  for attr in ("key", "idx", "name"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def _variables_with_paths(params) -> List[Tuple[str, Any]]:
+  """[(path, leaf)] of a parameter tree in `jax.tree.leaves` order; a leaf is the
+  nnx.Variable (its metadata names the logical axes) or the array itself."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(
+      params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return [("/".join(_key_name(k) for k in path), leaf) for path, leaf in flat]
+
+
+def param_paths(params) -> List[str]:
+  """Each parameter's path ("blocks/0/mlp/wi"), in `jax.tree.leaves(params)` order."""
+  return [p for p, _ in _variables_with_paths(params)]
+
+
+def _logical_axes(leaf) -> tuple:
+  if isinstance(leaf, nnx.Variable):
+    return tuple(leaf.get_metadata().get("out_sharding") or ())
+  return ()
+
+
+def _size(leaf) -> int:
+  value = leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
+  return int(np.prod(value.shape))
+
+
+# ----------------------------------------------------------------------------- trainable
+def compile_pattern(pattern: str, field: str = "config.train.trainable") -> re.Pattern:
+  try:
+    return re.compile(pattern)
+  except re.error as e:
+    raise ConfigError(f"{field}={pattern!r} is not a regular expression ({e})") from None
+
+
+def trainable_leaves(params, pattern: str) -> Optional[Tuple[bool, ...]]:
+  """Which parameters `pattern` (config.train.trainable) selects.
+
+  Args:
+    params: the parameter tree (nnx.State, arrays or ShapeDtypeStructs).
+    pattern: a regular expression matched against the whole of each parameter path
+      (`re.fullmatch`); "" selects every parameter.
+
+  Returns:
+    None when every parameter is trainable, else a tuple of bools in
+    `jax.tree.leaves(params)` order.
+
+  Raises:
+    ConfigError: the pattern is not a regular expression, or matches no parameter (the
+      message lists some paths).
+  """
+  if not pattern:
+    return None
+  regex = compile_pattern(pattern)
+  paths = param_paths(params)
+  mask = tuple(bool(regex.fullmatch(p)) for p in paths)
+  if not any(mask):
+    shown = ", ".join(paths[:12]) + (", ..." if len(paths) > 12 else "")
+    raise ConfigError(f"config.train.trainable={pattern!r} matches no parameter (a regex "
+                      f"matched against whole paths; the model has: {shown})")
+  return None if all(mask) else mask
+
+
+def count_params(params, mask: Optional[Sequence[bool]] = None) -> Tuple[int, int]:
+  """(all parameter scalars, trainable ones) of a parameter tree and its trainable mask."""
+  sizes = [_size(leaf) for _, leaf in _variables_with_paths(params)]
+  total = int(sum(sizes))
+  if mask is None:
+    return total, total
+  return total, int(sum(s for s, m in zip(sizes, mask) if m))
+
+
+def keep_frozen(new_params, old_params, mask: Optional[Sequence[bool]]):
+  """`new_params` with the leaves `mask` marks False taken from `old_params` unchanged
+  (so frozen parameters stay bit-identical, whatever the optimizer adds)."""
+  if mask is None:
+    return new_params
+  new, treedef = jax.tree.flatten(new_params)
+  old = jax.tree.leaves(old_params)
+  return jax.tree.unflatten(treedef, [n if m else o for n, o, m in zip(new, old, mask)])
+
+
+# ----------------------------------------------------------------------------- init_from
+@dataclasses.dataclass(frozen=True)
+class InitSource:
+  """A resolved config.train.init_from.
+
+  Attributes:
+    spec: the field's value as given.
+    workdir: the source run folder.
+    step: its checkpoint step to load.
+    config: the source run's config (config.json).
+    vocab_size: its model's vocabulary size (before padding).
+  """
+  spec: str
+  workdir: str
+  step: int
+  config: ml_collections.ConfigDict
+  vocab_size: int
+
+
+def parse_init_from(spec: str) -> Tuple[str, Optional[int], bool]:
+  """"WORKDIR" | "WORKDIR:best" | "WORKDIR:STEP" -> (workdir, step or None, best)."""
+  head, sep, tail = spec.rpartition(":")
+  if sep and head and tail == "best":
+    return head, None, True
+  if sep and head and tail.isdigit():
+    return head, int(tail), False
+  return spec, None, False
+
+
+def _field_error(spec: str, message: str) -> str:
+  return f"config.train.init_from={spec!r}: {message}"
+
+
+def resolve_init_from(spec: str) -> InitSource:
+  """Finds the source run and its checkpoint step; reads its config.
+
+  Raises:
+    MidijaxError: one line naming config.train.init_from: no such run, no such
+      checkpoint, or an unreadable config.json.
+  """
+  workdir, step, best = parse_init_from(spec)
+  path = ckpt_lib.workdir_path(workdir)
+  if not (path / "config.json").exists():
+    raise MidijaxError(_field_error(spec, f"{path} is not a midijax run (no config.json); "
+                                          "expected WORKDIR, WORKDIR:best or WORKDIR:STEP"))
+  try:
+    resolved = ckpt_lib.resolve_step(path, step, best)
+    config = ml_collections.ConfigDict(json.loads((path / "config.json").read_text()))
+    meta = ckpt_lib.read_meta(path, resolved)
+    vocab_size = int(meta.get("vocab_size") or 0)
+    if vocab_size <= 0:
+      raise ValueError(f"checkpoint {resolved} records no vocab_size")
+  except MidijaxError as e:
+    raise MidijaxError(_field_error(spec, str(e))) from None
+  except (ValueError, TypeError, KeyError, AttributeError) as e:
+    raise MidijaxError(_field_error(spec, f"the run is damaged ({type(e).__name__}: "
+                                          f"{str(e).splitlines()[0] if str(e) else ''})")
+                       ) from None
+  return InitSource(spec=spec, workdir=os.fspath(path), step=resolved, config=config,
+                    vocab_size=vocab_size)
+
+
+def check_init_from(config, source: InitSource, vocab_size: int, source_vocab_size: int
+                    ) -> None:
+  """Checks, before anything is loaded or compiled, that the source's parameters fit.
+
+  Args:
+    config: the new run's config; source: from `resolve_init_from`.
+    vocab_size, source_vocab_size: the two models' vocabularies (they may differ).
+
+  Raises:
+    ConfigError: naming the config.model field(s) that differ, or the parameter whose
+      shape differs when no listed field explains it.
+  """
+  new = runs.model_config_from(config, vocab_size)
+  try:
+    old = runs.model_config_from(source.config, source_vocab_size)
+  except ConfigError as e:
+    raise ConfigError(_field_error(source.spec, f"its config does not load: {e}")) from None
+  differ = [f"config.model.{f}={getattr(new, f)!r} but {getattr(old, f)!r} there"
+            for f in ARCHITECTURE_FIELDS if getattr(new, f) != getattr(old, f)]
+  if differ:
+    raise ConfigError(_field_error(source.spec, "another architecture: " + "; ".join(differ)))
+  shapes = lambda cfg: _variables_with_paths(nnx.split(nnx.eval_shape(
+      lambda: transformer.Transformer(cfg, rngs=nnx.Rngs(0))))[1])
+  new_leaves, old_leaves = shapes(new), shapes(old)
+  old_by_path = {p: leaf for p, leaf in old_leaves}
+  for path, leaf in new_leaves:
+    if path not in old_by_path:
+      raise ConfigError(_field_error(source.spec, f"its model has no parameter {path}"))
+    a, b = leaf.get_value(), old_by_path[path].get_value()
+    axes = _logical_axes(leaf)
+    same = [i for i, name in enumerate(axes or [None] * len(a.shape)) if name != VOCAB_AXIS]
+    if len(a.shape) != len(b.shape) or any(a.shape[i] != b.shape[i] for i in same):
+      fields = [f"config.model.{f.name}" for f in dataclasses.fields(new)
+                if f.name not in ("vocab_size", "deterministic")
+                and getattr(new, f.name) != getattr(old, f.name)]
+      raise ConfigError(_field_error(
+          source.spec, f"parameter {path} is {tuple(b.shape)} there but {tuple(a.shape)} "
+                       f"here" + (f" (differing: {', '.join(fields)})" if fields else "")))
+
+
+@dataclasses.dataclass(frozen=True)
+class VocabularyMap:
+  """Rows of the new vocabulary taken from the source's (tokens with the same name).
+
+  Attributes:
+    new_ids, source_ids: int32 arrays: new row new_ids[k] <- source row source_ids[k].
+    initialised: names of the new vocabulary's tokens the source lacks.
+  """
+  new_ids: np.ndarray
+  source_ids: np.ndarray
+  initialised: Tuple[str, ...]
+
+
+def map_vocabulary(new_names: Sequence[str], source_names: Sequence[str]) -> VocabularyMap:
+  """Matches the two vocabularies by token name."""
+  where = {name: i for i, name in enumerate(source_names)}
+  pairs = [(i, where[n]) for i, n in enumerate(new_names) if n in where]
+  new_ids = np.array([a for a, _ in pairs], np.int32)
+  source_ids = np.array([b for _, b in pairs], np.int32)
+  return VocabularyMap(new_ids, source_ids, tuple(n for n in new_names if n not in where))
+
+
+def transfer_params(fresh, source, vocab: VocabularyMap, shardings):
+  """The new run's parameters: `source`'s values, except along the "vocab" axis, where
+  rows of tokens the source lacks (and padding rows) keep `fresh`'s initialisation.
+
+  Args:
+    fresh: the new run's freshly initialised parameters (nnx.State of global arrays).
+    source: the source run's parameters, same structure (vocab dimensions may differ).
+    vocab: `map_vocabulary(new names, source names)`.
+    shardings: the new parameters' shardings (`TrainSetup.state_shardings.params`).
+
+  Returns:
+    Parameters like `fresh`, placed with `shardings` (one jitted gather/scatter, so no
+    host holds the whole model).
+  """
+  fresh_vars = _variables_with_paths(fresh)
+  vocab_dims = [(_logical_axes(v).index(VOCAB_AXIS) if VOCAB_AXIS in _logical_axes(v) else None)
+                for _, v in fresh_vars]
+  new_ids, source_ids = jnp.asarray(vocab.new_ids), jnp.asarray(vocab.source_ids)
+
+  def combine(fresh_leaves, source_leaves):
+    out = []
+    for f, s, dim in zip(fresh_leaves, source_leaves, vocab_dims):
+      s = s.astype(f.dtype)
+      if dim is None:
+        out.append(s)
+      else:
+        rows = jnp.take(s, source_ids, axis=dim)
+        out.append(f.at[(slice(None),) * dim + (new_ids,)].set(rows))
+    return out
+
+  fresh_leaves, treedef = jax.tree.flatten(fresh)
+  out_sh = jax.tree.leaves(shardings)
+  combined = jax.jit(combine, out_shardings=out_sh)(fresh_leaves, jax.tree.leaves(source))
+  return jax.tree.unflatten(treedef, combined)
+
+
+def load_init_params(source: InitSource, fresh, shardings, new_vocab_names: Sequence[str],
+                     mesh, rules) -> Tuple[Any, Dict[str, Any]]:
+  """Restores the source run's parameters for the new run (see `transfer_params`).
+
+  Returns:
+    (parameters, record): the record (for run_info.json) names the source, its step, and
+    how many vocabulary rows were copied and initialised.
+
+  Raises:
+    MidijaxError: one line naming config.train.init_from when the run cannot be loaded.
+  """
+  try:
+    model, enc, _, step = runs.load_run(source.workdir, step=source.step, mesh=mesh, rules=rules)
+  except MidijaxError as e:
+    raise MidijaxError(_field_error(source.spec, str(e))) from None
+  _, source_params = nnx.split(model)
+  vocab = map_vocabulary(new_vocab_names, enc.vocab.names)
+  params = transfer_params(fresh, source_params, vocab, shardings)
+  record = {"spec": source.spec, "workdir": source.workdir, "step": int(step),
+            "vocabulary": {"copied": int(len(vocab.new_ids)),
+                           "initialised": len(vocab.initialised),
+                           "initialised_tokens": list(vocab.initialised[:50])}}
+  return params, record
+
+
+# ----------------------------------------------------------------------------- export
+# Parameter transforms `export_run` applies in order: (params, config) -> (params,
+# config). LoRA's adapter merge (kernel += A @ B * scale, then config.model.lora_rank = 0)
+# belongs here, so that exported runs load as plain models.
+EXPORT_TRANSFORMS: List[Callable[[Any, ml_collections.ConfigDict], Tuple[Any, Any]]] = []
+
+
+def directory_bytes(path) -> int:
+  """Bytes of the files under `path` (a local folder or gs://)."""
+  path = ckpt_lib.workdir_path(path)
+  if not path.exists():
+    return 0
+  total, stack = 0, [path]
+  while stack:  # epath has no recursive glob on object stores
+    for p in stack.pop().iterdir():
+      if p.is_dir():
+        stack.append(p)
+      else:
+        total += int(p.stat().length)
+  return total
+
+
+def export_run(workdir, out, *, step: Optional[int] = None, best: bool = False) -> Dict[str, Any]:
+  """Writes a parameters-only copy of a run's checkpoint as a new run folder `out`.
+
+  `out` gets config.json, vocab.json, run_info.json (naming the source) and
+  checkpoints/<step>/ holding the parameters after `EXPORT_TRANSFORMS` (no optimizer
+  state), plus best.json, so `midijax generate --workdir OUT [--best]` loads it.
+
+  Returns:
+    {"out", "step", "params", "bytes", "source_bytes"} (bytes of the checkpoint folders).
+
+  Raises:
+    MidijaxError: the run cannot be loaded, or `out` already holds a run (nothing in it
+      is overwritten).
+  """
+  out_path = ckpt_lib.workdir_path(out)
+  if (out_path / "config.json").exists() or ckpt_lib.available_steps(out_path):
+    raise MidijaxError(f"{out_path}: already holds a run; export to a new folder")
+  model, enc, config, step = runs.load_run(workdir, step=step, best=best)
+  _, params = nnx.split(model)
+  config = ml_collections.ConfigDict(config.to_dict())
+  for transform in EXPORT_TRANSFORMS:
+    params, config = transform(params, config)
+  src = ckpt_lib.workdir_path(workdir)
+  meta = ckpt_lib.read_meta(src, step)
+  out_path.mkdir(parents=True, exist_ok=True)
+  manager = ckpt_lib.make_manager(out_path, keep_latest=1, keep_best=1, async_save=False)
+  eval_loss = (meta.get("eval") or {}).get("loss")
+  ckpt_lib.save(manager, step, {"params": params},
+                {**meta, "exported_from": {"workdir": os.fspath(src), "step": int(step)}},
+                eval_loss)
+  manager.wait_until_finished()
+  manager.close()
+  if eval_loss is not None:
+    ckpt_lib.write_best(out_path, step, eval_loss)
+  enc.save_vocab(out_path / "vocab.json")
+  info = {}
+  if (src / "run_info.json").exists():
+    info = json.loads((src / "run_info.json").read_text())
+  info["exported_from"] = {"workdir": os.fspath(src), "step": int(step)}
+  (out_path / "run_info.json").write_text(json.dumps(info, indent=1, default=str))
+  (out_path / "config.json").write_text(json.dumps(json.loads(config.to_json_best_effort()),
+                                                   indent=1, default=str))
+  return {"out": os.fspath(out_path), "step": int(step), "params": count_params(params)[0],
+          "bytes": directory_bytes(ckpt_lib.checkpoint_dir(out_path) / str(step)),
+          "source_bytes": directory_bytes(ckpt_lib.checkpoint_dir(src) / str(step))}
