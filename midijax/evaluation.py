@@ -144,3 +144,86 @@ def _strict_decode(enc, ids, is_drum, constraints):
 
 class GrammarViolation(ValueError):
   pass
+
+
+# ----------------------------------------------------------------------------- continuation
+def evaluate_continuation(workdir, *, data: Optional[str] = None, split: str = "test",
+                          seq_len: Optional[int] = None, step: Optional[int] = None,
+                          best: bool = False, data_dir: Optional[str] = None, out_dir=None,
+                          log=print) -> dict:
+  """NLL of continuation targets given their real prompts (`midijax evaluate --task
+  continuation`).
+
+  Every pair of the split (a dataset built with `prompt_bars`, e.g.
+  groove/drums_continuation) is scored in one window: BOS + conditioning + the real
+  prompt, given, then the target tokens, each scored given everything before it. Runs
+  evaluated with the same `data`, `split` and `seq_len` score exactly the same tokens.
+
+  Args:
+    workdir: the run; step / best: its checkpoint (default the latest).
+    data: "NAME/BUILDER_CONFIG" of the pairs (default: the run's own dataset).
+    split: the split scored.
+    seq_len: window length in tokens (default the model's max_len); target tokens past it
+      are not scored and are counted as `cut_targets`.
+    data_dir: TFDS data dir (default: the run's config.data.data_dir).
+    out_dir: where continuation_<builder config>_<split>.json goes (default
+      WORKDIR/eval/<step>/).
+
+  Returns:
+    The metrics: nll_per_token, nll_per_note, perplexity, accuracy, tokens (scored
+    targets), notes, pairs, cut_targets, plus step, data, split and seq_len.
+
+  Raises:
+    MidijaxError: the dataset is not continuation pairs, uses another vocabulary than the
+      run, or has a prompt longer than the window.
+  """
+  # pylint: disable=g-import-not-at-top
+  from midijax import input_pipeline, runs
+  from midijax.errors import MidijaxError
+  model, enc, config, step = runs.load_run(workdir, step=step, best=best)
+  config = config.copy_and_resolve_references()
+  seq_len = int(seq_len or model.config.max_len)
+  with config.unlocked():
+    if data:
+      name, _, builder_config = data.partition("/")
+      config.data.name, config.data.builder_config = name, builder_config
+    config.data.mixture = ()
+    if data_dir:
+      config.data.data_dir = data_dir
+    config.data.seq_len = seq_len
+  spec = input_pipeline.dataset_specs(config)[0]
+  where = f"{spec.name}/{spec.builder_config}"
+  data_enc = input_pipeline.load_encoding(spec.version_dir)
+  if data_enc.vocab.names != enc.vocab.names:
+    raise MidijaxError(f"{where}: its vocabulary ({data_enc.config}) is not the run's "
+                       f"({enc.config}); evaluate on data of the run's encoding")
+  store = input_pipeline.load_split(spec.version_dir, split)
+  if not store.is_pair.any():
+    raise MidijaxError(f"{where} {split}: not continuation pairs; build some with "
+                       f"`midijax build-data groove --config drums_continuation` and pass "
+                       f"--data groove/drums_continuation")
+  if seq_len > model.config.max_len:
+    raise MidijaxError(f"--seq_len {seq_len} is above the model's max_len "
+                       f"{model.config.max_len}")
+  input_pipeline.check_prompts_fit(store, seq_len, f"{where} {split}", field="--seq_len")
+  t0 = time.perf_counter()
+  nll = split_nll(model, config, split)
+  iterator = input_pipeline.make_eval_iterator(config, split, process_index=0, process_count=1)
+  metrics = {**nll, "pairs": int(store.is_pair.sum()), "cut_targets": iterator.num_cut_targets,
+             "step": int(step), "data": where, "split": split, "seq_len": seq_len,
+             "workdir": str(workdir)}
+  log(f"{where} {split}: continuation NLL {nll['nll_per_token']:.4f} nats/token, "
+      f"{nll['nll_per_note']:.4f} nats/note over {metrics['pairs']} prompts "
+      f"({nll['tokens']:,.0f} target tokens scored, {metrics['cut_targets']:,} past the "
+      f"{seq_len}-token window; {time.perf_counter() - t0:.1f} s)")
+  workdir_p = ckpt_lib.workdir_path(workdir)
+  out = pathlib.Path(out_dir) if out_dir else pathlib.Path(str(workdir_p / "eval" / str(step)))
+  out.mkdir(parents=True, exist_ok=True)
+  path = out / f"continuation_{spec.builder_config}_{split}.json"
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(json.dumps(metrics, indent=1))
+  tmp.replace(path)
+  metric_writers.write_tensorboard_scalars(
+      pathlib.Path(str(workdir_p / "tensorboard")),
+      {f"continuation_{split}/{k}": v for k, v in nll.items()}, step)
+  return metrics

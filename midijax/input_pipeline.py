@@ -292,20 +292,22 @@ def load_split(version_dir: os.PathLike, split: str, process_index: int = 0,
       head_lengths=prefix_lengths + np.concatenate(prompts).astype(np.int64))
 
 
-def check_prompts_fit(store: TokenStore, seq_len: int, where: str) -> None:
+def check_prompts_fit(store: TokenStore, seq_len: int, where: str,
+                      field: str = "config.data.seq_len") -> None:
   """Raises ConfigError when a piece's given head (prefix + prompt) leaves no room for a
-  target in a row of `seq_len` tokens; `where` names the dataset and split."""
+  target in a row of `seq_len` tokens; `where` names the dataset and split, `field` the
+  setting that gave seq_len."""
   longest = int(store.head_lengths.max()) if len(store) else 0
   if longest < seq_len:
     return
   i = int(np.argmax(store.head_lengths))
   if store.is_pair[i]:
     raise ConfigError(
-        f"config.data.seq_len={seq_len} is shorter than the longest continuation prompt of "
-        f"{where} ({longest} tokens: {int(store.prefix_lengths[i])} prefix + "
-        f"{longest - int(store.prefix_lengths[i])} prompt), so no target fits; raise "
-        "data.seq_len and model.max_len, or build the pairs with fewer prompt_bars")
-  raise ConfigError(f"config.data.seq_len={seq_len} leaves no room after the {longest}-token "
+        f"{field}={seq_len} is shorter than the longest continuation prompt of {where} "
+        f"({longest} tokens: {int(store.prefix_lengths[i])} prefix + "
+        f"{longest - int(store.prefix_lengths[i])} prompt), so no target fits; raise it (and "
+        "config.model.max_len), or build the pairs with fewer prompt_bars")
+  raise ConfigError(f"{field}={seq_len} leaves no room after the {longest}-token "
                     f"conditioning prefix of {where}")
 
 
@@ -706,11 +708,25 @@ class EvalIterator:
     self.num_batches = -(-per_process // rows)
     if max_batches is not None and max_batches >= 0:
       self.num_batches = min(self.num_batches, int(max_batches))
+    # The windows every process together evaluates (all of them unless max_batches cuts).
+    self._evaluated = np.concatenate(
+        [windows[p::process_count][:self.num_batches * rows] for p in range(process_count)])
     self.per_process_batch_shape = (rows, seq_len)
     self.global_batch_shape = (global_rows, seq_len)
 
   def __len__(self) -> int:
     return self.num_batches
+
+  def count_scored(self, token_mask: np.ndarray) -> int:
+    """How many scored targets, over all processes' batches, have `token_mask[id]` true
+    (e.g. `encoding.note_token_mask`: the notes, for NLL per note)."""
+    s = self.store
+    if not len(self._evaluated):
+      return 0
+    piece, begin, size = (self._evaluated[:, k] for k in range(3))
+    first = s.starts[piece] + s.head_lengths[piece] + begin
+    index = np.repeat(first - np.cumsum(size) + size, size) + np.arange(int(size.sum()))
+    return int(np.asarray(token_mask)[s.values[index]].sum())
 
   def __iter__(self) -> Iterator[Dict[str, np.ndarray]]:
     s, row_len = self.store, self.seq_len + 1

@@ -34,6 +34,7 @@ import numpy as np
 import optax
 
 from midijax import checkpoint as ckpt_lib
+from midijax import encoding
 from midijax import finetune
 from midijax import losses
 from midijax import metric_writers
@@ -519,6 +520,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     window = {"t": time.perf_counter(), "steps": 0, "tokens": 0.0}
     step = start_step
     eval_summary: Dict[str, float] = {}
+    eval_notes = None  # notes among the eval targets (the same at every evaluation)
 
     def log_train(step_done, m):
       """Fetches a step's metrics; a NaN/inf loss stops the run before anything is saved."""
@@ -570,8 +572,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         eval_loss = None
         if do_eval:
           t0 = time.perf_counter()
-          eval_summary = losses.evaluate(p_eval, state.params, data.eval_batches(), to_global)
+          eval_batches = data.eval_batches()
+          eval_summary = losses.evaluate(p_eval, state.params, eval_batches, to_global)
           eval_loss = eval_summary["loss"]
+          if eval_notes is None and hasattr(eval_batches, "count_scored"):
+            eval_notes = eval_batches.count_scored(encoding.note_token_mask(data.encoding))
+          if eval_notes:  # NLL per note compares runs of different encodings
+            eval_summary["nll_per_note"] = eval_loss * eval_summary["tokens"] / eval_notes
           writer.write(step, {f"eval_{k}": v for k, v in eval_summary.items()})
           if is_chief:
             line = (f"step {step:>6}  eval loss {eval_loss:.4f}  ppl "

@@ -70,6 +70,12 @@ def load_vocab(path) -> Encoding:
   return enc
 
 
+def note_token_mask(enc: Encoding) -> np.ndarray:
+  """bool [vocab_size]: ids that start a note (NOTE_ON_* / DRUM_*), the unit of NLL per
+  note (comparable between encodings, unlike NLL per token)."""
+  return np.array([n.startswith(("NOTE_ON_", "DRUM_")) for n in enc.vocab.names])
+
+
 # Encodings whose time is the sum of their TIME_SHIFT tokens: a prompt and its continuation
 # encode apart and join into one stream (`encode_prompt`, `continuation_pair`).
 TIME_SHIFT_ENCODINGS = ("performance", "drums")
@@ -124,4 +130,4 @@ def continuation_pair(enc: Encoding, notes: Notes, cut_seconds: float, end_secon
 
 __all__ = ["get", "from_config", "load_vocab", "Encoding", "Vocab", "CONDITIONING", "PAD_ID",
            "EOS_ID", "ENCODINGS", "tempo_bin", "family_of_program", "is_drum_music", "TIME_SHIFT_ENCODINGS",
-           "encode_prompt", "continuation_pair"]
+           "encode_prompt", "continuation_pair", "note_token_mask"]
