@@ -1,11 +1,15 @@
 """The `midijax` command: one argparse parser over the library's functions.
 
     midijax train --config=configs/NAME.py --workdir=DIR [--config.FIELD=VALUE ...]
+    midijax reproduce RUN --workdir NEW
+    midijax compare-runs RUN1 RUN2 ... [--out curves.png]
     midijax compile --config=configs/NAME.py [--topology=cpu:8|tpu:v4-8|local] [--json]
     midijax build-data groove|piano|midi_folder --manual_dir DIR [--data_dir DIR]
     midijax generate [LENGTH [TEMPERATURE [TOP_K]]] --workdir RUN [--style funk ...]
     midijax continue --workdir RUN --prompt FILE.mid [--prompt_bars 2 | --prompt_seconds S]
     midijax evaluate --workdir RUN [--split test] [--num_samples 64]
+    midijax evaluate --workdir RUN --task continuation [--data groove/drums_continuation]
+    midijax export --workdir RUN [--best] --out NEW
     midijax export-listening --run NAME=RUN [--run ...] --out DIR
     midijax listening-results ANSWERS.csv ... --key DIR/key.csv
     midijax midi2tokens IN.mid OUT.txt [--encoding performance|drums|triples] [--ids]
@@ -38,7 +42,7 @@ from midijax.errors import ConfigError, MidijaxError
 COMMANDS: Dict[str, Tuple[str, str, Callable[[argparse.ArgumentParser], None]]] = {}
 # Commands that run JAX (or TensorFlow's input pipeline): they re-execute under tcmalloc.
 COMPUTE_COMMANDS = ("train", "compile", "build-data", "generate", "continue", "evaluate",
-                    "export-listening")
+                    "export-listening", "reproduce", "export")
 # Commands whose config file takes --config.FIELD=VALUE overrides.
 CONFIG_COMMANDS = ("train", "compile")
 OVERRIDE_PREFIX = "--config."
@@ -437,6 +441,47 @@ def run_train(args) -> int:
   return 0
 
 
+@command("reproduce", "train a recorded run again from its saved config",
+         "Re-runs the run in WORKDIR from its config.json in a new folder, after warning "
+         "about each difference between its run_info.json and this machine (git commit, "
+         "uncommitted changes, package versions, Python, devices). With none, the new "
+         "run's checkpoints equal the original's bit for bit.")
+def _reproduce_flags(p):
+  p.add_argument("run", metavar="WORKDIR", help="the recorded run")
+  p.add_argument("--workdir", required=True, help="a new folder for the re-run")
+  p.set_defaults(func=run_reproduce)
+
+
+def run_reproduce(args) -> int:
+  from midijax import experiments
+  experiments.reproduce(args.run, args.workdir,
+                        warn=lambda line: print(f"midijax reproduce: warning: {line}",
+                                                file=sys.stderr, flush=True))
+  return 0
+
+
+@command("compare-runs", "a table and a plot of several runs' configs and validation NLL",
+         "Prints, for each run, the config fields that differ from the first run's, the "
+         "best validation NLL and its step, the steps trained, median tokens/s and wall "
+         "time (from each workdir's config.json, metrics.jsonl and run_info.json), and "
+         "writes their validation curves as a PNG. Runs with different encodings are "
+         "compared by NLL per note (NLL per token is not comparable between them).")
+def _compare_runs_flags(p):
+  p.add_argument("runs", nargs="+", metavar="WORKDIR", help="run folders (the first is the "
+                                                            "reference)")
+  p.add_argument("--out", default="compare_runs.png", help="PNG of the validation curves "
+                                                           "(default compare_runs.png)")
+  p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+  p.set_defaults(func=run_compare_runs)
+
+
+def run_compare_runs(args) -> int:
+  from midijax import experiments
+  result = experiments.compare_runs(args.runs, out_png=args.out)
+  print(json.dumps(result, indent=1) if args.json else experiments.format_comparison(result))
+  return 0
+
+
 @command("compile", "ahead-of-time compile the train step for a topology: memory, FLOPs",
          "Compiles the train step ahead of time for a device topology and reports memory "
          "per device and FLOPs, so you know whether a config fits before renting the "
@@ -492,14 +537,58 @@ def _build_data_flags(p):
   p.add_argument("--num_shards", type=int, default=None, help="TFRecord shards per split")
   p.add_argument("--num_workers", type=int, default=None, help="tokenizing processes (all cores)")
   p.add_argument("--overwrite", action="store_true", help="rebuild an existing dataset")
+  p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                 help="change a field of the builder config (repeatable), e.g. "
+                      "styles=funk,rock | drummers=drummer1 | prompt_bars=4 | "
+                      "target_bars=1 | hop_bars=1 | window_bars=8; lists comma-separated. "
+                      "The dataset gets a name of its own (--name, or CONFIG_<hash>)")
+  p.add_argument("--name", dest="dataset_name", default=None,
+                 help="name of the dataset made with --set (what config.data.builder_config "
+                      "then names), e.g. drums_continuation_funk")
   p.set_defaults(func=run_build_data)
+
+
+def builder_overrides(name: str, config: Optional[str], items: Sequence[str]) -> Dict:
+  """--set FIELD=VALUE items -> {field: value}, each value of the type of the config's
+  field (int, float, bool, or a tuple of comma-separated values)."""
+  import data_pipelines
+  cls = data_pipelines.builder_class(name)
+  base = {c.name: c for c in cls.BUILDER_CONFIGS}.get(config or cls.DEFAULT_BUILDER_CONFIG_NAME)
+  out = {}
+  for item in items:
+    field, sep, text = item.partition("=")
+    if not sep or base is None or not hasattr(base, field) or field in ("name", "description"):
+      raise MidijaxError(f"--set {item!r}: expected FIELD=VALUE with a field of the {name} "
+                         "builder config (e.g. styles=funk)")
+    default = getattr(base, field)
+    try:
+      if isinstance(default, bool):
+        if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+          raise ValueError(text)
+        value = text.lower() in ("true", "1", "yes")
+      elif isinstance(default, tuple):
+        kind = type(default[0]) if default else str
+        value = tuple(kind(x) for x in text.split(",") if x)
+      elif isinstance(default, (int, float, str)):
+        value = type(default)(text)
+      else:
+        raise MidijaxError(f"--set {item!r}: field {field} cannot be set from the command line")
+    except ValueError:
+      raise MidijaxError(f"--set {item!r}: {text!r} is not a {type(default).__name__}") from None
+    out[field] = value
+  return out
 
 
 def run_build_data(args) -> int:
   import data_pipelines
+  overrides = builder_overrides(args.name, args.config, args.set)
+  if args.dataset_name and not overrides:
+    raise MidijaxError("--name names a dataset made with --set FIELD=VALUE; without --set "
+                       "the dataset is the builder config itself")
   builder = data_pipelines.build(args.name, args.config, manual_dir=args.manual_dir,
                                  data_dir=args.data_dir, num_shards=args.num_shards,
-                                 num_workers=args.num_workers, overwrite=args.overwrite)
+                                 num_workers=args.num_workers, overwrite=args.overwrite,
+                                 config_name=args.dataset_name, **overrides)
   info = builder.info
   splits = ", ".join(f"{k} {v.num_examples}" for k, v in info.splits.items())
   print(f"{args.name}/{builder.builder_config.name}: {splits} -> {builder.data_dir}")
@@ -536,15 +625,54 @@ def _evaluate_flags(p):
   step.add_argument("--best", action="store_true", help="the best checkpoint by validation")
   _add_decoding_flags(p)
   p.add_argument("--out", default=None, help="output folder (default WORKDIR/eval/<step>)")
+  task = p.add_argument_group("--task continuation: NLL of continuation targets given their "
+                              "real prompts (no sampling)")
+  task.add_argument("--task", choices=("lm", "continuation"), default="lm",
+                    help="lm: the whole split's NLL and samples vs real clips (default); "
+                         "continuation: NLL per token and per note of the targets of a "
+                         "continuation-pairs dataset, given each real prompt")
+  task.add_argument("--data", default=None, metavar="NAME/CONFIG",
+                    help="the continuation-pairs dataset, e.g. groove/drums_continuation "
+                         "(default: the run's own dataset)")
+  task.add_argument("--seq_len", type=_positive(int), default=None,
+                    help="window in tokens: prompt + target, the rest of a target is not "
+                         "scored (default: the model's max_len); use one value to compare runs")
   p.set_defaults(func=run_evaluate)
 
 
 def run_evaluate(args) -> int:
   from midijax import evaluation
+  if args.task == "continuation":
+    evaluation.evaluate_continuation(args.workdir, data=args.data, split=args.split,
+                                     seq_len=args.seq_len, step=args.step, best=args.best,
+                                     data_dir=args.data_dir, out_dir=args.out)
+    return 0
   evaluation.evaluate_workdir(args.workdir, split=args.split, num_samples=args.num_samples,
                               max_new_tokens=args.max_tokens, step=args.step, best=args.best,
                               seed=args.seed, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, data_dir=args.data_dir, out_dir=args.out)
+  return 0
+
+
+@command("export", "a run's parameters alone, as a new run folder (a smaller checkpoint)",
+         "Writes the parameters of one checkpoint (no optimizer state) with config.json, "
+         "vocab.json and run_info.json into a new folder that generate, continue and "
+         "evaluate load like any run, and prints both checkpoints' sizes.")
+def _export_run_flags(p):
+  p.add_argument("--workdir", required=True, help="the trained run")
+  which = p.add_mutually_exclusive_group()
+  which.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
+  which.add_argument("--best", action="store_true", help="the best checkpoint by validation")
+  p.add_argument("--out", required=True, help="a new folder for the exported run")
+  p.set_defaults(func=run_export)
+
+
+def run_export(args) -> int:
+  from midijax import finetune
+  r = finetune.export_run(args.workdir, args.out, step=args.step, best=args.best)
+  print(f"{args.workdir} step {r['step']}: {r['params']:,} parameters -> {r['out']} "
+        f"({r['bytes'] / 2**20:.2f} MiB; the training checkpoint is "
+        f"{r['source_bytes'] / 2**20:.2f} MiB)")
   return 0
 
 
@@ -638,9 +766,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # The order of `midijax --help`: the path from data to listening tests, then the tools.
-COMMAND_ORDER = ("build-data", "train", "compile", "generate", "continue", "evaluate",
-                 "export-listening", "listening-results", "midi2tokens", "tokens2midi",
-                 "encodings")
+COMMAND_ORDER = ("build-data", "train", "reproduce", "compare-runs", "compile", "generate",
+                 "continue", "evaluate", "export", "export-listening", "listening-results",
+                 "midi2tokens", "tokens2midi", "encodings")
 
 
 def main(argv: Optional[List[str]] = None) -> int:

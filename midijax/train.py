@@ -222,11 +222,15 @@ def _write_json_atomic(path, obj) -> None:
 def run_info() -> dict:
   """What a run ran on: git commit, package versions, Python, devices, start time."""
   import importlib.metadata as md
+  here = pathlib.Path(__file__).parent
   try:
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                            cwd=pathlib.Path(__file__).parent, timeout=5).stdout.strip()
+                            cwd=here, timeout=5).stdout.strip()
+    dirty = bool(commit) and bool(subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no", "--", "."],
+        capture_output=True, text=True, cwd=here, timeout=5).stdout.strip())
   except Exception:  # not a git checkout
-    commit = ""
+    commit, dirty = "", False
   versions = {}
   for pkg in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "tensorflow-datasets",
               "note-seq", "symusic", "numpy", "midijax"):
@@ -234,7 +238,7 @@ def run_info() -> dict:
       versions[pkg] = md.version(pkg)
     except md.PackageNotFoundError:
       pass
-  return {"git_commit": commit, "versions": versions, "python": sys.version.split()[0],
+  return {"git_commit": commit, "git_dirty": dirty, "versions": versions, "python": sys.version.split()[0],
           "devices": [str(d) for d in jax.devices()], "process_count": jax.process_count(),
           "started": time.strftime("%Y-%m-%d %H:%M:%S")}
 
