@@ -338,3 +338,110 @@ def test_benchmark_prints_tokens_per_second(data_dir, capsys):
                        "--seq_len", "64", "--batch_size", "8", "--packing"])
   line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert line["tokens_per_s"] == result["tokens_per_s"] > 0
+
+
+# --------------------------------------------------------------------------- continuation pairs
+@pytest.fixture(scope="module")
+def pairs_dir(groove_dir, tmp_path_factory):
+  """groove/drums_continuation (2 prompt bars, 2 target bars) of a small GMD copy."""
+  src = tmp_path_factory.mktemp("pairs_src")
+  _copy_groove(groove_dir, src)
+  out = tmp_path_factory.mktemp("pairs_tfds")
+  data_pipelines.build("groove", "drums_continuation", manual_dir=str(src), data_dir=str(out),
+                       num_shards=2, num_workers=2)
+  return out
+
+
+def pairs_config(pairs_dir, **data):
+  return make_config(pairs_dir, **{"builder_config": "drums_continuation", "seq_len": 256,
+                                   **data})
+
+
+def pair_store(pairs_dir, split="train"):
+  return input_pipeline.load_split(
+      input_pipeline.find_dataset_dir("groove", "drums_continuation", str(pairs_dir)), split)
+
+
+def which_piece(store, full):
+  """The piece whose head (prefix + prompt) starts `full` (as far as `full` goes: the last
+  piece of a packed row may be cut)."""
+  found = [i for i in range(len(store)) if np.array_equal(
+      full[:store.head_lengths[i]], store.piece(i)[:min(store.head_lengths[i], len(full))])]
+  assert found, "a row that does not start with a piece's prefix and prompt"
+  return found[0]
+
+
+def test_pairs_score_only_the_target_after_the_whole_prompt(pairs_dir):
+  store = pair_store(pairs_dir)
+  assert store.is_pair.all() and (store.head_lengths > store.prefix_lengths + 10).all()
+  enc = encoding.load_vocab(input_pipeline.find_dataset_dir(
+      "groove", "drums_continuation", str(pairs_dir)) / "vocab.json")
+  assert not (store.values == enc.eos_id).any()  # the music goes on after the target
+  it = input_pipeline.make_train_iterator(pairs_config(pairs_dir), process_index=0,
+                                          process_count=1)
+  for batch in take(it, 3):
+    for inputs, targets, weights in zip(batch["inputs"], batch["targets"], batch["weights"]):
+      full = np.concatenate([inputs, targets[-1:]])
+      i = which_piece(store, full)
+      head, length = int(store.head_lengths[i]), int(store.lengths[i])
+      # No crop: the row is the piece from its start, cut at the row's end.
+      n = min(length, 257)
+      np.testing.assert_array_equal(full[:n], store.piece(i)[:n])
+      # Weights: 0 on the prefix and the prompt, 1 on every target token in the row.
+      want = np.zeros(256, np.float32)
+      want[head - 1:n - 1] = 1
+      np.testing.assert_array_equal(weights, want)
+
+
+def test_pairs_packing_and_seed_step_order(pairs_dir):
+  store = pair_store(pairs_dir)
+  config = pairs_config(pairs_dir, packing=True, max_segments_per_row=4)
+  full = take(input_pipeline.make_train_iterator(config, process_index=0, process_count=1), 5)
+  resumed = take(input_pipeline.make_train_iterator(config, start_step=3, process_index=0,
+                                                    process_count=1), 2)
+  for a, b in zip(full[3:], resumed):
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+  packed = 0
+  for batch in full:
+    for inputs, targets, seg, pos, w in zip(*(batch[k] for k in (
+        "inputs", "targets", "segment_ids", "positions", "weights"))):
+      row = np.concatenate([inputs, targets[-1:]])
+      for s in np.unique(seg[seg > 0]):
+        cols = np.flatnonzero(seg == s)
+        i = which_piece(store, row[cols[0]:cols[-1] + 2])
+        head = int(store.head_lengths[i])
+        # Within a segment: nothing scored before its target, the target scored.
+        scored = w[cols] > 0
+        np.testing.assert_array_equal(scored[:head - 1], False)
+        assert pos[cols[0]] == 0
+        if len(cols) > head:
+          assert scored[head - 1:len(cols) - 1].all()
+      packed += len(np.unique(seg[seg > 0])) > 1
+  assert packed > 0
+
+
+def test_pairs_eval_scores_each_target_once_given_its_prompt(pairs_dir):
+  store = pair_store(pairs_dir, "validation")
+  ev = input_pipeline.make_eval_iterator(pairs_config(pairs_dir, eval_batch_size=4),
+                                         process_index=0, process_count=1)
+  assert ev.num_windows == len(store)
+  room = 257 - store.head_lengths
+  want = np.concatenate([store.piece(i)[store.head_lengths[i]:][:room[i]]
+                         for i in range(len(store))])
+  got = np.concatenate([b["targets"][b["weights"] > 0] for b in ev])
+  np.testing.assert_array_equal(got, want)
+  assert ev.num_targets == len(want)
+  assert ev.num_cut_targets == int((store.lengths - store.head_lengths).sum()) - len(want)
+
+
+def test_pairs_prompt_longer_than_the_window_and_augmentation_are_errors(pairs_dir):
+  with pytest.raises(ConfigError, match=r"config.data.seq_len=64 is shorter than the longest "
+                                        r"continuation prompt .*prompt_bars"):
+    input_pipeline.make_train_iterator(pairs_config(pairs_dir, seq_len=64), process_index=0,
+                                       process_count=1)
+  with pytest.raises(ConfigError, match="config.data.seq_len=64 is shorter"):
+    input_pipeline.make_eval_iterator(pairs_config(pairs_dir, seq_len=64), process_index=0,
+                                      process_count=1)
+  with pytest.raises(ConfigError, match="time_stretch: continuation pairs are not augmented"):
+    input_pipeline.make_train_iterator(pairs_config(pairs_dir, time_stretch=0.05),
+                                       process_index=0, process_count=1)
