@@ -3,6 +3,7 @@
 Every build writes into its own temporary TFDS data dir; the real corpus is only read.
 """
 import csv
+import dataclasses
 import json
 import os
 import pathlib
@@ -187,6 +188,56 @@ def test_groove_bar_windows(groove_subset, tmp_path):
     assert ex["start_seconds"] == pytest.approx(ex["window_index"] * bar, rel=1e-5)
     hits = enc.decode_notes(ex["tokens"])
     assert len(hits) == ex["num_notes"] > 0 and hits.start.max() < 2 * bar + 0.01
+
+
+def test_groove_continuation_pairs_and_style_filter(groove_subset, tmp_path, capsys):
+  """drums_continuation narrowed to one style with `build-data --set`: each example is the
+  prompt `midijax continue` would feed (2 bars, ending on the bar line), then the next 2
+  bars."""
+  from midijax import cli, sampling  # pylint: disable=g-import-not-at-top
+  root, rows = groove_subset
+  style = next(r["style"].split("/")[0] for r in rows if r["beat_type"] == "beat")
+  assert cli.main(["build-data", "groove", "--config", "drums_continuation", "--set",
+                   f"styles={style}", "--name", f"pairs_{style}", "--manual_dir", str(root),
+                   "--data_dir", str(tmp_path), "--num_workers", "1"]) == 0
+  builder = data_pipelines.builder_class("groove")(
+      data_dir=str(tmp_path), config=common.config_with_overrides(
+          {c.name: c for c in data_pipelines.builder_class("groove").BUILDER_CONFIGS}[
+              "drums_continuation"], name=f"pairs_{style}", styles=(style,)))
+  enc = builder.encoding
+  examples = [ex for s in builder.info.splits for ex in read_split(builder, s)]
+  assert examples and builder.info.metadata["prompt_bars"] == 2
+  by_id = {r["id"]: r for r in rows}
+  for ex in examples:
+    row = by_id[ex["id"].decode()]
+    assert row["style"].split("/")[0] == style and ex["style"].decode() == style
+    bar = 60.0 / float(row["bpm"]) * 4 * 4.0 / 4  # 4-4, as the builder computes it
+    assert ex["duration"] == pytest.approx(4 * bar, rel=1e-5)
+    assert ex["window_index"] % 2 == 0  # windows 2 bars apart: each bar a target once
+    k = 1 + int(ex["num_condition_tokens"])
+    tokens, n_prompt = ex["tokens"], int(ex["num_prompt_tokens"])
+    assert tokens[-1] != enc.eos_id and n_prompt > 0 and len(tokens) > k + n_prompt
+    notes = midi_io.read_notes(root / row["midi_filename"])
+    t0 = int(ex["window_index"]) * bar
+    window = notes.select(notes.is_drum & (notes.start >= t0) & (notes.start < t0 + 4 * bar))
+    window = dataclasses.replace(window, start=window.start - t0,
+                                 end=np.minimum(window.end, t0 + 4 * bar) - t0)
+    np.testing.assert_array_equal(tokens[k:k + n_prompt],
+                                  sampling.encode_prompt(enc, window, 2 * bar))
+    prompt, target = encoding.continuation_pair(enc, window, 2 * bar, 4 * bar)
+    np.testing.assert_array_equal(tokens[k:], np.concatenate([prompt, target]))
+    # Joined, the two parts decode to the window's hits, in time order, within 10 ms.
+    hits = enc.decode_notes(tokens[k:])
+    np.testing.assert_allclose(hits.start, np.sort(window.start), atol=0.0101)
+  with pytest.raises(MidijaxError, match="styles=\\['nosuchstyle'\\]: not in"):
+    data_pipelines.build("groove", "drums_continuation", manual_dir=str(root),
+                         data_dir=str(tmp_path), styles=("nosuchstyle",))
+  assert cli.main(["build-data", "groove", "--set", "colour=red", "--manual_dir",
+                   str(root), "--data_dir", str(tmp_path)]) == 2
+  assert "--set 'colour=red': expected FIELD=VALUE" in capsys.readouterr().err
+  with pytest.raises(MidijaxError, match="continuation pairs need an encoding with time"):
+    data_pipelines.build("groove", "triples", manual_dir=str(root), data_dir=str(tmp_path),
+                         prompt_bars=2, target_bars=2)
 
 
 def test_builds_are_byte_identical(groove_subset, tmp_path):
