@@ -125,6 +125,10 @@ def compare_runs(workdirs: Sequence, out_png=None) -> Dict[str, Any]:
   if not workdirs:
     raise MidijaxError("give at least one run folder")
   records = [read_run(w) for w in workdirs]
+  names = [r.name for r in records]
+  for r in records:  # folders of the same name: add their parents
+    if names.count(r.name) > 1:
+      r.name = "/".join(pathlib.Path(r.workdir).parts[-2:])
   vocabularies = {json.dumps(r.vocab) for r in records}
   per_token = len(vocabularies) == 1 and records[0].vocab is not None
   metric = "eval_loss" if per_token else "eval_nll_per_note"

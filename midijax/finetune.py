@@ -311,7 +311,10 @@ def load_init_params(source: InitSource, fresh, shardings, new_vocab_names: Sequ
   try:
     model, enc, _, step = runs.load_run(source.workdir, step=source.step, mesh=mesh, rules=rules)
   except MidijaxError as e:
-    raise MidijaxError(_field_error(source.spec, str(e))) from None
+    message = str(e)
+    if message.startswith(f"{source.workdir}: "):  # the field's value names it already
+      message = message[len(source.workdir) + 2:]
+    raise MidijaxError(_field_error(source.spec, message)) from None
   _, source_params = nnx.split(model)
   vocab = map_vocabulary(new_vocab_names, enc.vocab.names)
   params = transfer_params(fresh, source_params, vocab, shardings)

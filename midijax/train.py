@@ -434,7 +434,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if config.train.get("init_from", "") and not resuming:
     init_source = finetune.resolve_init_from(config.train.init_from)
     finetune.check_init_from(config, init_source, vocab_size, init_source.vocab_size)
-  workdir.mkdir(parents=True, exist_ok=True)
 
   mesh = sharding.create_mesh(config.mesh)
   rules = sharding.get_logical_axis_rules(config.mesh)
@@ -445,9 +444,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       old_info = json.loads((workdir / "run_info.json").read_text())
     except ValueError:  # damaged by an earlier crash: start a new record
       old_info = {}
-  if is_chief:
-    _write_json(workdir / "config.json", json.loads(config.to_json_best_effort()))
-    data.save_vocab(workdir / "vocab.json")
 
   # Parameters are created outside `use_mesh`: their logical names resolve through the rules.
   setup, state = create_train_state(config, vocab_size, mesh, rules)
@@ -476,7 +472,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                 f" ({', '.join(vocab['initialised_tokens'][:8])}"
                 f"{', ...' if vocab['initialised'] > 8 else ''})" if vocab["initialised"] else ""),
             flush=True)
+  # The run's records are written once its state exists: a start that fails (a bad
+  # init_from source, a parameter that cannot be split) leaves no half-made workdir.
+  workdir.mkdir(parents=True, exist_ok=True)
   if is_chief:
+    _write_json(workdir / "config.json", json.loads(config.to_json_best_effort()))
+    data.save_vocab(workdir / "vocab.json")
     _write_json_atomic(workdir / "run_info.json", info)
   with sharding.use_mesh(mesh, rules):
     manager = ckpt_lib.make_manager(workdir, config.train.keep_latest, config.train.keep_best,

@@ -8,9 +8,9 @@ still a dependency). Stages, lowest first (a module may import its own stage or 
   1 encoding   encoding.*, midi_io                          (numpy only: no JAX)
   2 data       input_pipeline, music_stats, two_sample, reports, metric_writers, ngram
   3 model      sharding, kernels.*, models.*
-  4 runtime    checkpoint, losses, runs, constraints
+  4 runtime    checkpoint, losses, runs, constraints, finetune
   5 train      train, aot, sampling, generation
-  6 evaluate   evaluation, export
+  6 evaluate   evaluation, export, experiments
   7 command    cli
 """
 import ast
@@ -31,9 +31,9 @@ STAGES = {
     "input_pipeline": 2, "music_stats": 2, "reports": 2, "metric_writers": 2, "ngram": 2,
     "two_sample": 2,
     "sharding": 3, "kernels": 3, "models": 3,
-    "checkpoint": 4, "losses": 4, "runs": 4, "constraints": 4,
+    "checkpoint": 4, "losses": 4, "runs": 4, "constraints": 4, "finetune": 4,
     "train": 5, "aot": 5, "sampling": 5, "generation": 5,
-    "evaluation": 6, "export": 6,
+    "evaluation": 6, "export": 6, "experiments": 6,
     "cli": 7,
 }
 # Modules that must never import training (they load runs through midijax.runs). The CLI
