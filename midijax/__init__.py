@@ -10,10 +10,12 @@ ones; tests/test_imports.py checks it):
   TensorBoard), `ngram` (the baseline).
 * Model: `models`, `sharding`, `kernels`.
 * Runtime: `checkpoint`, `losses`, `runs` (loading a trained run), `constraints` (the
-  grammars' JAX state machines).
+  grammars' JAX state machines), `finetune` (init_from, trainable parameters,
+  `midijax export`).
 * Training and sampling: `train`, `aot` (`midijax compile`), `sampling`, `generation`
   (what `generate` / `continue` write).
-* Evidence: `evaluation` (`midijax evaluate`), `export` (listening tests).
+* Evidence: `evaluation` (`midijax evaluate`), `export` (listening tests), `experiments`
+  (`midijax compare-runs`, `midijax reproduce`).
 * `cli`: the `midijax` command.
 """
 import warnings
