@@ -136,6 +136,11 @@ def load_config(path: str, overrides: Sequence[str] = ()):
     unknown = None
   if unknown:
     raise ConfigError(unknown)
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  if "Error whilst parsing config file" in str(error) and lines:
+    # ml_collections puts the config file's own traceback in the message: its last line
+    # is the error get_config() raised.
+    raise ConfigError(f"cannot load the config file {path}: {lines[-1]}")
   raise ConfigError(f"bad config override: {error}".splitlines()[0])
 
 

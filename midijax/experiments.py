@@ -275,6 +275,9 @@ def reproduce(workdir, new_workdir, *, log=print, warn=None) -> Dict[str, Any]:
          "unknown")
   for line in environment_differences(record.info, train.run_info()) if record.info else []:
     warn(line)
+  if float(config.train.get("max_seconds", 0) or 0) > 0:
+    warn(f"config.train.max_seconds={config.train.max_seconds}: the run stops after a "
+         "wall-clock time, so the new run may stop at another step")
   init = record.info.get("init_from") or {}
   if config.train.get("init_from") and init.get("workdir") and init.get("step") is not None:
     pinned = f"{init['workdir']}:{init['step']}"

@@ -313,3 +313,18 @@ def test_export_writes_a_plain_smaller_checkpoint(finetuned, tmp_path, capsys):
           finetune.directory_bytes(ckpt_lib.checkpoint_dir(finetuned) / str(step)))
   assert cli.main(["export", "--workdir", str(finetuned), "--out", str(out)]) == 2
   assert "already holds a run" in one_line_error(capsys, "export")
+
+
+def test_continuation_configs_load_and_validate():
+  path = REPO / "configs" / "groove_continuation.py"
+  for arg in ("finetune", "scratch", "finetune,tiny", "scratch,tiny"):
+    config = cli.load_config(f"{path}:{arg}")
+    train.validate_config(config, num_devices=1)
+    assert config.data.builder_config == "drums_continuation_funk"
+    assert bool(config.train.init_from) == arg.startswith("finetune")
+    small = cli.load_config(str(REPO / "configs" / ("groove_tiny.py" if "tiny" in arg
+                                                    else "groove_small.py")))
+    for field in finetune.ARCHITECTURE_FIELDS:  # init_from the pretraining config works
+      assert config.model.get(field) == small.model.get(field), field
+  with pytest.raises(ConfigError, match="LoRA adapters are not in the model yet"):
+    cli.load_config(f"{path}:lora")
