@@ -135,10 +135,11 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], dropout_rng, *, g
                                 trainable)
   correct, _ = losses.weighted_accuracy(logits, batch["targets"], batch["weights"])
   # The norm of the trainable gradients only: frozen ones are never used (XLA drops them).
-  trained = [g for g, t in zip(jax.tree.leaves(grads), trainable or [True] * len(
-      jax.tree.leaves(grads))) if t]
+  grad_leaves = jax.tree.leaves(grads)
+  if trainable is not None:
+    grad_leaves = [g for g, t in zip(grad_leaves, trainable) if t]
   metrics = {"loss_sum": loss_sum, "weight_sum": weight_sum, "correct": correct,
-             "grad_norm": optax.tree.norm(trained)}
+             "grad_norm": optax.tree.norm(grad_leaves)}
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
