@@ -3,7 +3,8 @@
 # resource), puts this code on every worker, installs midijax with its `tpu` extra (the
 # runtime set of requirements.txt plus jax[tpu], which brings libtpu), and starts training
 # on all workers at once. If training stops (preemption, maintenance, a lost connection),
-# it recreates the TPU when needed and re-runs the same command; training resumes from the newest checkpoint in the gs:// workdir.
+# it recreates the TPU when needed and re-runs the same command; training resumes from the
+# newest checkpoint in the gs:// workdir.
 #
 # usage: launch/tpu_vm.sh [up|create|setup|train|status|delete] --name=NAME --zone=ZONE
 #          --accelerator_type=TYPE --bucket=gs://BUCKET --config=configs/FILE.py
