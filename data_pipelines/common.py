@@ -416,7 +416,7 @@ def _beam_tokenize(job: FileJob, recipe: Recipe, windowed: bool, meta_keys: Sequ
   for list_name, entry in report_entries(split, result):
     metrics.string_set(BEAM_NAMESPACE, list_name).add(json.dumps(entry))
   if result.error is not None:
-    logging.info("midijax: skipped %s: %s", job.path, result.error)
+    logging.warning("midijax: skipped %s: %s", job.path, result.error)
   for ex in result.examples:
     yield keyed_example(job, ex, windowed, meta_keys)
 
@@ -755,8 +755,8 @@ class MidiDatasetBuilder(tfds.core.GeneratorBasedBuilder):
 
     Counts per split, skipped files with reasons and too-short files come back as
     `_beam_tokenize` recorded them, in the order of the local build (split, then file
-    order), so both builds write the same report. A split without examples raises
-    NoUsableFilesError, as in the local build.
+    order), so both builds write the same report. (A split without examples never gets
+    here: TFDS's Beam writer stops the pipeline first, see `_download_and_prepare`.)
     """
     counts, lists = read_beam_metrics(pipeline_result)
     order = {job.path: (i, j) for i, jobs in enumerate(self._all_jobs.values())
@@ -774,9 +774,6 @@ class MidiDatasetBuilder(tfds.core.GeneratorBasedBuilder):
     if unlisted > 0:  # Beam keeps at most 1 MB of strings in one string-set metric.
       self._report.note = (f"{unlisted} skipped files are not listed (the Beam string-set "
                            "metric is full); the workers' logs name every skipped file")
-    for split, jobs in self._all_jobs.items():
-      if not self._report.splits.get(split, {}).get("examples"):
-        self._raise_no_usable_files(split, jobs)
 
   def _fail_empty_split(self, split: str, jobs: Sequence[FileJob]) -> None:
     """Raises a clear error for a split with files but no examples (TFDS can't write it).
