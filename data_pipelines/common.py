@@ -58,9 +58,13 @@ DEFAULT_NUM_SHARDS = 8
 # Environment variable that sets the tokenizing process count (default: every core).
 WORKERS_ENV = "MIDIJAX_BUILD_WORKERS"
 MIDI_SUFFIXES = (".mid", ".midi")
-# Namespace of the Beam metrics a build reports: counters "<split>/<count>" (the counts of
-# `result_counts`) and string sets "<list>" (JSON entries of `report_entries`).
+# Namespace of the Beam counters a build reports: "<split>/<count>" (`result_counts`).
 BEAM_NAMESPACE = "midijax"
+# Under Beam, each split's report entries (`report_entries`: skipped and too-short files)
+# are gathered by the pipeline into this JSON file in the dataset's folder, read back
+# into build_report.json and deleted.
+BEAM_ENTRIES_FILE = "midijax_report_entries-{split}.json"
+_ENTRIES_TAG = "report_entries"
 
 
 class BuildError(MidijaxError):
@@ -376,9 +380,9 @@ def report_entries(split: str, result: FileResult) -> List[Tuple[str, Any]]:
   """(report list, JSON value) pairs that a file without examples adds to the build report.
 
   A skipped file goes to "skipped_files" as {file, split, reason}; a file shorter than one
-  window to "too_short_files" as its path. Beam carries the same entries as JSON strings
-  in string-set metrics of the same names, so every reason (whatever the tokenizer
-  writes) reaches the report either way.
+  window to "too_short_files" as its path. Under Beam the same pairs travel through the
+  pipeline (`_beam_tokenize`), so every reason the tokenizer writes reaches the report
+  either way.
   """
   if result.too_short:
     return [("too_short_files", result.job.path)]
@@ -402,35 +406,39 @@ def _beam_tokenize(job: FileJob, recipe: Recipe, windowed: bool, meta_keys: Sequ
                    split: str):
   """Beam FlatMap body: one file -> its (key, example) pairs.
 
-  Its counts (`result_counts`) go to the counters "<split>/<count>" and a skipped file's
-  report entry (`report_entries`) to a string set, all in the BEAM_NAMESPACE namespace;
-  the builder reads them back into build_report.json when the pipeline is done.
+  Its counts (`result_counts`) go to the counters "<split>/<count>" (namespace
+  BEAM_NAMESPACE), and the report entries of a file without examples (`report_entries`)
+  to the side output _ENTRIES_TAG; the builder reads both back into build_report.json.
   """
-  metrics = tfds.core.lazy_imports.apache_beam.metrics.Metrics
+  beam = tfds.core.lazy_imports.apache_beam
   name = json.dumps(dict(recipe.encoding), sort_keys=True)
   if name not in _BEAM_ENCODINGS:
     _BEAM_ENCODINGS[name] = recipe.make_encoding()
   result = tokenize_file(job, recipe, _BEAM_ENCODINGS[name])
   for count, value in result_counts(result).items():
-    metrics.counter(BEAM_NAMESPACE, f"{split}/{count}").inc(value)
-  for list_name, entry in report_entries(split, result):
-    metrics.string_set(BEAM_NAMESPACE, list_name).add(json.dumps(entry))
+    beam.metrics.Metrics.counter(BEAM_NAMESPACE, f"{split}/{count}").inc(value)
+  for entry in report_entries(split, result):
+    yield beam.pvalue.TaggedOutput(_ENTRIES_TAG, entry)
   if result.error is not None:
     logging.warning("midijax: skipped %s: %s", job.path, result.error)
   for ex in result.examples:
     yield keyed_example(job, ex, windowed, meta_keys)
 
 
-def read_beam_metrics(pipeline_result) -> Tuple[Dict[str, Dict[str, int]],
-                                                Dict[str, List[Any]]]:
-  """The counts per split and the report lists that `_beam_tokenize` recorded.
+def _write_report_entries(entries: List[Tuple[str, Any]], path: str) -> None:
+  """Beam Map body: writes a split's gathered report entries (JSON) for the builder."""
+  epath.Path(path).write_text(json.dumps(entries))
+
+
+def read_beam_counts(pipeline_result) -> Dict[str, Dict[str, int]]:
+  """The counts per split that `_beam_tokenize` recorded in the pipeline's counters.
 
   Args:
     pipeline_result: the finished pipeline's `apache_beam.runners.runner.PipelineResult`.
 
   Returns:
-    ({split: {count: value}}, {list name: [entries]}) with entries unordered; committed
-    values where the runner gives them (retried bundles counted once), else attempted.
+    {split: {count: value}}: committed values where the runner gives them (retried
+    bundles counted once), else attempted ones.
   """
   beam = tfds.core.lazy_imports.apache_beam
   found = pipeline_result.metrics().query(
@@ -443,11 +451,7 @@ def read_beam_metrics(pipeline_result) -> Tuple[Dict[str, Dict[str, int]],
   for result in found["counters"]:
     split, count = result.key.metric.name.rsplit("/", 1)
     counts.setdefault(split, collections.Counter())[count] += int(value(result))
-  lists: Dict[str, set] = {}
-  for result in found.get("string_sets", []):
-    lists.setdefault(result.key.metric.name, set()).update(value(result) or ())
-  return ({split: dict(c) for split, c in counts.items()},
-          {name: [json.loads(e) for e in entries] for name, entries in lists.items()})
+  return {split: dict(c) for split, c in counts.items()}
 
 
 # The worker's recipe and encoding, set once per process by `_init_worker`.
@@ -751,29 +755,28 @@ class MidiDatasetBuilder(tfds.core.GeneratorBasedBuilder):
       self._fail_empty_split(split, jobs)
 
   def _process_pipeline_result(self, pipeline_result) -> None:
-    """TFDS's hook after the Beam pipeline ran: fills the build report from its metrics.
+    """TFDS's hook after the Beam pipeline ran: fills the build report.
 
-    Counts per split, skipped files with reasons and too-short files come back as
-    `_beam_tokenize` recorded them, in the order of the local build (split, then file
-    order), so both builds write the same report. (A split without examples never gets
-    here: TFDS's Beam writer stops the pipeline first, see `_download_and_prepare`.)
+    The counts per split come from the pipeline's counters; the skipped files with
+    their reasons and the too-short files from the entries each split's pipeline
+    branch gathered (`_beam_examples`), put in the order of the local build (split,
+    then file), so both builds write the same report. (A split without examples never
+    gets here: TFDS's Beam writer stops the pipeline first, see `_download_and_prepare`.)
     """
-    counts, lists = read_beam_metrics(pipeline_result)
-    order = {job.path: (i, j) for i, jobs in enumerate(self._all_jobs.values())
-             for j, job in enumerate(jobs)}
-
-    def place(entry):
-      return order.get(entry["file"] if isinstance(entry, dict) else entry, (len(order), 0))
-
-    for split in self._all_jobs:
+    counts = read_beam_counts(pipeline_result)
+    for split, jobs in self._all_jobs.items():
       self._report.add_counts(split, counts.get(split, {}))
-    for name, entries in lists.items():
-      self._report.lists[name] = sorted(entries, key=place)
-    unlisted = sum(s.get("skipped", 0) for s in self._report.splits.values()) - len(
-        self._report.skipped)
-    if unlisted > 0:  # Beam keeps at most 1 MB of strings in one string-set metric.
-      self._report.note = (f"{unlisted} skipped files are not listed (the Beam string-set "
-                           "metric is full); the workers' logs name every skipped file")
+      path = epath.Path(self.data_dir) / BEAM_ENTRIES_FILE.format(split=split)
+      entries = json.loads(path.read_text())
+      path.unlink()
+      index = {job.path: i for i, job in enumerate(jobs)}
+
+      def place(pair, index=index):
+        entry = pair[1]
+        return index.get(entry["file"] if isinstance(entry, dict) else entry, len(index))
+
+      for name, entry in sorted(entries, key=place):
+        self._report.lists.setdefault(name, []).append(entry)
 
   def _fail_empty_split(self, split: str, jobs: Sequence[FileJob]) -> None:
     """Raises a clear error for a split with files but no examples (TFDS can't write it).
@@ -827,15 +830,29 @@ class MidiDatasetBuilder(tfds.core.GeneratorBasedBuilder):
   def _beam_examples(self, jobs: Sequence[FileJob], split: str):
     """The split as a Beam PTransform: files -> (key, example), tokenized on the workers.
 
-    Counts and skipped files go to the pipeline's metrics (namespace BEAM_NAMESPACE),
-    which `_process_pipeline_result` reads back; TFDS sorts examples by key, so the
-    examples are those of the local build.
+    Counts go to the pipeline's counters (namespace BEAM_NAMESPACE) and the skipped and
+    too-short files to BEAM_ENTRIES_FILE; `_process_pipeline_result` reads both back.
+    TFDS sorts examples by key, so the examples are those of the local build.
     """
     beam = tfds.core.lazy_imports.apache_beam
-    return (f"List {split}" >> beam.Create(list(jobs))
-            | f"Tokenize {split}" >> beam.FlatMap(
-                _beam_tokenize, recipe=self.recipe, windowed=bool(self.builder_config.window_bars),
-                meta_keys=tuple(self.METADATA_FEATURES), split=split))
+    jobs = list(jobs)
+    entries_path = os.fspath(epath.Path(self.data_dir) / BEAM_ENTRIES_FILE.format(split=split))
+    tokenize = beam.FlatMap(_beam_tokenize, recipe=self.recipe,
+                            windowed=bool(self.builder_config.window_bars),
+                            meta_keys=tuple(self.METADATA_FEATURES), split=split)
+
+    def expand(pbegin):
+      out = (pbegin | f"List {split}" >> beam.Create(jobs)
+             | f"Tokenize {split}" >> tokenize.with_outputs(_ENTRIES_TAG, main="examples"))
+      # Skipped-file entries are gathered by the pipeline itself: Beam's metrics cannot
+      # carry them (the DirectRunner keeps one bundle's string-set values per step, and
+      # string sets hold at most 1 MB).
+      _ = (out[_ENTRIES_TAG] | f"Gather {split} report entries" >> beam.combiners.ToList()
+           | f"Write {split} report entries" >> beam.Map(_write_report_entries,
+                                                          path=entries_path))
+      return out.examples
+
+    return beam.ptransform_fn(expand)()
 
 
 def beam_runner_name(download_config) -> str:
