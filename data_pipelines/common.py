@@ -878,10 +878,12 @@ def read_json(version_dir: epath.PathLike, name: str) -> Dict[str, Any]:
 def tfds_build_cli(argv: Optional[Sequence[str]] = None) -> None:
   """TFDS's own `tfds build` command, without the `tfds` entry point's other commands.
 
-  tensorflow-datasets 4.9.10's `tfds` script imports its `convert_format` command,
-  which subclasses `apache_beam.DoFn` at import time, so `tfds build` dies with
-  "No module named 'apache_beam'" wherever Beam is not installed (as in midijax's
-  pinned set). TFDS's `build` command itself needs no Beam; this runs it:
+  With the `beam` extra installed, the `tfds` script itself works (`tfds build
+  data_pipelines/groove ...`). Without it, tensorflow-datasets 4.9.10's `tfds` script dies
+  with "No module named 'apache_beam'" (its convert_format command subclasses
+  `apache_beam.DoFn` at import time), although TFDS's `build` command needs no Beam; this
+  runs that command alone, with midijax's quiet process set-up
+  (`midijax.process_env.configure`):
 
       python -c "from data_pipelines.common import tfds_build_cli; tfds_build_cli()" \\
           data_pipelines/groove --config drums --manual_dir ../shared/data/groove
@@ -890,6 +892,8 @@ def tfds_build_cli(argv: Optional[Sequence[str]] = None) -> None:
     argv: the command line (argv[0] is ignored); default sys.argv.
   """
   # pylint: disable=g-import-not-at-top
+  from midijax import process_env
+  process_env.configure()
   from absl import app
   from tensorflow_datasets.scripts.cli import build as tfds_build
   from tensorflow_datasets.scripts.cli import cli_utils

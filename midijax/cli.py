@@ -16,6 +16,7 @@ import pathlib
 import sys
 from typing import Callable, Dict, List, Optional
 
+from midijax import process_env
 from midijax.errors import MidijaxError
 
 COMMANDS: Dict[str, Callable] = {}
@@ -633,6 +634,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+  process_env.configure()  # Quiet stderr: set before TensorFlow or JAX loads.
   if argv is None:  # the `midijax` command itself (not a call from Python): see allocator.py
     from midijax import allocator
     allocator.reexec_with_tcmalloc()
