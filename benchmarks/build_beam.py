@@ -13,10 +13,11 @@ example) from the first N files, for each N, three ways, each in a fresh process
   beam_multi        the DirectRunner with --workers worker processes (multi_processing)
 
 and prints one JSON document: per (mode, N) the wall time, files/s, the build report's
-counts (equal across modes for the same N), and peak memory: of the build process, of
-the largest worker process, and of all of them at once (resident set sizes sampled every
-0.2 s over the process tree with psutil; a process's own peak is its VmHWM). Memory per
-process should stay flat from 1,000 to 10,000 files.
+counts (equal across modes for the same N), and peak memory: of the build process and
+of the largest worker process (each one's peak resident set, VmHWM), and of all of them
+at once (the largest sum of proportional set sizes, PSS, so pages that forked workers
+share count once), sampled every 0.2 s over the process tree with psutil (Linux). Memory
+per process should stay flat from 1,000 to 10,000 files.
 
     python benchmarks/build_beam.py                       # N = 1000, 10000 (the README table)
     python benchmarks/build_beam.py --num_files 200 --modes local,beam_multi   # a quick check
@@ -156,11 +157,11 @@ class TreeMemory:
     total = 0
     for p in procs:
       try:
-        rss = p.memory_info().rss
-        hwm = _vm_hwm(p.pid) or rss
+        info = p.memory_full_info()  # smaps_rollup: pss counts a forked page once in all
+        hwm = _vm_hwm(p.pid) or info.rss
       except self._psutil.Error:
         continue
-      total += rss
+      total += getattr(info, "pss", info.rss)
       self.peak[p.pid] = max(self.peak.get(p.pid, 0), hwm)
     self.peak_total = max(self.peak_total, total)
 
@@ -212,7 +213,7 @@ def measure(mode: str, corpus: pathlib.Path, data_dir: pathlib.Path, workers: in
          "peak_rss_mib_build_process": round(memory.peak.get(proc.pid, 0) / mib, 1),
          "peak_rss_mib_largest_worker": round(
              max([v for k, v in memory.peak.items() if k != proc.pid], default=0) / mib, 1),
-         "peak_rss_mib_all_processes": round(memory.peak_total / mib, 1),
+         "peak_pss_mib_all_processes": round(memory.peak_total / mib, 1),
          "processes_seen": len(memory.peak)}
   if report is None:
     row["error"] = err.strip().splitlines()[-5:]
