@@ -5,8 +5,9 @@ Every builder (groove, piano, midi_folder) is a `MidiDatasetBuilder`: its
 metadata features of that file), and this module's `_generate_examples` tokenizes
 them on every core with a `multiprocessing.Pool`, yielding examples in the jobs'
 order so the same input always gives the same shards. Given a Beam runner or Beam
-pipeline options, each split is instead a Beam transform that TFDS runs (`_beam_examples`),
-and the report's counts and skipped files come back from the pipeline's metrics.
+pipeline options, each split is instead a Beam transform that TFDS runs (`_beam_examples`);
+the report's counts then come back from the pipeline's counters, and its skipped files
+from the pipeline's own output.
 A file that cannot be read or encoded is skipped and listed (file and reason) in
 ``build_report.json``, written next to the shards with the vocabulary (``vocab.json``)
 and the conditioning table (``metadata.json``, which TFDS writes from `info.metadata`).
@@ -419,7 +420,7 @@ def _beam_tokenize(job: FileJob, recipe: Recipe, windowed: bool, meta_keys: Sequ
     beam.metrics.Metrics.counter(BEAM_NAMESPACE, f"{split}/{count}").inc(value)
   for entry in report_entries(split, result):
     yield beam.pvalue.TaggedOutput(_ENTRIES_TAG, entry)
-  if result.error is not None:
+  if result.error is not None and not result.too_short:
     logging.warning("midijax: skipped %s: %s", job.path, result.error)
   for ex in result.examples:
     yield keyed_example(job, ex, windowed, meta_keys)
