@@ -25,16 +25,16 @@ from conftest import copy_groove_subset
 from midijax import process_env
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-# What a user's shell would not have: the suite's own quieting, and anything
-# `process_env.configure` sets (so the defaults are what is tested).
-_DROP = {"TF_CPP_MIN_LOG_LEVEL", *process_env.QUIET_ENV, *process_env.NO_TERMINAL_ENV}
+# What a user's shell would not have: the suite's own settings (conftest.py) and anything
+# `process_env.configure` sets, so its defaults are what is tested. (JAX finds no TPU
+# quietly here even with libtpu installed, as the test extra does.)
+_DROP = {"TF_CPP_MIN_LOG_LEVEL", "JAX_PLATFORMS", *process_env.QUIET_ENV,
+         *process_env.NO_TERMINAL_ENV}
 
 
 def _user_env():
   env = {k: v for k, v in os.environ.items() if k not in _DROP}
   env["PYTHONPATH"] = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
-  # JAX_PLATFORMS=cpu stays (conftest): with libtpu installed (the test extra), JAX would
-  # otherwise probe for a TPU on this CPU-only machine.
   return env
 
 
