@@ -17,9 +17,18 @@ What it silences, and why each setting:
 * TQDM_DISABLE=1 when stderr is not a terminal: TFDS's progress bars (tqdm) would
   write carriage returns and cursor-up escapes into a log file. On a terminal the bars
   stay. midijax's own bars pass `disable=None` (off when not a terminal) explicitly.
+* JAX_PLATFORMS=cpu where libtpu is installed (the `tpu` and `test` extras) but the
+  machine has no accelerator at all (no TPU, NVIDIA or AMD PCI device, no /dev/accel*
+  or /dev/vfio, no TPU_* variable): JAX would otherwise start libtpu, which prints a
+  dozen lines about a missing TPU_ACCELERATOR_TYPE and TPU_WORKER_HOSTNAMES and takes a
+  machine-wide lock (/tmp/libtpu_lockfile), before falling back to the CPU anyway.
+  AOT compiles for TPU targets (`midijax compile --topology=tpu:...`) use libtpu without
+  a TPU backend and are not affected.
 """
 from __future__ import annotations
 
+import glob
+import importlib.util
 import os
 import sys
 from typing import Dict, MutableMapping, Optional, TextIO
@@ -33,6 +42,36 @@ QUIET_ENV = {
 NO_TERMINAL_ENV = {
     "TQDM_DISABLE": "1",
 }
+
+
+# PCI vendor ids of accelerators JAX may use: Google (TPU), NVIDIA, AMD (GPU).
+ACCELERATOR_PCI_VENDORS = ("0x1ae0", "0x10de", "0x1002")
+
+
+def accelerator_attached() -> bool:
+  """Whether this machine shows a TPU or GPU: device files, or a PCI device of their vendors.
+
+  Cloud TPU VMs expose /dev/accel* (v2-v4) or /dev/vfio (v5e and later) and their chips as
+  PCI devices of Google's vendor id, which is what JAX itself looks for.
+  """
+  if glob.glob("/dev/accel*") or os.path.exists("/dev/vfio"):
+    return True
+  for path in glob.glob("/sys/bus/pci/devices/*/vendor"):
+    try:
+      with open(path) as f:
+        if f.read().strip() in ACCELERATOR_PCI_VENDORS:
+          return True
+    except OSError:
+      continue
+  return False
+
+
+def _cpu_only_with_libtpu(environ: MutableMapping[str, str]) -> bool:
+  if "JAX_PLATFORMS" in environ or any(k.startswith("TPU_") for k in environ):
+    return False
+  if not sys.platform.startswith("linux") or importlib.util.find_spec("libtpu") is None:
+    return False
+  return not accelerator_attached()
 
 
 def _is_terminal(stream: Optional[TextIO]) -> bool:
@@ -59,6 +98,8 @@ def configure(environ: Optional[MutableMapping[str, str]] = None,
   wanted = dict(QUIET_ENV)
   if not _is_terminal(stderr):
     wanted.update(NO_TERMINAL_ENV)
+  if _cpu_only_with_libtpu(environ):
+    wanted["JAX_PLATFORMS"] = "cpu"
   added = {k: v for k, v in wanted.items() if k not in environ}
   environ.update(added)
   return added

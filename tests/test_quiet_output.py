@@ -9,6 +9,7 @@ progress-bar escapes. On a terminal (a pseudo-terminal here) the progress bars s
 """
 import csv
 import fcntl
+import importlib.util
 import os
 import pathlib
 import pty
@@ -26,8 +27,8 @@ from midijax import process_env
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # What a user's shell would not have: the suite's own settings (conftest.py) and anything
-# `process_env.configure` sets, so its defaults are what is tested. (JAX finds no TPU
-# quietly here even with libtpu installed, as the test extra does.)
+# `process_env.configure` sets, so its defaults are what is tested (among them
+# JAX_PLATFORMS=cpu where the test extra installed libtpu on this CPU-only machine).
 _DROP = {"TF_CPP_MIN_LOG_LEVEL", "JAX_PLATFORMS", *process_env.QUIET_ENV,
          *process_env.NO_TERMINAL_ENV}
 
@@ -128,6 +129,7 @@ def test_configure_sets_defaults_only():
   with open(os.devnull, "w") as not_a_terminal:
     added = process_env.configure(env, stderr=not_a_terminal)
   assert env["TF_CPP_MIN_LOG_LEVEL"] == "0"  # The user's choice wins.
+  added.pop("JAX_PLATFORMS", None)  # Depends on libtpu: the next test.
   assert added == {"TF_ENABLE_ONEDNN_OPTS": "0", "TQDM_DISABLE": "1"} and env["TQDM_DISABLE"] == "1"
   master, slave = pty.openpty()
   try:
@@ -137,3 +139,26 @@ def test_configure_sets_defaults_only():
   finally:
     os.close(master)
   assert "TQDM_DISABLE" not in env and env["TF_CPP_MIN_LOG_LEVEL"] == "2"
+
+
+def test_configure_keeps_jax_off_libtpu_without_an_accelerator():
+  """With libtpu installed (test extra) on a machine without TPU or GPU, JAX gets
+  JAX_PLATFORMS=cpu; a TPU_* variable or an explicit JAX_PLATFORMS leaves it alone."""
+  if process_env.accelerator_attached():
+    pytest.skip("this machine has an accelerator")
+  has_libtpu = importlib.util.find_spec("libtpu") is not None
+  env = {}
+  process_env.configure(env, stderr=sys.stderr)
+  assert env.get("JAX_PLATFORMS") == ("cpu" if has_libtpu else None)
+  for given in ({"JAX_PLATFORMS": "tpu"}, {"TPU_ACCELERATOR_TYPE": "v4-8"}):
+    env = dict(given)
+    process_env.configure(env, stderr=sys.stderr)
+    assert env.get("JAX_PLATFORMS") == given.get("JAX_PLATFORMS")
+  if has_libtpu:  # What a user sees: no libtpu start-up lines, CPU devices.
+    proc = subprocess.run([sys.executable, "-c",
+                           "from midijax import process_env; process_env.configure(); "
+                           "import jax; print(jax.devices()[0].platform)"],
+                          capture_output=True, text=True, timeout=300, cwd=REPO,
+                          env=_user_env())
+    assert proc.returncode == 0 and proc.stdout.strip() == "cpu", proc.stderr
+    assert proc.stderr == "", proc.stderr
