@@ -22,9 +22,11 @@ TYPE_<beat|fill> and appends EOS.
 from __future__ import annotations
 
 import csv
+import io
 import pathlib
 import sys
 
+from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -99,7 +101,7 @@ class Groove(common.MidiDatasetBuilder):
       "midi_filename": tfds.features.Text(),
   }
 
-  def _source_dir(self, dl_manager) -> pathlib.Path:
+  def _source_dir(self, dl_manager) -> epath.Path:
     manual = self._manual_root(dl_manager)
     if manual is not None:
       for root in (manual, manual / "groove"):
@@ -108,7 +110,7 @@ class Groove(common.MidiDatasetBuilder):
       raise common.BuildError(f"--manual_dir {manual}: no info.csv there or in groove/; pass "
                               "the extracted GMD folder (info.csv + drummerN/sessionM/*.mid)")
     try:
-      return pathlib.Path(dl_manager.download_and_extract(URL)) / "groove"
+      return epath.Path(dl_manager.download_and_extract(URL)) / "groove"
     except Exception as e:  # pylint: disable=broad-except
       raise common.BuildError(
           f"could not download {URL} ({type(e).__name__}: {e}); without internet, pass "
@@ -116,8 +118,7 @@ class Groove(common.MidiDatasetBuilder):
 
   def _split_generators(self, dl_manager):
     root = self._source_dir(dl_manager)
-    with open(root / "info.csv", newline="") as f:
-      rows = list(csv.DictReader(f))
+    rows = list(csv.DictReader(io.StringIO((root / "info.csv").read_text(), newline="")))
     missing = {"id", "drummer", "session", "style", "bpm", "beat_type", "time_signature",
                "midi_filename", "duration", "split"} - set(rows[0] if rows else ())
     if missing:
