@@ -4,10 +4,16 @@ Every builder (groove, piano, midi_folder) is a `MidiDatasetBuilder`: its
 `_split_generators` lists the MIDI files of each split as `FileJob`s (path plus the
 metadata features of that file), and this module's `_generate_examples` tokenizes
 them on every core with a `multiprocessing.Pool`, yielding examples in the jobs'
-order so the same input always gives the same shards. A file that cannot be read
-or encoded is skipped and listed (file and reason) in ``build_report.json``, written
-next to the shards with the vocabulary (``vocab.json``) and the conditioning table
-(``metadata.json``, which TFDS writes from `info.metadata`).
+order so the same input always gives the same shards. Given a Beam runner or Beam
+pipeline options, each split is instead a Beam transform that TFDS runs (`_beam_examples`);
+the report's counts then come back from the pipeline's counters, and its skipped files
+from the pipeline's own output.
+A file that cannot be read or encoded is skipped and listed (file and reason) in
+``build_report.json``, written next to the shards with the vocabulary (``vocab.json``)
+and the conditioning table (``metadata.json``, which TFDS writes from `info.metadata`).
+
+Source files are read through `etils.epath`, as TFDS reads its own: the source folder
+(``--manual_dir``) may be a local path or a gs:// (s3://, ...) URL.
 
 Per example the features are the token ids (`tokens`, int32, variable length:
 [BOS] + conditioning tokens + events + [EOS]) and `num_condition_tokens`, plus the
@@ -16,17 +22,21 @@ window it covers, note count, drum flag, duration and the builder's own metadata
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import hashlib
 import json
 import multiprocessing
 import os
 import pathlib
+import re
 import sys
+import tempfile
 import time
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from absl import logging
+from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core.utils import shard_utils
@@ -51,6 +61,13 @@ DEFAULT_NUM_SHARDS = 8
 # Environment variable that sets the tokenizing process count (default: every core).
 WORKERS_ENV = "MIDIJAX_BUILD_WORKERS"
 MIDI_SUFFIXES = (".mid", ".midi")
+# Namespace of the Beam counters a build reports: "<split>/<count>" (`result_counts`).
+BEAM_NAMESPACE = "midijax"
+# Under Beam, each split's report entries (`report_entries`: skipped and too-short files)
+# are gathered by the pipeline into this JSON file in the dataset's folder, read back
+# into build_report.json and deleted.
+BEAM_ENTRIES_FILE = "midijax_report_entries-{split}.json"
+_ENTRIES_TAG = "report_entries"
 
 
 class BuildError(MidijaxError):
@@ -156,10 +173,40 @@ def hash_split(relpath: str, ratios: Sequence[float] = (0.8, 0.1, 0.1),
   return names[min(int(np.searchsorted(edges, u, side="right")), len(names) - 1)]
 
 
-def find_midi_files(root: pathlib.Path) -> List[pathlib.Path]:
-  """All .mid/.midi files under `root` (any case), sorted by relative path."""
-  files = [p for p in root.rglob("*") if p.suffix.lower() in MIDI_SUFFIXES and p.is_file()]
+def find_midi_files(root: epath.PathLike) -> List[epath.Path]:
+  """All .mid/.midi files under `root` (any case, local or gs:// ...), sorted by relative path."""
+  root = epath.Path(root)
+  # walk() lists a gs:// tree one folder at a time; rglob would stat every entry.
+  files = [folder / name for folder, _, names in root.walk() for name in names
+           if pathlib.PurePosixPath(name).suffix.lower() in MIDI_SUFFIXES]
   return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def is_local(path: epath.PathLike) -> bool:
+  """Whether `path` is on the local file system (no gs://, s3:// ... scheme)."""
+  return "://" not in os.fspath(path)
+
+
+@contextlib.contextmanager
+def local_copy(path: epath.PathLike, max_bytes: int) -> Iterator[str]:
+  """A local file with the bytes of `path`: `path` itself when local, else a temporary copy.
+
+  The MIDI readers (symusic, note-seq) parse local files, so a gs:// (s3://, ...) file is
+  copied through `etils.epath` first; one larger than `max_bytes` is refused (MidiReadError)
+  before any byte is read. The copy is deleted on exit.
+  """
+  if is_local(path):
+    yield os.fspath(path)
+    return
+  p = epath.Path(path)
+  size = p.stat().st_size
+  if size > max_bytes:
+    raise MidiReadError(p, f"file is {size} bytes, above the {max_bytes}-byte limit (max_bytes)")
+  with tempfile.TemporaryDirectory(prefix="midijax_src_") as tmp:
+    copy = os.path.join(tmp, p.name)
+    with open(copy, "wb") as f:
+      f.write(p.read_bytes())
+    yield copy
 
 
 # --------------------------------------------------------------------------- jobs
@@ -169,7 +216,7 @@ class FileJob:
 
   Attributes:
     key: unique, stable example key (windows append ':<index>').
-    path: the file (absolute).
+    path: the file: an absolute local path or a gs:// (s3://, ...) URL.
     meta: the builder's metadata features for this file, plus optional hints the
       tokenizer reads: 'bpm' (quarter notes per minute) and 'time_signature'
       ('4-4'), used for bar windows and conditioning instead of the file's own.
@@ -330,8 +377,9 @@ def tokenize_file(job: FileJob, recipe: Recipe, enc: encoding_lib.Encoding) -> F
   """
   specials = 0  # BOS, conditioning and EOS tokens of each example
   try:
-    notes = midi_io.read_notes(job.path, sustain=recipe.sustain, max_bytes=recipe.max_bytes,
-                               max_seconds=recipe.max_seconds, max_notes=recipe.max_tokens)
+    with local_copy(job.path, recipe.max_bytes) as path:
+      notes = midi_io.read_notes(path, sustain=recipe.sustain, max_bytes=recipe.max_bytes,
+                                 max_seconds=recipe.max_seconds, max_notes=recipe.max_tokens)
     if recipe.drum_policy == "only":
       notes = notes.select(notes.is_drum)
       if len(notes) == 0:
@@ -410,6 +458,32 @@ def tokenize_file(job: FileJob, recipe: Recipe, enc: encoding_lib.Encoding) -> F
     return FileResult(job, [], f"{type(e).__name__}: {e}")
 
 
+def result_counts(result: FileResult) -> Dict[str, int]:
+  """What one tokenized file adds to its split's counts, in the build report and as Beam
+  counters: files, then ok/examples/tokens, skipped or too_short (zero counts left out)."""
+  if result.too_short:
+    return {"files": 1, "too_short": 1}
+  if result.error is not None:
+    return {"files": 1, "skipped": 1}
+  return {"files": 1, "ok": 1, "examples": len(result.examples),
+          "tokens": int(sum(len(e["tokens"]) for e in result.examples))}
+
+
+def report_entries(split: str, result: FileResult) -> List[Tuple[str, Any]]:
+  """(report list, JSON value) pairs that a file without examples adds to the build report.
+
+  A skipped file goes to "skipped_files" as {file, split, reason}; a file shorter than one
+  window to "too_short_files" as its path. Under Beam the same pairs travel through the
+  pipeline (`_beam_tokenize`), so every reason the tokenizer writes reaches the report
+  either way.
+  """
+  if result.too_short:
+    return [("too_short_files", result.job.path)]
+  if result.error is not None:
+    return [("skipped_files", {"file": result.job.path, "split": split, "reason": result.error})]
+  return []
+
+
 def keyed_example(job: FileJob, example: Dict[str, Any], windowed: bool,
                   meta_keys: Sequence[str]) -> Tuple[str, Dict[str, Any]]:
   """(TFDS key, features) of one example: the file's key (+ ':<window>') and metadata."""
@@ -421,21 +495,56 @@ def keyed_example(job: FileJob, example: Dict[str, Any], windowed: bool,
 _BEAM_ENCODINGS: Dict[str, encoding_lib.Encoding] = {}
 
 
-def _beam_tokenize(job: FileJob, recipe: Recipe, windowed: bool, meta_keys: Sequence[str]):
-  """Beam FlatMap body: one file -> its (key, example) pairs; bad files are counted."""
+def _beam_tokenize(job: FileJob, recipe: Recipe, windowed: bool, meta_keys: Sequence[str],
+                   split: str):
+  """Beam FlatMap body: one file -> its (key, example) pairs.
+
+  Its counts (`result_counts`) go to the counters "<split>/<count>" (namespace
+  BEAM_NAMESPACE), and the report entries of a file without examples (`report_entries`)
+  to the side output _ENTRIES_TAG; the builder reads both back into build_report.json.
+  """
   beam = tfds.core.lazy_imports.apache_beam
   name = json.dumps(dict(recipe.encoding), sort_keys=True)
   if name not in _BEAM_ENCODINGS:
     _BEAM_ENCODINGS[name] = recipe.make_encoding()
   result = tokenize_file(job, recipe, _BEAM_ENCODINGS[name])
-  if result.error is not None:
-    kind = "too_short_files" if result.too_short else "skipped_files"
-    beam.metrics.Metrics.counter("midijax", kind).inc()
+  for count, value in result_counts(result).items():
+    beam.metrics.Metrics.counter(BEAM_NAMESPACE, f"{split}/{count}").inc(value)
+  for entry in report_entries(split, result):
+    yield beam.pvalue.TaggedOutput(_ENTRIES_TAG, entry)
+  if result.error is not None and not result.too_short:
     logging.warning("midijax: skipped %s: %s", job.path, result.error)
-    return
-  beam.metrics.Metrics.counter("midijax", "ok_files").inc()
   for ex in result.examples:
     yield keyed_example(job, ex, windowed, meta_keys)
+
+
+def _write_report_entries(entries: List[Tuple[str, Any]], path: str) -> None:
+  """Beam Map body: writes a split's gathered report entries (JSON) for the builder."""
+  epath.Path(path).write_text(json.dumps(entries))
+
+
+def read_beam_counts(pipeline_result) -> Dict[str, Dict[str, int]]:
+  """The counts per split that `_beam_tokenize` recorded in the pipeline's counters.
+
+  Args:
+    pipeline_result: the finished pipeline's `apache_beam.runners.runner.PipelineResult`.
+
+  Returns:
+    {split: {count: value}}: committed values where the runner gives them (retried
+    bundles counted once), else attempted ones.
+  """
+  beam = tfds.core.lazy_imports.apache_beam
+  found = pipeline_result.metrics().query(
+      beam.metrics.MetricsFilter().with_namespace(BEAM_NAMESPACE))
+
+  def value(result):
+    return result.committed if result.committed is not None else result.attempted
+
+  counts: Dict[str, collections.Counter] = {}
+  for result in found["counters"]:
+    split, count = result.key.metric.name.rsplit("/", 1)
+    counts.setdefault(split, collections.Counter())[count] += int(value(result))
+  return {split: dict(c) for split, c in counts.items()}
 
 
 # The worker's recipe and encoding, set once per process by `_init_worker`.
@@ -496,30 +605,39 @@ def tokenize_all(jobs: Sequence[FileJob], recipe: Recipe, num_workers: Optional[
 
 # --------------------------------------------------------------------------- report
 class BuildReport:
-  """Counts, timings and skipped files of one build; written as JSON next to the shards."""
+  """Counts, timings and skipped files of one build; written as JSON next to the shards.
 
-  def __init__(self, dataset: str, config: str, version: str, num_workers: int):
+  `runner` is "local" (the process pool, `num_workers` processes) or the Beam runner's
+  name (then `num_workers` is None: the runner decides).
+  """
+  LISTS = ("skipped_files", "too_short_files")
+
+  def __init__(self, dataset: str, config: str, version: str, num_workers: Optional[int],
+               runner: str = "local"):
     self.dataset, self.config, self.version = dataset, config, version
     self.num_workers = num_workers
+    self.runner = runner
     self.splits: Dict[str, Dict[str, Any]] = {}
-    self.skipped: List[Dict[str, str]] = []
-    self.too_short: List[str] = []
+    self.lists: Dict[str, List[Any]] = {name: [] for name in self.LISTS}
     self.note = ""
     self.start = time.perf_counter()
 
+  @property
+  def skipped(self) -> List[Dict[str, str]]:
+    return self.lists["skipped_files"]
+
+  @property
+  def too_short(self) -> List[str]:
+    return self.lists["too_short_files"]
+
   def add(self, split: str, result: FileResult) -> None:
+    self.add_counts(split, result_counts(result))
+    for name, entry in report_entries(split, result):
+      self.lists.setdefault(name, []).append(entry)
+
+  def add_counts(self, split: str, counts: Mapping[str, int]) -> None:
     s = self.splits.setdefault(split, collections.Counter())
-    s["files"] += 1
-    if result.too_short:
-      s["too_short"] += 1
-      self.too_short.append(result.job.path)
-    elif result.error is not None:
-      s["skipped"] += 1
-      self.skipped.append({"file": result.job.path, "split": split, "reason": result.error})
-    else:
-      s["ok"] += 1
-      s["examples"] += len(result.examples)
-      s["tokens"] += int(sum(len(e["tokens"]) for e in result.examples))
+    s.update({k: v for k, v in counts.items() if v})
 
   def set_seconds(self, split: str, seconds: float) -> None:
     self.splits.setdefault(split, collections.Counter())["seconds"] = round(seconds, 3)
@@ -536,12 +654,12 @@ class BuildReport:
 
   def to_json(self) -> Dict[str, Any]:
     return {"dataset": self.dataset, "config": self.config, "version": self.version,
-            "num_workers": self.num_workers, **self.totals(), "note": self.note,
-            "splits": {k: dict(v) for k, v in self.splits.items()},
-            "skipped_files": self.skipped, "too_short_files": self.too_short}
+            "runner": self.runner, "num_workers": self.num_workers, **self.totals(),
+            "note": self.note, "splits": {k: dict(v) for k, v in self.splits.items()},
+            **self.lists}
 
-  def write(self, path: os.PathLike) -> pathlib.Path:
-    p = pathlib.Path(path)
+  def write(self, path: epath.PathLike) -> epath.Path:
+    p = epath.Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(json.dumps(self.to_json(), indent=1) + "\n")
     return p
@@ -551,10 +669,13 @@ class BuildReport:
     # Wall time includes TFDS's one-off TensorFlow import and shard writing; the split
     # times cover tokenizing plus example serialization.
     split_seconds = sum(v.get("seconds", 0.0) for v in self.splits.values())
+    if self.runner == "local":
+      how = (f"{t['files'] / max(split_seconds, 1e-9):.0f} files/s in the split generators, "
+             f"{self.num_workers} workers")
+    else:
+      how = f"on Apache Beam, {self.runner}"
     line = (f"{self.dataset}/{self.config}: {t['files']} files in {t['seconds']:.1f} s "
-            f"({t['files_per_second']:.0f} files/s overall, "
-            f"{t['files'] / max(split_seconds, 1e-9):.0f} files/s in the split generators, "
-            f"{self.num_workers} workers): {t['ok']} ok, "
+            f"({t['files_per_second']:.0f} files/s overall, {how}): {t['ok']} ok, "
             f"{t['skipped']} skipped, {t['too_short']} too short for a window; "
             f"{t['examples']} examples, {t['tokens']} tokens; "
             + ", ".join(f"{k} {v.get('examples', 0)}" for k, v in self.splits.items()))
@@ -667,10 +788,10 @@ class MidiDatasetBuilder(tfds.core.GeneratorBasedBuilder):
         homepage=self.HOMEPAGE, citation=self.CITATION, metadata=metadata,
         disable_shuffling=False)
 
-  def _manual_root(self, dl_manager) -> Optional[pathlib.Path]:
-    """The --manual_dir folder, or None when none was given (or it is empty)."""
+  def _manual_root(self, dl_manager) -> Optional[epath.Path]:
+    """The --manual_dir folder (local or gs:// ...), or None when none was given (or empty)."""
     try:
-      return pathlib.Path(os.fspath(dl_manager.manual_dir))
+      return epath.Path(dl_manager.manual_dir)
     except AssertionError:
       return None
 
@@ -687,17 +808,30 @@ class MidiDatasetBuilder(tfds.core.GeneratorBasedBuilder):
               for f in dataclasses.fields(tfds.download.DownloadConfig)}
     fields["num_shards"] = num_shards
     capped = _CappedDownloadConfig(**fields)
-    workers = self.num_workers or default_num_workers()
-    self._report = BuildReport(self.name, self.builder_config.name, str(self.version), workers)
     self._use_beam = bool(download_config.beam_runner or download_config.beam_options)
-    super()._download_and_prepare(dl_manager, capped)
     if self._use_beam:
-      self._report.note = ("generated on Apache Beam: per-file counts and skipped files are in "
-                           "the pipeline's 'midijax' metrics and worker logs")
-    self.encoding.save_vocab(pathlib.Path(self.data_dir) / VOCAB_FILE)
-    self._report.write(pathlib.Path(self.data_dir) / REPORT_FILE)
+      self._report = BuildReport(self.name, self.builder_config.name, str(self.version), None,
+                                 runner=beam_runner_name(download_config))
+    else:
+      self._report = BuildReport(self.name, self.builder_config.name, str(self.version),
+                                 self.num_workers or default_num_workers())
+    try:
+      super()._download_and_prepare(dl_manager, capped)
+    except Exception as e:  # pylint: disable=broad-except
+      # TFDS's Beam writer stops the pipeline on a split without examples, before its
+      # metrics can be read back: say so as the local build does (NoUsableFilesError).
+      empty = re.search(r"generated examples is 0 for split (\S+?)\.", str(e))
+      if not (self._use_beam and empty):
+        raise
+      split = empty.group(1)
+      raise NoUsableFilesError(
+          f"{self.name}/{self.builder_config.name}: all {len(self._all_jobs.get(split, ()))} "
+          f"files of split '{split}' failed to read or encode, so the split cannot be "
+          "written; the Beam workers' logs name each skipped file and its reason") from e
+    self.encoding.save_vocab(epath.Path(self.data_dir) / VOCAB_FILE)
+    self._report.write(epath.Path(self.data_dir) / REPORT_FILE)
     # self.data_dir is TFDS's temporary folder until the build succeeds; name the final one.
-    final = pathlib.Path(self.data_dir_root) / self.name / self.builder_config.name / str(
+    final = epath.Path(self.data_dir_root) / self.name / self.builder_config.name / str(
         self.version) / REPORT_FILE
     logging.info("%s (report: %s)", self._report.summary(), final)
     print(f"{self._report.summary()}\nReport: {final}", file=sys.stderr)
@@ -722,6 +856,30 @@ class MidiDatasetBuilder(tfds.core.GeneratorBasedBuilder):
     if kept == 0 and jobs:
       self._fail_empty_split(split, jobs)
 
+  def _process_pipeline_result(self, pipeline_result) -> None:
+    """TFDS's hook after the Beam pipeline ran: fills the build report.
+
+    The counts per split come from the pipeline's counters; the skipped files with
+    their reasons and the too-short files from the entries each split's pipeline
+    branch gathered (`_beam_examples`), put in the order of the local build (split,
+    then file), so both builds write the same report. (A split without examples never
+    gets here: TFDS's Beam writer stops the pipeline first, see `_download_and_prepare`.)
+    """
+    counts = read_beam_counts(pipeline_result)
+    for split, jobs in self._all_jobs.items():
+      self._report.add_counts(split, counts.get(split, {}))
+      path = epath.Path(self.data_dir) / BEAM_ENTRIES_FILE.format(split=split)
+      entries = json.loads(path.read_text())
+      path.unlink()
+      index = {job.path: i for i, job in enumerate(jobs)}
+
+      def place(pair, index=index):
+        entry = pair[1]
+        return index.get(entry["file"] if isinstance(entry, dict) else entry, len(index))
+
+      for name, entry in sorted(entries, key=place):
+        self._report.lists.setdefault(name, []).append(entry)
+
   def _fail_empty_split(self, split: str, jobs: Sequence[FileJob]) -> None:
     """Raises a clear error for a split with files but no examples (TFDS can't write it).
 
@@ -734,11 +892,15 @@ class MidiDatasetBuilder(tfds.core.GeneratorBasedBuilder):
         for result in tokenize_all(other_jobs, self.recipe, self.num_workers,
                                    desc=f"Checking {other}"):
           self._report.add(other, result)
+    self._raise_no_usable_files(split, jobs)
+
+  def _raise_no_usable_files(self, split: str, jobs: Sequence[FileJob]) -> None:
+    """Writes the report as <version>.failed_build_report.json and raises NoUsableFilesError."""
     totals = self._report.totals()
-    path = pathlib.Path(self.data_dir_root) / self.name / self.builder_config.name / (
+    path = epath.Path(self.data_dir_root) / self.name / self.builder_config.name / (
         f"{self.version}.failed_{REPORT_FILE}")
     self._report.write(path)
-    first = "; ".join(f"{pathlib.Path(s['file']).name}: {s['reason']}"
+    first = "; ".join(f"{epath.Path(s['file']).name}: {s['reason']}"
                       for s in self._report.skipped[:5]) or "all shorter than one window"
     if totals["ok"] == 0:
       raise NoUsableFilesError(
@@ -770,19 +932,47 @@ class MidiDatasetBuilder(tfds.core.GeneratorBasedBuilder):
   def _beam_examples(self, jobs: Sequence[FileJob], split: str):
     """The split as a Beam PTransform: files -> (key, example), tokenized on the workers.
 
-    Skipped files are logged by the workers and counted in the pipeline's metrics
-    (namespace 'midijax'); TFDS sorts examples by key, so shards stay deterministic.
+    Counts go to the pipeline's counters (namespace BEAM_NAMESPACE) and the skipped and
+    too-short files to BEAM_ENTRIES_FILE; `_process_pipeline_result` reads both back.
+    TFDS sorts examples by key, so the examples are those of the local build.
     """
     beam = tfds.core.lazy_imports.apache_beam
-    return (f"List {split}" >> beam.Create(list(jobs))
-            | f"Tokenize {split}" >> beam.FlatMap(
-                _beam_tokenize, recipe=self.recipe, windowed=self.recipe.windowed,
-                meta_keys=tuple(self.METADATA_FEATURES)))
+    jobs = list(jobs)
+    entries_path = os.fspath(epath.Path(self.data_dir) / BEAM_ENTRIES_FILE.format(split=split))
+    tokenize = beam.FlatMap(_beam_tokenize, recipe=self.recipe,
+                            windowed=self.recipe.windowed,
+                            meta_keys=tuple(self.METADATA_FEATURES), split=split)
+
+    def expand(pbegin):
+      out = (pbegin | f"List {split}" >> beam.Create(jobs)
+             | f"Tokenize {split}" >> tokenize.with_outputs(_ENTRIES_TAG, main="examples"))
+      # Skipped-file entries are gathered by the pipeline itself: Beam's metrics cannot
+      # carry them (the DirectRunner keeps one bundle's string-set values per step, and
+      # string sets hold at most 1 MB).
+      _ = (out[_ENTRIES_TAG] | f"Gather {split} report entries" >> beam.combiners.ToList()
+           | f"Write {split} report entries" >> beam.Map(_write_report_entries,
+                                                          path=entries_path))
+      return out.examples
+
+    return beam.ptransform_fn(expand)()
+
+
+def beam_runner_name(download_config) -> str:
+  """The Beam runner of a DownloadConfig, e.g. "DirectRunner (multi_processing)"."""
+  if download_config.beam_runner is not None:
+    runner = download_config.beam_runner
+    return runner if isinstance(runner, str) else type(runner).__name__
+  options = download_config.beam_options.get_all_options(drop_default=True)
+  runner = options.get("runner") or "DirectRunner"
+  runner = runner if isinstance(runner, str) else type(runner).__name__
+  if runner.split(".")[-1] in ("DirectRunner", "direct") and options.get("direct_running_mode"):
+    runner += f" ({options['direct_running_mode']})"
+  return runner
 
 
 # --------------------------------------------------------------------------- reading back
-def read_json(version_dir: os.PathLike, name: str) -> Dict[str, Any]:
-  p = pathlib.Path(version_dir) / name
+def read_json(version_dir: epath.PathLike, name: str) -> Dict[str, Any]:
+  p = epath.Path(version_dir) / name
   return json.loads(p.read_text()) if p.exists() else {}
 
 
@@ -790,10 +980,12 @@ def read_json(version_dir: os.PathLike, name: str) -> Dict[str, Any]:
 def tfds_build_cli(argv: Optional[Sequence[str]] = None) -> None:
   """TFDS's own `tfds build` command, without the `tfds` entry point's other commands.
 
-  tensorflow-datasets 4.9.10's `tfds` script imports its `convert_format` command,
-  which subclasses `apache_beam.DoFn` at import time, so `tfds build` dies with
-  "No module named 'apache_beam'" wherever Beam is not installed (as in midijax's
-  pinned set). TFDS's `build` command itself needs no Beam; this runs it:
+  With the `beam` extra installed, the `tfds` script itself works (`tfds build
+  data_pipelines/groove ...`). Without it, tensorflow-datasets 4.9.10's `tfds` script dies
+  with "No module named 'apache_beam'" (its convert_format command subclasses
+  `apache_beam.DoFn` at import time), although TFDS's `build` command needs no Beam; this
+  runs that command alone, with midijax's quiet process set-up
+  (`midijax.process_env.configure`):
 
       python -c "from data_pipelines.common import tfds_build_cli; tfds_build_cli()" \\
           data_pipelines/groove --config drums --manual_dir ../shared/data/groove
@@ -802,6 +994,8 @@ def tfds_build_cli(argv: Optional[Sequence[str]] = None) -> None:
     argv: the command line (argv[0] is ignored); default sys.argv.
   """
   # pylint: disable=g-import-not-at-top
+  from midijax import process_env
+  process_env.configure()
   from absl import app
   from tensorflow_datasets.scripts.cli import build as tfds_build
   from tensorflow_datasets.scripts.cli import cli_utils

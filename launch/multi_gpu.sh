@@ -7,8 +7,8 @@
 #          [--install] [--max_restarts=0] [--dry_run] [-- TRAIN_FLAGS...]
 #
 #   --gpus          CUDA_VISIBLE_DEVICES (default: every GPU); the mesh must match the count
-#   --install       first install requirements.txt plus jax[cuda12] at the pinned jax version
-#                   into .venv (pip wheels bring CUDA and cuDNN; needs an NVIDIA driver >= 525)
+#   --install       first install midijax with its cuda12 extra (requirements.txt plus
+#                   jax[cuda12] at the pinned jax version) into .venv (pip wheels bring CUDA and cuDNN; needs an NVIDIA driver >= 525)
 #   --max_restarts  re-run after a failure this many times (default 0)
 #   --dry_run       print the commands and environment instead of running them
 #
@@ -76,13 +76,9 @@ done
 
 cd "${REPO_ROOT}"
 (( dry_run )) && echo "# multi_gpu.sh --dry_run: nothing is run"
-jax_version="$(sed -n '/^jax==/{s/^jax==\([0-9.]*\).*/\1/p;q;}' requirements.txt)"
-[[ -n "${jax_version}" ]] || die "no jax==VERSION pin in requirements.txt"
-
 if (( install )); then
   [[ -x .venv/bin/python ]] || run python3 -m venv .venv
-  run .venv/bin/python -m pip install -q -r requirements.txt "jax[cuda12]==${jax_version}"
-  run .venv/bin/python -m pip install -q --no-deps -e .
+  run .venv/bin/python -m pip install -q -e ".[cuda12]"
 fi
 
 # One process owns every local GPU; TensorFlow (tf.data) is kept off them by the input

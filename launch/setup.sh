@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Creates ./.venv and installs midijax with the pinned requirements (Python 3.10+).
+# Creates ./.venv and installs midijax (editable) with the pinned runtime set
+# (requirements.txt) and its beam and test extras (requirements-beam.txt,
+# requirements-test.txt): what CI and the quick start use. Python 3.11+.
 # With --system also installs the Debian packages the tests and the listening-test export
 # use (needs root or sudo): fluidsynth + a General MIDI soundfont, chromium for the browser
 # test, shellcheck for the launch scripts, g++ (builds the CPU attention kernel,
@@ -27,6 +29,5 @@ if [[ ! -x .venv/bin/python ]]; then
   "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -r requirements.txt
-.venv/bin/python -m pip install -q --no-deps -e .
+.venv/bin/python -m pip install -q -e ".[beam,test]"
 echo "setup.sh: ready (.venv/bin/midijax)"

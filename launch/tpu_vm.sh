@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Runs `midijax train` on a Cloud TPU VM slice: creates the TPU (directly or through a queued
-# resource), puts this code on every worker, installs requirements.txt plus the TPU build of
-# the pinned jax, and starts training on all workers at once. If training stops (preemption,
-# maintenance, a lost connection), it recreates the TPU when needed and re-runs the same
-# command; training resumes from the newest checkpoint in the gs:// workdir.
+# resource), puts this code on every worker, installs midijax with its `tpu` extra (the
+# runtime set of requirements.txt plus jax[tpu], which brings libtpu), and starts training
+# on all workers at once. If training stops (preemption, maintenance, a lost connection),
+# it recreates the TPU when needed and re-runs the same command; training resumes from the
+# newest checkpoint in the gs:// workdir.
 #
 # usage: launch/tpu_vm.sh [up|create|setup|train|status|delete] --name=NAME --zone=ZONE
 #          --accelerator_type=TYPE --bucket=gs://BUCKET --config=configs/FILE.py
@@ -29,7 +30,6 @@
 #     --bucket=gs://my-bucket --config=configs/tpu_v4_8.py
 set -euo pipefail
 
-readonly LIBTPU_FIND_LINKS="https://storage.googleapis.com/jax-releases/libtpu_releases.html"
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 readonly REPO_ROOT
 
@@ -184,9 +184,6 @@ if [[ "${size}" =~ ^[0-9]+$ ]]; then
   esac
 fi
 
-jax_version="$(sed -n '/^jax==/{s/^jax==\([0-9.]*\).*/\1/p;q;}' "${REPO_ROOT}/requirements.txt")"
-[[ -n "${jax_version}" ]] || die "no jax==VERSION pin in requirements.txt"
-
 gcloud_scope=(--zone="${zone}")
 [[ -n "${project}" ]] && gcloud_scope+=(--project="${project}")
 archive="${TMPDIR:-/tmp}/midijax-${name}.tar.gz"
@@ -273,9 +270,9 @@ setup_workers() {
   local install="set -eu; if ! command -v ${py} >/dev/null; then sudo apt-get update -qq"
   install+=" && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ${py} ${py}-venv; fi; "
   install+="${fetch}; cd ~/midijax; ${py} -m venv .venv; .venv/bin/pip install -q --upgrade pip; "
-  install+=".venv/bin/pip install -q -r requirements.txt \"jax[tpu]==${jax_version}\" "
-  install+="-f ${LIBTPU_FIND_LINKS}; .venv/bin/pip install -q --no-deps -e ."
-  note "install requirements.txt + jax[tpu]==${jax_version} on every worker (${hosts} host(s)):"
+  install+=".venv/bin/pip install -q -e \".[tpu]\""
+  note "install midijax with the tpu extra (requirements.txt + jax[tpu], libtpu from the index)" \
+    "on every worker (${hosts} host(s)):"
   ssh_all "${install}"
 }
 

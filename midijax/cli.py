@@ -36,6 +36,7 @@ import pathlib
 import sys
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+from midijax import process_env
 from midijax.errors import ConfigError, MidijaxError
 
 # Sub-command name -> (one-line help, description, add_flags(parser)).
@@ -778,6 +779,7 @@ COMMAND_ORDER = ("build-data", "train", "reproduce", "compare-runs", "compile", 
 
 def main(argv: Optional[List[str]] = None) -> int:
   """The `midijax` command; `argv` holds the arguments after the program name."""
+  process_env.configure()  # Quiet stderr: set before TensorFlow or JAX loads.
   from_shell = argv is None
   argv = list(sys.argv[1:] if argv is None else argv)
   name = next((a for a in argv if not a.startswith("-")), "")
@@ -785,8 +787,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     # Before JAX is imported; see midijax/allocator.py.
     from midijax import allocator
     allocator.reexec_with_tcmalloc()
-  # TensorFlow (used by tf.data) logs C++ start-up chatter unless told otherwise.
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   rest, overrides = split_config_overrides(argv)
   parser = build_parser()
   args = parser.parse_args(rest)

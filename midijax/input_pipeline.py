@@ -128,10 +128,17 @@ def find_dataset_dir(name: str, builder_config: Optional[str] = None,
   if version is not None:
     built = [p for p in built if p.name == version]
   if not built:
+    what = f"{name}/{builder_config}{':' + version if version else ''}"
+    if name not in DEFAULT_BUILDER_CONFIGS:
+      # Only builders that exist get a build command in the hint.
+      raise ConfigError(f"data: no built dataset {what} under {root}, and {name!r} is not a "
+                        f"midijax dataset (build-data knows {', '.join(DEFAULT_BUILDER_CONFIGS)})")
+    others = sorted(p.name for p in (root / name).glob("*") if p.is_dir()) if (
+        root / name).is_dir() else []
+    also = f" (built configs of {name} there: {', '.join(others)})" if others else ""
     raise ConfigError(
-        f"data: no built dataset {name}/{builder_config}{':' + version if version else ''} "
-        f"under {root}; build it with `midijax build-data {name} --config {builder_config} "
-        f"--data_dir {root} --manual_dir ...`")
+        f"data: no built dataset {what} under {root}{also}; build it with `midijax build-data "
+        f"{name} --config {builder_config} --data_dir {root} --manual_dir DIR`")
   return built[-1]
 
 

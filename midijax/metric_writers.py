@@ -114,9 +114,12 @@ class MetricWriter:
   Args:
     workdir: the run folder (an epath; local or gs://).
     active: whether this process writes (training passes True on process 0 only).
+    resume_step: the step a resumed run restarts from: rows of later steps (logged by the
+      interrupted run after its last checkpoint, and about to be logged again) are
+      dropped, so metrics.jsonl keeps one row per step and kind after any restarts.
   """
 
-  def __init__(self, workdir, active: bool = True):
+  def __init__(self, workdir, active: bool = True, resume_step: Optional[int] = None):
     self.active = active
     self._jsonl = None
     self._tb = None
@@ -124,6 +127,8 @@ class MetricWriter:
     self._path = workdir / "metrics.jsonl"
     self._rows: list = []
     if self.active:
+      if resume_step is not None and self._path.exists():
+        self._drop_rows_after(int(resume_step))
       if self._remote:
         # Object stores cannot append: metrics.jsonl is rewritten whole; TensorBoard events go
         # to a local folder (sync it to the bucket, or point TensorBoard at it).
@@ -134,6 +139,23 @@ class MetricWriter:
       else:
         self._jsonl = open(self._path, "a")
         self._tb = SummaryWriter(workdir / "tensorboard")
+
+  def _drop_rows_after(self, step: int) -> None:
+    """Rewrites metrics.jsonl without the rows of steps after `step` (temp file + rename)."""
+    lines = self._path.read_text().splitlines(True)
+    keep = []
+    for line in lines:
+      try:
+        row_step = int(json.loads(line)["step"])
+      except (ValueError, KeyError, TypeError):
+        continue  # a torn last line of a killed run
+      if row_step <= step:
+        keep.append(line if line.endswith("\n") else line + "\n")
+    if len(keep) == len(lines):
+      return
+    tmp = self._path.parent / (self._path.name + ".tmp")
+    tmp.write_text("".join(keep))
+    tmp.replace(self._path)
 
   def write(self, step: int, scalars: Dict[str, float]) -> None:
     """Appends one row {"step": step, **scalars} and the scalars' TensorBoard events."""

@@ -509,7 +509,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     seq_len = config.data.seq_len
     fpt = transformer.flops_per_token(setup.model_config, seq_len)
     peak, peak_src = peak_flops_per_device(config)
-    writer = metric_writers.MetricWriter(workdir, active=is_chief)
+    writer = metric_writers.MetricWriter(workdir, active=is_chief, resume_step=start_step)
     dropout_rng = replicated_key(config.seed + 1, mesh)
     train_iter = data.train_batches(start_step)
     meta = {"config": json.loads(config.to_json_best_effort()), "vocab_size": vocab_size}
@@ -539,6 +539,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       return summary
 
     run_start = time.perf_counter()
+    stop_check_every = 1 if jax.process_count() == 1 else config.train.log_every
     with _Preemption() as preempt:
       while step < config.train.num_steps:
         batch = next(train_iter)
@@ -549,8 +550,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         if progress is not None:
           progress.update(1)
         out_of_time = stop_requested = False
-        if step % config.train.log_every == 0:
-          # Stop decisions are shared at log steps, so every host stops at the same step.
+        if step % stop_check_every == 0:
+          # Stop decisions are shared, so every host stops at the same step: every step on
+          # one process (SIGTERM leaves ~30 s before SIGKILL, and a loaded CPU step can
+          # take seconds), at log steps across hosts (a collective each step would cost).
           out_of_time = _agree(config.train.max_seconds > 0 and
                                time.perf_counter() - run_start > config.train.max_seconds)
           stop_requested = _agree(preempt.requested)

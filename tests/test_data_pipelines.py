@@ -4,6 +4,7 @@ Every build writes into its own temporary TFDS data dir; the real corpus is only
 """
 import csv
 import dataclasses
+import importlib.util
 import json
 import os
 import pathlib
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import time
 
+from etils import epath
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -23,6 +25,7 @@ from midijax.encoding import drum_map
 from midijax.errors import MidijaxError
 from midijax.notes import Notes
 
+from conftest import IN_CI
 from conftest import copy_groove_subset as _copy_groove_subset
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -291,6 +294,113 @@ def test_tfds_build_command(groove_subset, tmp_path):
   version_dir = tmp_path / "groove" / "drums" / "1.0.0"
   assert len(list(version_dir.glob("groove-train.tfrecord-*-of-00002"))) == 2
   assert (version_dir / "vocab.json").is_file() and (version_dir / "build_report.json").is_file()
+
+
+# --------------------------------------------------------------------------- Apache Beam
+def _needs_beam():
+  if importlib.util.find_spec("apache_beam") is None:
+    if IN_CI:
+      pytest.fail("CI=true but apache_beam is missing (launch/setup.sh installs .[beam,test])")
+    pytest.skip("apache-beam not installed (pip install -e '.[beam]')")
+
+
+def _examples(builder, split):
+  """The split's examples as {(id, window_index): features}, independent of shard order."""
+  return {(ex["id"].decode(), int(ex["window_index"])): ex for ex in read_split(builder, split)}
+
+
+def _summary(stderr: str, name: str) -> tuple:
+  """(files, counts) of the build summary line '<name>: N files in ... (timing): counts'."""
+  line = next(l for l in stderr.splitlines() if l.startswith(f"{name}: "))
+  files, rest = line.split(" in ", 1)
+  return files, rest.split("): ", 1)[1]
+
+
+def test_beam_build_equals_local_build(groove_dir, tmp_path, capsys):
+  """README's `tfds build ... --beam_pipeline_options=...` (DirectRunner, 2 worker processes)
+  on 16 real GMD files and 3 bad ones: the examples, the counts and the skipped files with
+  their reasons in build_report.json and in the summary line are those of the local build."""
+  _needs_beam()
+  root = tmp_path / "groove"
+  rows = _copy_groove_subset(groove_dir, root, {"train": 8, "validation": 4, "test": 4})
+  good = (root / rows[0]["midi_filename"]).read_bytes()
+  bad = {"drummer9/bad/random_header.mid": (b"MThd" + bytes(range(256)) * 4, "train"),
+         "drummer9/bad/truncated.mid": (good[:len(good) * 6 // 10], "validation"),
+         "drummer9/bad/empty.mid": (b"", "train")}
+  with open(root / "info.csv", "a", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    for i, (name, (data, split)) in enumerate(sorted(bad.items())):
+      (root / name).parent.mkdir(parents=True, exist_ok=True)
+      (root / name).write_bytes(data)
+      writer.writerow({**rows[0], "id": f"drummer9/bad/{i}", "midi_filename": name,
+                       "split": split})
+  config = "drums_2bar"  # 2-bar windows: GMD's 1-bar fills are counted as too short.
+  local = data_pipelines.build("groove", config, manual_dir=str(root),
+                               data_dir=str(tmp_path / "local"), num_workers=2)
+  local_stderr = capsys.readouterr().err
+  tfds_cli = pathlib.Path(sys.executable).with_name("tfds")
+  proc = subprocess.run(
+      [str(tfds_cli), "build", "data_pipelines/groove", "--config", config,
+       "--manual_dir", str(root), "--data_dir", str(tmp_path / "beam"),
+       "--beam_pipeline_options=runner=DirectRunner,direct_num_workers=2,"
+       "direct_running_mode=multi_processing"],
+      cwd=REPO, capture_output=True, text=True, timeout=600,
+      env={**os.environ, "PYTHONPATH": os.pathsep.join(
+          [str(REPO), os.environ.get("PYTHONPATH", "")])})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  beam_dir = tmp_path / "beam" / "groove" / config / "1.0.0"
+  beam = tfds.builder_from_directory(str(beam_dir))
+
+  for split in ("train", "validation", "test"):
+    want, got = _examples(local, split), _examples(beam, split)
+    assert len(want) > 0 and sorted(want) == sorted(got), split
+    for key, ex in want.items():
+      for feature, value in ex.items():
+        np.testing.assert_array_equal(got[key][feature], value, err_msg=f"{key} {feature}")
+
+  local_report = common.read_json(local.data_dir, common.REPORT_FILE)
+  beam_report = common.read_json(beam_dir, common.REPORT_FILE)
+  assert beam_report["runner"] == "DirectRunner (multi_processing)"
+  assert local_report["runner"] == "local" and local_report["num_workers"] == 2
+  timing = ("runner", "num_workers", "seconds", "files_per_second")
+  for field in local_report:
+    if field == "splits":
+      assert beam_report["splits"] == {
+          s: {k: v for k, v in counts.items() if k != "seconds"}
+          for s, counts in local_report["splits"].items()}
+    elif field not in timing:
+      assert beam_report[field] == local_report[field], field
+  assert beam_report["files"] == len(rows) + len(bad)
+  assert beam_report["too_short"] > 0 and beam_report["examples"] > 0
+  skipped = {pathlib.Path(s["file"]).relative_to(root).as_posix(): (s["split"], s["reason"])
+             for s in beam_report["skipped_files"]}
+  assert {k: split for k, (split, _) in skipped.items()} == {
+      k: split for k, (_, split) in bad.items()}
+  assert "empty file" in skipped["drummer9/bad/empty.mid"][1]
+  assert "cannot parse" in skipped["drummer9/bad/truncated.mid"][1]
+  # The summary line (stderr) carries the same counts and reasons.
+  name = f"groove/{config}"
+  assert _summary(proc.stderr, name) == _summary(local_stderr, name)
+  assert "3 skipped" in _summary(proc.stderr, name)[1]
+
+
+def test_sources_are_read_through_epath(groove_files, tmp_path):
+  """Local paths go straight to the MIDI reader; URLs (gs://, s3://) are copied first.
+
+  Only the local side runs here: no bucket is reachable from the tests.
+  """
+  assert common.is_local("/data/groove/a.mid") and common.is_local(tmp_path)
+  assert not common.is_local("gs://bucket/groove/a.mid")
+  assert not common.is_local(epath.Path("s3://bucket/a.mid"))
+  with common.local_copy(str(groove_files[0]), max_bytes=1 << 20) as path:
+    assert path == str(groove_files[0])
+  folder = tmp_path / "Mixed Case"
+  (folder / "deep").mkdir(parents=True)
+  for name in ("a.MID", "deep/b.midi", "deep/c.txt"):
+    shutil.copyfile(groove_files[0], folder / name)
+  found = common.find_midi_files(epath.Path(folder))
+  assert [p.relative_to(folder).as_posix() for p in found] == ["a.MID", "deep/b.midi"]
+  assert all(isinstance(p, epath.Path) for p in found)
 
 
 # --------------------------------------------------------------------------- midi_folder

@@ -4,7 +4,7 @@ private names, and the light commands stay light.
 Every import in midijax/ counts, at module level or inside a function (a lazy import is
 still a dependency). Stages, lowest first (a module may import its own stage or lower):
 
-  0 base       errors, notes, allocator, limits
+  0 base       errors, notes, allocator, limits, process_env
   1 encoding   encoding.*, midi_io                          (numpy only: no JAX)
   2 data       input_pipeline, music_stats, two_sample, reports, metric_writers, ngram
   3 model      sharding, kernels.*, models.*
@@ -26,7 +26,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "midijax"
 
 STAGES = {
-    "errors": 0, "notes": 0, "allocator": 0, "limits": 0,
+    "errors": 0, "notes": 0, "allocator": 0, "limits": 0, "process_env": 0,
     "encoding": 1, "midi_io": 1,
     "input_pipeline": 2, "music_stats": 2, "reports": 2, "metric_writers": 2, "ngram": 2,
     "two_sample": 2,

@@ -31,7 +31,6 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
 JAX_PIN = next(line.split("==")[1].strip() for line in
                (REPO / "requirements.txt").read_text().splitlines() if line.startswith("jax=="))
-FIND_LINKS = "https://storage.googleapis.com/jax-releases/libtpu_releases.html"
 
 
 def _scripts():
@@ -66,8 +65,7 @@ def test_every_script_is_strict_bash():
 # ----------------------------------------------------------------------------- tpu_vm.sh
 
 SETUP_TAIL = ("cd ~/midijax; python3.11 -m venv .venv; .venv/bin/pip install -q --upgrade pip; "
-              f'.venv/bin/pip install -q -r requirements.txt "jax[tpu]=={JAX_PIN}" '
-              f"-f {FIND_LINKS}; .venv/bin/pip install -q --no-deps -e .")
+              '.venv/bin/pip install -q -e ".[tpu]"')
 SETUP_HEAD = ("set -eu; if ! command -v python3.11 >/dev/null; then sudo apt-get update -qq && "
               "sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3.11 "
               "python3.11-venv; fi; ")
@@ -216,9 +214,7 @@ def test_multi_gpu_dry_run():
   lines = [l for l in proc.stdout.splitlines() if l != "python3 -m venv .venv"]  # No .venv yet.
   assert lines == [
       "# multi_gpu.sh --dry_run: nothing is run",
-      ".venv/bin/python -m pip install -q -r requirements.txt "
-      f"jax\\[cuda12\\]=={JAX_PIN}",
-      ".venv/bin/python -m pip install -q --no-deps -e .",
+      ".venv/bin/python -m pip install -q -e .\\[cuda12\\]",
       "XLA_PYTHON_CLIENT_MEM_FRACTION=0.9",
       "CUDA_VISIBLE_DEVICES=0,1",
       ".venv/bin/midijax train --config=configs/gpu_8.py --workdir=/scratch/mt "

@@ -51,3 +51,22 @@ def test_metric_writer_rows_and_loss_plot(tmp_path):
   quiet.write(1, {"train_loss": 1.0})
   quiet.close()
   assert not (tmp_path / "other").exists()
+
+
+def test_resumed_writer_drops_rows_after_the_restart_step(tmp_path):
+  """A run killed after its last checkpoint logged steps it will log again on resuming."""
+  from etils import epath
+  workdir = epath.Path(tmp_path)
+  first = metric_writers.MetricWriter(workdir)
+  for step in range(1, 11):
+    first.write(step, {"train_loss": 1.0 / step})
+  first.close()
+  with open(tmp_path / "metrics.jsonl", "a") as f:
+    f.write('{"step": 11, "train_lo')  # torn by a kill
+  resumed = metric_writers.MetricWriter(workdir, resume_step=6)
+  for step in range(7, 13):
+    resumed.write(step, {"train_loss": 0.5})
+  resumed.close()
+  rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows] == list(range(1, 13))
+  assert [r["train_loss"] for r in rows[:6]] == [1.0 / s for s in range(1, 7)]

@@ -31,10 +31,12 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import pathlib
 import sys
 from typing import Tuple
 
+from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -125,7 +127,7 @@ class Groove(common.MidiDatasetBuilder):
       "midi_filename": tfds.features.Text(),
   }
 
-  def _source_dir(self, dl_manager) -> pathlib.Path:
+  def _source_dir(self, dl_manager) -> epath.Path:
     manual = self._manual_root(dl_manager)
     if manual is not None:
       for root in (manual, manual / "groove"):
@@ -134,7 +136,7 @@ class Groove(common.MidiDatasetBuilder):
       raise common.BuildError(f"--manual_dir {manual}: no info.csv there or in groove/; pass "
                               "the extracted GMD folder (info.csv + drummerN/sessionM/*.mid)")
     try:
-      return pathlib.Path(dl_manager.download_and_extract(URL)) / "groove"
+      return epath.Path(dl_manager.download_and_extract(URL)) / "groove"
     except Exception as e:  # pylint: disable=broad-except
       raise common.BuildError(
           f"could not download {URL} ({type(e).__name__}: {e}); without internet, pass "
@@ -142,8 +144,7 @@ class Groove(common.MidiDatasetBuilder):
 
   def _split_generators(self, dl_manager):
     root = self._source_dir(dl_manager)
-    with open(root / "info.csv", newline="") as f:
-      rows = list(csv.DictReader(f))
+    rows = list(csv.DictReader(io.StringIO((root / "info.csv").read_text(), newline="")))
     missing = {"id", "drummer", "session", "style", "bpm", "beat_type", "time_signature",
                "midi_filename", "duration", "split"} - set(rows[0] if rows else ())
     if missing:
@@ -164,7 +165,7 @@ class Groove(common.MidiDatasetBuilder):
           common.FileJob(key=row["id"], path=str(root / row["midi_filename"]), meta=meta))
     return self._split_dict(jobs)
 
-  def _chosen(self, rows, root: pathlib.Path):
+  def _chosen(self, rows, root):
     """The info.csv rows of the config's `styles` and `drummers` (all when empty)."""
     config = self.builder_config
     styles = tuple(getattr(config, "styles", ()) or ())

@@ -25,6 +25,7 @@ TEMPO_<bin of the first tempo> (drums: TEMPO only).
 """
 from __future__ import annotations
 
+import os
 import pathlib
 import sys
 
@@ -88,5 +89,5 @@ class MidiFolder(common.MidiDatasetBuilder):
       meta = self._job_meta({"id": rel, "folder": "" if parent == "." else parent,
                              "name": path.stem})
       split = common.hash_split(rel, self.builder_config.split_ratios)
-      jobs.setdefault(split, []).append(common.FileJob(key=rel, path=str(path), meta=meta))
+      jobs.setdefault(split, []).append(common.FileJob(key=rel, path=os.fspath(path), meta=meta))
     return self._split_dict(jobs)

@@ -28,10 +28,12 @@ Every config prepends BOS and DATASET_<maestro|giantmidi>, and appends EOS.
 from __future__ import annotations
 
 import csv
+import io
 import pathlib
 import sys
 from typing import List, Optional
 
+from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -77,18 +79,17 @@ def _config(name: str, description: str, **kw) -> common.MidiBuilderConfig:
   return common.MidiBuilderConfig(name=name, description=description, drum_policy="drop", **kw)
 
 
-def _read_csv(path: pathlib.Path) -> List[dict]:
-  with open(path, newline="", encoding="utf-8") as f:
-    return list(csv.DictReader(f))
+def _read_csv(path: epath.Path) -> List[dict]:
+  return list(csv.DictReader(io.StringIO(path.read_text(encoding="utf-8"), newline="")))
 
 
-def _has_columns(path: pathlib.Path, columns) -> bool:
-  with open(path, newline="", encoding="utf-8") as f:
+def _has_columns(path: epath.Path, columns) -> bool:
+  with path.open(encoding="utf-8") as f:
     header = next(csv.reader(f), [])
   return columns <= set(header)
 
 
-def find_maestro_csv(root: pathlib.Path) -> Optional[pathlib.Path]:
+def find_maestro_csv(root: epath.Path) -> Optional[epath.Path]:
   """The MAESTRO metadata CSV in `root`, root/maestro or one folder down; None if absent."""
   for pattern in ("*.csv", "maestro/*.csv", "*/*.csv"):
     for path in sorted(root.glob(pattern)):
@@ -97,7 +98,7 @@ def find_maestro_csv(root: pathlib.Path) -> Optional[pathlib.Path]:
   return None
 
 
-def find_giantmidi_csv(root: pathlib.Path) -> Optional[pathlib.Path]:
+def find_giantmidi_csv(root: epath.Path) -> Optional[epath.Path]:
   path = root / "giantmidi" / "metadata.csv"
   return path if path.is_file() and _has_columns(path, GIANTMIDI_COLUMNS) else None
 
@@ -145,7 +146,7 @@ class Piano(common.MidiDatasetBuilder):
     manual = self._manual_root(dl_manager)
     if manual is None:
       try:
-        manual = pathlib.Path(dl_manager.download_and_extract(URL))
+        manual = epath.Path(dl_manager.download_and_extract(URL))
       except Exception as e:  # pylint: disable=broad-except
         raise common.BuildError(
             f"could not download {URL} ({type(e).__name__}: {e}); without internet, pass "
