@@ -104,14 +104,14 @@ def test_init_from_and_frozen_parameters_stay_bit_identical(pretrained, finetune
 
 def test_init_from_resumes_exactly_then_ignores_the_source(data_dir, pretrained, finetuned,
                                                           tmp_path):
-  """`finetuned` stopped after 2 of its 4 steps and restarted: the same parameters."""
+  """`finetuned` stopped before its 4 steps and restarted: the same parameters."""
   source = tmp_path / "source"
   shutil.copytree(pretrained, source)
   config = lambda **kw: tiny(data_dir, pairs=True, trainable="output|final_norm/scale",
                              init_from=f"{source}:{ckpt_lib.best_step(pretrained)}", **kw)
   part = tmp_path / "part"
   train.train_and_evaluate(config(max_seconds=1e-9), str(part))
-  assert ckpt_lib.available_steps(part)[-1] == 2
+  assert 0 < ckpt_lib.available_steps(part)[-1] < 4
   # The new run has checkpoints: it resumes from them, even with the source gone.
   source.rename(tmp_path / "gone")
   assert train.train_and_evaluate(config(), str(part))["step"] == 4
