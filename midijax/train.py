@@ -239,7 +239,8 @@ def run_info() -> dict:
       versions[pkg] = md.version(pkg)
     except md.PackageNotFoundError:
       pass
-  return {"git_commit": commit, "git_dirty": dirty, "versions": versions, "python": sys.version.split()[0],
+  return {"git_commit": commit, "git_dirty": dirty, "versions": versions,
+          "python": sys.version.split()[0],
           "devices": [str(d) for d in jax.devices()], "process_count": jax.process_count(),
           "started": time.strftime("%Y-%m-%d %H:%M:%S")}
 

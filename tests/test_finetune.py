@@ -244,7 +244,7 @@ def test_continuation_nll_is_the_target_nll_given_the_real_prompt(data_dir, pret
   assert not (tmp_path / "short").exists()
 
 
-# ----------------------------------------------------------------------------- compare, reproduce, export
+# ----------------------------------------------------------------------------- runs side by side, again
 def test_compare_runs_table_plot_and_errors(pretrained, finetuned, tmp_path, capsys):
   png = tmp_path / "curves.png"
   assert cli.main(["compare-runs", str(pretrained), str(finetuned), "--out", str(png)]) == 0

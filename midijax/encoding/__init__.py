@@ -129,5 +129,5 @@ def continuation_pair(enc: Encoding, notes: Notes, cut_seconds: float, end_secon
 
 
 __all__ = ["get", "from_config", "load_vocab", "Encoding", "Vocab", "CONDITIONING", "PAD_ID",
-           "EOS_ID", "ENCODINGS", "tempo_bin", "family_of_program", "is_drum_music", "TIME_SHIFT_ENCODINGS",
-           "encode_prompt", "continuation_pair", "note_token_mask"]
+           "EOS_ID", "ENCODINGS", "tempo_bin", "family_of_program", "is_drum_music",
+           "TIME_SHIFT_ENCODINGS", "encode_prompt", "continuation_pair", "note_token_mask"]
