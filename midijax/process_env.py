@@ -66,8 +66,17 @@ def accelerator_attached() -> bool:
   return False
 
 
+# TPU_* variables that JAX itself exports on import (jax._src.cloud_tpu_init) on any machine
+# with libtpu installed, TPU or not; a child of a process that imported JAX inherits them.
+# They say nothing about a TPU being the target, unlike TPU_ACCELERATOR_TYPE,
+# TPU_WORKER_HOSTNAMES and the like.
+JAX_SET_TPU_ENV = frozenset({"TPU_SKIP_MDS_QUERY", "TPU_LIBRARY_PATH", "TPU_ML_PLATFORM",
+                             "TPU_ML_PLATFORM_VERSION"})
+
+
 def _cpu_only_with_libtpu(environ: MutableMapping[str, str]) -> bool:
-  if "JAX_PLATFORMS" in environ or any(k.startswith("TPU_") for k in environ):
+  if "JAX_PLATFORMS" in environ or any(k.startswith("TPU_") and k not in JAX_SET_TPU_ENV
+                                       for k in environ):
     return False
   if not sys.platform.startswith("linux") or importlib.util.find_spec("libtpu") is None:
     return False

@@ -150,6 +150,10 @@ def test_configure_keeps_jax_off_libtpu_without_an_accelerator():
   env = {}
   process_env.configure(env, stderr=sys.stderr)
   assert env.get("JAX_PLATFORMS") == ("cpu" if has_libtpu else None)
+  # What a parent process that imported JAX passes on (jax._src.cloud_tpu_init) is no TPU.
+  env = {"TPU_SKIP_MDS_QUERY": "1", "TPU_LIBRARY_PATH": "/x/libtpu.so"}
+  process_env.configure(env, stderr=sys.stderr)
+  assert env.get("JAX_PLATFORMS") == ("cpu" if has_libtpu else None)
   for given in ({"JAX_PLATFORMS": "tpu"}, {"TPU_ACCELERATOR_TYPE": "v4-8"}):
     env = dict(given)
     process_env.configure(env, stderr=sys.stderr)
