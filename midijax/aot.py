@@ -90,6 +90,13 @@ _KIND_TO_MEMORY = (
 _DEFAULT_BUILDER_CONFIGS = {"groove": "drums", "piano": "performance",
                             "midi_folder": "performance"}
 
+# Peak dense bfloat16 FLOP/s per JAX device (one chip; v4 / v5p in megacore mode), for
+# the compiler-estimated MFU. Keys as DEVICE_MEMORY.
+PEAK_FLOPS: Dict[str, float] = {
+    "v4": 275e12, "v5e": 197e12, "v5p": 459e12, "v6e": 918e12, "h100": 989e12,
+    "h200": 989e12, "a100-40gb": 312e12, "a100-80gb": 312e12,
+}
+
 # Above this fraction of device memory the verdict warns: the runtime, the input
 # pipeline's device buffers and fragmentation need some room the compiler does not see.
 SAFE_FRACTION = 0.9
@@ -338,9 +345,31 @@ class CompileReport:
   model_flops: float
   compile_seconds: float
   fits: Optional[bool]
+  # The attention backend the step was compiled with (config.model.attention_impl resolved).
+  attention_impl: str = ""
+  # The compiler's own estimate of one step's time (libtpu's cost_analysis()
+  # "optimal_seconds"), a lower bound, not a measurement; 0 where the backend gives none.
+  optimal_seconds: float = 0.0
+  # Peak bfloat16 FLOP/s of one target device (PEAK_FLOPS), 0 if unknown.
+  peak_flops_per_device: float = 0.0
+
+  @property
+  def projected_tokens_per_s(self) -> float:
+    """Global tokens per second at the compiler's estimated step time (0 if none)."""
+    if self.optimal_seconds <= 0:
+      return 0.0
+    return self.global_batch * self.seq_len / self.optimal_seconds
+
+  @property
+  def projected_mfu(self) -> float:
+    """Model FLOPs utilization at the compiler's estimated step time (0 if unknown)."""
+    if self.optimal_seconds <= 0 or self.peak_flops_per_device <= 0:
+      return 0.0
+    return self.model_flops / (self.optimal_seconds * self.peak_flops_per_device)
 
   def to_json(self) -> Dict[str, Any]:
-    return dataclasses.asdict(self)
+    return {**dataclasses.asdict(self), "projected_tokens_per_s": self.projected_tokens_per_s,
+            "projected_mfu": self.projected_mfu}
 
 
 def _shard_bytes(abstract_tree: Any) -> int:
@@ -430,6 +459,9 @@ def compile_train_step(config, topology: Topology, devices: Sequence[Any], *,
   mesh = sharding.create_mesh(config.mesh, devices=devices)
   rules = sharding.get_logical_axis_rules(config.mesh) or sharding.DEFAULT_LOGICAL_AXIS_RULES
   model_cfg = train.model_config_from(config, vocab)
+  model_cfg = model_cfg.replace(attention_impl=transformer.resolve_attention_impl(
+      model_cfg, devices[0].platform, num_devices, seq_len=config.data.seq_len,
+      packing=config.data.get("packing", False)))
   abstract_model = nnx.eval_shape(
       lambda: transformer.Transformer(model_cfg, rngs=nnx.Rngs(config.seed)))
   graphdef, abstract_params = nnx.split(abstract_model)
@@ -482,6 +514,7 @@ def compile_train_step(config, topology: Topology, devices: Sequence[Any], *,
   if isinstance(cost, (list, tuple)):  # Older JAX: one dict per module.
     cost = cost[0] if cost else {}
   compiler_flops = float((cost or {}).get("flops", 0.0))
+  optimal_seconds = float((cost or {}).get("optimal_seconds", 0.0) or 0.0)
   model_flops = transformer.flops_per_token(model_cfg, seq_len) * rows * seq_len / num_devices
   limit, limit_source = device_memory_bytes(devices, topology, memory_per_device)
   fits = None if not limit else total <= limit
@@ -495,7 +528,10 @@ def compile_train_step(config, topology: Topology, devices: Sequence[Any], *,
       output_bytes=output, alias_bytes=alias, temp_bytes=temp, code_bytes=code,
       total_bytes=total, memory_limit_bytes=limit, memory_limit_source=limit_source,
       compiler_flops=compiler_flops, model_flops=model_flops,
-      compile_seconds=compile_seconds, fits=fits)
+      compile_seconds=compile_seconds, fits=fits, attention_impl=model_cfg.attention_impl,
+      optimal_seconds=max(optimal_seconds, 0.0),
+      peak_flops_per_device=PEAK_FLOPS.get(limit_source.split(":")[-1], 0.0)
+      if limit_source.startswith("table:") else 0.0)
 
 
 # ----------------------------------------------------------------------------- report
@@ -539,6 +575,15 @@ def format_report(r: CompileReport) -> str:
     lines.append("  device memory     unknown (give --memory_per_device=h100|v5e|GiB to compare)")
   lines.append(f"FLOPs per device per step: compiler {r.compiler_flops:.4g}, model "
                f"{r.model_flops:.4g} (6N + attention, transformer.flops_per_token)")
+  if r.attention_impl:
+    lines.append(f"attention   {r.attention_impl} (config.model.attention_impl resolved)")
+  if r.optimal_seconds > 0:
+    line = (f"projected   {r.optimal_seconds * 1e3:,.3g} ms per step, "
+            f"{r.projected_tokens_per_s:,.0f} tokens/s")
+    if r.projected_mfu > 0:
+      line += f", MFU {r.projected_mfu * 100:.1f}%"
+    lines.append(line + " (the compiler's estimate, cost_analysis optimal_seconds: a lower "
+                 "bound on step time, not a measurement)")
   return "\n".join(lines)
 
 

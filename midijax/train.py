@@ -120,6 +120,8 @@ def model_config_from(config, vocab_size: int, deterministic: bool = False
       mlp_activation=m.mlp_activation, tied_embeddings=m.tied_embeddings, dtype=m.dtype,
       # Configs saved before this field existed get the default.
       attention_block=m.get("attention_block", transformer.TransformerConfig.attention_block),
+      attention_impl=m.get("attention_impl", "auto"), remat_policy=m.get("remat_policy", "none"),
+      scan_layers=m.get("scan_layers", False), pallas_interpret=m.get("pallas_interpret", False),
       deterministic=deterministic)
 
 
@@ -410,6 +412,9 @@ def _agree(flag: bool) -> bool:
 def build_model_and_state(config, vocab_size: int, mesh, rules):
   """Creates the sharded model params, optimizer and their shardings."""
   model_cfg = model_config_from(config, vocab_size)
+  model_cfg = model_cfg.replace(attention_impl=transformer.resolve_attention_impl(
+      model_cfg, mesh.devices.flat[0].platform, mesh.size, seq_len=config.data.seq_len,
+      packing=config.data.get("packing", False)))
   model = sharding.create_sharded_model(
       lambda: transformer.Transformer(model_cfg, rngs=_init_rngs(config.seed)), mesh, rules)
   graphdef, params = nnx.split(model)
@@ -467,6 +472,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   # Parameters are created outside `use_mesh`: their logical names resolve through the rules.
   model_cfg, graphdef, tx, state, state_sh = build_model_and_state(config, vocab_size, mesh, rules)
+  logging.info("attention backend: %s", model_cfg.attention_impl)
+  if is_chief:
+    print(f"attention backend: {model_cfg.attention_impl} (config.model.attention_impl="
+          f"{config.model.get('attention_impl', 'auto')})", flush=True)
+    _write_json(workdir / "run_info.json", {**run_info(), "attention_impl": model_cfg.attention_impl})
   with sharding.use_mesh(mesh, rules):
     manager = ckpt_lib.make_manager(workdir, config.train.keep_latest, config.train.keep_best,
                                     config.train.async_checkpointing)
