@@ -181,6 +181,26 @@ def skew(rel_logits: jax.Array) -> jax.Array:
   return flat[..., c:c + c * w].reshape(lead + (c, w))
 
 
+def skew_by_shifts(rel_logits: jax.Array) -> jax.Array:
+  """`skew` without its reshapes: row r shifted left by C-1-r in log2(C) steps, each a
+  static slice, pad and select.
+
+  The reshapes of `skew` move data across the minor dimension at odd strides (W+1), which
+  TPU layouts handle badly (compiling chunked relative attention for T=2048 took many
+  minutes); these steps are lane-aligned elementwise ops that XLA fuses. Same result as
+  `skew` on the entries the causal mask keeps; the junk entries differ (zeros here).
+  """
+  c, w = rel_logits.shape[-2:]
+  shift = (c - 1) - jnp.arange(c)  # [C]
+  out = rel_logits
+  bit = 1
+  while bit < c:
+    moved = jnp.pad(out[..., bit:], [(0, 0)] * (out.ndim - 1) + [(0, bit)])
+    out = jnp.where(((shift & bit) != 0)[:, None], moved, out)
+    bit *= 2
+  return out
+
+
 def relative_logits(q: jax.Array, table: jax.Array, num_distances: int) -> jax.Array:
   """q . E_r for the last `num_distances` rows of the table.
 
@@ -377,15 +397,17 @@ def _cpu_attention(q, k, v, *, bias, mask, dropout_rate, dropout_rng, block,
 # ----------------------------------------------------------------------------- chunked
 def chunked_attention(q, k, v, *, segment_ids=None, relative_table=None,
                       dropout_rate: float = 0.0, dropout_rng=None, chunk: int = 512):
-  """Causal attention in query chunks, memory-efficient for any XLA backend (`chunked`).
+  """Causal flash attention written in JAX for any XLA backend (`chunked`).
 
-  Chunk i (queries i*chunk .. (i+1)*chunk-1) attends to keys 0..(i+1)*chunk-1 only, so the
-  masked upper triangle is mostly skipped; each chunk is a `jax.checkpoint`, so the
-  backward pass recomputes its logits and probabilities instead of keeping them: at most
-  one chunk's [B, H, chunk, T] floats exist at a time, never [B, H, T, T]. With a
-  relative table, the chunk's relative logits are q . E_r for its distances, skewed
-  (`skew`) into place. Dropout on the probabilities draws hash bits per chunk (recomputed
-  identically in the backward pass).
+  Queries and keys are split into blocks of `chunk` tokens. Query block i visits key
+  blocks 0..i in a loop with an online softmax (blocks above the diagonal are never
+  computed), keeping only its output and log-sum-exp; the backward pass loops again and
+  recomputes each block's probabilities from them (the flash attention recipe). Memory is
+  a few [B, H, chunk, chunk] float32 blocks at a time, never [B, H, T, T], and the loop
+  bodies are compiled once, whatever the sequence length. With a relative table, block
+  (i, j)'s relative logits are q_i . E_r for the 2 * chunk distances the block spans,
+  skewed into place (`skew_by_shifts`). Dropout on the probabilities draws hash bits per
+  block pair, recomputed identically in the backward pass.
 
   Args:
     q, k, v: [B, T, H, Dh].
@@ -393,49 +415,179 @@ def chunked_attention(q, k, v, *, segment_ids=None, relative_table=None,
     relative_table: [H, max_len >= T, Dh] Music Transformer embeddings, or None.
     dropout_rate: drop probability of the attention probabilities.
     dropout_rng: key for that dropout (None: no dropout).
-    chunk: query chunk (tokens); T is split into T / chunk chunks if it divides T, else
-      one chunk.
+    chunk: block length (tokens); a T it does not divide is one block.
 
   Returns:
     [B, T, H, Dh] in v's dtype.
   """
-  b, t, h, dh = q.shape
-  chunk = min(chunk or t, t)
-  if t % chunk:
-    chunk = t
+  t = q.shape[1]
+  chunk = chunk if chunk and t % chunk == 0 else t
   threshold = layers.keep_threshold(dropout_rate) if dropout_rng is not None else None
   seeds = (jnp.zeros((2,), jnp.uint32) if threshold is None
            else jax.random.bits(dropout_rng, (2,), jnp.uint32))
   heads_first = lambda x: x.transpose(0, 2, 1, 3)
-  qh, kh, vh = heads_first(q), heads_first(k), heads_first(v)
-  outputs = []
-  for i in range(t // chunk):
-    # Whole q, k, v go in (sliced inside): the chunks' residuals are then these arrays,
-    # shared, rather than a copy of each chunk's key prefix.
-    one = jax.checkpoint(functools.partial(
-        _attention_chunk, lo=i * chunk, hi=(i + 1) * chunk, threshold=threshold))
-    outputs.append(one(qh, kh, vh, segment_ids, relative_table, layers.block_seeds(seeds, i)))
-  return heads_first(jnp.concatenate(outputs, axis=2))
+  table_shape = None if relative_table is None else tuple(relative_table.shape)
+  table_dtype = None if relative_table is None else relative_table.dtype
+  out = _flash(heads_first(q), heads_first(k), heads_first(v), segment_ids, relative_table,
+               seeds, chunk, threshold, table_shape, table_dtype)
+  return heads_first(out)
 
 
-def _attention_chunk(qh, kh, vh, segment_ids, table, seeds, *, lo: int, hi: int,
-                     threshold: Optional[int]):
-  """Queries lo..hi-1 over keys 0..hi-1: [B, H, hi-lo, Dh] (heads-first inputs)."""
-  q, k, v = qh[:, :, lo:hi], kh[:, :, :hi], vh[:, :, :hi]
-  scale = 1.0 / math.sqrt(q.shape[-1])
-  logits = jnp.einsum("bhtd,bhsd->bhts", q, k, preferred_element_type=jnp.float32)
+def _pad_table(table, chunk: int):
+  """[H, max_len + chunk, Dh] float32: `chunk` zero rows for the negative (future)
+  distances a diagonal block's window reaches."""
+  return jnp.pad(table.astype(jnp.float32), ((0, 0), (0, chunk), (0, 0)))
+
+
+def _block_logits(q_i, k_j, table, segment_ids, i, j, chunk: int):
+  """Scaled logits of query block i over key block j ([B, H, c, c] float32, masked
+  entries at float32's minimum) and the relative window's table rows (or None)."""
+  scale = 1.0 / math.sqrt(q_i.shape[-1])
+  s = jnp.einsum("bhqd,bhkd->bhqk", q_i, k_j, preferred_element_type=jnp.float32)
+  rows = None
   if table is not None:
-    rows = table[:, table.shape[1] - hi:, :].astype(q.dtype)  # distances hi-1 .. 0
-    rel = jnp.einsum("bhtd,hmd->bhtm", q, rows, preferred_element_type=jnp.float32)
-    logits = logits + skew(rel)
-  logits = logits * scale
-  allowed = jnp.tril(jnp.ones((hi - lo, hi), bool), k=lo)
+    # Column m of the window is distance (i - j) * c + c - 1 - m; row max_len-1-d holds
+    # distance d (the table is padded with `chunk` rows for negative distances).
+    max_len = table.shape[1] - chunk
+    start = max_len - (i - j) * chunk - chunk
+    rows = jax.lax.dynamic_slice_in_dim(table, start, 2 * chunk, axis=1)  # [H, 2c, Dh]
+    rel = jnp.einsum("bhqd,hmd->bhqm", q_i, rows.astype(q_i.dtype),
+                     preferred_element_type=jnp.float32)
+    s = s + skew_by_shifts(rel)[..., :chunk]
+  s = s * scale
+  query = i * chunk + jnp.arange(chunk)
+  key = j * chunk + jnp.arange(chunk)
+  allowed = (query[:, None] >= key[None, :])[None, None]
   if segment_ids is not None:
-    allowed = allowed & (segment_ids[:, lo:hi, None] == segment_ids[:, None, :hi])[:, None]
-  p = jax.nn.softmax(jnp.where(allowed, logits, jnp.finfo(jnp.float32).min), axis=-1)
-  if threshold is not None:
-    p = layers.drop(p, layers.hash_bits(p.shape, seeds), threshold)
-  return jnp.einsum("bhts,bhsd->bhtd", p.astype(v.dtype), v)
+    seg_q = jax.lax.dynamic_slice_in_dim(segment_ids, i * chunk, chunk, axis=1)
+    seg_k = jax.lax.dynamic_slice_in_dim(segment_ids, j * chunk, chunk, axis=1)
+    allowed = allowed & (seg_q[:, :, None] == seg_k[:, None, :])[:, None]
+  return jnp.where(allowed, s, jnp.finfo(jnp.float32).min), rows
+
+
+def _block_bits(shape, seeds, i, j, num_blocks: int):
+  return layers.hash_bits(shape, layers.block_seeds(seeds, i * num_blocks + j))
+
+
+def _flash_forward(qh, kh, vh, segment_ids, table, seeds, chunk, threshold):
+  """(output [B, H, T, Dh] in v's dtype, log-sum-exp [B, H, T] float32)."""
+  b, h, t, dh = qh.shape
+  n = t // chunk
+  table = None if table is None else _pad_table(table, chunk)
+
+  def query_block(i, carry):
+    out, lse = carry
+    q_i = jax.lax.dynamic_slice_in_dim(qh, i * chunk, chunk, axis=2)
+
+    def key_block(j, acc):
+      m, l, o = acc
+      k_j = jax.lax.dynamic_slice_in_dim(kh, j * chunk, chunk, axis=2)
+      v_j = jax.lax.dynamic_slice_in_dim(vh, j * chunk, chunk, axis=2)
+      s, _ = _block_logits(q_i, k_j, table, segment_ids, i, j, chunk)
+      m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+      p = jnp.exp(s - m_new[..., None])
+      # A block wholly masked for a row gives it junk (exp(0)) until a real logit raises
+      # its maximum; every row's diagonal block has one, and the correction zeroes it.
+      correction = jnp.exp(m - m_new)
+      l = l * correction + jnp.sum(p, axis=-1)
+      if threshold is not None:
+        p = layers.drop(p, _block_bits(p.shape, seeds, i, j, n), threshold)
+      o = o * correction[..., None] + jnp.einsum(
+          "bhqk,bhkd->bhqd", p.astype(vh.dtype), v_j, preferred_element_type=jnp.float32)
+      return m_new, l, o
+
+    init = (jnp.full((b, h, chunk), -jnp.inf, jnp.float32),
+            jnp.zeros((b, h, chunk), jnp.float32), jnp.zeros((b, h, chunk, dh), jnp.float32))
+    m, l, o = jax.lax.fori_loop(0, i + 1, key_block, init)
+    out = jax.lax.dynamic_update_slice_in_dim(out, (o / l[..., None]).astype(out.dtype),
+                                              i * chunk, axis=2)
+    lse = jax.lax.dynamic_update_slice_in_dim(lse, m + jnp.log(l), i * chunk, axis=2)
+    return out, lse
+
+  init = (jnp.zeros(qh.shape, vh.dtype), jnp.zeros((b, h, t), jnp.float32))
+  return jax.lax.fori_loop(0, n, query_block, init)
+
+
+# Static arguments: the chunk, the dropout threshold and the table's shape and dtype.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def _flash(qh, kh, vh, segment_ids, table, seeds, chunk, threshold, table_shape, table_dtype):
+  del table_shape, table_dtype
+  return _flash_forward(qh, kh, vh, segment_ids, table, seeds, chunk, threshold)[0]
+
+
+def _flash_fwd(qh, kh, vh, segment_ids, table, seeds, chunk, threshold, table_shape,
+               table_dtype):
+  del table_shape, table_dtype
+  out, lse = _flash_forward(qh, kh, vh, segment_ids, table, seeds, chunk, threshold)
+  return out, (qh, kh, vh, segment_ids, table, seeds, out, lse)
+
+
+def _flash_bwd(chunk, threshold, table_shape, table_dtype, residuals, d_out):
+  qh, kh, vh, segment_ids, table, seeds, out, lse = residuals
+  b, h, t, dh = qh.shape
+  n = t // chunk
+  scale = 1.0 / math.sqrt(dh)
+  padded = None if table is None else _pad_table(table, chunk)
+  d_out = d_out.astype(jnp.float32)
+  # sum_k P dP = dO . O per query (with dropout too: O holds the dropped probabilities):
+  # the softmax backward without reducing over keys.
+  delta = jnp.einsum("bhqd,bhqd->bhq", d_out, out.astype(jnp.float32))
+  # The skew's transpose, for the relative logits' gradient.
+  unskew = None if table is None else jax.linear_transpose(
+      lambda r: skew_by_shifts(r)[..., :chunk],
+      jax.ShapeDtypeStruct((b, h, chunk, 2 * chunk), jnp.float32))
+
+  def query_block(i, carry):
+    dq, dk, dv, d_table = carry
+    q_i = jax.lax.dynamic_slice_in_dim(qh, i * chunk, chunk, axis=2)
+    do_i = jax.lax.dynamic_slice_in_dim(d_out, i * chunk, chunk, axis=2)
+    lse_i = jax.lax.dynamic_slice_in_dim(lse, i * chunk, chunk, axis=2)
+    delta_i = jax.lax.dynamic_slice_in_dim(delta, i * chunk, chunk, axis=2)
+
+    def key_block(j, acc):
+      dq_i, dk, dv, d_table = acc
+      k_j = jax.lax.dynamic_slice_in_dim(kh, j * chunk, chunk, axis=2)
+      v_j = jax.lax.dynamic_slice_in_dim(vh, j * chunk, chunk, axis=2)
+      s, rows = _block_logits(q_i, k_j, padded, segment_ids, i, j, chunk)
+      p = jnp.exp(s - lse_i[..., None])  # masked entries: 0
+      dp = jnp.einsum("bhqd,bhkd->bhqk", do_i, v_j.astype(jnp.float32))
+      kept = p
+      if threshold is not None:
+        bits = _block_bits(p.shape, seeds, i, j, n)
+        kept = layers.drop(p, bits, threshold)
+        dp = layers.drop(dp, bits, threshold)
+      dv_j = jnp.einsum("bhqk,bhqd->bhkd", kept, do_i)
+      ds = p * (dp - delta_i[..., None]) * scale  # d(q.k + rel) of this block
+      dq_i = dq_i + jnp.einsum("bhqk,bhkd->bhqd", ds, k_j.astype(jnp.float32))
+      dk_j = jnp.einsum("bhqk,bhqd->bhkd", ds, q_i.astype(jnp.float32))
+      add = lambda full, part: jax.lax.dynamic_update_slice_in_dim(
+          full, jax.lax.dynamic_slice_in_dim(full, j * chunk, chunk, axis=2) + part,
+          j * chunk, axis=2)
+      dk, dv = add(dk, dk_j), add(dv, dv_j)
+      if padded is not None:
+        d_rel = unskew(ds)[0]  # [B, H, c, 2c]
+        dq_i = dq_i + jnp.einsum("bhqm,hmd->bhqd", d_rel, rows.astype(jnp.float32))
+        d_rows = jnp.einsum("bhqm,bhqd->hmd", d_rel, q_i.astype(jnp.float32))
+        start = padded.shape[1] - chunk - (i - j) * chunk - chunk
+        d_table = jax.lax.dynamic_update_slice_in_dim(
+            d_table, jax.lax.dynamic_slice_in_dim(d_table, start, 2 * chunk, axis=1) + d_rows,
+            start, axis=1)
+      return dq_i, dk, dv, d_table
+
+    dq_i, dk, dv, d_table = jax.lax.fori_loop(
+        0, i + 1, key_block, (jnp.zeros((b, h, chunk, dh), jnp.float32), dk, dv, d_table))
+    dq = jax.lax.dynamic_update_slice_in_dim(dq, dq_i, i * chunk, axis=2)
+    return dq, dk, dv, d_table
+
+  zeros = jnp.zeros(qh.shape, jnp.float32)
+  d_table = (jnp.zeros((1,), jnp.float32) if padded is None
+             else jnp.zeros(padded.shape, jnp.float32))
+  dq, dk, dv, d_table = jax.lax.fori_loop(0, n, query_block, (zeros, zeros, zeros, d_table))
+  d_table = None if table is None else d_table[:, :table_shape[1]].astype(table_dtype)
+  return (dq.astype(qh.dtype), dk.astype(kh.dtype), dv.astype(vh.dtype), None, d_table, None)
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 # ----------------------------------------------------------------------------- splash

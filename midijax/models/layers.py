@@ -127,7 +127,12 @@ def drop(x: jax.Array, bits: jax.Array, threshold: int) -> jax.Array:
 
 
 
-def block_seeds(seeds: jax.Array, i: int) -> jax.Array:
-  """Hash seeds (uint32 [2]) for block `i` of a blocked computation: every query block
-  of an attention draws its own dropout bits from the same call's `seeds`."""
-  return jnp.stack([_fmix32(seeds[0] + jnp.uint32(i * _WEYL % 2**32)), seeds[1]])
+def block_seeds(seeds: jax.Array, i) -> jax.Array:
+  """Hash seeds (uint32 [2]) for block `i` (a Python int, or a traced integer inside a
+  loop) of a blocked computation: every block of an attention draws its own dropout bits
+  from the same call's `seeds`."""
+  if isinstance(i, int):
+    offset = jnp.uint32(i * _WEYL % 2**32)
+  else:
+    offset = jnp.asarray(i).astype(jnp.uint32) * jnp.uint32(_WEYL)  # wraps mod 2^32
+  return jnp.stack([_fmix32(seeds[0] + offset), seeds[1]])
