@@ -488,10 +488,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       try:
         state, meta = ckpt_lib.restore(manager, start_step, abstract)
       except ValueError as e:
+        saved = ckpt_lib.read_meta(workdir, start_step).get("config", {}).get("model", {})
+        scanned = bool(saved.get("scan_layers", False))
+        hint = (f" It was saved with config.model.scan_layers={scanned}: resume with "
+                f"--config.model.scan_layers={scanned} (midijax.models.stack_layers / "
+                "unstack_layers convert parameters between the two)."
+                if scanned != bool(config.model.get("scan_layers", False)) else "")
         raise ConfigError(
             f"{workdir}: the checkpoint at step {start_step} does not fit this config's model or "
-            f"optimizer (changed since it was saved?); use a new --workdir. ({str(e)[:300]})"
-        ) from None
+            f"optimizer (changed since it was saved?); use a new --workdir.{hint} "
+            f"({str(e)[:300]})") from None
       logging.info("Resumed from %s at step %d", ckpt_lib.checkpoint_dir(workdir), start_step)
       if is_chief:
         print(f"resuming from step {start_step}", flush=True)

@@ -328,3 +328,29 @@ def test_checkpoints_convert_between_scanned_and_unscanned(tmp_path):
   nnx.replace_by_pure_dict(target, transformer.stack_layers(restored))
   nnx.update(fresh, target)
   np.testing.assert_allclose(fresh(tokens), want, atol=1e-5)
+
+
+def test_scanned_rematerialized_run_trains_samples_and_names_its_layout(groove_tfds, tmp_path):
+  """A groove_tiny run with scanned, rematerialized blocks trains on real Groove data, logs
+  its attention backend in run_info.json, samples through the decode API, and a resume
+  with the other scan setting says which one the checkpoint was saved with."""
+  import json
+  import configs.groove_tiny as groove_tiny
+  from midijax import sampling, train
+  config = groove_tiny.get_config()
+  config.data.data_dir = str(groove_tfds)
+  config.data.update(batch_size=4, seq_len=32)
+  config.model.update(max_len=32, num_layers=2, scan_layers=True, remat_policy="save_dots")
+  config.train.update(num_steps=2, log_every=2, eval_every=2, checkpoint_every=2,
+                      warmup_steps=1, async_checkpointing=False)
+  train.train_and_evaluate(config, str(tmp_path))
+  info = json.loads((tmp_path / "run_info.json").read_text())
+  assert info["attention_impl"] == ("cpu_kernel" if cpu_attention.available() else "cpu_blocked")
+  model, enc, _, _ = train.load_run(tmp_path)
+  assert model.config.scan_layers and transformer.params_scanned(nnx.state(model))
+  result = sampling.generate(model, enc, num_samples=2, max_new_tokens=8, seed=0)
+  assert all(len(t) > result.prompt_length for t in result.tokens)
+  config.model.scan_layers = False
+  config.train.num_steps = 4
+  with pytest.raises(ConfigError, match="saved with config.model.scan_layers=True"):
+    train.train_and_evaluate(config, str(tmp_path))

@@ -25,7 +25,7 @@ from conftest import IN_CI
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 HAVE_LIBTPU = importlib.util.find_spec("libtpu") is not None
-pytestmark = pytest.mark.skipif(
+needs_libtpu = pytest.mark.skipif(
     not HAVE_LIBTPU and not IN_CI,
     reason="libtpu not installed: TPU compiles need pip install 'libtpu==0.0.42.*' (no TPU)")
 
@@ -110,6 +110,8 @@ def tpu_compiles():
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.pathsep.join(
       [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
   env.pop("JAX_COMPILATION_CACHE_DIR", None)  # compile for real each time
+  # No TPU is opened; let this compile run beside another libtpu process (its lockfile).
+  env.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   proc = subprocess.run([sys.executable, "-c", _SCRIPT, json.dumps(TINY)], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=900)
   results = {}
@@ -121,17 +123,20 @@ def tpu_compiles():
   return results
 
 
+@needs_libtpu
 def test_auto_attention_on_tpu_is_the_splash_kernel(tpu_compiles):
   r = tpu_compiles["grad"]
   assert r["impl"] == "splash"
   assert r["custom_call"] and r["splash"], r
 
 
+@needs_libtpu
 @pytest.mark.parametrize("kind", ["float", "int8"])
 def test_decode_step_compiles_for_tpu(tpu_compiles, kind):
   assert tpu_compiles[f"decode_{kind}"]["compiled"]
 
 
+@needs_libtpu
 @pytest.mark.parametrize("name, devices, hosts, slices", [
     ("v4-8", 4, 1, 1), ("v5e-16", 16, 4, 1), ("v4-8x2", 8, 2, 2)])
 def test_midijax_compile_fits_on_tpu(tpu_compiles, name, devices, hosts, slices):
@@ -143,3 +148,31 @@ def test_midijax_compile_fits_on_tpu(tpu_compiles, name, devices, hosts, slices)
   assert (f"{slices} slices" in report) == (slices > 1)
   assert "attention   splash" in report
   assert "projected" in report and "the compiler's estimate" in report
+
+
+def test_step_estimate_reads_libtpu_optimal_seconds():
+  """libtpu gives -1 s per operation it cannot cost: -3.9985 is 3 uncosted operations and
+  1.5 ms of costed ones. Loops (costed once) and implausible values give no estimate."""
+  from midijax import aot
+  base = dict(topology="tpu:v4-8", device_kind="TPU v4", num_devices=4, num_hosts=1,
+              num_slices=1, mesh_shape={"data": 4}, global_batch=64, seq_len=2048,
+              vocab_size=372, num_params=1, param_bytes_per_device=1,
+              opt_state_bytes_per_device=1, argument_bytes=1, output_bytes=1, alias_bytes=0,
+              temp_bytes=1, code_bytes=0, total_bytes=3, memory_limit_bytes=32 * aot.GIB,
+              memory_limit_source="table:v4", compiler_flops=1e11, model_flops=2e11,
+              compile_seconds=1.0, fits=True, attention_impl="splash",
+              peak_flops_per_device=aot.PEAK_FLOPS["v4"])
+  report = aot.CompileReport(**base, optimal_seconds=-3.9985)
+  seconds, note = report.step_estimate()
+  assert abs(seconds - 0.0015) < 1e-9 and note.startswith("4 operations")
+  assert abs(report.projected_tokens_per_s - 64 * 2048 / 0.0015) < 1
+  assert abs(report.projected_mfu - 2e11 / (0.0015 * 275e12)) < 1e-9
+  text = aot.format_report(report)
+  assert "projected   1.5 ms per step" in text and "lower bound" in text
+  assert aot.CompileReport(**base, optimal_seconds=0.002).step_estimate() == (0.002, "")
+  looped = aot.CompileReport(**base, optimal_seconds=0.002, has_loops=True)
+  assert looped.step_estimate()[0] == 0 and "loops" in aot.format_report(looped)
+  # 1e14 FLOPs at 275 TFLOP/s take 0.36 s: a 1 ms reading cannot be right.
+  implausible = aot.CompileReport(**{**base, "compiler_flops": 1e14}, optimal_seconds=-1.999)
+  assert implausible.step_estimate()[0] == 0
+  assert aot.CompileReport(**base).projected_tokens_per_s == 0
