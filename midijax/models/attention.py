@@ -147,16 +147,34 @@ def resolve_attention_impl(cfg, backend: str, num_devices: int = 1, *,
   return impl
 
 
-def _call_impl(impl: str, relative: bool, dropout: bool) -> str:
-  """An unresolved "auto" at trace time: resolved for JAX's default backend."""
-  if impl != "auto":
+# Backends each platform can run (splash on CPU only in interpret mode).
+_RUNNABLE = {"cpu": ("xla", "chunked", "cpu_blocked", "cpu_kernel"),
+             "gpu": ("xla", "chunked", "cudnn"), "tpu": ("xla", "chunked", "splash")}
+
+
+def _trace_platform() -> str:
+  """The platform being compiled for: the active mesh's devices' (an ahead-of-time TPU
+  compile on a CPU host), else JAX's default backend."""
+  mesh = sharding.active_mesh()
+  if mesh is not None:
+    return _platform(mesh.devices.flat[0].platform)
+  return _platform(jax.default_backend())
+
+
+def _call_impl(impl: str, relative: bool, dropout: bool, interpret: bool) -> str:
+  """The backend a call runs: `impl`, or for "auto" (and for a backend this platform cannot
+  run, e.g. a model trained with splash sampled on a CPU) the platform's own choice, as
+  `resolve_attention_impl` makes it for training ("cpu_auto": the kernel where it applies)."""
+  platform = _trace_platform()
+  if impl == "splash" and interpret:
     return impl
-  platform = _platform(jax.default_backend())
+  if impl != "auto" and impl in _RUNNABLE.get(platform, ()):
+    return impl
   if platform == "cpu":
     return "cpu_auto"
-  if relative or dropout:
-    return "chunked"
-  return "splash" if platform == "tpu" else "xla"
+  if platform == "tpu" and not (relative or dropout):
+    return "splash"
+  return "chunked" if relative or dropout else "xla"
 
 
 # ----------------------------------------------------------------------------- relative
@@ -656,8 +674,8 @@ def attend(q, k, v, *, impl: str = "auto", segment_ids=None, relative_table=None
 
   Args:
     q, k, v: [B, T, H, Dh] queries, keys, values of positions 0..T-1 (rope applied).
-    impl: one of ATTENTION_IMPLS (normally resolved by `resolve_attention_impl`; "auto"
-      here resolves for JAX's default backend).
+    impl: one of ATTENTION_IMPLS (normally resolved by `resolve_attention_impl`; "auto",
+      or a backend the platform compiled for cannot run, resolves for that platform).
     segment_ids: int [B, T] packing ids: tokens attend only within their piece.
     relative_table: [H, max_len, Dh] relative-position embeddings (Music Transformer),
       adding q_i . E[i - j] / sqrt(Dh) to the logits; None for none.
@@ -675,23 +693,22 @@ def attend(q, k, v, *, impl: str = "auto", segment_ids=None, relative_table=None
   if relative_table is not None and t > relative_table.shape[1]:
     raise ValueError(f"Relative attention supports up to max_len={relative_table.shape[1]} "
                      f"tokens, got {t}.")
-  impl = _call_impl(impl, relative_table is not None, use_dropout)
-  if impl == "chunked":
+  impl = _call_impl(impl, relative_table is not None, use_dropout, interpret)
+  if impl == "splash" and relative_table is None and not use_dropout and t % 128 == 0:
+    return splash_attention(q, k, v, segment_ids=segment_ids, interpret=interpret)
+  if impl in ("chunked", "splash", "xla", "cudnn") and (
+      impl == "chunked" or use_dropout or relative_table is not None):
+    # Dropout or a relative bias, which the fused kernels do not take, run chunked too.
     return chunked_attention(q, k, v, segment_ids=segment_ids, relative_table=relative_table,
                              dropout_rate=dropout_rate, dropout_rng=rng, chunk=block)
-  if impl == "splash" and relative_table is None and not use_dropout:
-    return splash_attention(q, k, v, segment_ids=segment_ids, interpret=interpret)
+  mask = None if segment_ids is None else segment_mask(segment_ids)
+  if impl in ("splash", "xla", "cudnn"):  # splash: a length it cannot tile (a prompt)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True,
+                                        implementation="cudnn" if impl == "cudnn" else "xla")
+  # cpu_blocked, cpu_kernel, or auto on CPU (today's choice: the kernel where it applies).
   bias = None
   if relative_table is not None:
     bias = skew(relative_logits(q, relative_table, t)) / math.sqrt(q.shape[-1])
-  mask = None if segment_ids is None else segment_mask(segment_ids)
-  if impl in ("xla", "cudnn") and not use_dropout:
-    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, is_causal=True,
-                                        implementation=impl)
-  if impl in ("splash", "xla", "cudnn"):  # dropout or a bias these cannot take
-    return chunked_attention(q, k, v, segment_ids=segment_ids, relative_table=relative_table,
-                             dropout_rate=dropout_rate, dropout_rng=rng, chunk=block)
-  # cpu_blocked, cpu_kernel, or auto on CPU (today's choice: the kernel where it applies).
   return _cpu_attention(q, k, v, bias=bias, mask=mask, dropout_rate=dropout_rate,
                         dropout_rng=rng, block=block, allow_kernel=impl != "cpu_blocked")
 
