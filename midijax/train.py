@@ -57,9 +57,13 @@ def create_learning_rate_schedule(train_config) -> optax.Schedule:
 
 def weight_decay_mask(params, decay_all: bool = False):
   """True for leaves AdamW decays: weight matrices, not norm scales, biases or embeddings."""
+  # Scanned layers stack each block parameter on a leading layer axis.
+  scanned = bool(transformer.params_scanned(params))
+
   def keep(path, leaf):
     name = "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
-    return decay_all or (leaf.ndim >= 2 and "embedding" not in name and "rel" not in name)
+    ndim = leaf.ndim - (1 if scanned and name.startswith("blocks") else 0)
+    return decay_all or (ndim >= 2 and "embedding" not in name and "rel" not in name)
   return jax.tree_util.tree_map_with_path(keep, params)
 
 

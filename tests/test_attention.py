@@ -291,6 +291,23 @@ def test_remat_and_scanned_layers_compute_the_same_model():
     assert name == "none" or callable(transformer.remat_policy(name))
 
 
+def test_weight_decay_skips_the_same_parameters_when_scanned():
+  from midijax import train
+
+  def by_name(mask):  # parameter path without the layer index -> decayed?
+    out = {}
+    for path, value in jax.tree_util.tree_leaves_with_path(mask):
+      keys = [str(getattr(k, "key", k)) for k in path]
+      out["/".join(k for k in keys if not k.isdigit())] = value
+    return out
+
+  plain = train.weight_decay_mask(nnx.state(_model(position="relative"), nnx.Param))
+  scanned = train.weight_decay_mask(
+      nnx.state(_model(position="relative", scan_layers=True), nnx.Param))
+  assert by_name(plain) == by_name(scanned)
+  assert 0 < sum(by_name(plain).values()) < len(by_name(plain))
+
+
 def test_scanned_model_decodes_like_its_forward_pass():
   model = _model(position="relative", max_len=32, scan_layers=True, attention_impl="chunked",
                  attention_block=8)
