@@ -48,7 +48,6 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from midijax import sharding
 from midijax.errors import ConfigError

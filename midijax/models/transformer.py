@@ -44,7 +44,7 @@ import jax.numpy as jnp
 from midijax.errors import ConfigError
 from midijax.models import attention
 from midijax.models import kv_cache
-from midijax.models.layers import dense, dropout, hash_bits  # noqa: F401 (re-exported)
+from midijax.models.layers import dense, dropout
 from midijax.sharding import with_logical_constraint
 
 # Padded vocab entries get this logit: never sampled, and finite so that
