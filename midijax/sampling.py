@@ -1,28 +1,30 @@
 """Sampling from a trained model: one jitted key/value-cache loop, grammar-masked.
 
-Reads top-down: token choice (`choose_tokens`: temperature, top-k, top-p), the one-token
-decode step and the prompt prefill, the jitted loop (`sample_tokens`), then the functions
-the CLI and evaluation call: `generate` (from BOS + conditioning, or any prompt) and
+Reads top-down: token choice (`choose_tokens`: temperature, top-k, top-p), the prompt
+prefill and cache phases, the jitted loop (`sample_tokens`), then the functions the CLI and
+evaluation call: `generate` (from BOS + conditioning, or any prompt) and
 `continue_midi` (continue the first seconds or bars of a MIDI file).
 
 How the loop works (`_sample`):
 
 * The prompt (int [B, P], equal lengths, e.g. BOS + conditioning, or a MIDI prompt) is
-  prefilled into the cache in one `model.decode(prompt, cache, 0)` pass.
+  prefilled into the cache in one `model.prefill(prompt, ...)` pass.
 * A `lax.while_loop` then emits one token per row per step: masked by the encoding's
   grammar, chosen with Gumbel noise from per-row PRNG keys (`fold_in(key(seed), row)`,
-  drawn NOISE_CHUNK steps at a time), fed back through a single-token decode step. Rows
+  drawn NOISE_CHUNK steps at a time), fed back through `model.decode_step`. Rows
   stop at EOS (the rest is PAD), at `max_new_tokens`, or when the next token would take
   the music past `max_seconds` (the sample is cut there, without EOS). The loop exits
   when every row has stopped.
-* The cache is laid out heads before positions ([B, H, S, Dh], see CacheLayer) so
-  attention reads it with plain batched matmuls, no per-step transpose and an in-place
-  update. The loop runs in a few phases of growing cache length, so a token attends over
+* The model owns the cache (midijax.models.kv_cache: heads before positions, so attention
+  reads it with plain batched matmuls, no per-step transpose and an in-place update) and
+  its attention (the backend of `config.model.attention_impl`, the C++ decode kernel on
+  one CPU device). The sampler only chooses tokens, runs the loop and grows the cache: the
+  loop runs in a few phases of growing cache length, so a token attends over
   (about) the positions in use rather than the whole context. No step recomputes earlier
   tokens: a step costs the weights' matmuls plus reading the cache so far, which only
   shows at large batch x length, where the cache outweighs the weights.
 * `kv_cache="int8"` stores each cached key and value vector as int8 with one float32
-  scale (`quantize_kv`): a quarter of the bytes, which is what a batch-32 step spends its
+  scale (`midijax.models.kv_cache.quantize_kv`): a quarter of the bytes, which is what a batch-32 step spends its
   time reading; attention's logits move by about 1% of their spread (tests/test_sampling.py
   bounds it). The default keeps the model's dtype, exact to the full forward pass.
 * Past the context (`cache_len`, default the model's max_len) the window slides: the
@@ -52,8 +54,8 @@ from midijax import constraints as grammar_lib
 from midijax import sharding
 from midijax.encoding import CONDITIONING, EOS_ID, PAD_ID, Encoding, is_drum_music
 from midijax.errors import MidijaxError
-from midijax.kernels import causal_attention as cpu_attention
 from midijax.models import transformer
+from midijax.models.kv_cache import LayerCache
 
 # Why a row stopped (the `stop_reasons` of a SampleResult).
 STOP_REASONS = ("max_tokens", "eos", "max_seconds")
@@ -137,210 +139,37 @@ def row_keys(seed: jax.Array, batch_size: int) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------- decoding
-# A cache layer: {"k", "v"}; values [B, H, L, Dh] (L = the phase's cache length), keys
-# the same or, for head_dim >= KEYS_TRANSPOSED_FROM_HEAD_DIM, [B, H, Dh, L]: the layout in
-# which the scores' batched matrix-vector product streams fastest on CPU (measured at
-# batch 32: [.., L, Dh] is 1.2x faster for Dh=32, [.., Dh, L] 1.5x faster for Dh=64).
-CacheLayer = Dict[str, jax.Array]
-KEYS_TRANSPOSED_FROM_HEAD_DIM = 64
-_AXES = {"v": ("batch", "heads", "length", "kv"), "k": ("batch", "heads", "length", "kv"),
-         "kT": ("batch", "heads", "kv", "length"),
-         "k_scale": ("batch", "heads", "length"), "v_scale": ("batch", "heads", "length")}
-# Key/value cache storage: the model's dtype, or int8 with a float32 scale per vector.
+# Key/value cache storage (--kv_cache): the model's dtype, or int8 with a float32 scale per
+# vector. The model owns the cache's layout and format (midijax.models.kv_cache).
 KV_CACHE_KINDS = ("model", "int8")
 
 
-def quantize_kv(x: jax.Array):
-  """float [..., D] -> (int8 [..., D], float32 [...] scale): x ~ q * scale per vector.
-
-  Symmetric absmax: scale = max|x| / 127, q = round(x / scale) (half to even), 0 for a
-  zero vector. The int8 decode kernel quantizes new tokens with the same formula.
-  """
-  x = x.astype(jnp.float32)
-  scale = jnp.max(jnp.abs(x), axis=-1) / 127.0
-  inv = jnp.where(scale > 0, 1.0 / jnp.where(scale > 0, scale, 1.0), 0.0)
-  q = jnp.clip(jnp.round(x * inv[..., None]), -127, 127).astype(jnp.int8)
-  return q, scale
-
-
-def _quantized(layer: CacheLayer) -> bool:
-  return "k_scale" in layer
-
-
-def uses_decode_kernel(cfg: transformer.TransformerConfig, mesh=None) -> bool:
-  """Whether decode steps (traced now, or under `mesh`) attend through the CPU kernel.
-
-  midijax/kernels' decode attention reads exactly the filled cache slots on both cores,
-  where XLA's batched matrix-vector products ran on one: on one CPU device, for float32
-  models without relative attention (whose bias it does not take).
-  """
-  return (cfg.position != "relative" and jnp.dtype(cfg.dtype) == jnp.float32
-          and sharding.on_single_cpu_device(mesh) and cpu_attention.available())
-
-
-def _keys_transposed(cfg: transformer.TransformerConfig, quantized: bool = False) -> bool:
-  return (cfg.head_dim >= KEYS_TRANSPOSED_FROM_HEAD_DIM and not quantized
-          and not uses_decode_kernel(cfg))
-
-
-def _layer_axes(name: str, cfg, quantized: bool = False) -> tuple:
-  return _AXES["kT" if name == "k" and _keys_transposed(cfg, quantized) else name]
-
-
-def _length_axis(name: str, cfg, quantized: bool = False) -> int:
-  """The cache axis that holds positions (3 for transposed keys, else 2)."""
-  return 3 if name == "k" and _keys_transposed(cfg, quantized) else 2
+def cache_kind(kv_cache: str) -> str:
+  """The model's cache kind ("float" or "int8") for a KV_CACHE_KINDS name."""
+  return "int8" if kv_cache == "int8" else "float"
 
 
 def prefill(model: transformer.Transformer, tokens: jax.Array, length: int,
             kv_cache: str = "model"):
-  """Runs `tokens` through the model in one pass and returns the sampler's cache.
+  """Runs `tokens` through the model in one pass (`Transformer.prefill`).
 
   Args:
     model: the Transformer.
     tokens: int [B, W] (a prompt or a re-prefilled window), positions 0..W-1.
     length: cache length L >= W to return (the first phase's length).
-    kv_cache: "model" (the model's dtype) or "int8" (`quantize_kv`, adds "k_scale" and
-      "v_scale" [B, H, L] to each layer).
+    kv_cache: one of KV_CACHE_KINDS.
 
   Returns:
-    (float32 [B, V] logits for the token after `tokens`, list of CacheLayer of length L).
+    (float32 [B, V] logits for the token after `tokens`, the cache: one LayerCache per
+    layer, L slots).
   """
-  batch, width = tokens.shape
-  cfg = model.config
-  quantized = kv_cache == "int8"
-  logits, cache = model.decode(tokens, model.init_cache(batch, width), 0)
-  layers = []
-  for layer in cache:  # [B, W, H, Dh] -> the sampler's layout
-    layer = {n: x.transpose((0, 2, 3, 1) if _length_axis(n, cfg, quantized) == 3
-                            else (0, 2, 1, 3))
-             for n, x in layer.items()}
-    if quantized:
-      (k, k_scale), (v, v_scale) = quantize_kv(layer["k"]), quantize_kv(layer["v"])
-      layer = {"k": k, "v": v, "k_scale": k_scale, "v_scale": v_scale}
-    layers.append(layer)
-  return logits[:, -1], _grow(layers, length, cfg)
+  logits, cache = model.prefill(tokens, length, cache_kind(kv_cache))
+  return logits[:, -1], cache
 
 
-def _attention_step(attention: transformer.Attention, x: jax.Array, layer: CacheLayer,
-                    pos: jax.Array):
-  """`Attention.decode` for one token with the sampler's cache layout (CacheLayer).
-
-  Attention reads the cache as it was (positions < pos) and the new key/value
-  separately, and only then writes them into slot `pos`: with the write the last use of
-  the old cache, XLA updates it in place instead of copying the cache every step. An int8
-  layer (`prefill(..., kv_cache="int8")`) stores the new key and value quantized and
-  attends to them as stored. On one CPU device the decode kernels do all of this.
-
-  Args:
-    attention: the block's attention module (its projections and tables are reused).
-    x: [B, 1, D] normalized input at position `pos`.
-    layer: this layer's cache; positions < pos are filled.
-    pos: int32 scalar.
-
-  Returns:
-    ([B, 1, D] output, updated layer).
-  """
-  cfg = attention.config
-  q, k, v = attention._project_qkv(x, jnp.reshape(pos, (1, 1)))  # [B, 1, H, Dh]
-  q, k, v = q[:, 0], k[:, 0], v[:, 0]  # [B, H, Dh]
-  keys, values = layer["k"], layer["v"]
-  quantized = _quantized(layer)
-  if uses_decode_kernel(cfg):
-    if not quantized and cpu_attention.decode_supports(q, keys, values):
-      out, *cache = cpu_attention.decode_attention(q, k, v, keys, values, pos)
-      return attention._output(out[:, None].astype(cfg.dtype)), _constrain(cache, cfg)
-    if quantized and cpu_attention.decode_supports_int8(
-        q, keys, values, layer["k_scale"], layer["v_scale"]):
-      out, *cache = cpu_attention.decode_attention_int8(
-          q, k, v, keys, values, layer["k_scale"], layer["v_scale"], pos)
-      return attention._output(out[:, None].astype(cfg.dtype)), _constrain(cache, cfg)
-  if quantized:
-    # The new token is stored as int8 before it is attended to, as the kernel does.
-    (k_code, k_step), (v_code, v_step) = quantize_kv(k), quantize_kv(v)
-    k = (k_code.astype(jnp.float32) * k_step[..., None]).astype(q.dtype)
-    v = v_code.astype(jnp.float32) * v_step[..., None]
-  transposed = _keys_transposed(cfg, quantized)
-  length = values.shape[2]
-  scale = 1.0 / math.sqrt(cfg.head_dim)
-  old = jnp.einsum("bhd,bhds->bhs" if transposed else "bhd,bhsd->bhs", q,
-                   keys.astype(q.dtype), preferred_element_type=jnp.float32) * scale
-  if quantized:
-    old = old * layer["k_scale"]
-  new = jnp.einsum("bhd,bhd->bh", q, k, preferred_element_type=jnp.float32) * scale
-  if cfg.position == "relative":
-    # q . E[distance], distance = pos - s: the last `length` rows of E (row m is distance
-    # length-1-m) read from offset length-1-pos; the zero padding lands on s > pos.
-    rel = attention._relative_logits(q[:, None], length)[:, :, 0]  # [B, H, length]
-    new = new + rel[:, :, -1] * scale
-    rel = jnp.pad(rel, ((0, 0), (0, 0), (0, length)))
-    old = old + jax.lax.dynamic_slice_in_dim(rel, length - 1 - pos, length, axis=2) * scale
-  # Slots >= pos hold nothing yet (or a previous window's keys).
-  old = jnp.where(jnp.arange(length) < pos, old, -jnp.inf)
-  top = jnp.maximum(jnp.max(old, axis=-1), new)
-  p_old = jnp.exp(old - top[..., None])
-  p_new = jnp.exp(new - top)
-  total = jnp.sum(p_old, axis=-1) + p_new
-  if quantized:  # sum_s p_s (code_s * step_s) = sum_s (p_s * step_s) code_s
-    p_old, values = p_old * layer["v_scale"], values.astype(q.dtype)
-  out = jnp.einsum("bhs,bhsd->bhd", p_old.astype(values.dtype), values,
-                   preferred_element_type=jnp.float32)
-  out = (out + p_new[..., None] * v.astype(jnp.float32)) / total[..., None]
-  # Make the writes below depend on `out` (x * 0.0 is not folded for floats), so XLA
-  # orders them after the reads above and updates the cache in place instead of
-  # copying it twice per step (measured: 4x slower per step at batch 32 without this).
-  # An optimization_barrier does not help: XLA copies through it.
-  after = out[:, :, 0] * 0.0  # [B, H]
-  if quantized:
-    writes = ((layer["k"], k_code, 2), (layer["v"], v_code, 2),
-              (layer["k_scale"], k_step, 2), (layer["v_scale"], v_step, 2))
-  else:
-    writes = ((keys, k, 3 if transposed else 2), (layer["v"], v, 2))
-  cache = [_write_slot(c, x, pos, axis, after) for c, x, axis in writes]
-  return attention._output(out[:, None].astype(cfg.dtype)), _constrain(cache, cfg)
-
-
-def _write_slot(cache: jax.Array, x: jax.Array, pos: jax.Array, axis: int,
-                after: jax.Array) -> jax.Array:
-  """`cache` with `x` ([B, H, ...], without the position axis) written at position `pos`
-  of `axis`; `after` ([B, H] zeros computed from the attention output) orders the write
-  after the reads."""
-  x = x + after.reshape(after.shape + (1,) * (x.ndim - 2)).astype(x.dtype)
-  start = [0] * cache.ndim
-  start[axis] = pos
-  return jax.lax.dynamic_update_slice(cache, jnp.expand_dims(x, axis).astype(cache.dtype),
-                                      start)
-
-
-def _constrain(cache: List[jax.Array], cfg) -> CacheLayer:
-  """A layer's updated arrays (k, v[, k_scale, v_scale]) as a CacheLayer, with its axes."""
-  names = ("k", "v", "k_scale", "v_scale")[:len(cache)]
-  quantized = len(cache) == 4
-  return {n: sharding.with_logical_constraint(a, _layer_axes(n, cfg, quantized))
-          for n, a in zip(names, cache)}
-
-
-def decode_step(model: transformer.Transformer, token: jax.Array, cache: List[CacheLayer],
-                pos: jax.Array):
-  """Logits after one more token: `model.decode` for T=1 on the sampler's cache layout.
-
-  Args:
-    model: the Transformer.
-    token: int [B], the token at position `pos`.
-    cache: per layer {"k", "v"} (see CacheLayer) holding positions < pos (L > pos).
-    pos: int32 scalar position of `token`.
-
-  Returns:
-    (float32 [B, V] logits for position pos + 1, updated cache).
-  """
-  x = model._embed(token[:, None], jnp.reshape(pos, (1, 1)))
-  new_cache = []
-  for block, layer in zip(model.blocks, cache):
-    h, layer = _attention_step(block.attention, block.attention_norm(x), layer, pos)
-    x = x + h
-    x = x + block.mlp(block.mlp_norm(x))
-    new_cache.append(layer)
-  return model._logits(x)[:, 0], new_cache
+def grow(cache: List[LayerCache], length: int) -> List[LayerCache]:
+  """Each layer's cache padded to `length` slots (empty; attention masks them)."""
+  return [layer.grow(length) for layer in cache]
 
 
 # Phases are at least this many tokens apart: below that, reading a few empty cache slots
@@ -362,17 +191,6 @@ def cache_phases(start: int, length: int, num_phases: int) -> List[int]:
   step = max(MIN_PHASE_TOKENS, -(-per_phase // 8) * 8)
   ends = [e for e in range(step, length, step) if e > start] + [length]
   return ends
-
-
-def _grow(cache: List[CacheLayer], length: int, cfg) -> List[CacheLayer]:
-  """Pads each layer's cache to `length` slots (zeros; attention masks them)."""
-  def pad(name, x, quantized):
-    axis = _length_axis(name, cfg, quantized)
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, length - x.shape[axis])
-    return sharding.with_logical_constraint(jnp.pad(x, widths),
-                                            _layer_axes(name, cfg, quantized))
-  return [{n: pad(n, x, _quantized(layer)) for n, x in layer.items()} for layer in cache]
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -435,7 +253,7 @@ def _sample(graphdef, spec: SamplerSpec, params, prompt, seed, temperature, top_
   def run_phases(c, cache, start):
     """Samples until the cache (grown phase by phase from `start`) is full or all stop."""
     for length in cache_phases(start, spec.cache_len, spec.cache_phases):
-      cache = _grow(cache, length, model.config)
+      cache = grow(cache, length)
 
       def in_phase(carry, length=length):
         return going(carry[0]) & (carry[0]["pos"] < length)
@@ -449,7 +267,7 @@ def _sample(graphdef, spec: SamplerSpec, params, prompt, seed, temperature, top_
         def step(carry):
           c, cache = carry
           c = sample_one(c, noise)
-          logits, cache = decode_step(model, c["token"], cache, c["pos"])
+          logits, cache = model.decode_step(c["token"], cache, c["pos"])
           return {**c, "logits": logits, "pos": c["pos"] + 1}, cache
 
         return jax.lax.while_loop(
@@ -587,7 +405,7 @@ def sample_tokens(model: transformer.Transformer, prompt, *, encoding: Encoding,
                      f"{prefix_len}-token prefix in the {cache_len}-token context")
   # Cache no longer than the sequence can get (short samples use less memory).
   cache_len = min(cache_len, plen + max_new_tokens)
-  if cache_phases is None and uses_decode_kernel(cfg, mesh):
+  if cache_phases is None and model.decode_attention_impl(mesh) == "cpu_kernel":
     cache_phases = 1  # the kernel reads only the filled slots: no shorter phases needed
   if cache_phases is None:
     cache_bytes = (batch * cache_len * cfg.num_layers * 2 * cfg.qkv_dim *

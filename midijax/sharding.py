@@ -467,6 +467,20 @@ def on_single_cpu_device(mesh: Optional[Mesh] = None) -> bool:
   return len(devices) == 1 and devices[0].platform == "cpu"
 
 
+def active_mesh() -> Optional[Mesh]:
+  """The mesh of the innermost `use_mesh` context, or None outside one."""
+  return _ACTIVATIONS.mesh
+
+
+def activation_spec(logical_axes: Sequence[Optional[str]]) -> Optional[PartitionSpec]:
+  """The PartitionSpec `with_logical_constraint` gives these logical axes under the active
+  mesh and rules (e.g. for a `jax.shard_map` around a kernel); None outside `use_mesh`."""
+  mesh = _ACTIVATIONS.mesh
+  if mesh is None:
+    return None
+  return logical_to_mesh_axes(logical_axes, _ACTIVATIONS.rules, mesh.axis_names)
+
+
 def with_logical_constraint(x: jax.Array, logical_axes: Sequence[Optional[str]]) -> jax.Array:
   """Constrains an activation's sharding by logical names; a no-op outside `use_mesh`.
 

@@ -71,9 +71,13 @@ def create_learning_rate_schedule(train_config) -> optax.Schedule:
 
 def weight_decay_mask(params, decay_all: bool = False):
   """True for leaves AdamW decays: weight matrices, not norm scales, biases or embeddings."""
+  # Scanned layers stack each block parameter on a leading layer axis.
+  scanned = bool(transformer.params_scanned(params))
+
   def keep(path, leaf):
     name = "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
-    return decay_all or (leaf.ndim >= 2 and "embedding" not in name and "rel" not in name)
+    ndim = leaf.ndim - (1 if scanned and name.startswith("blocks") else 0)
+    return decay_all or (ndim >= 2 and "embedding" not in name and "rel" not in name)
   return jax.tree_util.tree_map_with_path(keep, params)
 
 
@@ -359,6 +363,11 @@ def create_train_state(config, vocab_size: int, mesh, rules, *, abstract: bool =
       config.train.trainable matches no parameter.
   """
   model_cfg = runs.model_config_from(config, vocab_size)
+  # The attention backend for the platform compiled for (the mesh's devices: TPU devices
+  # from libtpu's topology for `midijax compile` on a CPU host).
+  model_cfg = model_cfg.replace(attention_impl=transformer.resolve_attention_impl(
+      model_cfg, mesh.devices.flat[0].platform, mesh.size, seq_len=config.data.seq_len,
+      packing=config.data.get("packing", False)))
   model_fn = lambda: transformer.Transformer(model_cfg, rngs=_init_rngs(config.seed))
   try:
     if abstract:
@@ -451,6 +460,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   setup, state = create_train_state(config, vocab_size, mesh, rules)
   state_sh = setup.state_shardings
   info = run_info()
+  info["attention_impl"] = setup.model_config.attention_impl
   total, trainable = setup.param_counts
   info["params"] = {"total": total, "trainable": trainable,
                     "trainable_pattern": config.train.get("trainable", "")}
@@ -458,7 +468,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     for key in ("init_from", "wall_seconds"):  # the run's own history, kept across restarts
       if key in old_info:
         info[key] = old_info[key]
+  logging.info("attention backend: %s", setup.model_config.attention_impl)
   if is_chief:
+    print(f"attention backend: {setup.model_config.attention_impl} (config.model."
+          f"attention_impl={config.model.get('attention_impl', 'auto')})", flush=True)
     print(f"parameters: {total:,}" + (
         f", {trainable:,} trainable ({trainable / max(total, 1):.1%}, config.train.trainable="
         f"{config.train.trainable!r})" if trainable != total else " (all trainable)"), flush=True)
@@ -492,10 +505,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       try:
         state, meta = ckpt_lib.restore(manager, start_step, abstract)
       except ValueError as e:
+        saved = ckpt_lib.read_meta(workdir, start_step).get("config", {}).get("model", {})
+        scanned = bool(saved.get("scan_layers", False))
+        hint = (f" It was saved with config.model.scan_layers={scanned}: resume with "
+                f"--config.model.scan_layers={scanned} (midijax.models.stack_layers / "
+                "unstack_layers convert parameters between the two)."
+                if scanned != bool(config.model.get("scan_layers", False)) else "")
         raise ConfigError(
             f"{workdir}: the checkpoint at step {start_step} does not fit this config's model or "
-            f"optimizer (changed since it was saved?); use a new --workdir. ({str(e)[:300]})"
-        ) from None
+            f"optimizer (changed since it was saved?); use a new --workdir.{hint} "
+            f"({str(e)[:300]})") from None
       logging.info("Resumed from %s at step %d", ckpt_lib.checkpoint_dir(workdir), start_step)
       if is_chief:
         print(f"resuming from step {start_step}", flush=True)

@@ -6,7 +6,7 @@ import pytest
 
 from conftest import IN_CI
 from midijax.kernels import causal_attention as cpu_attention
-from midijax.models import transformer
+from midijax.models import attention, kv_cache
 
 # The build needs g++ and scipy-openblas32, which CI installs (launch/setup.sh --system):
 # under CI=true these tests run (and fail if the kernel does not build).
@@ -67,17 +67,19 @@ def _lowered(fn, *args) -> str:
 @needs_kernel
 def test_attend_uses_the_kernel_only_where_it_applies():
   q, k, v = _qkv((2, 64, 2, 16))  # [B, T, H, Dh], as the model calls attend
-  plain = _lowered(lambda q, k, v: transformer.attend(q, k, v, is_causal=True, block=16), q, k, v)
-  assert cpu_attention.FORWARD_TARGET in plain
-  mask = jnp.ones((2, 1, 64, 64), bool)
-  bias = jnp.zeros((1, 2, 64, 64), jnp.float32)
-  for kwargs in ({"mask": mask}, {"bias": bias}, {"block": 0},
-                 {"dropout_rate": 0.1, "dropout_rng": jax.random.key(0)}):
+  for impl in ("auto", "cpu_kernel"):
+    plain = _lowered(lambda q, k, v: attention.attend(q, k, v, impl=impl, block=16), q, k, v)
+    assert cpu_attention.FORWARD_TARGET in plain
+  segments = jnp.ones((2, 64), jnp.int32)
+  table = jnp.zeros((2, 64, 16), jnp.float32)
+  for kwargs in ({"segment_ids": segments}, {"relative_table": table}, {"block": 0},
+                 {"dropout_rate": 0.1, "dropout_rng": jax.random.key(0)},
+                 {"impl": "cpu_blocked"}, {"impl": "chunked"}):
     kwargs = {"block": 16, **kwargs}
-    text = _lowered(lambda q, k, v: transformer.attend(q, k, v, is_causal=True, **kwargs), q, k, v)
+    text = _lowered(lambda q, k, v: attention.attend(q, k, v, **kwargs), q, k, v)
     assert cpu_attention.FORWARD_TARGET not in text, kwargs
   half = tuple(x.astype(jnp.bfloat16) for x in (q, k, v))
-  text = _lowered(lambda q, k, v: transformer.attend(q, k, v, is_causal=True, block=16), *half)
+  text = _lowered(lambda q, k, v: attention.attend(q, k, v, block=16), *half)
   assert cpu_attention.FORWARD_TARGET not in text
 
 
@@ -118,18 +120,17 @@ def test_decode_kernel_attends_to_the_filled_slots_and_writes_the_new_one(pos):
 @needs_kernel
 @pytest.mark.parametrize("pos, d", [(0, 16), (17, 16), (15, 32), (47, 64), (33, 128)])
 def test_int8_decode_kernel_matches_dequantized_attention(pos, d):
-  """int8 cache: the new key/value are quantized into slot `pos` (sampling.quantize_kv's
+  """int8 cache: the new key/value are quantized into slot `pos` (kv_cache.quantize_kv's
   formula), and the output is exact attention over the dequantized slots 0..pos."""
-  from midijax import sampling
   b, h, length = 2, 3, 48
   rng = np.random.default_rng(pos + d)
   q, k, v = (jnp.asarray(rng.standard_normal((b, h, d)), jnp.float32) for _ in range(3))
   (k_cache, k_scale), (v_cache, v_scale) = (
-      sampling.quantize_kv(jnp.asarray(rng.standard_normal((b, h, length, d)), jnp.float32))
+      kv_cache.quantize_kv(jnp.asarray(rng.standard_normal((b, h, length, d)), jnp.float32))
       for _ in range(2))
   out, *got = jax.jit(cpu_attention.decode_attention_int8)(
       q, k, v, k_cache, v_cache, k_scale, v_scale, jnp.int32(pos))
-  (k8, ks), (v8, vs) = sampling.quantize_kv(k), sampling.quantize_kv(v)
+  (k8, ks), (v8, vs) = kv_cache.quantize_kv(k), kv_cache.quantize_kv(v)
   want_cache = (k_cache.at[:, :, pos].set(k8), v_cache.at[:, :, pos].set(v8),
                 k_scale.at[:, :, pos].set(ks), v_scale.at[:, :, pos].set(vs))
   for g, w in zip(got, want_cache):

@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from midijax.models import transformer
+from midijax.errors import ConfigError
+from midijax.models import attention, layers, transformer
 from midijax.models.transformer import Transformer, TransformerConfig
 
 VOCAB = 200  # padded to 256
@@ -48,10 +49,16 @@ def test_config_pads_vocab_and_validates():
   assert tiny_config(vocab_size=128).padded_vocab_size == 128
   assert tiny_config(vocab_size=129).padded_vocab_size == 256
   assert tiny_config(dtype="bfloat16").dtype == jnp.bfloat16
-  with pytest.raises(ValueError, match="position"):
+  with pytest.raises(ConfigError, match="config.model.position='alibi'"):
     tiny_config(position="alibi")
-  with pytest.raises(ValueError, match="qkv_dim"):
+  with pytest.raises(ConfigError, match="config.model.qkv_dim=30"):
     tiny_config(qkv_dim=30)
+  with pytest.raises(ConfigError, match="config.model.attention_impl='flash'"):
+    tiny_config(attention_impl="flash")
+  with pytest.raises(ConfigError, match="config.model.remat_policy='some'"):
+    tiny_config(remat_policy="some")
+  with pytest.raises(ConfigError, match="config.model.attention_dropout_rate=1.0"):
+    tiny_config(attention_dropout_rate=1.0)
 
 
 # One config per position type, shared by the causality, packing and decode tests
@@ -120,15 +127,13 @@ def test_decode_matches_full_forward(position):
   @jax.jit
   def prefill_then_step(state, tokens):
     model = nnx.merge(graphdef, state)
-    cache = model.init_cache(BATCH, cache_len)
-    prompt_logits, cache = model.decode(tokens[:, :prompt_len], cache, 0)
+    prompt_logits, cache = model.prefill(tokens[:, :prompt_len], cache_len)
     step_logits = jnp.zeros((BATCH, LENGTH, model.config.padded_vocab_size), jnp.float32)
 
     def step(i, carry):
       step_logits, cache = carry
-      token = jax.lax.dynamic_slice_in_dim(tokens, i, 1, axis=1)
-      logits, cache = model.decode(token, cache, i)
-      return jax.lax.dynamic_update_slice_in_dim(step_logits, logits, i, axis=1), cache
+      logits, cache = model.decode_step(tokens[:, i], cache, i)
+      return step_logits.at[:, i].set(logits), cache
 
     step_logits, _ = jax.lax.fori_loop(prompt_len, LENGTH, step, (step_logits, cache))
     return prompt_logits, step_logits[:, prompt_len:]
@@ -178,31 +183,31 @@ def test_dropout_needs_rng_and_respects_deterministic():
 
 def test_dropout_rate_and_expectation():
   x = jnp.ones((64, 32, 48))
-  y = transformer.dropout(x, 0.25, jax.random.key(0))
+  y = layers.dropout(x, 0.25, jax.random.key(0))
   kept = np.asarray(y) != 0
   assert abs(kept.mean() - 0.75) < 0.01
   assert abs(float(jnp.mean(y)) - 1.0) < 0.02
   # Odd last dim (not a multiple of 4 bytes) and a non-default key implementation.
-  z = transformer.dropout(jnp.ones((5, 7)), 0.5, jax.random.key(1, impl="rbg"))
+  z = layers.dropout(jnp.ones((5, 7)), 0.5, jax.random.key(1, impl="rbg"))
   assert z.shape == (5, 7) and set(np.unique(z)) <= {0.0, 2.0}
-  np.testing.assert_array_equal(transformer.dropout(x, 0.0, jax.random.key(0)), x)
+  np.testing.assert_array_equal(layers.dropout(x, 0.0, jax.random.key(0)), x)
 
 
-def test_manual_attention_matches_dot_product_attention():
-  """The written-out path used with attention dropout equals jax.nn's."""
+def test_written_out_attention_matches_dot_product_attention():
+  """cpu_blocked's dense written-out form (short sequences, dropout) equals jax.nn's."""
   rng = np.random.default_rng(0)
   q, k, v = (rng.standard_normal((2, 12, 4, 8), np.float32) for _ in range(3))
   bias = rng.standard_normal((2, 4, 12, 12), np.float32)
   mask = (rng.random((2, 1, 12, 12)) < 0.7) | np.eye(12, dtype=bool)
   # A rate this small keeps every element (the keep threshold rounds to 2^32/2^32), but
-  # still routes through the manual path.
+  # still applies the dropout code.
   @jax.jit
   def both_paths(q, k, v, bias, mask, rng):
-    manual = dict(dropout_rate=1e-12, dropout_rng=rng)
-    return (transformer.attend(q, k, v, is_causal=True, **manual),
-            transformer.attend(q, k, v, is_causal=True),
-            transformer.attend(q, k, v, bias=bias, mask=mask, **manual),
-            transformer.attend(q, k, v, bias=bias, mask=mask))
+    causal = jnp.tril(jnp.ones((12, 12), bool))
+    return (attention._attend_written_out(q, k, v, None, causal, 1e-12, rng),
+            jax.nn.dot_product_attention(q, k, v, is_causal=True),
+            attention._attend_written_out(q, k, v, bias, mask, 1e-12, rng),
+            jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask))
 
   causal_manual, causal_fast, masked_manual, masked_fast = both_paths(
       q, k, v, bias, mask, jax.random.key(5))
@@ -272,7 +277,8 @@ def test_blocked_causal_attention_equals_dense_with_gradients():
   mask = jnp.asarray(segments[:, :, None] == segments[:, None, :])[:, None]
 
   def loss(q, k, v, bias, block, mask=None):
-    out = transformer.attend(q, k, v, bias=bias, mask=mask, is_causal=True, block=block)
+    out = attention._cpu_attention(q, k, v, bias=bias, mask=mask, dropout_rate=0.0,
+                                   dropout_rng=None, block=block, allow_kernel=False)
     return jnp.sum(out * jnp.arange(out.size, dtype=jnp.float32).reshape(out.shape) / out.size)
 
   # No bias / a full [B, H, T, T] bias (relative attention's) / a broadcast one; packing.
@@ -300,7 +306,7 @@ def test_relu_model_with_attention_blocks_is_causal_and_matches_dense():
 
 def test_hash_dropout_bits_are_balanced_and_decorrelated():
   seeds = jax.random.bits(jax.random.key(3), (2,), jnp.uint32)
-  bits = np.asarray(transformer.hash_bits((4, 64, 256), seeds))
+  bits = np.asarray(layers.hash_bits((4, 64, 256), seeds))
   # Each of the 32 bit positions is set about half the time.
   per_bit = ((bits[..., None] >> np.arange(32, dtype=np.uint32)) & 1).mean(axis=(0, 1, 2))
   assert np.all(np.abs(per_bit - 0.5) < 0.01)
@@ -310,9 +316,9 @@ def test_hash_dropout_bits_are_balanced_and_decorrelated():
     assert abs(np.corrcoef(a.ravel(), b.ravel())[0, 1]) < 0.02
   # Another key, another mask; the same key, the same mask.
   x = jnp.ones((256, 256))
-  a, b = (transformer.dropout(x, 0.5, jax.random.key(s)) for s in (0, 1))
+  a, b = (layers.dropout(x, 0.5, jax.random.key(s)) for s in (0, 1))
   assert 0.45 < float(jnp.mean((a != 0) == (b != 0))) < 0.55
-  np.testing.assert_array_equal(a, transformer.dropout(x, 0.5, jax.random.key(0)))
+  np.testing.assert_array_equal(a, layers.dropout(x, 0.5, jax.random.key(0)))
 
 
 def test_blocked_attention_dropout_backward_matches_autodiff():
@@ -321,17 +327,17 @@ def test_blocked_attention_dropout_backward_matches_autodiff():
   q, k, v = (jnp.asarray(rng.standard_normal((2, 16, 2, 8)), jnp.float32) for _ in range(3))
   key = jax.random.key(7)
   seeds = jax.random.bits(key, (2,), jnp.uint32)
-  threshold = transformer._keep_threshold(0.25)
+  threshold = layers.keep_threshold(0.25)
   weights = jnp.asarray(rng.standard_normal((2, 16, 2, 8)), jnp.float32)
 
   def reference(q, k, v):  # autodiff through the same forward computation
     heads_first = lambda x: x.transpose(0, 2, 1, 3)  # _causal_blocks' layout
-    out = transformer._causal_blocks(heads_first(q), heads_first(k), heads_first(v), None,
+    out = attention._causal_blocks(heads_first(q), heads_first(k), heads_first(v), None,
                                      None, 4, threshold, seeds)[0]
     return jnp.sum(weights * heads_first(out))
 
   def blocked(q, k, v):
-    return jnp.sum(weights * transformer.causal_block_attention(q, k, v, None, None, 4, 0.25,
+    return jnp.sum(weights * attention.causal_block_attention(q, k, v, None, None, 4, 0.25,
                                                                 key))
 
   (want, want_grads), (got, got_grads) = (
@@ -339,8 +345,8 @@ def test_blocked_attention_dropout_backward_matches_autodiff():
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
   for g, w in zip(got_grads, want_grads):
     np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
-  no_dropout = transformer.causal_block_attention(q, k, v, None, None, 4)
-  assert not np.allclose(transformer.causal_block_attention(q, k, v, None, None, 4, 0.25, key),
+  no_dropout = attention.causal_block_attention(q, k, v, None, None, 4)
+  assert not np.allclose(attention.causal_block_attention(q, k, v, None, None, 4, 0.25, key),
                          no_dropout)
 
 
@@ -357,8 +363,8 @@ def test_dense_gradient_matches_autodiff_of_einsum(out_dtype):
     return lambda x, w: jnp.sum(cot * f(x, w))
 
   reference = loss(lambda x, w: jnp.einsum("btk,kn->btn", x, w))
-  ours = loss(lambda x, w: transformer.dense(x, w, out_dtype))
-  np.testing.assert_allclose(transformer.dense(x, w, out_dtype), x @ w, rtol=1e-6, atol=1e-6)
+  ours = loss(lambda x, w: layers.dense(x, w, out_dtype))
+  np.testing.assert_allclose(layers.dense(x, w, out_dtype), x @ w, rtol=1e-6, atol=1e-6)
   got, want = (jax.jit(jax.grad(f, argnums=(0, 1)))(x, w) for f in (ours, reference))
   for g, r in zip(got, want):
     assert g.shape == r.shape and g.dtype == r.dtype

@@ -22,18 +22,18 @@ from midijax import cli, encoding, midi_io, sampling
 from midijax import constraints as grammar
 from conftest import IN_CI
 from midijax.kernels import causal_attention as cpu_attention
-from midijax.models import transformer
+from midijax.models import kv_cache, transformer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # Cached one-token decoding vs the full forward pass: float32, different summation order.
 ATOL = 2e-4
 
 
-def make_model(enc, position="rope", max_len=64, layers=2, seed=0):
+def make_model(enc, position="rope", max_len=64, layers=2, seed=0, **changes):
   cfg = transformer.TransformerConfig(
       vocab_size=enc.vocab_size, emb_dim=32, qkv_dim=32, num_heads=2, num_layers=layers,
       mlp_dim=64, max_len=max_len, position=position, dropout_rate=0.0,
-      attention_dropout_rate=0.0, deterministic=True)
+      attention_dropout_rate=0.0, deterministic=True, **changes)
   return transformer.Transformer(cfg, rngs=nnx.Rngs(seed))
 
 
@@ -48,6 +48,34 @@ def groove_prompt(enc, path, seconds=2.0):
 
 
 # ----------------------------------------------------------------------------- decoding
+def cached_logits(model, tokens, prompt=5, kind="float", phases=(12,)):
+  """Logits after positions prompt-1 .. T-2 from `model.prefill` + one-token
+  `model.decode_step`s, the cache grown in phases as the sampler grows it."""
+  graphdef, state = nnx.split(model)
+  batch, length = tokens.shape
+
+  @jax.jit
+  def cached(state, tokens):
+    model = nnx.merge(graphdef, state)
+    first, cache = sampling.prefill(model, tokens[:, :prompt], prompt,
+                                    "int8" if kind == "int8" else "model")
+    assert cache[0].kind == kind and cache[0].length == prompt
+    steps = jnp.zeros((batch, length - 1, first.shape[-1])).at[:, prompt - 1].set(first)
+
+    def step(pos, carry):
+      steps, cache = carry
+      logits, cache = model.decode_step(tokens[:, pos], cache, pos)
+      return steps.at[:, pos].set(logits), cache
+
+    ends = (prompt,) + tuple(phases) + (length - 1,)
+    for start, end in zip(ends[:-1], ends[1:]):
+      cache = sampling.grow(cache, end + 1)
+      steps, cache = jax.lax.fori_loop(start, end, step, (steps, cache))
+    return steps[:, prompt - 1:]
+
+  return np.asarray(cached(state, tokens))
+
+
 @pytest.mark.parametrize("position, keys_transposed, kernel", [
     ("sinusoidal", False, True), ("sinusoidal", False, False), ("rope", False, True),
     ("rope", True, False), ("relative", False, False), ("relative", True, False)])
@@ -55,86 +83,45 @@ def test_cached_decode_matches_full_forward(drums, position, keys_transposed, ke
                                             monkeypatch):
   """Prefill 5 tokens, then one token per step through growing cache phases.
 
-  kernel: the CPU decode-attention kernel (midijax/kernels) or XLA's attention over the cache.
+  kernel: the CPU decode-attention kernel (attention_impl auto on one CPU device) or
+  XLA's attention over the cache (attention_impl cpu_blocked).
   """
   # Keys are stored [B, H, Dh, L] from this head_dim on (here 16), on XLA's path.
-  monkeypatch.setattr(sampling, "KEYS_TRANSPOSED_FROM_HEAD_DIM", 16 if keys_transposed else 64)
-  model = make_model(drums, position, max_len=32)
-  if kernel:
-    if not IN_CI and not cpu_attention.available():
-      pytest.skip("CPU attention kernel not built (needs g++)")
-    assert sampling.uses_decode_kernel(model.config)
-  else:
-    monkeypatch.setattr(sampling, "uses_decode_kernel", lambda cfg, mesh=None: False)
+  monkeypatch.setattr(kv_cache, "KEYS_TRANSPOSED_FROM_HEAD_DIM", 16 if keys_transposed else 64)
+  if kernel and not IN_CI and not cpu_attention.available():
+    pytest.skip("CPU attention kernel not built (needs g++)")
+  model = make_model(drums, position, max_len=32,
+                     attention_impl="auto" if kernel else "cpu_blocked")
+  assert (model.decode_attention_impl() == "cpu_kernel") == kernel
   tokens = jnp.asarray(np.random.default_rng(0).integers(2, drums.bos_id, (3, 24)), jnp.int32)
   full = model(tokens)
-  graphdef, state = nnx.split(model)
-
-  @jax.jit
-  def cached(state, tokens):
-    model = nnx.merge(graphdef, state)
-    first, cache = sampling.prefill(model, tokens[:, :5], 5)
-    steps = jnp.zeros((3, 23, first.shape[-1])).at[:, 4].set(first)
-
-    def step(pos, carry):
-      steps, cache = carry
-      logits, cache = sampling.decode_step(model, tokens[:, pos], cache, pos)
-      return steps.at[:, pos].set(logits), cache
-
-    for start, end in ((5, 12), (12, 23)):  # the cache grows as in the sampler's phases
-      cache = sampling._grow(cache, end + 1, model.config)
-      steps, cache = jax.lax.fori_loop(start, end, step, (steps, cache))
-    return steps[:, 4:]
-
-  got = cached(state, tokens)  # logits after positions 4..22
+  got = cached_logits(model, tokens)  # logits after positions 4..22
   np.testing.assert_allclose(got[..., :drums.vocab_size], full[:, 4:23, :drums.vocab_size],
                              atol=ATOL, rtol=ATOL)
 
 
-def int8_cached_logits(model, tokens, prompt=5):
-  """Logits after positions prompt-1 .. T-2 from prefill + one-token steps, int8 cache."""
-  graphdef, state = nnx.split(model)
-  batch, length = tokens.shape
-
-  @jax.jit
-  def cached(state, tokens):
-    model = nnx.merge(graphdef, state)
-    first, cache = sampling.prefill(model, tokens[:, :prompt], prompt, "int8")
-    assert cache[0]["k"].dtype == jnp.int8 and cache[0]["k_scale"].shape == (
-        batch, model.config.num_heads, prompt)
-    steps = jnp.zeros((batch, length - 1, first.shape[-1])).at[:, prompt - 1].set(first)
-
-    def step(pos, carry):
-      steps, cache = carry
-      logits, cache = sampling.decode_step(model, tokens[:, pos], cache, pos)
-      return steps.at[:, pos].set(logits), cache
-
-    for start, end in ((prompt, 12), (12, length - 1)):
-      cache = sampling._grow(cache, end + 1, model.config)
-      steps, cache = jax.lax.fori_loop(start, end, step, (steps, cache))
-    return steps[:, prompt - 1:]
-
-  return np.asarray(cached(state, tokens))
-
-
 @pytest.mark.parametrize("width", [32, 64])  # head dims 16 (plain loops) and 32 (AVX-512)
-def test_int8_cache_decode_close_to_full_forward(drums, width, monkeypatch):
+def test_int8_cache_decode_close_to_full_forward(drums, width):
   """kv_cache='int8': the kernel and XLA's path agree, and stay close to the exact logits.
 
   40 tokens cover the kernel's 16-key blocks and its remainder loop.
   """
-  model = transformer.Transformer(transformer.TransformerConfig(
-      vocab_size=drums.vocab_size, emb_dim=width, qkv_dim=width, num_heads=2, num_layers=2,
-      mlp_dim=64, max_len=48, position="rope", dropout_rate=0.0, attention_dropout_rate=0.0,
-      deterministic=True), rngs=nnx.Rngs(0))
+  def model_with(impl):
+    return transformer.Transformer(transformer.TransformerConfig(
+        vocab_size=drums.vocab_size, emb_dim=width, qkv_dim=width, num_heads=2, num_layers=2,
+        mlp_dim=64, max_len=48, position="rope", dropout_rate=0.0, attention_dropout_rate=0.0,
+        deterministic=True, attention_impl=impl), rngs=nnx.Rngs(0))
+
   tokens = jnp.asarray(np.random.default_rng(0).integers(2, drums.bos_id, (3, 40)), jnp.int32)
+  model = model_with("auto")
   full = np.asarray(model(tokens))[:, 4:39, :drums.vocab_size]
   paths = {}
   if IN_CI or cpu_attention.available():
-    assert sampling.uses_decode_kernel(model.config)
-    paths["kernel"] = int8_cached_logits(model, tokens)[..., :drums.vocab_size]
-  monkeypatch.setattr(sampling, "uses_decode_kernel", lambda cfg, mesh=None: False)
-  paths["xla"] = int8_cached_logits(model, tokens)[..., :drums.vocab_size]
+    assert model.decode_attention_impl() == "cpu_kernel"
+    paths["kernel"] = cached_logits(model, tokens, kind="int8")[..., :drums.vocab_size]
+  xla = model_with("cpu_blocked")
+  assert xla.decode_attention_impl() == "xla"
+  paths["xla"] = cached_logits(xla, tokens, kind="int8")[..., :drums.vocab_size]
   for got in paths.values():
     # int8 keys/values: logits move by ~1-2% of their spread here, never by 5%.
     assert np.abs(got - full).max() < 0.05 * full.std()
@@ -147,7 +134,7 @@ def test_int8_cache_decode_close_to_full_forward(drums, width, monkeypatch):
 def test_quantize_kv_round_trip():
   x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 3, 5, 64)) * 3, jnp.float32)
   x = x.at[0, 0, 0].set(0.0)  # a zero vector: scale 0, codes 0
-  q, scale = sampling.quantize_kv(x)
+  q, scale = kv_cache.quantize_kv(x)
   assert q.dtype == jnp.int8 and scale.shape == (2, 3, 5)
   assert np.abs(np.asarray(q)).max() == 127
   err = np.abs(np.asarray(q, np.float32) * np.asarray(scale)[..., None] - np.asarray(x))

@@ -23,7 +23,7 @@ says so once in the log and the model keeps its XLA attention. `MIDIJAX_CPU_KERN
 
 Scope: float32 (the decode step also over an int8 cache), causal, no attention bias, mask
 or dropout, one CPU device (under a mesh of several devices the custom call would not be
-partitioned); `transformer.attend` and `sampling.uses_decode_kernel` check this.
+partitioned); `midijax.models.attention` checks this.
 """
 from __future__ import annotations
 
@@ -255,7 +255,7 @@ def decode_supports_int8(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
 def decode_attention_int8(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Array,
                           v_cache: jax.Array, k_scale: jax.Array, v_scale: jax.Array,
                           pos: jax.Array):
-  """`decode_attention` over an int8 cache (see `sampling.quantize_kv` for the format).
+  """`decode_attention` over an int8 cache (see `midijax.models.kv_cache.quantize_kv` for the format).
 
   Args:
     q, k, v: float32 [B, H, D], the new token's query, key and value (k and v are

@@ -1,8 +1,9 @@
 """Decoder-only Transformer for symbolic music, in Flax NNX.
 
-Reads top-down: `TransformerConfig`, small layers (norm, MLP, dropout, position
-encodings), `Attention`, `Block`, `Transformer` (training forward pass and the
-key/value-cache `decode` used for sampling), then parameter and FLOP counts.
+Reads top-down: `TransformerConfig`, small layers (norm, MLP, position encodings),
+`Attention`, `Block`, `Transformer` (the training forward pass, and the decoding API the
+sampler uses: `init_cache`, `prefill`, `decode_step`), converting checkpoints between
+scanned and unscanned layers, then parameter and FLOP counts.
 
 Shapes: B batch, T query length, S key length, D emb_dim, H num_heads,
 Dh head_dim = qkv_dim // num_heads, F mlp_dim, V padded vocab, L layers.
@@ -13,8 +14,15 @@ Three position encodings:
   * "relative": Music Transformer relative attention (Huang et al. 2018): each head
     has its own learned embedding per relative distance 0..max_len-1, shape
     [H, max_len, Dh] (tensor2tensor's `heads_share_relative_embedding=False`),
-    giving logits q_i . E[i - j] added to q_i . k_j. The full forward pass uses
-    the memory-efficient "skewing" trick (O(T*L) memory instead of O(T^2*Dh)).
+    giving logits q_i . E[i - j] added to q_i . k_j, computed with the memory-efficient
+    "skewing" trick (per query chunk on accelerators).
+
+Attention runs through the backend `config.attention_impl` names (midijax.models.attention;
+`resolve_attention_impl` picks one for a platform). `remat_policy` rematerializes each
+block's activations in the backward pass (`jax.checkpoint`); `scan_layers` stores the
+blocks' parameters stacked ([L, ...]) and runs them with one `jax.lax.scan`, so compile
+time does not grow with depth; `stack_layers` / `unstack_layers` convert parameters (and
+optimizer moments) between the two layouts.
 
 Every parameter carries logical axis names (NNX `out_sharding` metadata) that
 `midijax.sharding` maps to mesh axes; parameters are created unplaced
@@ -22,18 +30,21 @@ Every parameter carries logical axis names (NNX `out_sharding` metadata) that
 """
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import functools
 import math
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence
 
 from flax import nnx
 import jax
+from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 
-from midijax import sharding
 from midijax.errors import ConfigError
-from midijax.kernels import causal_attention as cpu_attention
+from midijax.models import attention
+from midijax.models import kv_cache
+from midijax.models.layers import dense, dropout
 from midijax.sharding import with_logical_constraint
 
 # Padded vocab entries get this logit: never sampled, and finite so that
@@ -47,11 +58,28 @@ POSITIONS = ("sinusoidal", "rope", "relative")
 NORMS = ("rmsnorm", "layernorm")
 ACTIVATIONS = ("gelu", "relu", "swiglu")
 DTYPES = (jnp.dtype("float32"), jnp.dtype("bfloat16"), jnp.dtype("float16"))
+ATTENTION_IMPLS = attention.ATTENTION_IMPLS
+# Activation rematerialization per block (MaxText-like):
+#   none       keep every activation the backward pass needs (fastest, most memory);
+#   full       keep only each block's input, recompute the block in the backward pass;
+#   save_dots  keep the outputs of the block's weight matmuls (q, k, v, attention output,
+#              MLP in and out), recompute norms, activations and attention;
+#   save_qkv   keep only the q, k, v projections.
+REMAT_POLICIES = ("none", "full", "save_dots", "save_qkv")
+# Names (jax.ad_checkpoint.checkpoint_name) of the matmul outputs the policies keep.
+_QKV_NAMES = ("query_proj", "key_proj", "value_proj")
+_DOT_NAMES = _QKV_NAMES + ("attention_out", "mlp_in", "mlp_out")
 
-# Decode cache: one {"k", "v"} dict per layer, arrays [B, S, H, Dh] with these
-# logical axes (for sharding the cache with midijax.sharding).
-Cache = list[dict[str, jax.Array]]
-CACHE_AXES = ("batch", "length", "heads", "kv")
+# A decode cache: one LayerCache per layer (midijax.models.kv_cache).
+Cache = List[kv_cache.LayerCache]
+
+
+def remat_policy(name: str) -> Optional[Callable]:
+  """The `jax.checkpoint` policy of a REMAT_POLICIES name; None for "none" (no remat)."""
+  policies = jax.checkpoint_policies
+  return {"none": None, "full": policies.nothing_saveable,
+          "save_dots": policies.save_only_these_names(*_DOT_NAMES),
+          "save_qkv": policies.save_only_these_names(*_QKV_NAMES)}[name]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,11 +108,16 @@ class TransformerConfig:
     deterministic: default for dropout; True disables it (eval / sampling).
     rope_max_wavelength: longest RoPE wavelength (tokens).
     norm_epsilon: added to the variance in norms.
-    attention_block: largest query block (tokens) of the written-out causal
-      attention (CPU, or any backend with attention dropout); sequences of 64 tokens
-      or more use at most T/4. Query block i attends only to keys 0..(i+1)*block-1,
-      skipping the masked upper triangle (T=1024, block 128: 56% of the T x T
-      work). 0 = one dense T x T block.
+    attention_block: query block (tokens) of the blocked attention backends: at most
+      this many queries per block for cpu_blocked (sequences of 64 tokens or more use at
+      most T/4), exactly this many per chunk for chunked. Query block i attends only to
+      keys 0..(i+1)*block-1, skipping the masked upper triangle (T=1024, block 128: 56%
+      of the T x T work). 0 = one dense T x T block.
+    attention_impl: attention backend, one of ATTENTION_IMPLS (see
+      midijax.models.attention); "auto" picks per platform.
+    remat_policy: one of REMAT_POLICIES, applied per block.
+    scan_layers: stack the blocks' parameters and run them with one lax.scan.
+    pallas_interpret: run Pallas kernels (splash) in interpret mode (CPU tests; slow).
   """
   vocab_size: int
   emb_dim: int = 512
@@ -105,6 +138,10 @@ class TransformerConfig:
   rope_max_wavelength: float = 10_000.0
   norm_epsilon: float = 1e-6
   attention_block: int = 128
+  attention_impl: str = "auto"
+  remat_policy: str = "none"
+  scan_layers: bool = False
+  pallas_interpret: bool = False
 
   def __post_init__(self):
     # The one place model fields are checked. A TransformerConfig is built from a run's
@@ -113,7 +150,8 @@ class TransformerConfig:
       raise ConfigError(f"config.model.{field}={getattr(self, field)!r} {why}")
 
     for field, allowed in (("position", POSITIONS), ("norm", NORMS),
-                           ("mlp_activation", ACTIVATIONS)):
+                           ("mlp_activation", ACTIVATIONS), ("attention_impl", ATTENTION_IMPLS),
+                           ("remat_policy", REMAT_POLICIES)):
       if getattr(self, field) not in allowed:
         bad(field, f"; expected one of {allowed}")
     for field in ("dtype", "param_dtype"):
@@ -152,6 +190,14 @@ class TransformerConfig:
     return dataclasses.replace(self, **changes)
 
 
+def resolve_attention_impl(config: TransformerConfig, backend: str, num_devices: int = 1, *,
+                           seq_len: Optional[int] = None, packing: bool = False) -> str:
+  """The attention backend `config` runs with on `backend` (see
+  `midijax.models.attention.resolve_attention_impl`); raises ConfigError naming the field."""
+  return attention.resolve_attention_impl(config, backend, num_devices, seq_len=seq_len,
+                                          packing=packing)
+
+
 # ----------------------------------------------------------------------------- small layers
 
 
@@ -166,40 +212,6 @@ def _fan_in_init(in_axis, out_axis):
   """Truncated-normal init with variance 1 / fan_in over the given kernel axes."""
   return nnx.initializers.variance_scaling(
       1.0, "fan_in", "truncated_normal", in_axis=in_axis, out_axis=out_axis)
-
-
-# Projections x [..., K] @ w [K, N] go through `dense`, whose gradient is written out so
-# that the weight gradient is one matmul over the flattened rows, x2 [rows, K]^T @
-# dy2 [rows, N], with a single contracting axis. Autodiff of the einsum contracts two
-# axes (batch, length), and XLA:CPU lowered that by first copying the activation
-# transposed (70-145 ms per [8192, 2048] MLP activation on the 2-core CPU).
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def dense(x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
-  """x [..., K] @ w [K, N] -> [..., N] in `out_dtype` (default: the inputs' dtype).
-
-  A plain matmul (accumulating in float32 with out_dtype=float32 for bfloat16 inputs);
-  see above for its gradient.
-  """
-  return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())),
-                             preferred_element_type=out_dtype)
-
-
-def _dense_fwd(x, w, out_dtype):
-  return dense(x, w, out_dtype), (x, w)
-
-
-def _dense_bwd(out_dtype, residuals, dy):
-  del out_dtype
-  x, w = residuals
-  dx = jax.lax.dot_general(dy, w, (((dy.ndim - 1,), (1,)), ((), ())),
-                           preferred_element_type=jnp.float32)
-  x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
-  dw = jax.lax.dot_general(x2, dy2, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-  return dx.astype(x.dtype), dw.astype(w.dtype)
-
-
-dense.defvjp(_dense_fwd, _dense_bwd)
-
 
 class Norm(nnx.Module):
   """RMSNorm or LayerNorm over the last axis, computed in float32."""
@@ -240,95 +252,16 @@ class Mlp(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """[B, T, D] -> [B, T, D]."""
-    h = dense(x, self.wi[...].astype(self.dtype))
+    h = checkpoint_name(dense(x, self.wi[...].astype(self.dtype)), "mlp_in")
     if self.activation == "swiglu":
-      h = jax.nn.silu(dense(x, self.wi_gate[...].astype(self.dtype))) * h
+      gate = checkpoint_name(dense(x, self.wi_gate[...].astype(self.dtype)), "mlp_in")
+      h = jax.nn.silu(gate) * h
     elif self.activation == "relu":
       h = jax.nn.relu(h)
     else:
       h = jax.nn.gelu(h)
     h = with_logical_constraint(h, ("batch", "length", "mlp"))
-    return dense(h, self.wo[...].astype(self.dtype))
-
-
-# Dropout's keep/drop bits come from a counter-based hash, not from jax.random: each
-# element's (row, column) index is mixed with two 32-bit words drawn once per call from
-# the key by two rounds of MurmurHash3's 32-bit finalizer (integer multiplies, xors and
-# shifts that XLA fuses into the ops that apply the mask, so no mask is materialized or
-# stored for the backward pass). Dropout needs decorrelated bits, not cryptographic ones;
-# threefry (jax.random.bits) spends ~20 rounds per 64 bits. Measured on the 2-core CPU
-# machine, seed_course training step with dropout 0.1 (batch 32 x 256 tokens): dropout
-# cost 17% of the step with threefry bits (8 bits per element, the cheapest jax.random
-# option measured: bernoulli was 4-10x dearer, rbg keys slower on CPU) and about 5% with
-# the hash. Any key implementation works (only two words are drawn from it). The keep
-# probability is exact to 2^-32; kept values are scaled by its inverse, so E[output] = x.
-_HASH_MUL_1 = 0x85EBCA6B
-_HASH_MUL_2 = 0xC2B2AE35
-_WEYL = 0x9E3779B9
-
-
-def _fmix32(h: jax.Array) -> jax.Array:
-  """MurmurHash3's 32-bit finalizer (a bijection of uint32 with full avalanche)."""
-  h = h ^ (h >> 16)
-  h = h * jnp.uint32(_HASH_MUL_1)
-  h = h ^ (h >> 13)
-  h = h * jnp.uint32(_HASH_MUL_2)
-  return h ^ (h >> 16)
-
-
-def hash_bits(shape: Sequence[int], seeds: jax.Array) -> jax.Array:
-  """uint32 pseudo-random bits for every element of `shape`.
-
-  Args:
-    shape: the array shape.
-    seeds: uint32 [2], e.g. `jax.random.bits(key, (2,), jnp.uint32)`.
-
-  Returns:
-    uint32 array of `shape`; element (row, col) (row = flat index of the leading dims,
-    col = index in the last) is fmix32(fmix32(row * W + s0) ^ (col * W' + s1)).
-  """
-  shape = tuple(shape) or (1,)
-  rank = len(shape)
-  row = jnp.zeros(shape, jnp.uint32)
-  stride = 1
-  for axis in range(rank - 2, -1, -1):
-    row = row + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride % 2**32)
-    stride *= shape[axis]
-  col = jax.lax.broadcasted_iota(jnp.uint32, shape, rank - 1)
-  h = _fmix32(row * jnp.uint32(_WEYL) + seeds[0])
-  return _fmix32(h ^ (col * jnp.uint32(_HASH_MUL_1) + seeds[1]))
-
-
-def dropout(x: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
-  """Inverted dropout.
-
-  Args:
-    x: any-shaped activation.
-    rate: drop probability in [0, 1) (exact to 2^-32).
-    rng: PRNG key (any key implementation).
-
-  Returns:
-    `x` with elements zeroed and the rest scaled so E[output] = x.
-  """
-  keep_threshold = _keep_threshold(rate)
-  if keep_threshold is None:
-    return x
-  seeds = jax.random.bits(rng, (2,), jnp.uint32)
-  return _drop(x, hash_bits(x.shape, seeds).reshape(x.shape), keep_threshold)
-
-
-def _keep_threshold(rate: float) -> Optional[int]:
-  """uint32 threshold below which hash bits keep an element; None = keep everything."""
-  keep_threshold = round((1.0 - rate) * 2**32)
-  if rate <= 0.0 or keep_threshold >= 2**32:
-    return None
-  return max(keep_threshold, 1)
-
-
-def _drop(x: jax.Array, bits: jax.Array, keep_threshold: int) -> jax.Array:
-  """Zeroes x where bits >= keep_threshold and scales the rest by 2^32 / keep_threshold."""
-  return jnp.where(bits < jnp.uint32(keep_threshold),
-                   x * jnp.asarray(2**32 / keep_threshold, x.dtype), jnp.zeros_like(x))
+    return checkpoint_name(dense(h, self.wo[...].astype(self.dtype)), "mlp_out")
 
 
 def sinusoidal_embedding(positions: jax.Array, dim: int) -> jax.Array:
@@ -370,217 +303,6 @@ def apply_rope(x: jax.Array, positions: jax.Array, max_wavelength: float) -> jax
 # ----------------------------------------------------------------------------- attention
 
 
-def _skew(rel_logits: jax.Array) -> jax.Array:
-  """Music Transformer "skewing": relative-distance logits -> query/key logits.
-
-  Args:
-    rel_logits: [B, H, T, T]; entry [i, m] is q_i . E_r for distance T-1-m.
-
-  Returns:
-    [B, H, T, T]; entry [i, j] = q_i . E_r for distance i - j when j <= i (the
-    entries above the diagonal are junk, removed by the causal mask).
-  """
-  b, h, t, _ = rel_logits.shape
-  padded = jnp.pad(rel_logits, ((0, 0), (0, 0), (0, 0), (1, 0)))
-  return padded.reshape(b, h, t + 1, t)[:, :, 1:, :]
-
-
-def _attend_written_out(q, k, v, bias, allowed, dropout_rate, dropout_rng):
-  """softmax(q k^T / sqrt(Dh) + bias, where allowed) v, dropout on the probabilities."""
-  logits = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32)
-  logits = logits / math.sqrt(q.shape[-1])
-  if bias is not None:
-    logits = logits + bias
-  if allowed is not None:
-    logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  if dropout_rng is not None and dropout_rate > 0.0:
-    probs = dropout(probs, dropout_rate, dropout_rng)
-  return jnp.einsum("bhts,bshd->bthd", probs, v)
-
-
-def _rows(x: Optional[jax.Array], lo: int, hi: int, keys: int) -> Optional[jax.Array]:
-  """Query rows lo:hi and keys :keys of a [.., T, S]-broadcastable bias or mask."""
-  if x is None:
-    return None
-  rows = x[..., lo:hi, :] if x.shape[-2] > 1 else x
-  return rows[..., :keys] if rows.shape[-1] > 1 else rows
-
-
-def _block_seeds(seeds: jax.Array, i: int) -> jax.Array:
-  """Dropout hash seeds of query block i (uint32 [2])."""
-  return jnp.stack([_fmix32(seeds[0] + jnp.uint32(i * _WEYL % 2**32)), seeds[1]])
-
-
-def _causal_blocks(q, k, v, bias, mask, block: int, keep_threshold: Optional[int], seeds):
-  """Blocked causal attention forward: (output [B, H, T, Dh], probabilities per block).
-
-  q, k, v are [B, H, T, Dh] (heads first, so every block's products are plain batched
-  matmuls over slices, with no per-block transposes). Block i holds queries
-  i*block..(i+1)*block-1 and keys 0..(i+1)*block-1; its probabilities (before dropout) are [B, H, block, (i+1)*block] float32. With a
-  `keep_threshold`, dropout on the probabilities uses hash bits of `_block_seeds`, which
-  the backward pass recomputes instead of storing.
-  """
-  scale = 1.0 / math.sqrt(q.shape[-1])
-  outputs, probs = [], []
-  for i in range(q.shape[2] // block):
-    lo, hi = i * block, (i + 1) * block
-    logits = jnp.einsum("bhtd,bhsd->bhts", q[:, :, lo:hi], k[:, :, :hi],
-                        preferred_element_type=jnp.float32) * scale
-    if bias is not None:
-      logits = logits + _rows(bias, lo, hi, hi)
-    # Query lo + r sees keys 0..lo + r; only the last key block is partly masked.
-    allowed = jnp.tril(jnp.ones((block, hi), bool), k=lo)
-    if mask is not None:
-      allowed = allowed & _rows(mask, lo, hi, hi)
-    p = jax.nn.softmax(jnp.where(allowed, logits, jnp.finfo(jnp.float32).min), axis=-1)
-    kept = p if keep_threshold is None else _drop(
-        p, hash_bits(p.shape, _block_seeds(seeds, i)), keep_threshold)
-    outputs.append(jnp.einsum("bhts,bhsd->bhtd", kept.astype(v.dtype), v[:, :, :hi]))
-    probs.append(p)
-  return jnp.concatenate(outputs, axis=2), probs
-
-
-def causal_block_attention(q, k, v, bias, mask, block: int, dropout_rate: float = 0.0,
-                           dropout_rng: Optional[jax.Array] = None):
-  """Causal attention in query blocks that skip the masked upper triangle.
-
-  Equals the dense written-out attention; its gradient is written by hand so that the
-  softmax backward uses rowsum(dO * O) (a [B, H, T] product, as flash attention does)
-  instead of reducing dP * P over every T x T logit. That identity holds with dropout
-  on the probabilities too, whose mask the backward pass recomputes from its hash seeds.
-
-  Args:
-    q, k, v: [B, T, H, Dh] (T a multiple of `block`).
-    bias: None or float broadcastable to [B, H, T, T], added to the scaled logits.
-    mask: None or bool broadcastable to [B, H, T, T] (True = may attend), on top of
-      the causal mask.
-    block: query block length (tokens).
-    dropout_rate: dropout on the attention probabilities (needs `dropout_rng`).
-    dropout_rng: PRNG key for that dropout.
-
-  Returns:
-    [B, T, H, Dh] in v's dtype.
-  """
-  keep_threshold = _keep_threshold(dropout_rate) if dropout_rng is not None else None
-  seeds = (jnp.zeros((2,), jnp.uint32) if keep_threshold is None
-           else jax.random.bits(dropout_rng, (2,), jnp.uint32))
-  bias_shape, bias_dtype = (None, None) if bias is None else (tuple(bias.shape), bias.dtype)
-  heads_first = lambda x: x.transpose(0, 2, 1, 3)  # [B, T, H, Dh] <-> [B, H, T, Dh]
-  out = _causal_block_attention(heads_first(q), heads_first(k), heads_first(v), bias, mask,
-                                seeds, block, keep_threshold, bias_shape, bias_dtype)
-  return heads_first(out)
-
-
-# Static arguments: the block, the dropout threshold and the bias's shape and dtype
-# (residuals must be arrays).
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
-def _causal_block_attention(q, k, v, bias, mask, seeds, block, keep_threshold, bias_shape,
-                            bias_dtype):
-  del bias_shape, bias_dtype
-  return _causal_blocks(q, k, v, bias, mask, block, keep_threshold, seeds)[0]
-
-
-def _causal_block_attention_fwd(q, k, v, bias, mask, seeds, block, keep_threshold,
-                                bias_shape, bias_dtype):
-  del bias_shape, bias_dtype
-  out, probs = _causal_blocks(q, k, v, bias, mask, block, keep_threshold, seeds)
-  return out, (q, k, v, out, probs, seeds)
-
-
-def _causal_block_attention_bwd(block, keep_threshold, bias_shape, bias_dtype, residuals,
-                                d_out):
-  q, k, v, out, probs, seeds = residuals
-  scale = 1.0 / math.sqrt(q.shape[-1])
-  t = q.shape[2]
-  d_out = d_out.astype(jnp.float32)
-  dk = jnp.zeros(k.shape, jnp.float32)
-  dv = jnp.zeros(v.shape, jnp.float32)
-  dq_blocks, d_logit_rows = [], []
-  for i, p in enumerate(probs):
-    lo, hi = i * block, (i + 1) * block
-    d_o = d_out[:, :, lo:hi]
-    bits = None if keep_threshold is None else hash_bits(p.shape, _block_seeds(seeds, i))
-    kept = p if bits is None else _drop(p, bits, keep_threshold)
-    dv = dv.at[:, :, :hi].add(jnp.einsum("bhts,bhtd->bhsd", kept, d_o))
-    dp = jnp.einsum("bhtd,bhsd->bhts", d_o, v[:, :, :hi], preferred_element_type=jnp.float32)
-    if bits is not None:
-      dp = _drop(dp, bits, keep_threshold)
-    # sum_s P[t, s] dP[t, s] = dO[t] . O[t] (with dropout too: O is the dropped
-    # probabilities times V): the softmax backward without a T x T reduce.
-    delta = jnp.einsum("bhtd,bhtd->bht", d_o, out[:, :, lo:hi].astype(jnp.float32))
-    d_logits = p * (dp - delta[..., None])  # masked entries: p = 0
-    dq_blocks.append(jnp.einsum("bhts,bhsd->bhtd", d_logits, k[:, :, :hi],
-                                preferred_element_type=jnp.float32) * scale)
-    dk = dk.at[:, :, :hi].add(jnp.einsum("bhts,bhtd->bhsd", d_logits, q[:, :, lo:hi],
-                                         preferred_element_type=jnp.float32) * scale)
-    if bias_shape is not None:
-      d_logit_rows.append(jnp.pad(d_logits, ((0, 0), (0, 0), (0, 0), (0, t - hi))))
-  d_bias = None
-  if bias_shape is not None:
-    d_bias = jnp.concatenate(d_logit_rows, axis=2)  # [B, H, T, T]
-    d_bias = jnp.sum(d_bias, axis=tuple(range(4 - len(bias_shape))))  # to the bias's rank
-    broadcast = tuple(a for a, n in enumerate(bias_shape) if n == 1 and d_bias.shape[a] != 1)
-    d_bias = jnp.sum(d_bias, axis=broadcast, keepdims=True).astype(bias_dtype)
-  return (jnp.concatenate(dq_blocks, axis=2).astype(q.dtype), dk.astype(k.dtype),
-          dv.astype(v.dtype), d_bias, None, None)
-
-
-_causal_block_attention.defvjp(_causal_block_attention_fwd, _causal_block_attention_bwd)
-
-
-def attend(q, k, v, *, bias=None, mask=None, is_causal=False,
-           dropout_rate: float = 0.0, dropout_rng: Optional[jax.Array] = None,
-           block: int = 0) -> jax.Array:
-  """Scaled dot-product attention, with optional dropout on the probabilities.
-
-  Without attention dropout on GPU/TPU this is `jax.nn.dot_product_attention`
-  (its `implementation="cudnn"` fused kernel is the upgrade path on GPU). On one CPU
-  device, causal float32 attention without bias, mask or dropout runs through the C++
-  kernel in `midijax.kernels.causal_attention` (same block size). Otherwise (attention
-  dropout, which dot_product_attention lacks, or XLA:CPU, where it is faster) the same
-  math is written out here. Written out and causal, it runs in
-  query blocks of `block` tokens, block i attending only to keys up to its last
-  query: the masked upper triangle (almost half the T x T logits, softmax and
-  their gradients) is never computed.
-
-  Args:
-    q: [B, T, H, Dh]; k, v: [B, S, H, Dh].
-    bias: float, broadcastable to [B, H, T, S], added to the scaled logits.
-    mask: bool, broadcastable to [B, H, T, S]; True = may attend.
-    is_causal: also apply a causal mask (query t sees keys <= t).
-    dropout_rate: drop probability of attention probabilities.
-    dropout_rng: key; dropout is applied only if given and rate > 0.
-    block: query block (tokens) of the written-out causal path; 0 = dense.
-
-  Returns:
-    [B, T, H, Dh].
-  """
-  use_dropout = dropout_rng is not None and dropout_rate > 0.0
-  # XLA:CPU runs the written-out form faster than dot_product_attention (causal, T=1024,
-  # forward + backward: 1.09 s vs 1.62 s on the 2-core CPU), so CPUs take it too.
-  if not use_dropout and jax.default_backend() != "cpu":
-    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, is_causal=is_causal)
-  t, s = q.shape[1], k.shape[1]
-  # At least 4 blocks, so short sequences skip most of the triangle too (seed_course,
-  # T=256: blocks of 64 made its training step 7% faster than blocks of 128).
-  block = min(block, t // 4) if t >= 64 else block
-  # On one CPU device, the C++ kernel (midijax/kernels): 1.6x XLA's blocked attention.
-  if (is_causal and bias is None and mask is None and not use_dropout and block and t == s
-      and sharding.on_single_cpu_device() and cpu_attention.supports(q, k, v, block)
-      and cpu_attention.available()):
-    return cpu_attention.causal_attention(q, k, v, block)
-  if not (is_causal and block and t == s and t % block == 0 and t >= 2 * block):
-    allowed = mask
-    if is_causal:
-      causal = jnp.tril(jnp.ones((t, s), bool))
-      allowed = causal if allowed is None else allowed & causal
-    return _attend_written_out(q, k, v, bias, allowed, dropout_rate,
-                               dropout_rng if use_dropout else None)
-  return causal_block_attention(q, k, v, bias, mask, block, dropout_rate,
-                                dropout_rng if use_dropout else None)
-
-
 class Attention(nnx.Module):
   """Causal multi-head self-attention with sinusoidal / rope / relative positions."""
 
@@ -604,10 +326,12 @@ class Attention(nnx.Module):
     dtype = self.config.dtype
     # Three matmuls: one fused [D, 3*H*Dh] projection measured slower per training step on
     # XLA:CPU (8% with einsums, 3% through `dense`: the split outputs cost transposes).
-    def project(w):  # [D, H, Dh] -> [B, T, H, Dh]
+    def project(w, name):  # [D, H, Dh] -> [B, T, H, Dh]
       d, h, dh = w.shape
-      return dense(x, w.reshape(d, h * dh).astype(dtype)).reshape(x.shape[:-1] + (h, dh))
-    q, k, v = project(self.query[...]), project(self.key[...]), project(self.value[...])
+      y = dense(x, w.reshape(d, h * dh).astype(dtype)).reshape(x.shape[:-1] + (h, dh))
+      return checkpoint_name(y, name)
+    q, k, v = (project(self.query[...], "query_proj"), project(self.key[...], "key_proj"),
+               project(self.value[...], "value_proj"))
     if self.config.position == "rope":
       q = apply_rope(q, positions, self.config.rope_max_wavelength)
       k = apply_rope(k, positions, self.config.rope_max_wavelength)
@@ -615,78 +339,58 @@ class Attention(nnx.Module):
     return (with_logical_constraint(q, names), with_logical_constraint(k, names),
             with_logical_constraint(v, names))
 
-  def _relative_logits(self, q: jax.Array, num_distances: int) -> jax.Array:
-    """q . E_r for the last `num_distances` rows of E_r: [B, H, T, num_distances] f32."""
-    table = self.relative_embedding[:, self.config.max_len - num_distances:, :]
-    return jnp.einsum("bthk,hmk->bhtm", q, table.astype(self.config.dtype),
-                      preferred_element_type=jnp.float32)
+  def _relative_table(self) -> Optional[jax.Array]:
+    """[H, max_len, Dh] relative embeddings, or None without relative attention."""
+    return self.relative_embedding[...] if self.config.position == "relative" else None
 
   def _output(self, encoded: jax.Array) -> jax.Array:
     """[B, T, H, Dh] -> [B, T, D]."""
     h, dh, d = self.out.shape
     w = self.out[...].reshape(h * dh, d).astype(self.config.dtype)
-    return dense(encoded.reshape(encoded.shape[:-2] + (h * dh,)), w)
+    return checkpoint_name(dense(encoded.reshape(encoded.shape[:-2] + (h * dh,)), w),
+                           "attention_out")
 
-  def __call__(self, x: jax.Array, positions: jax.Array, mask: Optional[jax.Array],
-               dropout_rng: Optional[jax.Array] = None) -> jax.Array:
-    """Full-sequence causal attention (training / scoring).
+  def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: Optional[jax.Array],
+               dropout_rng: Optional[jax.Array] = None, return_kv: bool = False):
+    """Full-sequence causal attention (training, scoring, prefill).
 
     Args:
       x: [B, T, D] normalized input.
       positions: int [B, T] (or [1, T]) positions, for rope.
-      mask: bool [B, 1, T, T] packing (segment) mask, or None for plain causal.
+      segment_ids: int [B, T] packing ids, or None for one piece per row.
       dropout_rng: key for attention dropout, None for none.
+      return_kv: also return the keys and values (for a decode cache).
 
     Returns:
-      [B, T, D].
+      [B, T, D]; with return_kv, ([B, T, D], (k, v) each [B, T, H, Dh]).
     """
+    cfg = self.config
     q, k, v = self._project_qkv(x, positions)
-    bias = None
-    if self.config.position == "relative":
-      t = x.shape[1]
-      if t > self.config.max_len:
-        raise ValueError(f"Relative attention supports up to max_len={self.config.max_len} "
-                         f"tokens, got {t}.")
-      bias = _skew(self._relative_logits(q, t)) / math.sqrt(self.config.head_dim)
-    # `mask` (packing) already holds the causal mask; is_causal lets attend skip blocks.
-    encoded = attend(q, k, v, bias=bias, mask=mask, is_causal=True,
-                     dropout_rate=self.config.attention_dropout_rate, dropout_rng=dropout_rng,
-                     block=self.config.attention_block)
-    return self._output(encoded)
+    encoded = attention.attend(
+        q, k, v, impl=cfg.attention_impl, segment_ids=segment_ids,
+        relative_table=self._relative_table(), dropout_rate=cfg.attention_dropout_rate,
+        dropout_rng=dropout_rng, block=cfg.attention_block, interpret=cfg.pallas_interpret)
+    out = self._output(encoded)
+    return (out, (k, v)) if return_kv else out
 
-  def decode(self, x: jax.Array, cache: dict[str, jax.Array], start_index: jax.Array):
-    """Attention for T new tokens at cache positions start_index..start_index+T-1.
+  def decode_step(self, x: jax.Array, cache: kv_cache.LayerCache, pos: jax.Array):
+    """One new token per row at position `pos`, attending to the cache and itself.
 
     Args:
-      x: [B, T, D] normalized input of the new tokens.
-      cache: {"k", "v"}: [B, S, H, Dh] keys/values of positions < start_index.
-      start_index: int32 scalar, cache position of the first new token.
+      x: [B, 1, D] normalized input of the new token.
+      cache: this layer's cache holding positions < pos.
+      pos: int32 scalar.
 
     Returns:
-      ([B, T, D] output, updated cache).
+      ([B, 1, D] output, the cache with slot `pos` written).
     """
-    t, s = x.shape[1], cache["k"].shape[1]
-    query_pos = start_index + jnp.arange(t, dtype=jnp.int32)  # [T]
-    q, k, v = self._project_qkv(x, query_pos[None, :])
-    cache = {
-        name: with_logical_constraint(
-            jax.lax.dynamic_update_slice(cache[name], new.astype(cache[name].dtype),
-                                         (0, start_index, 0, 0)), CACHE_AXES)
-        for name, new in (("k", k), ("v", v))
-    }
-    distance = query_pos[:, None] - jnp.arange(s, dtype=jnp.int32)[None, :]  # [T, S]
-    mask = (distance >= 0)[None, None]  # unwritten cache slots lie in the future
-    bias = None
-    if self.config.position == "relative":
-      # Relative logits for the absolute (query, key) pairs: q_t . E_r[distance].
-      max_len = self.config.max_len
-      rel = self._relative_logits(q, max_len)  # [B, H, T, max_len]
-      index = jnp.clip(max_len - 1 - distance, 0, max_len - 1)
-      bias = jnp.take_along_axis(rel, jnp.broadcast_to(index, rel.shape[:2] + index.shape),
-                                 axis=-1) / math.sqrt(self.config.head_dim)
-    encoded = attend(q, cache["k"].astype(q.dtype), cache["v"].astype(q.dtype),
-                     bias=bias, mask=mask)
-    return self._output(encoded), cache
+    cfg = self.config
+    q, k, v = self._project_qkv(x, jnp.reshape(pos, (1, 1)))  # [B, 1, H, Dh]
+    out, cache = attention.decode_attention(
+        q[:, 0], k[:, 0], v[:, 0], cache, pos, relative_table=self._relative_table(),
+        use_kernel=attention.decode_uses_cpu_kernel(cfg.attention_impl, cfg.position,
+                                                    cfg.dtype))
+    return self._output(out[:, None].astype(cfg.dtype)), cache
 
 
 # ----------------------------------------------------------------------------- block
@@ -702,13 +406,13 @@ class Block(nnx.Module):
     self.mlp_norm = Norm(config, rngs=rngs)
     self.mlp = Mlp(config, rngs=rngs)
 
-  def __call__(self, x: jax.Array, positions: jax.Array, mask: Optional[jax.Array],
+  def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: Optional[jax.Array],
                dropout_rng: Optional[jax.Array] = None) -> jax.Array:
     """[B, T, D] -> [B, T, D]; dropout only if `dropout_rng` is given."""
     attn_rng = attn_out_rng = mlp_out_rng = None
     if dropout_rng is not None:
       attn_rng, attn_out_rng, mlp_out_rng = jax.random.split(dropout_rng, 3)
-    h = self.attention(self.attention_norm(x), positions, mask, attn_rng)
+    h = self.attention(self.attention_norm(x), positions, segment_ids, attn_rng)
     if dropout_rng is not None:
       h = dropout(h, self.dropout_rate, attn_out_rng)
     x = x + h
@@ -717,11 +421,34 @@ class Block(nnx.Module):
       h = dropout(h, self.dropout_rate, mlp_out_rng)
     return with_logical_constraint(x + h, ("batch", "length", "embed"))
 
-  def decode(self, x: jax.Array, cache: dict[str, jax.Array], start_index: jax.Array):
-    """Like __call__ without dropout, attending to and updating the cache."""
-    h, cache = self.attention.decode(self.attention_norm(x), cache, start_index)
+  def prefill(self, x: jax.Array, positions: jax.Array):
+    """Like __call__ without dropout or packing; also returns (k, v) [B, T, H, Dh]."""
+    h, kv = self.attention(self.attention_norm(x), positions, None, None, return_kv=True)
+    x = x + h
+    return x + self.mlp(self.mlp_norm(x)), kv
+
+  def decode_step(self, x: jax.Array, cache: kv_cache.LayerCache, pos: jax.Array):
+    """[B, 1, D] at position `pos` -> ([B, 1, D], updated cache)."""
+    h, cache = self.attention.decode_step(self.attention_norm(x), cache, pos)
     x = x + h
     return x + self.mlp(self.mlp_norm(x)), cache
+
+
+def _apply_block(graphdef, state, x, positions, segment_ids, rng):
+  """A block (split into graphdef + state, for jax.checkpoint / lax.scan) applied to x."""
+  return nnx.merge(graphdef, state)(x, positions, segment_ids, rng)
+
+
+def _stacked_block(blocks: Sequence[Block]) -> Block:
+  """One Block whose parameters are the given blocks' stacked on a new leading axis
+  (logical name None: the layer axis is never sharded)."""
+  graphdef, first = nnx.split(blocks[0])
+  state = jax.tree.map(lambda *xs: jnp.stack(xs), first, *[nnx.state(b) for b in blocks[1:]])
+  for var in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable)):
+    names = var.get_metadata().get("out_sharding")
+    if names:
+      var.set_metadata(out_sharding=(None,) + tuple(names))
+  return nnx.merge(graphdef, state)
 
 
 # ----------------------------------------------------------------------------- model
@@ -748,9 +475,9 @@ class Transformer(nnx.Module):
   """Decoder-only Transformer language model over (padded) token ids.
 
   Training: `logits = model(tokens, segment_ids=..., positions=..., dropout_rng=key)`.
-  Sampling: `cache = model.init_cache(B, S)` then
-  `logits, cache = model.decode(tokens, cache, start_index)`, once with the whole
-  prompt and then one token per step; both are pure and jit / while_loop safe.
+  Decoding: `logits, cache = model.prefill(prompt, length, kind)` (kind "float" or
+  "int8"), then `logits, cache = model.decode_step(token, cache, pos)` once per new
+  token; `LayerCache.grow` lengthens a cache. All are pure and jit / while_loop safe.
   Dropout is off when `deterministic` (the attribute, set from the config and
   flipped by `model.eval()` / `model.train()`, or the call argument).
   """
@@ -761,7 +488,9 @@ class Transformer(nnx.Module):
     self.embedding = _param(rngs, nnx.initializers.normal(1.0),
                             (config.padded_vocab_size, config.emb_dim), ("vocab", "embed"),
                             config.param_dtype)
-    self.blocks = nnx.List([Block(config, rngs=rngs) for _ in range(config.num_layers)])
+    # Scanned or not, the blocks draw the same initial values from `rngs`.
+    blocks = [Block(config, rngs=rngs) for _ in range(config.num_layers)]
+    self.blocks = _stacked_block(blocks) if config.scan_layers else nnx.List(blocks)
     self.final_norm = Norm(config, rngs=rngs)
     if not config.tied_embeddings:
       self.output = _param(rngs, _fan_in_init(0, 1),
@@ -794,6 +523,39 @@ class Transformer(nnx.Module):
       logits = jnp.where(is_real, logits, MASKED_LOGIT)
     return with_logical_constraint(logits, ("batch", "length", "vocab"))
 
+  def _layers(self) -> List[Block]:
+    """The blocks one by one (for a scanned model, views of one layer's parameters)."""
+    if not self.config.scan_layers:
+      return list(self.blocks)
+    graphdef, state = nnx.split(self.blocks)
+    return [nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state))
+            for i in range(self.config.num_layers)]
+
+  def _run_blocks(self, x, positions, segment_ids, rngs):
+    """All blocks over x [B, T, D]: a Python loop or one lax.scan, each block
+    rematerialized as `remat_policy` says. rngs: [L] keys or None."""
+    cfg = self.config
+    policy = remat_policy(cfg.remat_policy)
+    if cfg.scan_layers:
+      graphdef, state = nnx.split(self.blocks)
+
+      def body(x, layer):
+        state, rng = layer
+        return _apply_block(graphdef, state, x, positions, segment_ids, rng), None
+
+      if policy is not None:
+        body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+      return jax.lax.scan(body, x, (state, rngs))[0]
+    for i, block in enumerate(self.blocks):
+      rng = None if rngs is None else rngs[i]
+      if policy is None:
+        x = block(x, positions, segment_ids, rng)
+      else:
+        graphdef, state = nnx.split(block)
+        x = jax.checkpoint(functools.partial(_apply_block, graphdef), policy=policy)(
+            state, x, positions, segment_ids, rng)
+    return x
+
   def __call__(self, tokens: jax.Array, *, positions: Optional[jax.Array] = None,
                segment_ids: Optional[jax.Array] = None, deterministic: Optional[bool] = None,
                dropout_rng: Optional[jax.Array] = None) -> jax.Array:
@@ -820,65 +582,204 @@ class Transformer(nnx.Module):
     if positions is None:
       positions = (positions_from_segments(segment_ids) if segment_ids is not None
                    else jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :])
-    mask = None
-    if segment_ids is not None:
-      t = tokens.shape[1]
-      same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
-      mask = (same_segment & jnp.tril(jnp.ones((t, t), bool)))[:, None]  # [B, 1, T, T]
-
-    rngs = [None] * (cfg.num_layers + 1)
-    if use_dropout:
-      rngs = list(jax.random.split(dropout_rng, cfg.num_layers + 1))
+    rngs = None
     x = self._embed(tokens, positions)
     if use_dropout:
-      x = dropout(x, cfg.dropout_rate, rngs[-1])
-    for block, rng in zip(self.blocks, rngs):
-      x = block(x, positions, mask, rng)
+      keys = jax.random.split(dropout_rng, cfg.num_layers + 1)
+      rngs = keys[:-1]
+      x = dropout(x, cfg.dropout_rate, keys[-1])
+    x = self._run_blocks(x, positions, segment_ids, rngs)
     return self._logits(x)
 
-  def init_cache(self, batch_size: int, max_len: Optional[int] = None) -> Cache:
-    """Empty key/value cache.
+  # --------------------------------------------------------------------------- decoding
+  def decode_attention_impl(self, mesh=None) -> str:
+    """How decode steps (traced now, or under `mesh`) attend over the cache: "cpu_kernel"
+    (the C++ decode kernels: they read only the filled slots) or "xla"."""
+    cfg = self.config
+    uses_kernel = attention.decode_uses_cpu_kernel(cfg.attention_impl, cfg.position, cfg.dtype,
+                                                   mesh)
+    return "cpu_kernel" if uses_kernel else "xla"
+
+  def _keys_transposed(self, kind: str) -> bool:
+    return (kind == "float" and self.config.head_dim >= kv_cache.KEYS_TRANSPOSED_FROM_HEAD_DIM
+            and self.decode_attention_impl() != "cpu_kernel")
+
+  def _check_cache_length(self, length: int) -> None:
+    cfg = self.config
+    if cfg.position == "relative" and length > cfg.max_len:
+      raise ValueError(f"cache length {length} exceeds config.max_len={cfg.max_len}, "
+                       "the longest relative distance the model knows.")
+
+  def init_cache(self, batch_size: int, length: Optional[int] = None,
+                 kind: str = "float") -> Cache:
+    """An empty key/value cache.
 
     Args:
-      batch_size: number of sequences sampled together.
-      max_len: cache length in tokens (prompt + generated); defaults to
-        config.max_len, and may not exceed it for "relative" attention.
+      batch_size: number of sequences decoded together.
+      length: cache length in tokens (prompt + generated); defaults to config.max_len,
+        and may not exceed it for "relative" attention.
+      kind: "float" (the compute dtype) or "int8" (see midijax.models.kv_cache).
 
     Returns:
-      One {"k", "v"} dict per layer, each [batch_size, max_len, H, Dh] zeros in
-      the compute dtype.
+      One LayerCache per layer, every slot empty.
     """
     cfg = self.config
-    max_len = cfg.max_len if max_len is None else max_len
-    if cfg.position == "relative" and max_len > cfg.max_len:
-      raise ValueError(f"cache max_len={max_len} exceeds config.max_len={cfg.max_len}, "
-                       f"the longest relative distance the model knows.")
-    shape = (batch_size, max_len, cfg.num_heads, cfg.head_dim)
-    return [{"k": jnp.zeros(shape, cfg.dtype), "v": jnp.zeros(shape, cfg.dtype)}
+    length = cfg.max_len if length is None else length
+    self._check_cache_length(length)
+    empty = jnp.zeros((batch_size, 0, cfg.num_heads, cfg.head_dim), cfg.dtype)
+    return [kv_cache.new_cache(empty, empty, length, kind, self._keys_transposed(kind))
             for _ in range(cfg.num_layers)]
 
-  def decode(self, tokens: jax.Array, cache: Cache, start_index: jax.Array
-             ) -> tuple[jax.Array, Cache]:
-    """Logits for T new tokens given a cache holding everything before them.
+  def prefill(self, tokens: jax.Array, length: Optional[int] = None,
+              kind: str = "float") -> tuple[jax.Array, Cache]:
+    """Runs a prompt at positions 0..T-1 in one pass and returns its cache.
+
+    The same attention backend as training (causal self-attention over the prompt);
+    the keys and values it computes fill the cache.
 
     Args:
-      tokens: int [B, T] ids at positions start_index..start_index+T-1 (T = the
-        whole prompt for prefill, 1 per sampling step).
-      cache: from `init_cache` or a previous `decode`; positions < start_index filled.
-      start_index: int32 scalar; start_index + T must not exceed the cache length.
+      tokens: int [B, T] prompt ids.
+      length: cache length L >= T (default T).
+      kind: "float" or "int8" cache.
 
     Returns:
-      (float32 [B, T, padded_vocab_size] logits as in __call__, updated cache).
+      (float32 [B, T, padded_vocab_size] logits, the cache: positions < T filled).
     """
-    start_index = jnp.asarray(start_index, jnp.int32)
-    positions = (start_index + jnp.arange(tokens.shape[1], dtype=jnp.int32))[None, :]
+    t = tokens.shape[1]
+    length = t if length is None else length
+    self._check_cache_length(length)
+    positions = jnp.arange(t, dtype=jnp.int32)[None, :]
     x = self._embed(tokens, positions)
-    new_cache = []
-    for block, layer_cache in zip(self.blocks, cache):
-      x, layer_cache = block.decode(x, layer_cache, start_index)
-      new_cache.append(layer_cache)
-    return self._logits(x), new_cache
+    cache = []
+    for block in self._layers():
+      x, (k, v) = block.prefill(x, positions)
+      cache.append(kv_cache.new_cache(k, v, length, kind, self._keys_transposed(kind)))
+    return self._logits(x), cache
 
+  def decode_step(self, tokens: jax.Array, cache: Cache, pos: jax.Array
+                  ) -> tuple[jax.Array, Cache]:
+    """Logits after one more token per row.
+
+    Args:
+      tokens: int [B], the tokens at position `pos`.
+      cache: from `prefill` / `init_cache` / a previous step, holding positions < pos.
+      pos: int32 scalar < the cache's length.
+
+    Returns:
+      (float32 [B, padded_vocab_size] logits for position pos + 1, the updated cache).
+    """
+    pos = jnp.asarray(pos, jnp.int32)
+    x = self._embed(tokens[:, None], jnp.reshape(pos, (1, 1)))
+    new_cache = []
+    for block, layer_cache in zip(self._layers(), cache):
+      x, layer_cache = block.decode_step(x, layer_cache, pos)
+      new_cache.append(layer_cache)
+    return self._logits(x)[:, 0], new_cache
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _is_variable(x) -> bool:
+  return isinstance(x, nnx.Variable)
+
+
+def _layer_keys(blocks) -> Optional[list]:
+  """The per-layer keys (0, 1, ... or "0", "1", ...) of an unscanned `blocks` node."""
+  if not isinstance(blocks, collections.abc.Mapping) or not blocks:
+    return None
+  keys = list(blocks.keys())
+  if all(isinstance(k, int) or (isinstance(k, str) and k.isdigit()) for k in keys):
+    return sorted(keys, key=int)
+  return None
+
+
+def _stack_leaves(*leaves):
+  first = leaves[0]
+  if isinstance(first, jax.ShapeDtypeStruct):
+    return jax.ShapeDtypeStruct((len(leaves),) + first.shape, first.dtype)
+  return jnp.stack(leaves)
+
+
+def _stack_blocks(blocks):
+  keys = _layer_keys(blocks)
+  if keys is None:
+    return blocks  # already scanned
+  layers = [blocks[k] for k in keys]
+  stacked = jax.tree.map(_stack_leaves, *layers)
+  for var in jax.tree.leaves(stacked, is_leaf=_is_variable):
+    if _is_variable(var) and var.get_metadata().get("out_sharding"):
+      var.set_metadata(out_sharding=(None,) + tuple(var.get_metadata()["out_sharding"]))
+  return stacked
+
+
+def _unstack_blocks(blocks):
+  if _layer_keys(blocks) is not None:
+    return blocks  # already unscanned
+  first = jax.tree.leaves(blocks)[0]
+  num_layers = first.shape[0]
+
+  def index(leaf, i):
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+      return jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype)
+    return leaf[i]
+
+  layers = {}
+  for i in range(num_layers):
+    layer = jax.tree.map(lambda leaf, i=i: index(leaf, i), blocks)
+    for var in jax.tree.leaves(layer, is_leaf=_is_variable):
+      names = var.get_metadata().get("out_sharding") if _is_variable(var) else None
+      if names and names[0] is None:
+        var.set_metadata(out_sharding=tuple(names[1:]))
+    layers[i] = layer
+  return type(blocks)(layers) if isinstance(blocks, nnx.State) else layers
+
+
+def _convert_blocks(tree, convert):
+  def has_blocks(x):
+    return isinstance(x, collections.abc.Mapping) and "blocks" in x
+
+  def apply(x):
+    if not has_blocks(x):
+      return x
+    out = {k: (convert(v) if k == "blocks" else v) for k, v in x.items()}
+    return type(x)(out) if isinstance(x, nnx.State) else out
+
+  return jax.tree.map(apply, tree, is_leaf=has_blocks)
+
+
+def stack_layers(tree: Any) -> Any:
+  """Parameters of an unscanned model (`scan_layers=False`) as a scanned model keeps them.
+
+  Works on any tree holding the model's parameter tree (an `nnx.State`, Orbax's restored
+  dicts with "0", "1", ... layer keys, an optimizer state's moments): every "blocks"
+  node with one entry per layer becomes one node whose leaves are stacked [L, ...].
+  Nodes already scanned are left as they are.
+  """
+  return _convert_blocks(tree, _stack_blocks)
+
+
+def unstack_layers(tree: Any) -> Any:
+  """The inverse of `stack_layers`: stacked [L, ...] "blocks" leaves become one entry
+  per layer (0, 1, ...), as an unscanned model (`scan_layers=False`) keeps them."""
+  return _convert_blocks(tree, _unstack_blocks)
+
+
+def params_scanned(tree: Any) -> Optional[bool]:
+  """Whether a parameter tree (or any tree holding one) has scanned layers; None if it has
+  no "blocks" node. Use it to say which `model.scan_layers` a checkpoint was saved with."""
+  found = []
+
+  def has_blocks(x):
+    return isinstance(x, collections.abc.Mapping) and "blocks" in x
+
+  def visit(x):
+    if has_blocks(x):
+      found.append(_layer_keys(x["blocks"]) is None)
+    return x
+
+  jax.tree.map(visit, tree, is_leaf=has_blocks)
+  return found[0] if found else None
 
 # ----------------------------------------------------------------------------- counting
 
