@@ -22,13 +22,17 @@ PathLike = Union[str, os.PathLike]
 
 def metrics_dict(comparison: Optional[SetComparison] = None, *,
                  validity: Optional[Mapping] = None,
-                 extra: Optional[Mapping] = None) -> dict:
-  """The JSON document `write_reports` writes as metrics.json."""
+                 extra: Optional[Mapping] = None,
+                 c2st: Optional[Mapping[str, Mapping]] = None) -> dict:
+  """The JSON document `write_reports` writes as metrics.json (`c2st`: {continuation
+  length: `midijax.two_sample.c2st` result} under "c2st")."""
   out = {}
   if comparison is not None:
     out["music_statistics"] = comparison.to_dict()
   if validity is not None:
     out["grammar_validity"] = stats.jsonable(dict(validity))
+  if c2st:
+    out["c2st"] = stats.jsonable({str(k): dict(v) for k, v in c2st.items()})
   if extra:
     out.update(stats.jsonable(dict(extra)))
   return out
@@ -48,10 +52,32 @@ def _md_cell(text: str) -> str:
   return str(text).replace("|", "\\|").replace("\n", " ")
 
 
+def c2st_markdown(c2st: Mapping[str, Mapping]) -> str:
+  """metrics.md sections of the continuation C2STs: {length: result} -> one table each,
+  with the prompts, the sampling validity and the seconds of music compared."""
+  from midijax import two_sample  # pylint: disable=g-import-not-at-top  # scikit-learn
+  parts = []
+  for n, r in c2st.items():
+    text = two_sample.c2st_markdown(
+        r, title=f"Classifier two-sample test: {n}-token continuations")
+    if "prompt_tokens" in r:
+      v = r.get("constrained_validity") or {}
+      note = (f"Prompts of {r['prompt_tokens']} event tokens ({r['n_windows']} windows of "
+              f"{r['n_pieces']} pieces, folds grouped by piece); real continuations "
+              f"{_fmt(r['real_seconds_mean'])} s, generated {_fmt(r['generated_seconds_mean'])} "
+              f"s on average; {r['feature_kind']} features. Constrained samples that decode "
+              f"to valid MIDI: {v.get('valid', 'n/a')} of {v.get('total', 'n/a')}.")
+      head, _, rest = text.partition("\n\n")
+      text = f"{head}\n\n{note}\n\n{rest}"
+    parts.append(text)
+  return "\n".join(parts)
+
+
 def metrics_markdown(comparison: Optional[SetComparison] = None, *,
                      validity: Optional[Mapping] = None,
-                     extra: Optional[Mapping] = None) -> str:
-  """Markdown tables: per-feature OA/KL and means, validity, extra scalars."""
+                     extra: Optional[Mapping] = None,
+                     c2st: Optional[Mapping[str, Mapping]] = None) -> str:
+  """Markdown tables: per-feature OA/KL and means, validity, C2ST, extra scalars."""
   lines = []
   if comparison is not None:
     s = comparison.summary
@@ -85,6 +111,8 @@ def metrics_markdown(comparison: Optional[SetComparison] = None, *,
                   validity.get("empty", 0),
                   ", ".join(f"{k}: {v}" for k, v in validity.get("errors", {}).items())
                   or "none")) + " |", ""]
+  if c2st:
+    lines += [c2st_markdown(c2st)]
   if extra:
     lines += ["## Other metrics", "", "| metric | value |", "|---|---|"]
     for k, v in flatten_scalars(extra).items():
@@ -121,6 +149,14 @@ def flat_scalars(comparison: Optional[SetComparison] = None, *,
   if validity is not None:
     out[f"{prefix}/validity/rate"] = float(validity["rate"])
   return {k: v for k, v in out.items() if math.isfinite(v)}
+
+
+def save_png(fig, path: PathLike) -> None:
+  """Saves a figure as PNG through a temporary file and a rename."""
+  path = pathlib.Path(path)
+  tmp = path.with_name(path.name + ".tmp")
+  fig.savefig(tmp, format="png")
+  os.replace(tmp, path)
 
 
 def agg_figure(width: float, height: float):
@@ -189,7 +225,7 @@ def plot_feature_histograms(comparison: SetComparison, path: PathLike,
                        ("tab:orange", f"generated (n={n_gen})")])
   _adjust_grid(fig)
   path = pathlib.Path(path)
-  fig.savefig(path)
+  save_png(fig, path)
   return path
 
 
@@ -219,7 +255,7 @@ def plot_distance_kdes(comparison: SetComparison, path: PathLike,
   _figure_legend(fig, list(zip(_KDE_COLORS, ("intra real", "intra generated", "inter"))))
   _adjust_grid(fig)
   path = pathlib.Path(path)
-  fig.savefig(path)
+  save_png(fig, path)
   return path
 
 
@@ -269,14 +305,21 @@ def plot_pianoroll(notes: Notes, path: PathLike, *, title: Optional[str] = None,
     axes[0].set_title(title, fontsize=9)
   fig.tight_layout()
   path = pathlib.Path(path)
-  fig.savefig(path)
+  save_png(fig, path)
   return path
+
+
+def _write_atomic(path: pathlib.Path, text: str) -> None:
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(text)
+  os.replace(tmp, path)
 
 
 def write_reports(out_dir: PathLike, comparison: Optional[SetComparison] = None, *,
                   validity: Optional[Mapping] = None, extra: Optional[Mapping] = None,
                   examples: Optional[Mapping[str, Notes]] = None,
-                  max_examples: int = 4) -> dict:
+                  max_examples: int = 4,
+                  c2st: Optional[Mapping[str, Mapping]] = None) -> dict:
   """Writes metrics.json, metrics.md and PNG plots into `out_dir`.
 
   Args:
@@ -286,18 +329,20 @@ def write_reports(out_dir: PathLike, comparison: Optional[SetComparison] = None,
     extra: other JSON-able metrics (e.g. NLL) merged into metrics.json and listed in
       metrics.md.
     examples: {name: clip} for piano-roll images (the first `max_examples`).
+    c2st: {continuation length: `two_sample.c2st` result} (a table per length).
 
   Returns:
     {"metrics_json", "metrics_md", "plots": [paths]}.
   """
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
-  doc = metrics_dict(comparison, validity=validity, extra=extra)
+  doc = metrics_dict(comparison, validity=validity, extra=extra, c2st=c2st)
   json_path = out / "metrics.json"
-  json_path.write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n")
+  # Through a rename: an interrupted write leaves the previous report whole.
+  _write_atomic(json_path, json.dumps(doc, indent=2, allow_nan=False) + "\n")
   md_path = out / "metrics.md"
-  md_path.write_text("# Evaluation\n\n" + metrics_markdown(
-      comparison, validity=validity, extra=extra))
+  _write_atomic(md_path, "# Evaluation\n\n" + metrics_markdown(
+      comparison, validity=validity, extra=extra, c2st=c2st))
   plots = []
   if comparison is not None:
     for group in comparison.groups:
