@@ -596,7 +596,9 @@ def run_evaluate(args) -> int:
 def _export_flags(p):
   p.add_argument("--run", action="append", required=True, metavar="NAME=WORKDIR",
                  help="a run to include (repeat for several)")
-  p.add_argument("--real", default="test", metavar="SPLIT", help="split of the real clips")
+  p.add_argument("--real", default="test", metavar="SPLIT",
+                 help="split of the real clips and of the continuations' prompts (default "
+                      "test: kept out of training and of tuning the sampling settings)")
   p.add_argument("--num_clips", type=int, default=20, help="real pieces used (per condition)")
   p.add_argument("--seconds", type=float, default=20.0, help="length of every rated clip")
   p.add_argument("--prompt_seconds", type=float, default=None,

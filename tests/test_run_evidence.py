@@ -89,9 +89,15 @@ def test_export_listening_from_a_trained_run(tiny_run, groove_tfds, tmp_path):
     if IN_CI:
       pytest.fail("fluidsynth missing under CI=true")
     pytest.skip("fluidsynth not installed (bash launch/setup.sh --system)")
+  # The checkpoint the export uses (the best) evaluated first: its C2ST goes in the manifest.
+  assert cli.main(["evaluate", "--workdir", str(tiny_run), "--best", "--split", "train",
+                   "--num_samples", "4", "--max_tokens", "24", "--data_dir", str(groove_tfds),
+                   "--c2st_prompts", "24", "--c2st_lengths", "16", "--c2st_prompt_tokens",
+                   "16", "--c2st_folds", "3"]) == 0
   out = tmp_path / "listen"
   assert cli.main(["export-listening", "--run", f"tiny={tiny_run}", "--num_clips", "2",
-                   "--seconds", "4", "--out", str(out), "--data_dir", str(groove_tfds)]) == 0
+                   "--seconds", "4", "--out", str(out), "--data_dir", str(groove_tfds),
+                   "--top_p", "0.9"]) == 0
   key = list(csv.DictReader(open(out / "key.csv")))
   assert {r["condition"] for r in key} >= {"tiny", "real"}
   wavs = list((out / "rater" / "audio").glob("*.wav"))
@@ -112,4 +118,12 @@ def test_export_listening_from_a_trained_run(tiny_run, groove_tfds, tmp_path):
       text = f.read_text()
       assert str(tiny_run) not in text and "tiny" not in text
   manifest = json.loads((out / "manifest.json").read_text())
-  assert manifest["generation"]["runs"] == {"tiny": str(tiny_run)}
+  gen = manifest["generation"]
+  assert gen["runs"] == {"tiny": str(tiny_run)} and gen["real_split"] == "test"
+  # The run's config.sample settings, with the flag given overriding its field.
+  assert gen["sampling"]["tiny"] == {"temperature": 1.0, "top_k": 0, "top_p": 0.9}
+  quality = gen["quality"]["tiny"]
+  assert quality["eval"] and quality["split"] == "train" and quality["nll_per_token"] > 0
+  assert set(quality["c2st"]) == {"16"}
+  c = quality["c2st"]["16"]
+  assert c["ci_low"] <= c["accuracy"] <= c["ci_high"] and c["prompt_tokens"] == 16
