@@ -19,16 +19,19 @@ Prints one JSON line. Example (the README figure):
 
     python benchmarks/groove_quality.py --data_dir workdirs/tfds --workdir workdirs/groove_small
 """
+import pathlib
+import sys
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+# The repo, not this folder, first on the path: benchmarks/tokenize.py would shadow the
+# standard library's tokenize (imported by dataclasses, inspect, ...).
+sys.path[0] = str(REPO)
+
 import argparse
 import json
 import os
-import pathlib
 import subprocess
-import sys
 import time
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 
 def per_unit(total: float, units: dict) -> dict:
