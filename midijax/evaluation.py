@@ -248,10 +248,21 @@ def feature_kind(enc, is_drum: bool, asked: str = "auto") -> str:
 
 
 # ----------------------------------------------------------------------------- sampling
+def trained_context(model, config) -> int:
+  """Tokens of context a run was trained on: its rows' length (data.seq_len), at most the
+  model's max_len. Samplers slide their window within it: positions beyond it are ones
+  the model never saw in training."""
+  return int(min(model.config.max_len, config.data.seq_len))
+
+
 def sample_continuations(model, enc, prompts: Sequence[np.ndarray], *, length: int,
                          temperature: float, top_k: int, top_p: float, seed: int = 0,
-                         constrained: bool = True, batch_size: int = SAMPLE_BATCH) -> list:
+                         constrained: bool = True, cache_len: Optional[int] = None,
+                         batch_size: int = SAMPLE_BATCH) -> list:
   """Exactly `length` new tokens after each prompt (EOS masked until then).
+
+  `cache_len` is the context before the sampler's window slides (`sampling.sample_tokens`;
+  default the model's max_len; `trained_context` keeps it within the trained positions).
 
   Prompts of one length are sampled together, `batch_size` rows a call (the last call
   padded with copies so every call has one compiled shape); call c uses seed
@@ -274,7 +285,8 @@ def sample_continuations(model, enc, prompts: Sequence[np.ndarray], *, length: i
       res = sampling.sample_tokens(
           model, batch.astype(np.int32), encoding=enc, max_new_tokens=length,
           min_new_tokens=length, seed=(seed * 9973 + call) % (1 << 31),
-          temperature=temperature, top_k=top_k, top_p=top_p, constrained=constrained)
+          temperature=temperature, top_k=top_k, top_p=top_p, constrained=constrained,
+          cache_len=cache_len)
       call += 1
       for r, i in enumerate(idx):
         row = sampling.trim_sample(np.asarray(res["tokens"][r]), plen)[plen:]
@@ -314,6 +326,7 @@ def continuation_clips(enc, windows: PromptWindows, continuations: Sequence[np.n
 
 def continuation_c2st(model, enc, windows: PromptWindows, *, settings: Mapping,
                       is_drum: bool, kind: str, seed: int = 0, n_folds: int = C2ST_FOLDS,
+                      cache_len: Optional[int] = None, importance_repeats: int = 5,
                       log=print) -> dict:
   """The C2ST of generated against real continuations of the same prompts.
 
@@ -329,6 +342,8 @@ def continuation_c2st(model, enc, windows: PromptWindows, *, settings: Mapping,
     is_drum: decode onto the drum channel; kind: "drums" or "pitched" features.
     seed: sampling, folds, trees and permutations.
     n_folds: k of the k-fold cross-validation.
+    cache_len: the sampler's context (see `sample_continuations`).
+    importance_repeats: permutation-importance shuffles (0 skips the feature ranking).
 
   Returns:
     The `two_sample.c2st` dict plus "prompt_tokens", "continuation_tokens", "n_windows",
@@ -343,7 +358,7 @@ def continuation_c2st(model, enc, windows: PromptWindows, *, settings: Mapping,
   t0 = time.perf_counter()
   generated = sample_continuations(
       model, enc, windows.prompts, length=windows.length, temperature=settings["temperature"],
-      top_k=settings["top_k"], top_p=settings["top_p"], seed=seed)
+      top_k=settings["top_k"], top_p=settings["top_p"], seed=seed, cache_len=cache_len)
   sample_s = time.perf_counter() - t0
   validity = music_stats.grammar_validity(
       [np.concatenate([p, g]) for p, g in zip(windows.prompts, generated)],
@@ -355,7 +370,8 @@ def continuation_c2st(model, enc, windows: PromptWindows, *, settings: Mapping,
   t1 = time.perf_counter()
   result = two_sample.c2st(real.values, gen.values, real_groups=windows.pieces,
                            generated_groups=windows.pieces, feature_names=real.names,
-                           n_folds=n_folds, seed=seed)
+                           n_folds=n_folds, seed=seed,
+                           importance_repeats=importance_repeats)
   log(f"C2ST at {windows.length} tokens: {len(windows)} prompts from "
       f"{len(np.unique(windows.pieces))} pieces, sampled in {sample_s:.1f} s, classifiers "
       f"{time.perf_counter() - t1:.1f} s: " + ", ".join(
@@ -366,7 +382,7 @@ def continuation_c2st(model, enc, windows: PromptWindows, *, settings: Mapping,
       "n_windows": len(windows), "n_pieces": int(len(np.unique(windows.pieces))),
       "feature_kind": kind, "real_seconds_mean": float(real_s.mean()),
       "generated_seconds_mean": float(gen_s.mean()), "constrained_validity": validity,
-      "sample_s": sample_s})
+      "context_tokens": int(cache_len or model.config.max_len), "sample_s": sample_s})
   return result
 
 
@@ -434,6 +450,7 @@ def evaluate_workdir(workdir, *, split: str = "test", num_samples: int = 64,
   if data_dir:
     config.data.data_dir = data_dir
   settings = resolve_sampling(config, temperature, top_k, top_p)
+  context = trained_context(model, config)
   workdir_p = ckpt_lib.workdir_path(workdir)
   out = pathlib.Path(out_dir) if out_dir else pathlib.Path(str(workdir_p / "eval" / str(step)))
   is_drum = encoding.is_drum_music(enc, dataset=config.data.name)
@@ -447,11 +464,11 @@ def evaluate_workdir(workdir, *, split: str = "test", num_samples: int = 64,
     if c2st_prompt_tokens < 1 or min(lengths) < 1:
       raise MidijaxError("--c2st_prompt_tokens and --c2st_lengths must be at least 1")
     longest_prefix = int(store.prefix_lengths.max())
-    if longest_prefix + c2st_prompt_tokens >= model.config.max_len:
+    if longest_prefix + c2st_prompt_tokens >= context:
       raise MidijaxError(
           f"--c2st_prompt_tokens {c2st_prompt_tokens}: prompts of {longest_prefix} + "
-          f"{c2st_prompt_tokens} tokens do not fit the model's {model.config.max_len}-token "
-          "context")
+          f"{c2st_prompt_tokens} tokens do not fit the {context}-token context the model "
+          "was trained on")
     for n in lengths:
       check_c2st_windows(store, enc, split=split, prompt_tokens=c2st_prompt_tokens,
                          length=n, num_prompts=c2st_prompts, n_folds=c2st_folds)
@@ -481,7 +498,7 @@ def evaluate_workdir(workdir, *, split: str = "test", num_samples: int = 64,
     batch = np.stack([prompts[j] for j in rows]).astype(np.int32)
     for constrained in (True, False):
       res = sampling.sample_tokens(model, batch, encoding=enc, max_new_tokens=n_new, seed=seed,
-                                   constrained=constrained, **settings)
+                                   constrained=constrained, cache_len=context, **settings)
       for row in np.asarray(res["tokens"]):
         row = sampling.trim_sample(row, length)[length:]
         row = row[row != enc.eos_id]
@@ -505,9 +522,10 @@ def evaluate_workdir(workdir, *, split: str = "test", num_samples: int = 64,
                                max_windows=c2st_prompts, seed=seed, meters=meters)
       c2st[str(n)] = continuation_c2st(model, enc, windows, settings=settings,
                                           is_drum=is_drum, kind=kind, seed=seed,
-                                          n_folds=c2st_folds, log=log)
+                                          n_folds=c2st_folds, cache_len=context, log=log)
   extra = {"step": step, "split": split, "num_samples": len(generated),
-           "tokens_per_clip": n_new, "nll": nll, "seed": seed, **settings}
+           "tokens_per_clip": n_new, "nll": nll, "seed": seed, "context_tokens": context,
+           **settings}
   reports.write_reports(out, comparison, validity=validity, extra=extra, examples=examples,
                         c2st=c2st or None)
   scalars = {f"eval_{split}/{k}": v for k, v in nll.items()}

@@ -795,8 +795,10 @@ def clips_from_runs(runs: Mapping[str, str], *, real_split: str = "test", num_cl
       clips.append(Clip("real", real_notes, meta=meta_real))
       for name, (model, e, c, step, w) in loaded.items():
         res = sampling.sample_tokens(model, prefix[None].astype(np.int32), encoding=e,
-                                     max_new_tokens=int(c.model.max_len) - len(prefix),
-                                     seed=seed + int(i), max_seconds=seconds, **draw[name])
+                                     max_new_tokens=_token_budget(seconds),
+                                     seed=seed + int(i), max_seconds=seconds,
+                                     cache_len=evaluation.trained_context(model, c),
+                                     **draw[name])
         toks = sampling.trim_sample(np.asarray(res["tokens"])[0], len(prefix))[len(prefix):]
         clips.append(Clip(name, e.decode_notes(toks, is_drum=is_drum),
                           meta={"run": name, "workdir": w, "step": step, "seed": seed + int(i),
@@ -813,12 +815,13 @@ def clips_from_runs(runs: Mapping[str, str], *, real_split: str = "test", num_cl
                         pair_group=group, role="continuation"))
       for name, (model, e, c, step, w) in loaded.items():
         prompt = np.concatenate([prefix, prompt_ids]).astype(np.int32)
-        if len(prompt) >= int(c.model.max_len) - 8:
+        if len(prompt) >= evaluation.trained_context(model, c) - 8:
           log(f"skipping prompt {group}: {len(prompt)} tokens fill the context")
           continue
         res = sampling.sample_tokens(model, prompt[None], encoding=e,
-                                     max_new_tokens=int(c.model.max_len) - len(prompt),
+                                     max_new_tokens=_token_budget(seconds - prompt_seconds),
                                      seed=seed + int(i), max_seconds=seconds - prompt_seconds,
+                                     cache_len=evaluation.trained_context(model, c),
                                      **draw[name])
         toks = sampling.trim_sample(np.asarray(res["tokens"])[0], len(prefix))[len(prefix):]
         clips.append(Clip(name, e.decode_notes(toks, is_drum=is_drum), pair_group=group,
@@ -828,6 +831,13 @@ def clips_from_runs(runs: Mapping[str, str], *, real_split: str = "test", num_cl
                                 "prompt_seconds": prompt_seconds}))
     log(f"clip set {len(clips)} clips (piece {int(i)})")
   return clips
+
+
+def _token_budget(seconds: float) -> int:
+  """New tokens that surely cover `seconds` of music (200 a second, as `continue` allows):
+  the clip stops at its seconds, not at a token count, so it is never shorter than the
+  real one (the sampler's window slides past the trained context)."""
+  return int(min(max(seconds, 1.0) * 200, 1 << 14))
 
 
 def _has_best(workdir) -> bool:

@@ -59,7 +59,7 @@ def test_evaluate_writes_reports_and_is_deterministic(tiny_run, groove_tfds, tmp
     (["--c2st_prompts", "4"], "too few prompts for 3-fold cross-validation"),
     (["--c2st_lengths", "100000"], "has 0 windows of 16 + 100000 event tokens"),
     (["--c2st_features", "pitched"], "makes only drum notes"),
-    (["--c2st_prompt_tokens", "200"], "do not fit the model's 64-token context"),
+    (["--c2st_prompt_tokens", "200"], "do not fit the 64-token context the model was"),
 ])
 def test_evaluate_c2st_errors_are_one_line_and_keep_reports(tiny_run, groove_tfds, tmp_path,
                                                             capsys, flags, message):
