@@ -1,38 +1,60 @@
 #!/usr/bin/env python3
-"""Does the Transformer beat a count-based n-gram model? Validation NLL of both, same tokens.
+"""Does the Transformer beat count-based n-gram models? Validation NLL of all, same windows.
 
 1. Trains `--config` (default configs/groove_small.py) with `midijax train` for at most
    `--max_minutes` of wall clock (skip with --skip_train to score an existing workdir).
-2. Scores the best checkpoint on the validation split: mean NLL per token (nats) over the
-   deterministic eval windows (every token predicted once; padding excluded).
-3. Fits interpolated Witten-Bell n-gram models (orders 2..5) on the training split's token
-   sequences and scores them on exactly the same windows (targets, weights, and histories
-   limited to the same window).
+2. Scores the best checkpoint on the evaluation split (`--split`, default the config's
+   data.eval_split): NLL over the deterministic eval windows (every token predicted once;
+   padding excluded).
+3. Fits interpolated Witten-Bell and interpolated modified Kneser-Ney n-gram models
+   (`--orders`, default 2..5) on the training split's token sequences and scores them on
+   exactly the same windows (targets, weights, and histories limited to the same window).
+
+Every model gets NLL per token, per note (NLL summed over all targets / note-starting
+targets) and per second of music (/ seconds the targets advance time, from the
+encoding's grammar table): per note and per second compare models of different
+encodings. The best n-gram is the lowest NLL per token of either family.
 
 Prints one JSON line. Example (the README figure):
 
     python benchmarks/groove_quality.py --data_dir workdirs/tfds --workdir workdirs/groove_small
 """
+import pathlib
+import sys
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+# The repo, not this folder, first on the path: benchmarks/tokenize.py would shadow the
+# standard library's tokenize (imported by dataclasses, inspect, ...).
+sys.path[0] = str(REPO)
+
 import argparse
 import json
 import os
-import pathlib
 import subprocess
-import sys
 import time
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+
+def per_unit(total: float, units: dict) -> dict:
+  """NLL (nats) per token, note and second, and perplexity, from a summed NLL."""
+  import numpy as np
+  return {"nll_per_token": round(total / units["tokens"], 4),
+          "nll_per_note": round(total / max(units["notes"], 1.0), 4),
+          "nll_per_second": round(total / max(units["seconds"], 1e-9), 4),
+          "perplexity": round(float(np.exp(total / units["tokens"])), 3)}
 
 
 def main():
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap = argparse.ArgumentParser(description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--config", default=str(REPO / "configs" / "groove_small.py"))
   ap.add_argument("--workdir", default=str(REPO / "workdirs" / "groove_small"))
   ap.add_argument("--data_dir", default="", help="TFDS data dir holding the built dataset")
   ap.add_argument("--max_minutes", type=float, default=20.0, help="training wall-clock budget")
   ap.add_argument("--skip_train", action="store_true", help="score the workdir as it is")
+  ap.add_argument("--split", default="", help="split scored (default: data.eval_split)")
   ap.add_argument("--orders", default="2,3,4,5", help="n-gram orders to fit")
+  ap.add_argument("--smoothing", default="witten_bell,kneser_ney",
+                  help="n-gram families to fit (witten_bell, kneser_ney)")
   a = ap.parse_args()
 
   t_train = 0.0
@@ -45,45 +67,54 @@ def main():
     subprocess.run(cmd, check=True, cwd=REPO)
     t_train = time.perf_counter() - t
 
-  import numpy as np
-  from midijax import input_pipeline, losses, runs
-  from midijax.ngram import NgramModel
+  from midijax import evaluation, input_pipeline, losses, runs
+  from midijax.ngram import KneserNeyModel, NgramModel
 
   model, enc, config, step = runs.load_run(a.workdir, best=True)
   if a.data_dir:
     config.data.data_dir = a.data_dir
+  with config.unlocked():
+    config.data.max_eval_batches = -1
+  split = a.split or config.data.eval_split
   data = input_pipeline.DataSource(config)
-  batches = list(data.eval_batches())
+  batches = list(data.eval_batches(split))
+  units = evaluation.window_units(enc, batches)
   tf_metrics = losses.score_batches(model, batches)
 
   spec = input_pipeline.dataset_specs(config)[0]
   store = input_pipeline.load_split(spec.version_dir, config.data.train_split)
   sequences = [store.piece(i) for i in range(len(store))]
+  families = {"witten_bell": NgramModel, "kneser_ney": KneserNeyModel}
   ngram = {}
-  for order in [int(o) for o in a.orders.split(",")]:
-    t = time.perf_counter()
-    lm = NgramModel(order, enc.vocab_size).fit(sequences)
-    total = count = 0.0
-    for b in batches:
-      s, c = lm.nll(b["inputs"], b["targets"], b["weights"])
-      total += s
-      count += c
-    ngram[order] = {"nll_per_token": round(total / count, 4),
-                    "perplexity": round(float(np.exp(total / count)), 3),
-                    "seconds": round(time.perf_counter() - t, 1)}
-  best_order = min(ngram, key=lambda o: ngram[o]["nll_per_token"])
-  metrics = [json.loads(l) for l in (pathlib.Path(a.workdir) / "metrics.jsonl").read_text().splitlines()]
-  steps_trained = max(m["step"] for m in metrics)
+  for family in a.smoothing.split(","):
+    ngram[family] = {}
+    for order in [int(o) for o in a.orders.split(",")]:
+      t = time.perf_counter()
+      lm = families[family](order, enc.vocab_size).fit(sequences)
+      total = count = 0.0
+      for b in batches:
+        s, c = lm.nll(b["inputs"], b["targets"], b["weights"])
+        total += s
+        count += c
+      ngram[family][order] = {**per_unit(total, units),
+                              "seconds": round(time.perf_counter() - t, 1)}
+  best = {f: min(r, key=lambda o: r[o]["nll_per_token"]) for f, r in ngram.items()}
+  best_family = min(best, key=lambda f: ngram[f][best[f]]["nll_per_token"])
+  best_ngram = ngram[best_family][best[best_family]]
+  transformer = per_unit(tf_metrics["loss"] * tf_metrics["tokens"], units)
+  transformer["accuracy"] = round(tf_metrics["accuracy"], 4)
+  metrics = [json.loads(l) for l in
+             (pathlib.Path(a.workdir) / "metrics.jsonl").read_text().splitlines()]
   print(json.dumps({
       "bench": "groove_quality", "config": os.path.relpath(a.config, REPO),
       "machine": f"{os.cpu_count()} CPU cores", "train_wall_s": round(t_train, 1),
-      "steps_trained": steps_trained, "best_step": step,
-      "split": config.data.eval_split, "eval_tokens": int(tf_metrics["tokens"]),
-      "transformer": {"nll_per_token": round(tf_metrics["loss"], 4),
-                      "perplexity": round(tf_metrics["perplexity"], 3),
-                      "accuracy": round(tf_metrics["accuracy"], 4)},
-      "ngram": ngram, "best_ngram_order": best_order,
-      "transformer_beats_ngram": tf_metrics["loss"] < ngram[best_order]["nll_per_token"],
+      "steps_trained": max(m["step"] for m in metrics), "best_step": step, "split": split,
+      "eval_tokens": int(units["tokens"]), "eval_notes": int(units["notes"]),
+      "eval_seconds": round(units["seconds"], 1),
+      "transformer": transformer, "ngram": ngram, "best_ngram_order": best,
+      "best_ngram": {"smoothing": best_family, "order": best[best_family], **best_ngram},
+      "transformer_below_best_ngram": round(
+          1 - transformer["nll_per_token"] / best_ngram["nll_per_token"], 4),
   }))
 
 

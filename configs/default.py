@@ -44,6 +44,9 @@ def get_config():
   # stretch (fraction, 0.05 = +-5%); drums are never transposed.
   data.transpose_semitones = 0
   data.time_stretch = 0.0
+  # Velocity augmentation (training only, `performance` and `drums`): velocities scaled by
+  # a factor in [1 - velocity_scale, 1 + velocity_scale] per piece (0 = off).
+  data.velocity_scale = 0.0
   # Evaluation batch size (rows) and a cap on eval batches (-1 = the whole split).
   data.eval_batch_size = 32
   data.max_eval_batches = -1

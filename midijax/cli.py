@@ -605,21 +605,28 @@ def run_build_data(args) -> int:
 def _add_decoding_flags(p) -> None:
   """Flags shared by `evaluate` and `export-listening`: how samples are drawn, real data."""
   p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same clips")
-  p.add_argument("--temperature", type=float, default=1.0,
-                 help="softmax temperature, 0 = greedy (default 1)")
-  p.add_argument("--top_k", type=int, default=0,
-                 help="sample among the k most likely tokens, 0 = all (default)")
-  p.add_argument("--top_p", type=float, default=1.0,
-                 help="nucleus sampling probability, 1 = off (default)")
+  p.add_argument("--temperature", type=float, default=None,
+                 help="softmax temperature, 0 = greedy (default: the run's "
+                      "config.sample.temperature, else 1)")
+  p.add_argument("--top_k", type=int, default=None,
+                 help="sample among the k most likely tokens, 0 = all (default: the run's "
+                      "config.sample.top_k, else 0)")
+  p.add_argument("--top_p", type=float, default=None,
+                 help="nucleus sampling probability, 1 = off (default: the run's "
+                      "config.sample.top_p, else 1)")
   p.add_argument("--data_dir", default=None,
                  help="TFDS data dir of the real clips (default: the run's config)")
 
 
-@command("evaluate", "held-out NLL, music statistics of samples vs real clips, validity",
+@command("evaluate", "held-out NLL, music statistics, validity, classifier two-sample test",
          "Writes WORKDIR/eval/<step>/metrics.json, metrics.md and PNG plots, and "
-         "TensorBoard scalars: NLL per token and per note on the whole split, Yang & Lerch "
-         "(2020) feature distances (OA, KL) of generated vs real clips, and the share of "
-         "unconstrained samples that decode validly.")
+         "TensorBoard scalars: NLL per token, per note and per second of music on the whole "
+         "split, Yang & Lerch (2020) feature distances (OA, KL) of generated vs real clips, "
+         "the share of unconstrained samples that decode validly, and a classifier "
+         "two-sample test (C2ST): for prompts cut from the split, the held-out accuracy of "
+         "classifiers telling the model's constrained continuation from the real one "
+         "(50% = cannot tell), with a binomial 95% interval and the most telling "
+         "features.")
 def _evaluate_flags(p):
   p.add_argument("--workdir", required=True, help="a trained run folder")
   p.add_argument("--split", default="test", help="held-out split (default test)")
@@ -630,6 +637,18 @@ def _evaluate_flags(p):
   step.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
   step.add_argument("--best", action="store_true", help="the best checkpoint by validation")
   _add_decoding_flags(p)
+  c2st = p.add_argument_group("classifier two-sample test of continuations")
+  c2st.add_argument("--c2st_prompts", type=int, default=128,
+                    help="prompts per continuation length, spread over the split's pieces "
+                         "(fewer when the split holds fewer; 0 skips the test; default 128)")
+  c2st.add_argument("--c2st_lengths", default="128,512",
+                    help="continuation lengths in tokens, comma-separated (default 128,512)")
+  c2st.add_argument("--c2st_prompt_tokens", type=int, default=64,
+                    help="event tokens of each prompt (default 64)")
+  c2st.add_argument("--c2st_folds", type=int, default=5,
+                    help="k of the k-fold cross-validation (default 5)")
+  c2st.add_argument("--c2st_features", choices=["auto", "drums", "pitched"], default="auto",
+                    help="feature set (default auto: drums for drum models, else pitched)")
   p.add_argument("--out", default=None, help="output folder (default WORKDIR/eval/<step>)")
   task = p.add_argument_group("--task continuation: NLL of continuation targets given their "
                               "real prompts (no sampling)")
@@ -646,6 +665,13 @@ def _evaluate_flags(p):
   p.set_defaults(func=run_evaluate)
 
 
+def _int_list(flag: str, text: str) -> List[int]:
+  try:
+    return [int(x) for x in text.split(",") if x.strip()]
+  except ValueError:
+    raise MidijaxError(f"{flag} {text!r}: expected comma-separated whole numbers") from None
+
+
 def run_evaluate(args) -> int:
   from midijax import evaluation
   if args.task == "continuation":
@@ -656,7 +682,11 @@ def run_evaluate(args) -> int:
   evaluation.evaluate_workdir(args.workdir, split=args.split, num_samples=args.num_samples,
                               max_new_tokens=args.max_tokens, step=args.step, best=args.best,
                               seed=args.seed, temperature=args.temperature, top_k=args.top_k,
-                              top_p=args.top_p, data_dir=args.data_dir, out_dir=args.out)
+                              top_p=args.top_p, data_dir=args.data_dir, out_dir=args.out,
+                              c2st_prompts=args.c2st_prompts,
+                              c2st_lengths=_int_list("--c2st_lengths", args.c2st_lengths),
+                              c2st_prompt_tokens=args.c2st_prompt_tokens,
+                              c2st_folds=args.c2st_folds, c2st_features=args.c2st_features)
   return 0
 
 
@@ -690,7 +720,9 @@ def run_export(args) -> int:
 def _export_flags(p):
   p.add_argument("--run", action="append", required=True, metavar="NAME=WORKDIR",
                  help="a run to include (repeat for several)")
-  p.add_argument("--real", default="test", metavar="SPLIT", help="split of the real clips")
+  p.add_argument("--real", default="test", metavar="SPLIT",
+                 help="split of the real clips and of the continuations' prompts (default "
+                      "test: kept out of training and of tuning the sampling settings)")
   p.add_argument("--num_clips", type=int, default=20, help="real pieces used (per condition)")
   p.add_argument("--seconds", type=float, default=20.0, help="length of every rated clip")
   p.add_argument("--prompt_seconds", type=float, default=None,

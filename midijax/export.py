@@ -742,11 +742,13 @@ def print_listening_results(results: Mapping[str, Any]) -> None:
 
 def clips_from_runs(runs: Mapping[str, str], *, real_split: str = "test", num_clips: int = 20,
                     seconds: float = 20.0, prompt_seconds: Optional[float] = None,
-                    mode: str = "both", seed: int = 0, temperature: float = 1.0,
-                    top_k: int = 0, top_p: float = 1.0, data_dir: Optional[str] = None,
-                    log=print) -> list:
+                    mode: str = "both", seed: int = 0, temperature: Optional[float] = None,
+                    top_k: Optional[int] = None, top_p: Optional[float] = None,
+                    data_dir: Optional[str] = None, log=print) -> list:
   """Builds the clips of a listening test from trained runs and real data.
 
+  Each run samples with its own config.sample settings (the ones tuned for it), except
+  those of temperature, top_k and top_p given here, which apply to every run.
   For each of `num_clips` real pieces of `real_split` (the same pieces for every run):
     * "free" (mode free/both): each run samples a piece conditioned on the real piece's
       BOS + conditioning prefix (style, tempo, ...); the real piece is rated beside them.
@@ -758,16 +760,17 @@ def clips_from_runs(runs: Mapping[str, str], *, real_split: str = "test", num_cl
   """
   # pylint: disable=g-import-not-at-top
   from midijax import encoding as encoding_lib
-  from midijax import input_pipeline, runs as runs_lib, sampling
+  from midijax import evaluation, input_pipeline, runs as runs_lib, sampling
   if mode not in ("free", "continuation", "both"):
     raise ValueError(f"mode must be free, continuation or both, got {mode!r}")
   prompt_seconds = seconds / 4 if prompt_seconds is None else prompt_seconds
-  loaded = {}
+  loaded, draw = {}, {}
   for name, workdir in runs.items():
     model, enc, config, step = runs_lib.load_run(workdir, best=_has_best(workdir))
     if data_dir:
       config.data.data_dir = data_dir
     loaded[name] = (model, enc, config, step, str(workdir))
+    draw[name] = evaluation.resolve_sampling(config, temperature, top_k, top_p)
   first = next(iter(loaded.values()))
   enc, config = first[1], first[2]
   for name, (_, e, c, _, w) in loaded.items():
@@ -792,13 +795,14 @@ def clips_from_runs(runs: Mapping[str, str], *, real_split: str = "test", num_cl
       clips.append(Clip("real", real_notes, meta=meta_real))
       for name, (model, e, c, step, w) in loaded.items():
         res = sampling.sample_tokens(model, prefix[None].astype(np.int32), encoding=e,
-                                     max_new_tokens=int(c.model.max_len) - len(prefix),
-                                     seed=seed + int(i), temperature=temperature, top_k=top_k,
-                                     top_p=top_p, max_seconds=seconds)
+                                     max_new_tokens=_token_budget(seconds),
+                                     seed=seed + int(i), max_seconds=seconds,
+                                     cache_len=evaluation.trained_context(model, c),
+                                     **draw[name])
         toks = sampling.trim_sample(np.asarray(res["tokens"])[0], len(prefix))[len(prefix):]
         clips.append(Clip(name, e.decode_notes(toks, is_drum=is_drum),
                           meta={"run": name, "workdir": w, "step": step, "seed": seed + int(i),
-                                "kind": "free", **meta_real}))
+                                "kind": "free", **draw[name], **meta_real}))
     if mode in ("continuation", "both"):
       group = f"p{int(i)}"
       prompt_ids = sampling.encode_prompt(enc, real_notes, prompt_seconds)
@@ -811,21 +815,29 @@ def clips_from_runs(runs: Mapping[str, str], *, real_split: str = "test", num_cl
                         pair_group=group, role="continuation"))
       for name, (model, e, c, step, w) in loaded.items():
         prompt = np.concatenate([prefix, prompt_ids]).astype(np.int32)
-        if len(prompt) >= int(c.model.max_len) - 8:
+        if len(prompt) >= evaluation.trained_context(model, c) - 8:
           log(f"skipping prompt {group}: {len(prompt)} tokens fill the context")
           continue
         res = sampling.sample_tokens(model, prompt[None], encoding=e,
-                                     max_new_tokens=int(c.model.max_len) - len(prompt),
-                                     seed=seed + int(i), temperature=temperature, top_k=top_k,
-                                     top_p=top_p, max_seconds=seconds - prompt_seconds)
+                                     max_new_tokens=_token_budget(seconds - prompt_seconds),
+                                     seed=seed + int(i), max_seconds=seconds - prompt_seconds,
+                                     cache_len=evaluation.trained_context(model, c),
+                                     **draw[name])
         toks = sampling.trim_sample(np.asarray(res["tokens"])[0], len(prefix))[len(prefix):]
         clips.append(Clip(name, e.decode_notes(toks, is_drum=is_drum), pair_group=group,
                           role="continuation",
                           meta={"run": name, "workdir": w, "step": step, "seed": seed + int(i),
-                                "kind": "continuation", **meta_real,
+                                "kind": "continuation", **draw[name], **meta_real,
                                 "prompt_seconds": prompt_seconds}))
     log(f"clip set {len(clips)} clips (piece {int(i)})")
   return clips
+
+
+def _token_budget(seconds: float) -> int:
+  """New tokens that surely cover `seconds` of music (200 a second, as `continue` allows):
+  the clip stops at its seconds, not at a token count, so it is never shorter than the
+  real one (the sampler's window slides past the trained context)."""
+  return int(min(max(seconds, 1.0) * 200, 1 << 14))
 
 
 def _has_best(workdir) -> bool:
@@ -834,23 +846,50 @@ def _has_best(workdir) -> bool:
   return b is not None and b in ckpt_lib.available_steps(workdir)
 
 
+def run_quality(workdir) -> dict:
+  """What `midijax evaluate` measured for the checkpoint an export uses (the best, else
+  the latest): {"step", "eval" (its metrics.json), "split", "nll_per_token", "c2st"
+  (`evaluation.c2st_summary`: accuracy with its interval per continuation length)}, or
+  {"step", "eval": None, "note"} when that checkpoint has no evaluation report."""
+  from midijax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from midijax import evaluation  # pylint: disable=g-import-not-at-top
+  step = (ckpt_lib.best_step(workdir) if _has_best(workdir)
+          else max(ckpt_lib.available_steps(workdir), default=None))
+  path = ckpt_lib.workdir_path(workdir) / "eval" / str(step) / "metrics.json"
+  if step is None or not path.exists():
+    return {"step": step, "eval": None,
+            "note": f"no report: run `midijax evaluate --workdir {workdir}` for step {step}"}
+  metrics = json.loads(path.read_text())
+  return {"step": step, "eval": str(path), "split": metrics.get("split"),
+          "nll_per_token": (metrics.get("nll") or {}).get("nll_per_token"),
+          "c2st": evaluation.c2st_summary(metrics)}
+
+
 def export_runs(runs: Mapping[str, str], out_dir: PathLike, *, real_split: str = "test",
                 num_clips: int = 20, seconds: float = 20.0,
                 prompt_seconds: Optional[float] = None, mode: str = "both", seed: int = 0,
-                temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                data_dir: Optional[str] = None, log=print) -> dict:
+                temperature: Optional[float] = None, top_k: Optional[int] = None,
+                top_p: Optional[float] = None, data_dir: Optional[str] = None,
+                log=print) -> dict:
   """A listening test of trained runs against real clips: `clips_from_runs` (see there for
-  the arguments) then `export_listening`, with the settings in manifest.json.
+  the arguments) then `export_listening`. manifest.json records the settings, each run's
+  sampling settings, and each run's quality as `midijax evaluate` measured it
+  (`run_quality`: NLL and the C2ST accuracies).
 
   Returns:
     The manifest (also out_dir/manifest.json).
   """
+  from midijax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from midijax import evaluation  # pylint: disable=g-import-not-at-top
   clips = clips_from_runs(runs, real_split=real_split, num_clips=num_clips, seconds=seconds,
                           prompt_seconds=prompt_seconds, mode=mode, seed=seed,
                           temperature=temperature, top_k=top_k, top_p=top_p,
                           data_dir=data_dir, log=log)
+  sampling = {name: evaluation.resolve_sampling(
+      json.loads((ckpt_lib.workdir_path(w) / "config.json").read_text()),
+      temperature, top_k, top_p) for name, w in runs.items()}
   generation = {"runs": dict(runs), "real_split": real_split, "mode": mode,
-                "temperature": temperature, "top_k": top_k, "top_p": top_p,
-                "num_clips": num_clips, "seconds": seconds, "prompt_seconds": prompt_seconds,
-                "seed": seed}
+                "sampling": sampling, "num_clips": num_clips, "seconds": seconds,
+                "prompt_seconds": prompt_seconds, "seed": seed,
+                "quality": {name: run_quality(w) for name, w in runs.items()}}
   return export_listening(clips, out_dir, seconds=seconds, seed=seed, generation=generation)

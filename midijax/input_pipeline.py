@@ -28,8 +28,12 @@ transposition shifts NOTE_ON/NOTE_OFF ids of `performance` pieces by k in
 [-transpose_semitones, transpose_semitones] semitones, dropping notes pushed out of
 the encoding's pitch range, never for pieces with drums (`has_drums`); time stretch
 rescales the time-shift runs of `performance` and `drums` pieces by a factor in
-[1 - time_stretch, 1 + time_stretch] (rounded to the 10 ms grid, no drift). `triples`
-pieces are never augmented. Both are stateless functions of (seed, process, step).
+[1 - time_stretch, 1 + time_stretch] (rounded to the 10 ms grid, no drift), which is a
+tempo change: every hit moves with its beat, so microtiming relative to the beat is kept;
+velocity scaling multiplies the velocity bins of `performance` and `drums` pieces by a
+factor in [1 - velocity_scale, 1 + velocity_scale] (a louder or softer take of the same
+playing; accents keep their order). `triples` pieces are never augmented. All are
+stateless functions of (seed, process, step).
 
 Evaluation cuts every piece of the split into consecutive non-overlapping windows:
 window c holds the prefix followed by body tokens [c*W, (c+1)*W), W = seq_len + 1 -
@@ -401,6 +405,35 @@ def stretch_pieces(values: tf.Tensor, rows: tf.Tensor, factors: tf.Tensor,
   return out, tf.gather(event_rows, owner)
 
 
+def scale_velocities(values: tf.Tensor, rows: tf.Tensor, factors: tf.Tensor,
+                     enc: encoding_lib.Encoding) -> Tuple[tf.Tensor, tf.Tensor]:
+  """Multiplies the VELOCITY bins of `performance`/`drums` pieces by each piece's factor.
+
+  Bin b (1..num_velocity_bins; bins are equal slices of MIDI velocity, so scaling the
+  bin scales the velocity) becomes round(b * factor), clipped to the bins. A VELOCITY
+  token that now repeats the one before it in its piece is dropped, as the encoders
+  write one only when the velocity changes.
+
+  Args:
+    values: int32 [n] token ids of several pieces.
+    rows: int64 [n] piece of each token (non-decreasing).
+    factors: float [pieces] velocity factor of each piece (1.1 = 10% louder).
+    enc: the encoding (`velocity_base`, `num_velocity_bins`).
+  Returns:
+    (values, rows) of the rescaled pieces.
+  """
+  base, bins = enc.velocity_base, enc.num_velocity_bins
+  is_vel = (values >= base) & (values < base + bins)
+  scale = tf.gather(tf.cast(factors, tf.float64), rows)
+  scaled = tf.cast(tf.round(tf.cast(values - base + 1, tf.float64) * scale), values.dtype)
+  values = tf.where(is_vel, base - 1 + tf.clip_by_value(scaled, 1, bins), values)
+  where = tf.where(is_vel)[:, 0]
+  vel, vel_rows = tf.gather(values, where), tf.gather(rows, where)
+  repeat = tf.concat([[False], (vel[1:] == vel[:-1]) & (vel_rows[1:] == vel_rows[:-1])], 0)
+  drop = tf.scatter_nd(where[:, None], repeat, tf.shape(values, out_type=tf.int64))
+  return tf.boolean_mask(values, ~drop), tf.boolean_mask(rows, ~drop)
+
+
 def transpose_ids(ids, semitones: int, enc: encoding_lib.Encoding) -> np.ndarray:
   """`transpose_pieces` for one piece: int ids [n] -> int32 numpy ids."""
   values = tf.constant(ids, tf.int32)
@@ -417,6 +450,14 @@ def stretch_ids(ids, factor: float, enc: encoding_lib.Encoding) -> np.ndarray:
   return out.numpy()
 
 
+def scale_velocity_ids(ids, factor: float, enc: encoding_lib.Encoding) -> np.ndarray:
+  """`scale_velocities` for one piece: int ids [n] -> int32 numpy ids."""
+  values = tf.constant(ids, tf.int32)
+  out, _ = scale_velocities(values, tf.zeros(tf.shape(values), tf.int64),
+                            tf.constant([factor], tf.float64), enc)
+  return out.numpy()
+
+
 # --------------------------------------------------------------------------- training
 @dataclasses.dataclass(frozen=True)
 class _TrainSettings:
@@ -426,6 +467,7 @@ class _TrainSettings:
   draws_per_row: int
   transpose: int
   stretch: float
+  velocity_scale: float
   seed: int
   process_index: int
   pairs: bool = False  # some pieces are continuation pairs (weights 0 on their prompt)
@@ -519,12 +561,14 @@ def make_train_iterator(config: Any, start_step: int = 0, *,
       seq_len=seq_len, rows=rows, packing=packing,
       draws_per_row=int(_field(data, "max_segments_per_row", 8)) if packing else 1,
       transpose=int(_field(data, "transpose_semitones", 0)),
-      stretch=float(_field(data, "time_stretch", 0.0)), seed=seed,
+      stretch=float(_field(data, "time_stretch", 0.0)),
+      velocity_scale=float(_field(data, "velocity_scale", 0.0)), seed=seed,
       process_index=process_index)
   if seq_len < 2 or settings.draws_per_row < 1 or settings.transpose < 0 or not (
-      0.0 <= settings.stretch < 1.0):
+      0.0 <= settings.stretch < 1.0) or not 0.0 <= settings.velocity_scale < 1.0:
     raise ConfigError("data: need seq_len >= 2, max_segments_per_row >= 1, "
-                      "transpose_semitones >= 0 and 0 <= time_stretch < 1")
+                      "transpose_semitones >= 0, 0 <= time_stretch < 1 and "
+                      "0 <= velocity_scale < 1")
   specs = dataset_specs(config)
   enc = load_encoding(config)
   split = _field(data, "train_split", "train")
@@ -532,9 +576,10 @@ def make_train_iterator(config: Any, start_step: int = 0, *,
   for spec, store in zip(specs, stores):
     check_prompts_fit(store, seq_len, f"{spec.name}/{spec.builder_config} {split}")
   pairs = any(bool(s.is_pair.any()) for s in stores)
-  if pairs and (settings.transpose or settings.stretch):
-    raise ConfigError("config.data.transpose_semitones / time_stretch: continuation pairs are "
-                      "not augmented (the target would move but not its prompt); set them to 0")
+  if pairs and (settings.transpose or settings.stretch or settings.velocity_scale):
+    raise ConfigError("config.data.transpose_semitones / time_stretch / velocity_scale: "
+                      "continuation pairs are not augmented (the target would change but not "
+                      "its prompt); set them to 0")
   settings = dataclasses.replace(settings, pairs=pairs)
   weights = np.array([s.weight for s in specs], np.float64)
   ds = _train_dataset(TokenStore.concatenate(stores), [len(s) for s in stores],
@@ -573,7 +618,8 @@ def _train_dataset(store: TokenStore, sizes: Sequence[int], weights: np.ndarray,
   base_seed = tf.constant([s.seed, s.process_index], tf.int64)
   can_transpose = s.transpose > 0 and enc.name == "performance"
   can_stretch = s.stretch > 0 and enc.name in ("performance", "drums")
-  slack = can_transpose or can_stretch
+  can_scale = s.velocity_scale > 0 and enc.name in ("performance", "drums")
+  slack = can_transpose or can_stretch or can_scale
   bos_id = enc.bos_id
 
   def make_batch(step):
@@ -612,6 +658,12 @@ def _train_dataset(store: TokenStore, sizes: Sequence[int], weights: np.ndarray,
       f = tf.random.stateless_uniform([draws], seed=seeds[3], minval=1.0 - s.stretch,
                                       maxval=1.0 + s.stretch, dtype=tf.float64)
       body, rows = stretch_pieces(body, rows, f, enc)
+    if can_scale:
+      # Its own seed, folded in, so runs without it keep the batches they had.
+      v_seed = tf.random.experimental.stateless_fold_in(seeds[3], 1)
+      v = tf.random.stateless_uniform([draws], seed=v_seed, minval=1.0 - s.velocity_scale,
+                                      maxval=1.0 + s.velocity_scale, dtype=tf.float64)
+      body, rows = scale_velocities(body, rows, v, enc)
     position, body_lens = _offsets(rows, draws)
     if slack:
       fits = position < tf.gather(room, rows)

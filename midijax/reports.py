@@ -22,13 +22,17 @@ PathLike = Union[str, os.PathLike]
 
 def metrics_dict(comparison: Optional[SetComparison] = None, *,
                  validity: Optional[Mapping] = None,
-                 extra: Optional[Mapping] = None) -> dict:
-  """The JSON document `write_reports` writes as metrics.json."""
+                 extra: Optional[Mapping] = None,
+                 c2st: Optional[Mapping[str, Mapping]] = None) -> dict:
+  """The JSON document `write_reports` writes as metrics.json (`c2st`: {continuation
+  length: `midijax.two_sample.c2st` result} under "c2st")."""
   out = {}
   if comparison is not None:
     out["music_statistics"] = comparison.to_dict()
   if validity is not None:
     out["grammar_validity"] = stats.jsonable(dict(validity))
+  if c2st:
+    out["c2st"] = stats.jsonable({str(k): dict(v) for k, v in c2st.items()})
   if extra:
     out.update(stats.jsonable(dict(extra)))
   return out
@@ -48,10 +52,32 @@ def _md_cell(text: str) -> str:
   return str(text).replace("|", "\\|").replace("\n", " ")
 
 
+def c2st_markdown(c2st: Mapping[str, Mapping]) -> str:
+  """metrics.md sections of the continuation C2STs: {length: result} -> one table each,
+  with the prompts, the sampling validity and the seconds of music compared."""
+  from midijax import two_sample  # pylint: disable=g-import-not-at-top  # scikit-learn
+  parts = []
+  for n, r in c2st.items():
+    text = two_sample.c2st_markdown(
+        r, title=f"Classifier two-sample test: {n}-token continuations")
+    if "prompt_tokens" in r:
+      v = r.get("constrained_validity") or {}
+      note = (f"Prompts of {r['prompt_tokens']} event tokens ({r['n_windows']} windows of "
+              f"{r['n_pieces']} pieces, folds grouped by piece); real continuations "
+              f"{_fmt(r['real_seconds_mean'])} s, generated {_fmt(r['generated_seconds_mean'])} "
+              f"s on average; {r['feature_kind']} features. Constrained samples that decode "
+              f"to valid MIDI: {v.get('valid', 'n/a')} of {v.get('total', 'n/a')}.")
+      head, _, rest = text.partition("\n\n")
+      text = f"{head}\n\n{note}\n\n{rest}"
+    parts.append(text)
+  return "\n".join(parts)
+
+
 def metrics_markdown(comparison: Optional[SetComparison] = None, *,
                      validity: Optional[Mapping] = None,
-                     extra: Optional[Mapping] = None) -> str:
-  """Markdown tables: per-feature OA/KL and means, validity, extra scalars."""
+                     extra: Optional[Mapping] = None,
+                     c2st: Optional[Mapping[str, Mapping]] = None) -> str:
+  """Markdown tables: per-feature OA/KL and means, validity, C2ST, extra scalars."""
   lines = []
   if comparison is not None:
     s = comparison.summary
@@ -85,6 +111,8 @@ def metrics_markdown(comparison: Optional[SetComparison] = None, *,
                   validity.get("empty", 0),
                   ", ".join(f"{k}: {v}" for k, v in validity.get("errors", {}).items())
                   or "none")) + " |", ""]
+  if c2st:
+    lines += [c2st_markdown(c2st)]
   if extra:
     lines += ["## Other metrics", "", "| metric | value |", "|---|---|"]
     for k, v in flatten_scalars(extra).items():
@@ -121,6 +149,14 @@ def flat_scalars(comparison: Optional[SetComparison] = None, *,
   if validity is not None:
     out[f"{prefix}/validity/rate"] = float(validity["rate"])
   return {k: v for k, v in out.items() if math.isfinite(v)}
+
+
+def save_png(fig, path: PathLike) -> None:
+  """Saves a figure as PNG through a temporary file and a rename."""
+  path = pathlib.Path(path)
+  tmp = path.with_name(path.name + ".tmp")
+  fig.savefig(tmp, format="png")
+  os.replace(tmp, path)
 
 
 def agg_figure(width: float, height: float):
@@ -189,7 +225,7 @@ def plot_feature_histograms(comparison: SetComparison, path: PathLike,
                        ("tab:orange", f"generated (n={n_gen})")])
   _adjust_grid(fig)
   path = pathlib.Path(path)
-  fig.savefig(path)
+  save_png(fig, path)
   return path
 
 
@@ -219,7 +255,7 @@ def plot_distance_kdes(comparison: SetComparison, path: PathLike,
   _figure_legend(fig, list(zip(_KDE_COLORS, ("intra real", "intra generated", "inter"))))
   _adjust_grid(fig)
   path = pathlib.Path(path)
-  fig.savefig(path)
+  save_png(fig, path)
   return path
 
 
@@ -269,14 +305,110 @@ def plot_pianoroll(notes: Notes, path: PathLike, *, title: Optional[str] = None,
     axes[0].set_title(title, fontsize=9)
   fig.tight_layout()
   path = pathlib.Path(path)
-  fig.savefig(path)
+  save_png(fig, path)
+  return path
+
+
+def _write_atomic(path: pathlib.Path, text: str) -> None:
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(text)
+  os.replace(tmp, path)
+
+
+def beat_grid(seconds: float, qpm: float = 120.0, meter: tuple = (4, 4)) -> tuple:
+  """(beat times, bar times) in seconds from 0 to `seconds` at a constant tempo: a beat
+  is one 1/denominator note (a dotted quarter in 6/8, 9/8, 12/8), a bar `numerator`
+  1/denominator notes, the first bar line at 0."""
+  num, den = int(meter[0]), int(meter[1])
+  unit = 60.0 / qpm * 4.0 / den  # seconds per 1/den note
+  bar = unit * num
+  beat = unit * 3 if den == 8 and num % 3 == 0 and num > 3 else unit
+  beats = np.arange(0.0, seconds + 1e-9, beat)
+  bars = np.arange(0.0, seconds + 1e-9, bar)
+  return beats, bars
+
+
+def plot_continuations(prompt: Notes, continuations: Mapping[str, Notes], path: PathLike, *,
+                       prompt_end: float, seconds: Optional[float] = None,
+                       qpm: float = 120.0, meter: tuple = (4, 4),
+                       title: Optional[str] = None) -> pathlib.Path:
+  """Piano-roll PNG of a prompt and its continuations, one panel per continuation, on one
+  clock with the beat and bar grid drawn.
+
+  Each panel shows the prompt (grey) and then one continuation (coloured), so the real
+  continuation and generated ones line up bar by bar. Drum hits are dots on GrooVAE's 9
+  class rows (size and shade by velocity); pitched notes are bars at their pitch.
+
+  Args:
+    prompt: the prompt's notes; time 0 is a bar line.
+    continuations: {label: notes} (e.g. "real", "generated 1"), on the prompt's clock.
+    path: PNG to write.
+    prompt_end: seconds where the prompt ends (a dashed line).
+    seconds: x-axis length (default: the last onset, rounded up to a bar line).
+    qpm, meter: the piece's tempo and (numerator, denominator), for the grid.
+    title: shown above the first panel.
+  """
+  from matplotlib.collections import LineCollection  # pylint: disable=g-import-not-at-top
+  everything = [prompt] + list(continuations.values())
+  drums = sum(int(np.asarray(n.is_drum, bool).sum()) for n in everything)
+  total = sum(len(n) for n in everything)
+  is_drum_plot = total > 0 and drums * 2 >= total
+  bar_s = 60.0 / qpm * 4.0 / meter[1] * meter[0]
+  last = max([float(n.start.max()) for n in everything if len(n)] + [prompt_end])
+  end = seconds if seconds else math.ceil((last + 1e-6) / bar_s) * bar_s
+  beats, bars = beat_grid(end, qpm, meter)
+  names = stats.drum_class_names()
+  if not is_drum_plot:
+    pitches = np.concatenate([n.pitch for n in everything if len(n)] or [np.array([60])])
+  rows = len(continuations)
+  fig = agg_figure(12, 0.6 + 2.0 * rows)
+  axes = fig.subplots(rows, 1, squeeze=False, sharex=True).reshape(-1)
+  colors = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple")
+  for k, (ax, (label, cont)) in enumerate(zip(axes, continuations.items())):
+    for t in beats:
+      ax.axvline(t, color="0.88", lw=0.6, zorder=0)
+    for t in bars:
+      ax.axvline(t, color="0.55", lw=1.1, zorder=0)
+    ax.axvline(prompt_end, color="k", lw=1.2, ls="--", zorder=1)
+    for notes, color in ((prompt, "0.45"), (cont, colors[k % len(colors)])):
+      if not len(notes):
+        continue
+      if is_drum_plot:
+        sel = notes.select(np.asarray(notes.is_drum, bool))
+        vel = sel.velocity.astype(np.float64) / 127.0
+        ax.scatter(sel.start, stats.groovae_classes(sel.pitch), s=4 + 40 * vel, c=color,
+                   alpha=0.9, marker="o", linewidths=0, zorder=2)
+      else:
+        segs = np.stack([np.stack([notes.start, notes.pitch], -1),
+                         np.stack([notes.end, notes.pitch], -1)], 1)
+        ax.add_collection(LineCollection(segs, colors=color, linewidths=2.5, zorder=2))
+    if is_drum_plot:
+      ax.set_yticks(range(-1, len(names)), ("other",) + names, fontsize=7)
+      ax.set_ylim(-1.5, len(names) - 0.5)
+    else:
+      ax.set_ylim(pitches.min() - 2, pitches.max() + 2)
+      ax.set_ylabel("MIDI pitch")
+    ax.set_xlim(0, end)
+    ax.text(1.0, 1.02, label, transform=ax.transAxes, ha="right", va="bottom", fontsize=9,
+            color=colors[k % len(colors)])
+  axes[0].text(0.0, 1.02, "prompt (grey) | continuation", transform=axes[0].transAxes,
+               ha="left", va="bottom", fontsize=8, color="0.3")
+  if title:
+    axes[0].set_title(title, fontsize=10, pad=14)
+  ax = axes[-1]
+  ax.set_xticks(bars, [str(i + 1) for i in range(len(bars))], fontsize=7)
+  ax.set_xlabel(f"bar (thin lines: beats; {qpm:g} qpm, {meter[0]}/{meter[1]})")
+  fig.tight_layout()
+  path = pathlib.Path(path)
+  save_png(fig, path)
   return path
 
 
 def write_reports(out_dir: PathLike, comparison: Optional[SetComparison] = None, *,
                   validity: Optional[Mapping] = None, extra: Optional[Mapping] = None,
                   examples: Optional[Mapping[str, Notes]] = None,
-                  max_examples: int = 4) -> dict:
+                  max_examples: int = 4,
+                  c2st: Optional[Mapping[str, Mapping]] = None) -> dict:
   """Writes metrics.json, metrics.md and PNG plots into `out_dir`.
 
   Args:
@@ -286,18 +418,20 @@ def write_reports(out_dir: PathLike, comparison: Optional[SetComparison] = None,
     extra: other JSON-able metrics (e.g. NLL) merged into metrics.json and listed in
       metrics.md.
     examples: {name: clip} for piano-roll images (the first `max_examples`).
+    c2st: {continuation length: `two_sample.c2st` result} (a table per length).
 
   Returns:
     {"metrics_json", "metrics_md", "plots": [paths]}.
   """
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
-  doc = metrics_dict(comparison, validity=validity, extra=extra)
+  doc = metrics_dict(comparison, validity=validity, extra=extra, c2st=c2st)
   json_path = out / "metrics.json"
-  json_path.write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n")
+  # Through a rename: an interrupted write leaves the previous report whole.
+  _write_atomic(json_path, json.dumps(doc, indent=2, allow_nan=False) + "\n")
   md_path = out / "metrics.md"
-  md_path.write_text("# Evaluation\n\n" + metrics_markdown(
-      comparison, validity=validity, extra=extra))
+  _write_atomic(md_path, "# Evaluation\n\n" + metrics_markdown(
+      comparison, validity=validity, extra=extra, c2st=c2st))
   plots = []
   if comparison is not None:
     for group in comparison.groups:

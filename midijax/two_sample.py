@@ -221,14 +221,15 @@ def cut_windows(pieces: Sequence[Notes], *, bars: Optional[float] = None,
                  np.asarray(starts, np.float64))
 
 
-def _token_seconds(encoding, qpm: float) -> np.ndarray:
+def seconds_per_token(encoding, qpm: float = 120.0) -> np.ndarray:
   """float64 [vocab]: seconds of music each id moves time forward (the grammar's table)."""
   from midijax.encoding import grammar  # pylint: disable=g-import-not-at-top
   return grammar.get_tables(encoding, qpm=qpm).seconds.astype(np.float64)
 
 
 def continuation_clip(encoding, context_ids, continuation_ids, *, qpm: float = 120.0,
-                      is_drum: Optional[bool] = None, token_seconds=None):
+                      is_drum: Optional[bool] = None, token_seconds=None,
+                      time_signature: Optional[tuple] = None):
   """Decodes a continuation on the clock of what came before it.
 
   Decoding a continuation alone starts its clock at its first id, which puts the beat
@@ -245,6 +246,8 @@ def continuation_clip(encoding, context_ids, continuation_ids, *, qpm: float = 1
     is_drum: passed to the decoder when not None.
     token_seconds: optional float [vocab] seconds each id advances (default: from the
       encoding's grammar at `qpm`; pass it to save rebuilding it per clip).
+    time_signature: (numerator, denominator) of the piece's meter (default: the
+      decoder's, 4/4); sets the bar lines and the metrical grid of the features.
 
   Returns:
     (notes, duration): the notes whose onsets the continuation adds, with time 0 on the
@@ -257,11 +260,14 @@ def continuation_clip(encoding, context_ids, continuation_ids, *, qpm: float = 1
   context = encoding.strip_specials(context_ids)
   cont = encoding.strip_specials(continuation_ids)
   ids = np.concatenate([context, cont]).astype(np.int32)
-  advance = _token_seconds(encoding, qpm) if token_seconds is None else token_seconds
+  advance = seconds_per_token(encoding, qpm) if token_seconds is None else token_seconds
   t_context = float(advance[context.astype(np.int64)].sum())
   t_end = t_context + float(advance[cont.astype(np.int64)].sum())
   both = encoding.decode_notes(ids, **kw)
   before = encoding.decode_notes(context, **kw)
+  if time_signature is not None:
+    num, den = (int(x) for x in time_signature)
+    both = dataclasses.replace(both, time_signatures=np.array([[0.0, num, den]], np.float64))
   notes = both.select(_onsets_not_in(both, before))
   origin = bar_line_at_or_before(notes, t_context)
   return shift_clock(notes, origin), max(t_end - t_context, 0.0)
@@ -298,7 +304,7 @@ def _token_windows(pieces, encoding, tokens, hop, max_per_piece, min_notes, qpm)
     ids = np.asarray(encoding.encode(piece), np.int32)
     piece_qpm = float(qpm or piece.qpm)
     if piece_qpm not in tables:
-      tables[piece_qpm] = _token_seconds(encoding, piece_qpm)
+      tables[piece_qpm] = seconds_per_token(encoding, piece_qpm)
     advance = tables[piece_qpm]
     kept = 0
     for s in range(0, len(ids) - tokens + 1, step):

@@ -61,7 +61,8 @@ def data_dir(groove_dir, piano_dir, tmp_path_factory):
 def make_config(data_dir, **data):
   fields = dict(name="groove", builder_config="drums", data_dir=str(data_dir), mixture=(),
                 train_split="train", eval_split="validation", seq_len=64, batch_size=8,
-                packing=False, transpose_semitones=0, time_stretch=0.0, eval_batch_size=8,
+                packing=False, transpose_semitones=0, time_stretch=0.0, velocity_scale=0.0,
+                eval_batch_size=8,
                 max_eval_batches=-1)
   fields.update(data)
   return ml_collections.ConfigDict({"seed": 0, "data": fields})
@@ -442,6 +443,44 @@ def test_pairs_prompt_longer_than_the_window_and_augmentation_are_errors(pairs_d
   with pytest.raises(ConfigError, match="config.data.seq_len=64 is shorter"):
     input_pipeline.make_eval_iterator(pairs_config(pairs_dir, seq_len=64), process_index=0,
                                       process_count=1)
-  with pytest.raises(ConfigError, match="time_stretch: continuation pairs are not augmented"):
+  with pytest.raises(ConfigError,
+                     match="time_stretch / velocity_scale: continuation pairs are not augmented"):
     input_pipeline.make_train_iterator(pairs_config(pairs_dir, time_stretch=0.05),
+                                       process_index=0, process_count=1)
+
+
+def test_velocity_scaling_on_ids(groove_files):
+  drums = encoding.get("drums")
+  hits = drums.encode(midi_io.read_notes(groove_files[0]))
+  base = drums.decode_notes(hits)
+  np.testing.assert_array_equal(input_pipeline.scale_velocity_ids(hits, 1.0, drums), hits)
+  for factor in (0.8, 1.15):
+    ids = input_pipeline.scale_velocity_ids(hits, factor, drums)
+    out = drums.decode_notes(ids)
+    # Same hits at the same times; each bin b becomes round(b * factor), clipped.
+    np.testing.assert_array_equal(out.pitch, base.pitch)
+    np.testing.assert_array_equal(out.start, base.start)
+    b = (base.velocity - 1) // drums.velocity_bin_size + 1
+    want = np.clip(np.round(b * factor), 1, drums.num_velocity_bins)
+    np.testing.assert_array_equal((out.velocity - 1) // drums.velocity_bin_size + 1, want)
+    # As the encoder writes them: a VELOCITY token only where the velocity changes.
+    np.testing.assert_array_equal(ids, drums.encode(out))
+
+
+def test_velocity_scaling_in_training_batches(data_dir):
+  config = make_config(data_dir, velocity_scale=0.2)
+  plain = take(input_pipeline.make_train_iterator(make_config(data_dir), process_index=0,
+                                                  process_count=1), 2)
+  scaled = take(input_pipeline.make_train_iterator(config, process_index=0, process_count=1), 2)
+  drums = encoding.get("drums")
+  vel = lambda b: b["inputs"][(b["inputs"] >= drums.velocity_base) & (b["weights"] > 0)]
+  assert not np.array_equal(vel(plain[0]), vel(scaled[0]))
+  hit = lambda b: np.sort(b["inputs"][(b["inputs"] < drums.shift_base) &
+                                      (b["inputs"] >= drums.drum_base)])
+  # Hits are the same pieces' hits (crops may shift by the dropped velocity tokens).
+  assert abs(len(hit(plain[0])) - len(hit(scaled[0]))) < 0.1 * len(hit(plain[0]))
+  again = take(input_pipeline.make_train_iterator(config, process_index=0, process_count=1), 2)
+  assert all(np.array_equal(a[k], b[k]) for a, b in zip(scaled, again) for k in a)
+  with pytest.raises(ConfigError, match="velocity_scale"):
+    input_pipeline.make_train_iterator(make_config(data_dir, velocity_scale=1.5),
                                        process_index=0, process_count=1)

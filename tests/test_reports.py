@@ -61,3 +61,24 @@ def test_flat_scalars_are_finite_floats():
   assert scalars["eval/music/oa_mean"] == pytest.approx(1.0)
   assert scalars["eval/validity/rate"] == 1.0
   assert all(isinstance(v, float) and math.isfinite(v) for v in scalars.values())
+
+
+def test_beat_grid_and_continuation_figure(tmp_path):
+  beats, bars = reports.beat_grid(4.0, qpm=120, meter=(4, 4))
+  np.testing.assert_allclose(beats, np.arange(0, 4.01, 0.5))
+  np.testing.assert_allclose(bars, [0.0, 2.0, 4.0])
+  beats, bars = reports.beat_grid(3.0, qpm=120, meter=(6, 8))
+  np.testing.assert_allclose(beats, [0.0, 0.75, 1.5, 2.25, 3.0])  # dotted quarters
+  np.testing.assert_allclose(bars, [0.0, 1.5, 3.0])
+  prompt = sixteenth_hihat(bars=1, qpm=97)
+  later = lambda n: Notes.from_arrays(n.pitch, n.start + 60 / 97 * 4, n.end + 60 / 97 * 4,
+                                      n.velocity, is_drum=True, qpm=97)
+  conts = {"real": later(sixteenth_hihat(bars=2, qpm=97)),
+           "generated 1": later(sixteenth_hihat(bars=2, qpm=97, shift_s=0.01)),
+           "generated 2": later(sixteenth_hihat(bars=1, qpm=97, velocity=40))}
+  path = reports.plot_continuations(prompt, conts, tmp_path / "roll.png",
+                                    prompt_end=60 / 97 * 4, qpm=97, meter=(4, 4), title="t")
+  _assert_png(path)
+  rng = np.random.default_rng(0)
+  _assert_png(reports.plot_continuations(random_clip(rng), {"real": random_clip(rng)},
+                                         tmp_path / "piano.png", prompt_end=8.0))
