@@ -23,7 +23,8 @@ What it silences, and why each setting:
   dozen lines about a missing TPU_ACCELERATOR_TYPE and TPU_WORKER_HOSTNAMES and takes a
   machine-wide lock (/tmp/libtpu_lockfile), before falling back to the CPU anyway.
   AOT compiles for TPU targets (`midijax compile --topology=tpu:...`) use libtpu without
-  a TPU backend and are not affected.
+  a TPU backend and are not affected. ALLOW_MULTIPLE_LIBTPU_LOAD=1 in the same case: with no
+  TPU to guard, two AOT compiles may load libtpu at once.
 """
 from __future__ import annotations
 
@@ -74,13 +75,15 @@ JAX_SET_TPU_ENV = frozenset({"TPU_SKIP_MDS_QUERY", "TPU_LIBRARY_PATH", "TPU_ML_P
                              "TPU_ML_PLATFORM_VERSION"})
 
 
-def _cpu_only_with_libtpu(environ: MutableMapping[str, str]) -> bool:
-  if "JAX_PLATFORMS" in environ or any(k.startswith("TPU_") and k not in JAX_SET_TPU_ENV
-                                       for k in environ):
-    return False
+def _libtpu_without_accelerator() -> bool:
   if not sys.platform.startswith("linux") or importlib.util.find_spec("libtpu") is None:
     return False
   return not accelerator_attached()
+
+
+def _tpu_requested(environ: MutableMapping[str, str]) -> bool:
+  return "JAX_PLATFORMS" in environ or any(k.startswith("TPU_") and k not in JAX_SET_TPU_ENV
+                                           for k in environ)
 
 
 def _is_terminal(stream: Optional[TextIO]) -> bool:
@@ -107,8 +110,12 @@ def configure(environ: Optional[MutableMapping[str, str]] = None,
   wanted = dict(QUIET_ENV)
   if not _is_terminal(stderr):
     wanted.update(NO_TERMINAL_ENV)
-  if _cpu_only_with_libtpu(environ):
-    wanted["JAX_PLATFORMS"] = "cpu"
+  if _libtpu_without_accelerator():
+    if not _tpu_requested(environ):
+      wanted["JAX_PLATFORMS"] = "cpu"
+    # No TPU to guard: ahead-of-time TPU compiles (which load libtpu for its compiler) may
+    # run side by side instead of failing on libtpu's machine-wide lockfile.
+    wanted["ALLOW_MULTIPLE_LIBTPU_LOAD"] = "1"
   added = {k: v for k, v in wanted.items() if k not in environ}
   environ.update(added)
   return added

@@ -29,7 +29,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 # What a user's shell would not have: the suite's own settings (conftest.py) and anything
 # `process_env.configure` sets, so its defaults are what is tested (among them
 # JAX_PLATFORMS=cpu where the test extra installed libtpu on this CPU-only machine).
-_DROP = {"TF_CPP_MIN_LOG_LEVEL", "JAX_PLATFORMS", *process_env.QUIET_ENV,
+_DROP = {"TF_CPP_MIN_LOG_LEVEL", "JAX_PLATFORMS", "ALLOW_MULTIPLE_LIBTPU_LOAD",
+         *process_env.QUIET_ENV,
          *process_env.NO_TERMINAL_ENV}
 
 
@@ -129,7 +130,8 @@ def test_configure_sets_defaults_only():
   with open(os.devnull, "w") as not_a_terminal:
     added = process_env.configure(env, stderr=not_a_terminal)
   assert env["TF_CPP_MIN_LOG_LEVEL"] == "0"  # The user's choice wins.
-  added.pop("JAX_PLATFORMS", None)  # Depends on libtpu: the next test.
+  for libtpu_only in ("JAX_PLATFORMS", "ALLOW_MULTIPLE_LIBTPU_LOAD"):  # the next test
+    added.pop(libtpu_only, None)
   assert added == {"TF_ENABLE_ONEDNN_OPTS": "0", "TQDM_DISABLE": "1"} and env["TQDM_DISABLE"] == "1"
   master, slave = pty.openpty()
   try:
@@ -150,6 +152,7 @@ def test_configure_keeps_jax_off_libtpu_without_an_accelerator():
   env = {}
   process_env.configure(env, stderr=sys.stderr)
   assert env.get("JAX_PLATFORMS") == ("cpu" if has_libtpu else None)
+  assert env.get("ALLOW_MULTIPLE_LIBTPU_LOAD") == ("1" if has_libtpu else None)
   # What a parent process that imported JAX passes on (jax._src.cloud_tpu_init) is no TPU.
   env = {"TPU_SKIP_MDS_QUERY": "1", "TPU_LIBRARY_PATH": "/x/libtpu.so"}
   process_env.configure(env, stderr=sys.stderr)

@@ -76,9 +76,14 @@ def test_schedule_and_decay_mask():
   sched = train.create_learning_rate_schedule(config)
   assert float(sched(0)) == 0.0 and abs(float(sched(10)) - 1.0) < 1e-6
   assert abs(float(sched(110)) - 0.1) < 1e-6  # cosine to alpha = 10%
-  params = {"embedding": np.zeros((4, 2)), "blocks": {"kernel": np.zeros((2, 2)),
-                                                      "scale": np.zeros(2)}}
+  params = {"embedding": np.zeros((4, 2)), "blocks": {"0": {"kernel": np.zeros((2, 2)),
+                                                            "scale": np.zeros(2)}}}
   mask = train.weight_decay_mask(params)
+  assert mask == {"embedding": False, "blocks": {"0": {"kernel": True, "scale": False}}}
+  # Scanned blocks: leaves stacked on a leading layer axis; a stacked scale is no matrix.
+  scanned = {"embedding": np.zeros((4, 2)), "blocks": {"kernel": np.zeros((3, 2, 2)),
+                                                       "scale": np.zeros((3, 2))}}
+  mask = train.weight_decay_mask(scanned)
   assert mask == {"embedding": False, "blocks": {"kernel": True, "scale": False}}
 
 
