@@ -805,7 +805,7 @@ def clips_from_runs(runs: Mapping[str, str], *, real_split: str = "test", num_cl
                                 "kind": "free", **draw[name], **meta_real}))
     if mode in ("continuation", "both"):
       group = f"p{int(i)}"
-      prompt_ids = sampling.encode_prompt(enc, real_notes, prompt_seconds)
+      prompt_ids = encoding_lib.encode_prompt(enc, real_notes, prompt_seconds)
       prompt_notes = real_notes.select(real_notes.start < prompt_seconds)
       prompt_notes.end = np.minimum(prompt_notes.end, prompt_seconds)
       clips.append(Clip("real", prompt_notes,

@@ -52,7 +52,8 @@ import numpy as np
 
 from midijax import constraints as grammar_lib
 from midijax import sharding
-from midijax.encoding import CONDITIONING, EOS_ID, PAD_ID, Encoding, is_drum_music
+from midijax.encoding import (CONDITIONING, EOS_ID, PAD_ID, Encoding, encode_prompt,
+                              is_drum_music)
 from midijax.errors import MidijaxError
 from midijax.models import transformer
 from midijax.models.kv_cache import LayerCache
@@ -573,27 +574,6 @@ def bar_seconds(notes) -> float:
   """Seconds per bar from the first tempo and time signature of `notes`."""
   num, den = notes.time_signatures[0, 1:3] if len(notes.time_signatures) else (4, 4)
   return 60.0 / notes.qpm * float(num) * 4.0 / float(den)
-
-
-def encode_prompt(enc: Encoding, notes, cut_seconds: float) -> np.ndarray:
-  """Event ids of the notes starting before `cut_seconds` (ends cut there).
-
-  For time-shift encodings (`performance`, `drums`) time shifts up to the cut are
-  appended, so the continuation starts at the cut (e.g. on the next bar line).
-  """
-  import dataclasses as dc
-  keep = notes.start < cut_seconds
-  part = notes.select(keep)
-  part = dc.replace(part, end=np.minimum(part.end, cut_seconds))
-  ids = enc.encode(part)
-  if enc.name in ("performance", "drums") and len(ids):
-    sps, max_shift = enc.steps_per_second, enc.max_shift_steps
-    shifts = (ids >= enc.shift_base) & (ids < enc.shift_base + max_shift)
-    last_step = int(np.sum(np.where(shifts, ids - enc.shift_base + 1, 0)))
-    gap = int(np.floor(cut_seconds * sps + 0.5)) - last_step
-    tail = [max_shift] * (gap // max_shift) + ([gap % max_shift] if gap % max_shift else [])
-    ids = np.concatenate([ids, enc.shift_base - 1 + np.asarray(tail, np.int32)]).astype(np.int32)
-  return ids
 
 
 def continue_midi(model: transformer.Transformer, enc: Encoding, prompt_path, *,

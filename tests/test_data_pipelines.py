@@ -197,7 +197,7 @@ def test_groove_continuation_pairs_and_style_filter(groove_subset, tmp_path, cap
   """drums_continuation narrowed to one style with `build-data --set`: each example is the
   prompt `midijax continue` would feed (2 bars, ending on the bar line), then the next 2
   bars."""
-  from midijax import cli, sampling  # pylint: disable=g-import-not-at-top
+  from midijax import cli  # pylint: disable=g-import-not-at-top
   root, rows = groove_subset
   style = next(r["style"].split("/")[0] for r in rows if r["beat_type"] == "beat")
   assert cli.main(["build-data", "groove", "--config", "drums_continuation", "--set",
@@ -226,7 +226,7 @@ def test_groove_continuation_pairs_and_style_filter(groove_subset, tmp_path, cap
     window = dataclasses.replace(window, start=window.start - t0,
                                  end=np.minimum(window.end, t0 + 4 * bar) - t0)
     np.testing.assert_array_equal(tokens[k:k + n_prompt],
-                                  sampling.encode_prompt(enc, window, 2 * bar))
+                                  encoding.encode_prompt(enc, window, 2 * bar))
     prompt, target = encoding.continuation_pair(enc, window, 2 * bar, 4 * bar)
     np.testing.assert_array_equal(tokens[k:], np.concatenate([prompt, target]))
     # Joined, the two parts decode to the window's hits, in time order, within 10 ms.

@@ -44,7 +44,7 @@ def drums():
 
 def groove_prompt(enc, path, seconds=2.0):
   """Event ids of the first `seconds` of a Groove file."""
-  return sampling.encode_prompt(enc, midi_io.read_notes(path), seconds)
+  return encoding.encode_prompt(enc, midi_io.read_notes(path), seconds)
 
 
 # ----------------------------------------------------------------------------- decoding
