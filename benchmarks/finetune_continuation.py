@@ -34,6 +34,7 @@ import json
 import os
 import pathlib
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -172,6 +173,7 @@ def main(argv=None):
                          f"{name}{suffix}", f"--workdir={root / name}", *extra], commands)
   # The LoRA run's adapters merged into a plain model (scored below like the others).
   merged_dir = root / "lora_merged"
+  shutil.rmtree(merged_dir, ignore_errors=True)  # export refuses to overwrite a run
   run(["export", "--workdir", root / "lora", "--best", "--out", merged_dir], commands)
 
   # 5. Continuation NLL on the subset's test pairs: the same windows for every model.

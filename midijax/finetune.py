@@ -256,7 +256,8 @@ def check_init_from(config, source: InitSource, vocab_size: int, source_vocab_si
     same = [i for i, name in enumerate(axes or [None] * len(a.shape)) if name != VOCAB_AXIS]
     if len(a.shape) != len(b.shape) or any(a.shape[i] != b.shape[i] for i in same):
       fields = [f"config.model.{f.name}" for f in dataclasses.fields(new)
-                if f.name not in ("vocab_size", "deterministic")
+                if f.name not in ("vocab_size", "deterministic", "scan_layers", "lora_rank",
+                                  "lora_alpha")
                 and getattr(new, f.name) != getattr(old, f.name)]
       raise ConfigError(_field_error(
           source.spec, f"parameter {path} is {tuple(b.shape)} there but {tuple(a.shape)} "

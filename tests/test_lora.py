@@ -1,9 +1,14 @@
 """LoRA adapters (config.model.lora_rank) on tiny models, without data: the config check,
 fresh adapters that change nothing, adapters used by training, prefill and decode on every
 CPU attention backend, scanned or not, with remat; the merge into a plain model; training
-only the adapters; what init_from makes of adapters. The runs (init_from a pretrained run,
-export, generate) are in test_finetune.py.
+only the adapters; what init_from makes of adapters; their sharding on 8 CPU devices. The
+runs (init_from a pretrained run, export, generate) are in test_finetune.py.
 """
+import json
+import os
+import subprocess
+import sys
+
 from flax import nnx
 import jax
 import jax.numpy as jnp
@@ -18,13 +23,15 @@ from midijax.kernels import causal_attention
 from midijax.models import transformer
 from midijax.models.transformer import Transformer, TransformerConfig
 
+from conftest import REPO
+
 VOCAB = 200  # padded to 256
 BATCH, LENGTH, PROMPT = 2, 24, 7
 # Merged and adapted models compute the same function in another order (W + s A B
 # formed first): differences seen are ~4e-6 on logits of magnitude ~5. Decoding adds its
 # own reordering (see test_models.DECODE_ATOL).
 ATOL = 1e-5
-# The adapters of every adapted kernel of one block.
+# The attention kernels LoRA adapts.
 ATTENTION_ADAPTERS = ("query", "key", "value", "out")
 
 
@@ -257,3 +264,64 @@ def test_a_lora_source_is_copied_or_merged(new_rank):
                                             source["blocks/1/mlp/wo_lora_b"]]))
   elif new_rank:  # fresh adapters on merged kernels
     assert (got["blocks/mlp/wo_lora_b"] == 0).all()
+
+
+# ----------------------------------------------------------------------------- sharded
+_SHARDED_SCRIPT = r"""
+import json
+import jax
+import ml_collections
+import numpy as np
+import configs.groove_tiny as groove_tiny
+from midijax import finetune, sharding, train
+
+config = groove_tiny.get_config()
+config.model.update(emb_dim=32, qkv_dim=32, num_heads=4, mlp_dim=64, num_layers=2,
+                    max_len=32, lora_rank=4, scan_layers=True, attention_impl="chunked",
+                    attention_block=8)
+config.data.update(seq_len=32, batch_size=8)
+config.train.update(trainable=".*lora_[ab]", warmup_steps=1, learning_rate=1e-2)
+rules = sharding.get_logical_axis_rules(None)
+rows = np.random.default_rng(0).integers(0, 200, (8, 33)).astype(np.int32)
+batch = {"inputs": rows[:, :-1], "targets": rows[:, 1:], "weights": np.ones((8, 32), np.float32)}
+out = {}
+for name, ici, devices in (("1x1x1", (1, 1, 1), jax.devices()[:1]),
+                           ("2x2x2", (2, 2, 2), jax.devices())):
+  mesh = sharding.create_mesh(ml_collections.ConfigDict(
+      {"ici_parallelism": ici, "dcn_parallelism": (1, 1, 1)}), devices=devices)
+  setup, state = train.create_train_state(config, 200, mesh, rules)
+  step = train.jit_train_step(config, setup)
+  with sharding.use_mesh(mesh, rules):
+    for _ in range(2):
+      state, _ = step(state, sharding.host_local_to_global(batch, mesh),
+                      train.replicated_key(0, mesh))
+  paths = finetune.param_paths(state.params)
+  leaves = jax.tree.leaves(state.params)
+  out[name] = {p: np.asarray(x).tolist() for p, x in zip(paths, leaves) if "lora" in p}
+  out[name + "_specs"] = {p: [list(a) if isinstance(a, tuple) else a for a in x.sharding.spec]
+                          for p, x in zip(paths, leaves) if "lora" in p}
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_adapters_shard_like_their_kernels_and_train_the_same_on_8_devices():
+  """On a 2x2x2 (data, fsdp, tensor) mesh of 8 CPU devices: adapters split as their
+  kernels' logical axes say (the rank axis never), and two LoRA steps give the adapters
+  one device gives."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
+             XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") +
+                        " --xla_force_host_platform_device_count=8").strip())
+  proc = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], env=env, cwd=REPO,
+                        capture_output=True, text=True, timeout=600)
+  lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+  assert proc.returncode == 0 and lines, proc.stderr[-4000:]
+  report = json.loads(lines[-1][len("RESULT "):])
+  specs = report["2x2x2_specs"]
+  assert specs["blocks/attention/query_lora_a"] == [None, "fsdp", None]  # [L, D, r]
+  assert specs["blocks/attention/query_lora_b"] == [None, None, "tensor", None]  # [L, r, H, Dh]
+  assert specs["blocks/attention/out_lora_a"] == [None, "tensor", None, None]  # [L, H, Dh, r]
+  assert specs["blocks/mlp/wo_lora_b"] == [None, None, "fsdp"]  # [L, r, D]
+  for path, value in report["1x1x1"].items():
+    assert np.abs(np.asarray(value)).max() > 0, path
+    np.testing.assert_allclose(report["2x2x2"][path], value, rtol=1e-4, atol=1e-5,
+                               err_msg=path)

@@ -284,6 +284,7 @@ def _lora_delta(module: nnx.Module, name: str, x: jax.Array, scale: float, dtype
   h = dense(x, a.reshape(-1, rank).astype(dtype)) * jnp.asarray(scale, dtype)
   return dense(h, b.reshape(rank, -1).astype(dtype))
 
+
 class Norm(nnx.Module):
   """RMSNorm or LayerNorm over the last axis, computed in float32."""
 
