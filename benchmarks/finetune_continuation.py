@@ -8,13 +8,16 @@ End to end with the `midijax` commands (each printed before it runs):
    next 2 bars as the target).
 2. Pretrains configs/groove_small.py on groove/drums (or reuses --pretrained RUN).
 3. Fine-tunes it on the pairs (configs/groove_continuation.py:finetune, init_from the
-   pretrained run's best checkpoint, every parameter trained).
+   pretrained run's best checkpoint, every parameter trained), and again with LoRA
+   (configs/groove_continuation.py:lora: rank-8 adapters, only they trained), whose best
+   checkpoint `midijax export` then merges into a plain model.
 4. Trains the same model on the same pairs for the same steps from a random start
    (configs/groove_continuation.py:scratch).
 5. Scores the continuation NLL (per token and per note) of the subset's test pairs for
-   the pretrained model before fine-tuning, the fine-tuned one and the one from scratch,
-   all on the same 384-token windows (`midijax evaluate --task continuation`), and lays
-   the runs side by side (`midijax compare-runs`).
+   the pretrained model before fine-tuning, the fine-tuned ones (and the merged LoRA
+   export, which must score what the LoRA run scores) and the one from scratch, all on
+   the same 384-token windows (`midijax evaluate --task continuation`), and lays the runs
+   side by side (`midijax compare-runs`).
 
 Writes ROOT/results.json and ROOT/results.md (the README table), ROOT/curves.png, and
 prints the JSON as its last line. On the 2-core CPU machine the default (`--scale small`)
@@ -24,9 +27,6 @@ whole path in a few minutes:
     python benchmarks/finetune_continuation.py --root workdirs/continuation \\
         --data_dir workdirs/tfds --manual_dir ../shared/data/groove
     python benchmarks/finetune_continuation.py --scale tiny --root /tmp/continuation_tiny
-
-LoRA: the row "fine-tuned, LoRA" is a slot (LORA below) to switch on once the model has
-adapters (config.model.lora_rank; configs/groove_continuation.py:lora).
 """
 import argparse
 import datetime
@@ -34,6 +34,7 @@ import json
 import os
 import pathlib
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -42,10 +43,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # The window every model is scored on (tokens): configs/groove_continuation.py's seq_len.
 SEQ_LEN = 384
-# LoRA SLOT (issue 19, point 2): set True once configs/groove_continuation.py:lora trains
-# LoRA adapters (config.model.lora_rank > 0, config.train.trainable=".*lora_[ab]"); the
-# run, its evaluation and its table row then follow the full fine-tuning's.
-LORA = False
+# The merged LoRA export scores what the LoRA run scores, up to float32 rounding.
+MERGED_TOLERANCE = 1e-4
 
 
 def run(cmd, log):
@@ -64,6 +63,11 @@ def read_json(path):
   return json.loads(pathlib.Path(path).read_text())
 
 
+def directory_bytes(path) -> int:
+  """Bytes of the files under a local folder."""
+  return sum(f.stat().st_size for f in pathlib.Path(path).rglob("*") if f.is_file())
+
+
 def best_eval(workdir):
   """(best validation NLL per token, its step) from the run's metrics.jsonl."""
   rows = [json.loads(l) for l in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()
@@ -78,20 +82,26 @@ def markdown(result) -> str:
            f"({result['test_pairs']} prompts of 2 bars, {result['target_tokens']:,} target "
            f"tokens, {result['seq_len']}-token windows); {result['machine']}, "
            f"{result['date']}, scale {result['scale']}.", "",
-           "| model | init | trained parameters | steps | train time | best val NLL (step) "
-           "| test NLL / token | test NLL / note |",
-           "|---|---|---:|---:|---:|---:|---:|---:|"]
+           "| model | init | trained parameters | checkpoint | steps | train time "
+           "| best val NLL (step) | test NLL / token | test NLL / note |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
   for row in result["rows"]:
-    if row.get("pending"):
-      lines.append(f"| {row['model']} | {row['init']} | {row['pending']} | | | | | |")
-      continue
     val = (f"{row['best_val_nll']:.4f} ({row['best_step']})"
            if row.get("best_val_nll") is not None else "-")
     train = (f"{row['train_seconds'] / 60:.1f} min" if row.get("train_seconds") is not None
              else "-")
-    lines.append(f"| {row['model']} | {row['init']} | {row['trainable_params']:,} | "
+    size = (f"{row['checkpoint_bytes'] / 2**20:.2f} MiB" if row.get("checkpoint_bytes")
+            else "-")
+    lines.append(f"| {row['model']} | {row['init']} | {row['trainable_params']:,} | {size} | "
                  f"{row['steps']} | {train} | {val} | {row['test_nll_per_token']:.4f} | "
                  f"{row['test_nll_per_note']:.4f} |")
+  merged = result.get("lora_export")
+  if merged:
+    lines += ["", f"Checkpoint: one training checkpoint (parameters + the optimizer state of "
+              f"the trained ones). The LoRA run's best checkpoint exported with its adapters "
+              f"merged (`midijax export`): {merged['params']:,} parameters, "
+              f"{merged['bytes'] / 2**20:.2f} MiB, test NLL {merged['test_nll_per_token']:.4f} "
+              f"/ token (the LoRA run's: {merged['lora_test_nll_per_token']:.4f})."]
   return "\n".join(lines) + "\n"
 
 
@@ -150,9 +160,8 @@ def main(argv=None):
 
   # 3-4. Fine-tuning and from scratch: same model, data and steps.
   runs = {"finetune": ("fine-tuned, all parameters", f"{pretrained}:best"),
+          "lora": ("fine-tuned, LoRA adapters (rank 8)", f"{pretrained}:best"),
           "scratch": ("from scratch", "random")}
-  if LORA:
-    runs["lora"] = ("fine-tuned, LoRA", f"{pretrained}:best")
   overrides = data + [f"--config.data.builder_config={dataset}"]
   if a.steps:
     overrides.append(f"--config.train.num_steps={a.steps}")
@@ -162,10 +171,15 @@ def main(argv=None):
       extra.append(f"--config.train.init_from={pretrained}:best")
     seconds[name] = run(["train", f"--config={REPO / 'configs' / 'groove_continuation.py'}:"
                          f"{name}{suffix}", f"--workdir={root / name}", *extra], commands)
+  # The LoRA run's adapters merged into a plain model (scored below like the others).
+  merged_dir = root / "lora_merged"
+  shutil.rmtree(merged_dir, ignore_errors=True)  # export refuses to overwrite a run
+  run(["export", "--workdir", root / "lora", "--best", "--out", merged_dir], commands)
 
   # 5. Continuation NLL on the subset's test pairs: the same windows for every model.
   scored = {}
-  for name, workdir in [("pretrained", pretrained)] + [(n, root / n) for n in runs]:
+  for name, workdir in ([("pretrained", pretrained)] + [(n, root / n) for n in runs]
+                        + [("lora_merged", merged_dir)]):
     out = root / "eval" / name
     run(["evaluate", "--task", "continuation", "--workdir", workdir, "--best", "--data",
          f"groove/{dataset}", "--split", "test", "--seq_len", SEQ_LEN, "--data_dir", data_dir,
@@ -178,10 +192,6 @@ def main(argv=None):
   labels.update(runs)
   order = ["pretrained", "finetune", "lora", "scratch"]
   for name in order:
-    if name == "lora" and not LORA:
-      rows.append({"model": "fine-tuned, LoRA", "init": "pretrained",
-                   "pending": "slot: LoRA adapters are not in the model yet"})
-      continue
     workdir = pretrained if name == "pretrained" else root / name
     info = read_json(workdir / "run_info.json")
     best, best_step = best_eval(workdir)
@@ -189,18 +199,35 @@ def main(argv=None):
     rows.append({
         "model": labels[name][0], "run": name, "workdir": str(workdir),
         "init": "pretrained" if name in ("finetune", "lora") else "random",
-        "trainable_params": info["params"]["trainable"], "steps": info.get("steps"),
+        "trainable_params": info["params"]["trainable"],
+        "checkpoint_bytes": info.get("checkpoint_bytes"), "steps": info.get("steps"),
         "train_seconds": seconds.get(name if name != "pretrained" else "pretrain"),
         "best_val_nll": best, "best_step": best_step,
         "test_nll_per_token": s["nll_per_token"], "test_nll_per_note": s["nll_per_note"],
         "checkpoint_step": s["step"]})
+  lora_info = read_json(root / "lora" / "run_info.json")
+  lora_export = {
+      "workdir": str(merged_dir),
+      "exported_from": read_json(merged_dir / "run_info.json").get("exported_from"),
+      # Only the adapters trained, and merging removes them: what is left is the base model.
+      "params": lora_info["params"]["total"] - lora_info["params"]["trainable"],
+      "bytes": directory_bytes(merged_dir / "checkpoints"),
+      "test_nll_per_token": scored["lora_merged"]["nll_per_token"],
+      "test_nll_per_note": scored["lora_merged"]["nll_per_note"],
+      "lora_test_nll_per_token": scored["lora"]["nll_per_token"]}
+  lora_export["matches"] = (abs(lora_export["test_nll_per_token"]
+                                - lora_export["lora_test_nll_per_token"]) <= MERGED_TOLERANCE)
+  if not lora_export["matches"]:
+    print(f"WARNING: the merged LoRA export scores {lora_export['test_nll_per_token']:.6f} "
+          f"nats/token, the LoRA run {lora_export['lora_test_nll_per_token']:.6f}",
+          file=sys.stderr, flush=True)
   first = scored["pretrained"]
   result = {
       "bench": "finetune_continuation", "scale": a.scale, "subset": f"{field[:-1]} {value}",
       "dataset": f"groove/{dataset}", "test_pairs": first["pairs"],
       "target_tokens": int(first["tokens"]), "cut_targets": first["cut_targets"],
       "seq_len": SEQ_LEN, "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
-      "date": datetime.date.today().isoformat(), "rows": rows,
+      "date": datetime.date.today().isoformat(), "rows": rows, "lora_export": lora_export,
       "seconds": {k: round(v, 1) for k, v in seconds.items()},
       "total_seconds": round(time.perf_counter() - started, 1), "commands": commands}
   (root / "results.json").write_text(json.dumps(result, indent=1) + "\n")

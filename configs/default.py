@@ -101,6 +101,15 @@ def get_config():
   model.scan_layers = False
   # Run Pallas kernels (splash) in interpret mode: for tests on CPU, slow.
   model.pallas_interpret = False
+  # LoRA adapters (Hu et al. 2021) on the attention (query, key, value, out) and MLP (wi,
+  # wi_gate, wo) projections: x W + (lora_alpha / lora_rank) (x A) B, A random, B zero (so
+  # a fresh adapter changes nothing). Rank 0 = none; at most min(emb_dim, qkv_dim, mlp_dim).
+  # Parameters <kernel>_lora_a / <kernel>_lora_b: train only them with
+  # train.trainable = ".*lora_[ab]"; `midijax export` merges them into a plain model.
+  model.lora_rank = 0
+  # Adapter output scale alpha / rank: 16 is scale 2 at rank 8 (fixed alpha: trying
+  # another rank needs little learning-rate retuning).
+  model.lora_alpha = 16.0
 
   # ---------------------------------------------------------------- training
   config.train = train = ml_collections.ConfigDict()

@@ -693,7 +693,8 @@ def run_evaluate(args) -> int:
 @command("export", "a run's parameters alone, as a new run folder (a smaller checkpoint)",
          "Writes the parameters of one checkpoint (no optimizer state) with config.json, "
          "vocab.json and run_info.json into a new folder that generate, continue and "
-         "evaluate load like any run, and prints both checkpoints' sizes.")
+         "evaluate load like any run, and prints both checkpoints' sizes. LoRA adapters "
+         "are merged into their kernels (config.model.lora_rank becomes 0).")
 def _export_run_flags(p):
   p.add_argument("--workdir", required=True, help="the trained run")
   which = p.add_mutually_exclusive_group()
@@ -709,6 +710,10 @@ def run_export(args) -> int:
   print(f"{args.workdir} step {r['step']}: {r['params']:,} parameters -> {r['out']} "
         f"({r['bytes'] / 2**20:.2f} MiB; the training checkpoint is "
         f"{r['source_bytes'] / 2**20:.2f} MiB)")
+  if "lora_merged" in r:
+    print(f"LoRA adapters (rank {r['lora_merged']['rank']}, alpha "
+          f"{r['lora_merged']['alpha']:g}) merged into their kernels: a plain model "
+          "(config.model.lora_rank=0)")
   return 0
 
 

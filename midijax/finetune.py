@@ -11,10 +11,16 @@
   (`param_paths`: "embedding", "blocks/0/attention/query", ...). `trainable_leaves`
   says which parameters it selects; training (`midijax.train.create_optimizer`) gives
   the others no update at all, so they stay bit-identical.
+* LoRA (`config.model.lora_rank` > 0): adapter parameters ("..._lora_a", "..._lora_b",
+  `transformer.is_lora_path`) may be absent from an init_from source; they keep their
+  fresh initialisation (B = 0: the new model starts as the source). A source's own
+  adapters are copied when this run's rank and alpha are the same, else merged into their
+  kernels first, so the source's function is what the new run starts from.
 * `export_run` (`midijax export`): a plain parameters-only checkpoint of a run, in a new
   workdir that `generate`, `continue` and `evaluate` load like any other. Every
-  parameter transform an export applies goes through `EXPORT_TRANSFORMS`; LoRA's
-  "merge the adapters into their kernels" is meant to be one of them.
+  parameter transform an export applies goes through `EXPORT_TRANSFORMS`: LoRA adapters
+  are merged into their kernels (`merge_lora_adapters`: W' = W + alpha / r A B, then
+  config.model.lora_rank = 0).
 
 Parameter paths are the model's attribute names joined by "/", list indices as numbers;
 the logical axis "vocab" (the parameter's sharding annotation) marks the rows that
@@ -42,7 +48,9 @@ from midijax.models import transformer
 # Model fields that must agree between an init_from run and the new run: they decide the
 # parameters' shapes or what they mean (rope vs relative positions have the same shapes).
 # Dropout, dtype, attention_block and max_len (except for relative positions, whose
-# table it sizes; the shape check catches that) may change.
+# table it sizes; the shape check catches that) may change, and so may scan_layers (the
+# source's layers are restacked) and lora_rank / lora_alpha (adapters are added, copied or
+# merged: see `source_model_config`).
 ARCHITECTURE_FIELDS = ("num_layers", "emb_dim", "qkv_dim", "num_heads", "mlp_dim", "position",
                        "norm", "mlp_activation", "tied_embeddings", "rope_max_wavelength")
 # The logical axis of parameter dimensions indexed by token id (embedding rows, output
@@ -199,6 +207,17 @@ def resolve_init_from(spec: str) -> InitSource:
                     vocab_size=vocab_size)
 
 
+def source_model_config(old: transformer.TransformerConfig,
+                        new: transformer.TransformerConfig) -> transformer.TransformerConfig:
+  """The model whose parameters an init_from source gives this run: the source's, with
+  its LoRA adapters merged into their kernels unless this run has adapters of the same
+  rank and alpha (then they are copied), and its layers in this run's layout (scanned or
+  not)."""
+  if old.lora_rank and (old.lora_rank, old.lora_alpha) != (new.lora_rank, new.lora_alpha):
+    old = old.replace(lora_rank=0)
+  return old.replace(scan_layers=new.scan_layers)
+
+
 def check_init_from(config, source: InitSource, vocab_size: int, source_vocab_size: int
                     ) -> None:
   """Checks, before anything is loaded or compiled, that the source's parameters fit.
@@ -206,6 +225,9 @@ def check_init_from(config, source: InitSource, vocab_size: int, source_vocab_si
   Args:
     config: the new run's config; source: from `resolve_init_from`.
     vocab_size, source_vocab_size: the two models' vocabularies (they may differ).
+
+  LoRA adapters of this run that the source lacks are not an architecture change: they
+  keep their fresh initialisation.
 
   Raises:
     ConfigError: naming the config.model field(s) that differ, or the parameter whose
@@ -222,17 +244,20 @@ def check_init_from(config, source: InitSource, vocab_size: int, source_vocab_si
     raise ConfigError(_field_error(source.spec, "another architecture: " + "; ".join(differ)))
   shapes = lambda cfg: _variables_with_paths(nnx.split(nnx.eval_shape(
       lambda: transformer.Transformer(cfg, rngs=nnx.Rngs(0))))[1])
-  new_leaves, old_leaves = shapes(new), shapes(old)
+  new_leaves, old_leaves = shapes(new), shapes(source_model_config(old, new))
   old_by_path = {p: leaf for p, leaf in old_leaves}
   for path, leaf in new_leaves:
     if path not in old_by_path:
+      if transformer.is_lora_path(path):
+        continue  # a new adapter: fresh initialisation
       raise ConfigError(_field_error(source.spec, f"its model has no parameter {path}"))
     a, b = leaf.get_value(), old_by_path[path].get_value()
     axes = _logical_axes(leaf)
     same = [i for i, name in enumerate(axes or [None] * len(a.shape)) if name != VOCAB_AXIS]
     if len(a.shape) != len(b.shape) or any(a.shape[i] != b.shape[i] for i in same):
       fields = [f"config.model.{f.name}" for f in dataclasses.fields(new)
-                if f.name not in ("vocab_size", "deterministic")
+                if f.name not in ("vocab_size", "deterministic", "scan_layers", "lora_rank",
+                                  "lora_alpha")
                 and getattr(new, f.name) != getattr(old, f.name)]
       raise ConfigError(_field_error(
           source.spec, f"parameter {path} is {tuple(b.shape)} there but {tuple(a.shape)} "
@@ -263,11 +288,12 @@ def map_vocabulary(new_names: Sequence[str], source_names: Sequence[str]) -> Voc
 
 def transfer_params(fresh, source, vocab: VocabularyMap, shardings):
   """The new run's parameters: `source`'s values, except along the "vocab" axis, where
-  rows of tokens the source lacks (and padding rows) keep `fresh`'s initialisation.
+  rows of tokens the source lacks (and padding rows) keep `fresh`'s initialisation, and
+  for parameters the source does not have (new LoRA adapters), which keep theirs.
 
   Args:
     fresh: the new run's freshly initialised parameters (nnx.State of global arrays).
-    source: the source run's parameters, same structure (vocab dimensions may differ).
+    source: the source run's parameters, matched by path (vocab dimensions may differ).
     vocab: `map_vocabulary(new names, source names)`.
     shardings: the new parameters' shardings (`TrainSetup.state_shardings.params`).
 
@@ -278,11 +304,18 @@ def transfer_params(fresh, source, vocab: VocabularyMap, shardings):
   fresh_vars = _variables_with_paths(fresh)
   vocab_dims = [(_logical_axes(v).index(VOCAB_AXIS) if VOCAB_AXIS in _logical_axes(v) else None)
                 for _, v in fresh_vars]
+  source_by_path = dict(_variables_with_paths(source))
+  value = lambda leaf: leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
+  source_leaves = [value(source_by_path[p]) if p in source_by_path else None
+                   for p, _ in fresh_vars]
   new_ids, source_ids = jnp.asarray(vocab.new_ids), jnp.asarray(vocab.source_ids)
 
   def combine(fresh_leaves, source_leaves):
     out = []
     for f, s, dim in zip(fresh_leaves, source_leaves, vocab_dims):
+      if s is None:  # not in the source: the fresh initialisation
+        out.append(f)
+        continue
       s = s.astype(f.dtype)
       if dim is None:
         out.append(s)
@@ -293,17 +326,70 @@ def transfer_params(fresh, source, vocab: VocabularyMap, shardings):
 
   fresh_leaves, treedef = jax.tree.flatten(fresh)
   out_sh = jax.tree.leaves(shardings)
-  combined = jax.jit(combine, out_shardings=out_sh)(fresh_leaves, jax.tree.leaves(source))
+  combined = jax.jit(combine, out_shardings=out_sh)(fresh_leaves, source_leaves)
   return jax.tree.unflatten(treedef, combined)
 
 
+def source_params_for(source_params, source_config: transformer.TransformerConfig,
+                      new_config: transformer.TransformerConfig):
+  """The source's parameters as `source_model_config` says this run takes them: adapters
+  merged (unless copied), layers stacked or unstacked to this run's layout."""
+  as_loaded = source_model_config(source_config, new_config)
+  if source_config.lora_rank and not as_loaded.lora_rank:
+    source_params, _ = transformer.merge_lora(source_params, source_config)
+  if source_config.scan_layers != new_config.scan_layers:
+    convert = transformer.stack_layers if new_config.scan_layers else transformer.unstack_layers
+    source_params = convert(source_params)
+  return source_params
+
+
+def _adapter_record(fresh, source_params, source_config, new_config) -> Dict[str, Any]:
+  """What became of the LoRA adapters (for run_info.json and the start-up line)."""
+  source_paths = set(param_paths(source_params))
+  adapters = [(p, _size(leaf)) for p, leaf in _variables_with_paths(fresh)
+              if transformer.is_lora_path(p)]
+  fresh_ones = [(p, n) for p, n in adapters if p not in source_paths]
+  return {"lora_rank": new_config.lora_rank, "lora_alpha": new_config.lora_alpha,
+          "initialised": len(fresh_ones), "initialised_params": sum(n for _, n in fresh_ones),
+          "copied": len(adapters) - len(fresh_ones),
+          "source_lora_rank": source_config.lora_rank,
+          "source_adapters_merged": bool(source_config.lora_rank
+                                         and not source_model_config(source_config,
+                                                                     new_config).lora_rank)}
+
+
+def describe_adapters(record: Dict[str, Any]) -> str:
+  """One line about an init_from's LoRA adapters (`load_init_params`' record["lora"])."""
+  parts = []
+  if record["initialised"]:
+    parts.append(f"{record['initialised']} adapter matrices ({record['initialised_params']:,} "
+                 "parameters) freshly initialised (B = 0: the model starts as the source)")
+  if record["copied"]:
+    parts.append(f"{record['copied']} adapter matrices copied from the source")
+  if record["source_adapters_merged"]:
+    parts.append(f"the source's rank-{record['source_lora_rank']} adapters merged into its "
+                 "kernels")
+  return (f"LoRA adapters (config.model.lora_rank={record['lora_rank']}, lora_alpha="
+          f"{record['lora_alpha']:g}): " + "; ".join(parts or ["none"]))
+
+
 def load_init_params(source: InitSource, fresh, shardings, new_vocab_names: Sequence[str],
-                     mesh, rules) -> Tuple[Any, Dict[str, Any]]:
+                     mesh, rules, model_config: Optional[transformer.TransformerConfig] = None
+                     ) -> Tuple[Any, Dict[str, Any]]:
   """Restores the source run's parameters for the new run (see `transfer_params`).
+
+  Args:
+    source: from `resolve_init_from`; fresh: the new run's initialised parameters;
+    shardings: theirs; new_vocab_names: the new run's vocabulary; mesh, rules: where the
+    source is restored.
+    model_config: the new run's TransformerConfig; None = the source's, with the
+      scan_layers and lora_rank `fresh` has (lora_alpha then taken as the source's).
 
   Returns:
     (parameters, record): the record (for run_info.json) names the source, its step, and
-    how many vocabulary rows were copied and initialised.
+    how many vocabulary rows were copied and initialised; with LoRA adapters on either
+    side, record["lora"] says which were freshly initialised, copied or merged
+    (`describe_adapters` prints it).
 
   Raises:
     MidijaxError: one line naming config.train.init_from when the run cannot be loaded.
@@ -316,20 +402,42 @@ def load_init_params(source: InitSource, fresh, shardings, new_vocab_names: Sequ
       message = message[len(source.workdir) + 2:]
     raise MidijaxError(_field_error(source.spec, message)) from None
   _, source_params = nnx.split(model)
+  source_config = model.config
+  if model_config is None:
+    paths = param_paths(fresh)
+    ranks = [leaf.shape[-1] for p, leaf in zip(paths, jax.tree.leaves(fresh))
+             if p.endswith(transformer.LORA_A)]
+    model_config = source_config.replace(
+        scan_layers=bool(transformer.params_scanned(fresh)), lora_rank=ranks[0] if ranks else 0)
+  source_params = source_params_for(source_params, source_config, model_config)
   vocab = map_vocabulary(new_vocab_names, enc.vocab.names)
   params = transfer_params(fresh, source_params, vocab, shardings)
   record = {"spec": source.spec, "workdir": source.workdir, "step": int(step),
             "vocabulary": {"copied": int(len(vocab.new_ids)),
                            "initialised": len(vocab.initialised),
                            "initialised_tokens": list(vocab.initialised[:50])}}
+  if model_config.lora_rank or source_config.lora_rank:
+    record["lora"] = _adapter_record(fresh, source_params, source_config, model_config)
   return params, record
 
 
 # ----------------------------------------------------------------------------- export
+def merge_lora_adapters(params, config: ml_collections.ConfigDict):
+  """Export transform: LoRA adapters merged into their kernels (W' = W + alpha / r A B,
+  `transformer.merge_lora`) and config.model.lora_rank = 0, so the exported run is a
+  plain model computing the same function. Runs without adapters pass unchanged."""
+  if not config.model.get("lora_rank", 0):
+    return params, config
+  # The vocabulary does not enter the merge.
+  merged, _ = transformer.merge_lora(params, runs.model_config_from(config, 1))
+  config.model.lora_rank = 0
+  return merged, config
+
+
 # Parameter transforms `export_run` applies in order: (params, config) -> (params,
-# config). LoRA's adapter merge (kernel += A @ B * scale, then config.model.lora_rank = 0)
-# belongs here, so that exported runs load as plain models.
-EXPORT_TRANSFORMS: List[Callable[[Any, ml_collections.ConfigDict], Tuple[Any, Any]]] = []
+# config), so that exported runs load as plain models.
+EXPORT_TRANSFORMS: List[Callable[[Any, ml_collections.ConfigDict], Tuple[Any, Any]]] = [
+    merge_lora_adapters]
 
 
 def directory_bytes(path) -> int:
@@ -355,7 +463,9 @@ def export_run(workdir, out, *, step: Optional[int] = None, best: bool = False) 
   state), plus best.json, so `midijax generate --workdir OUT [--best]` loads it.
 
   Returns:
-    {"out", "step", "params", "bytes", "source_bytes"} (bytes of the checkpoint folders).
+    {"out", "step", "params", "bytes", "source_bytes"} (bytes of the checkpoint folders),
+    and "lora_merged": {"rank", "alpha"} when LoRA adapters were merged (also recorded in
+    run_info.json's "exported_from").
 
   Raises:
     MidijaxError: the run cannot be loaded, or `out` already holds a run (nothing in it
@@ -367,15 +477,19 @@ def export_run(workdir, out, *, step: Optional[int] = None, best: bool = False) 
   model, enc, config, step = runs.load_run(workdir, step=step, best=best)
   _, params = nnx.split(model)
   config = ml_collections.ConfigDict(config.to_dict())
+  lora = (int(config.model.get("lora_rank", 0) or 0),
+          float(config.model.get("lora_alpha", model.config.lora_alpha)))
   for transform in EXPORT_TRANSFORMS:
     params, config = transform(params, config)
+  exported_from = {"workdir": os.fspath(ckpt_lib.workdir_path(workdir)), "step": int(step)}
+  if lora[0] and not config.model.get("lora_rank", 0):
+    exported_from["lora_merged"] = {"rank": lora[0], "alpha": lora[1]}
   src = ckpt_lib.workdir_path(workdir)
   meta = ckpt_lib.read_meta(src, step)
   out_path.mkdir(parents=True, exist_ok=True)
   manager = ckpt_lib.make_manager(out_path, keep_latest=1, keep_best=1, async_save=False)
   eval_loss = (meta.get("eval") or {}).get("loss")
-  ckpt_lib.save(manager, step, {"params": params},
-                {**meta, "exported_from": {"workdir": os.fspath(src), "step": int(step)}},
+  ckpt_lib.save(manager, step, {"params": params}, {**meta, "exported_from": exported_from},
                 eval_loss)
   manager.wait_until_finished()
   manager.close()
@@ -385,10 +499,13 @@ def export_run(workdir, out, *, step: Optional[int] = None, best: bool = False) 
   info = {}
   if (src / "run_info.json").exists():
     info = json.loads((src / "run_info.json").read_text())
-  info["exported_from"] = {"workdir": os.fspath(src), "step": int(step)}
+  info["exported_from"] = exported_from
   (out_path / "run_info.json").write_text(json.dumps(info, indent=1, default=str))
   (out_path / "config.json").write_text(json.dumps(json.loads(config.to_json_best_effort()),
                                                    indent=1, default=str))
-  return {"out": os.fspath(out_path), "step": int(step), "params": count_params(params)[0],
-          "bytes": directory_bytes(ckpt_lib.checkpoint_dir(out_path) / str(step)),
-          "source_bytes": directory_bytes(ckpt_lib.checkpoint_dir(src) / str(step))}
+  result = {"out": os.fspath(out_path), "step": int(step), "params": count_params(params)[0],
+            "bytes": directory_bytes(ckpt_lib.checkpoint_dir(out_path) / str(step)),
+            "source_bytes": directory_bytes(ckpt_lib.checkpoint_dir(src) / str(step))}
+  if "lora_merged" in exported_from:
+    result["lora_merged"] = exported_from["lora_merged"]
+  return result

@@ -477,7 +477,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         f"{config.train.trainable!r})" if trainable != total else " (all trainable)"), flush=True)
   if init_source is not None:
     params, info["init_from"] = finetune.load_init_params(
-        init_source, state.params, state_sh.params, data.encoding.vocab.names, mesh, rules)
+        init_source, state.params, state_sh.params, data.encoding.vocab.names, mesh, rules,
+        model_config=setup.model_config)
     state = state.replace(params=params)
     vocab = info["init_from"]["vocabulary"]
     if is_chief:
@@ -487,6 +488,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                 f" ({', '.join(vocab['initialised_tokens'][:8])}"
                 f"{', ...' if vocab['initialised'] > 8 else ''})" if vocab["initialised"] else ""),
             flush=True)
+      if "lora" in info["init_from"]:
+        print(f"init_from: {finetune.describe_adapters(info['init_from']['lora'])}", flush=True)
   # The run's records are written once its state exists: a start that fails (a bad
   # init_from source, a parameter that cannot be split) leaves no half-made workdir.
   workdir.mkdir(parents=True, exist_ok=True)

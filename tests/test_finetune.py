@@ -1,10 +1,13 @@
-"""Fine-tuning and run records: init_from, trainable parameters, continuation NLL,
-compare-runs, reproduce and export, on tiny runs trained on real Groove data.
+"""Fine-tuning and run records: init_from, trainable parameters, LoRA adapters,
+continuation NLL, compare-runs, reproduce and export, on tiny runs trained on real Groove
+data.
 
 Bad input (a source run that is missing, damaged or of another architecture, a pattern
 matching no parameter, a prompt longer than the window, a folder that is not a run) gets
 one line and exit status 2, and nothing is written.
 """
+import contextlib
+import io
 import json
 import shutil
 
@@ -72,6 +75,20 @@ def finetuned(data_dir, pretrained, tmp_path_factory):
   train.train_and_evaluate(tiny(data_dir, pairs=True, init_from=f"{pretrained}:best",
                                 trainable="output|final_norm/scale"), str(workdir))
   return workdir
+
+
+@pytest.fixture(scope="module")
+def lora_run(data_dir, pretrained, tmp_path_factory):
+  """LoRA (rank 4) on the pairs from the (unscanned) pretrained run into a scanned,
+  rematerialized model, training only the adapters. Returns (workdir, its stdout)."""
+  workdir = tmp_path_factory.mktemp("lora") / "run"
+  config = tiny(data_dir, pairs=True, init_from=f"{pretrained}:best", trainable=".*lora_[ab]",
+                learning_rate=1e-2)
+  config.model.update(lora_rank=4, scan_layers=True, remat_policy="save_dots")
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    train.train_and_evaluate(config, str(workdir))
+  return workdir, out.getvalue()
 
 
 def one_line_error(capsys, command: str) -> str:
@@ -145,6 +162,12 @@ def test_bad_init_from_is_one_line_and_writes_nothing(data_dir, pretrained, tmp_
       (["--config.train.trainable=attention/nothing"],
        "config.train.trainable='attention/nothing' matches no parameter"),
       (["--config.train.trainable=(output"], "is not a regular expression"),
+      # LoRA adapters are not an architecture change; a LoRA model's layers still are.
+      ([f"--config.train.init_from={pretrained}", "--config.model.lora_rank=4",
+        "--config.model.num_layers=2"],
+       "another architecture: config.model.num_layers=2 but 1 there"),
+      (["--config.model.lora_rank=33"],
+       "config.model.lora_rank=33 is above the width it adapts: config.model.emb_dim=32"),
   ]
   for i, (flags, message) in enumerate(cases):
     workdir = tmp_path / f"new{i}"
@@ -153,8 +176,9 @@ def test_bad_init_from_is_one_line_and_writes_nothing(data_dir, pretrained, tmp_
                        "--config.data.seq_len=32", "--config.model.max_len=256", *flags])
     err = one_line_error(capsys, "train")
     assert status == 2 and message in err, (flags, err)
+    assert not workdir.exists(), err
     if "init_from" in flags[0]:
-      assert "config.train.init_from=" in err and not workdir.exists(), err
+      assert "config.train.init_from=" in err, err
 
 
 def test_trainable_pattern_lists_paths():
@@ -200,6 +224,81 @@ def test_vocabulary_rows_are_copied_by_token_name():
   i = perf.vocab["NOTE_ON_60"]
   np.testing.assert_array_equal(got["embedding"][i], new["embedding"][i])
   np.testing.assert_array_equal(got["blocks/0/mlp/wi"], src["blocks/0/mlp/wi"])
+
+
+# ----------------------------------------------------------------------------- LoRA
+def test_lora_from_a_run_without_adapters_trains_only_the_adapters(pretrained, lora_run):
+  workdir, stdout = lora_run
+  before = params_of(pretrained, ckpt_lib.best_step(pretrained))
+  after = params_of(workdir)  # scanned: blocks/attention/query is [layers, ...]
+  adapters = {p for p in after if transformer.is_lora_path(p)}
+  assert adapters == {f"blocks/{k}_lora_{ab}" for ab in "ab" for k in (
+      "attention/query", "attention/key", "attention/value", "attention/out", "mlp/wi",
+      "mlp/wo")}
+  for path in adapters:  # trained away from their start (B = 0)
+    assert np.abs(after[path]).max() > 0, path
+  base = {p: v for p, v in after.items() if p not in adapters}
+  assert len(base) == len(before)
+  for path, value in base.items():  # the pretrained parameters, not a bit changed
+    if path.startswith("blocks/"):  # stacked from the pretrained run's one layer
+      expected = np.stack([before[path.replace("blocks/", "blocks/0/", 1)]])
+    else:
+      expected = before[path]
+    if path == "output":  # padding columns keep their fresh values (transfer_params)
+      value, expected = value[:, :205], expected[:, :205]
+    np.testing.assert_array_equal(value, expected, err_msg=path)
+  info = json.loads((workdir / "run_info.json").read_text())
+  assert info["params"]["trainable"] == sum(after[p].size for p in adapters) == 1792
+  assert info["params"]["total"] == sum(v.size for v in after.values())
+  assert info["init_from"]["lora"] == {
+      "lora_rank": 4, "lora_alpha": 16.0, "initialised": 12, "initialised_params": 1792,
+      "copied": 0, "source_lora_rank": 0, "source_adapters_merged": False}
+  assert ("init_from: LoRA adapters (config.model.lora_rank=4, lora_alpha=16): 12 adapter "
+          "matrices (1,792 parameters) freshly initialised") in stdout
+  # The checkpoint holds optimizer state for the adapters only.
+  pre_info = json.loads((pretrained / "run_info.json").read_text())
+  assert 0 < info["checkpoint_bytes"] < pre_info["checkpoint_bytes"]
+
+
+def test_export_merges_the_adapters_into_a_plain_model_that_generates(data_dir, lora_run,
+                                                                     tmp_path, capsys):
+  workdir, _ = lora_run
+  out = tmp_path / "merged"
+  assert cli.main(["export", "--workdir", str(workdir), "--best", "--out", str(out)]) == 0
+  assert "LoRA adapters (rank 4, alpha 16) merged into their kernels" in capsys.readouterr().out
+  config = json.loads((out / "config.json").read_text())
+  assert config["model"]["lora_rank"] == 0 and config["model"]["scan_layers"]
+  assert json.loads((out / "run_info.json").read_text())["exported_from"]["lora_merged"] == {
+      "rank": 4, "alpha": 16.0}
+  merged = params_of(out)
+  assert not any(transformer.is_lora_path(p) for p in merged)
+  # The same function: logits of real continuation pairs.
+  store = input_pipeline.load_split(input_pipeline.find_dataset_dir(
+      "groove", "drums_continuation", str(data_dir)), "test")
+  rows = np.zeros((4, 256), np.int32)
+  for i in range(4):
+    piece = store.piece(i)[:256]
+    rows[i, :len(piece)] = piece
+  adapted_model, *_ = runs.load_run(workdir, best=True)
+  merged_model, *_ = runs.load_run(out)
+  assert adapted_model.config.lora_rank == 4 and merged_model.config.lora_rank == 0
+  adapted = np.asarray(adapted_model(rows, deterministic=True))
+  np.testing.assert_allclose(np.asarray(merged_model(rows, deterministic=True)), adapted,
+                             atol=1e-5, rtol=0)
+  # ... which the trained adapters change: the base parameters alone give other logits.
+  base_model = transformer.Transformer(adapted_model.config.replace(lora_rank=0),
+                                       rngs=nnx.Rngs(0))
+  nnx.update(base_model, nnx.from_flat_state({
+      path: var for path, var in nnx.to_flat_state(nnx.state(adapted_model))
+      if not transformer.is_lora_path(str(path[-1]))}))
+  assert np.abs(adapted - np.asarray(base_model(rows, deterministic=True))).max() > 1e-3
+  # `generate` loads the exported run like any other.
+  gen = tmp_path / "gen"
+  assert cli.main(["generate", "--workdir", str(out), "--num_samples", "1", "--max_tokens",
+                   "24", "--seed", "1", "--out", str(gen)]) == 0, capsys.readouterr().err
+  assert json.loads((gen / "generate.json").read_text())["checkpoint_step"] == \
+      ckpt_lib.best_step(workdir)
+  assert (gen / "sample_00.mid").exists()
 
 
 # ----------------------------------------------------------------------------- evaluate
@@ -317,14 +416,17 @@ def test_export_writes_a_plain_smaller_checkpoint(finetuned, tmp_path, capsys):
 
 def test_continuation_configs_load_and_validate():
   path = REPO / "configs" / "groove_continuation.py"
-  for arg in ("finetune", "scratch", "finetune,tiny", "scratch,tiny"):
+  for arg in ("finetune", "scratch", "lora", "finetune,tiny", "scratch,tiny", "lora,tiny"):
     config = cli.load_config(f"{path}:{arg}")
     train.validate_config(config, num_devices=1)
     assert config.data.builder_config == "drums_continuation_funk"
-    assert bool(config.train.init_from) == arg.startswith("finetune")
+    assert bool(config.train.init_from) == (not arg.startswith("scratch"))
+    lora = arg.startswith("lora")
+    assert (config.model.lora_rank, config.train.trainable) == (
+        (8, ".*lora_[ab]") if lora else (0, ""))
     small = cli.load_config(str(REPO / "configs" / ("groove_tiny.py" if "tiny" in arg
                                                     else "groove_small.py")))
     for field in finetune.ARCHITECTURE_FIELDS:  # init_from the pretraining config works
       assert config.model.get(field) == small.model.get(field), field
-  with pytest.raises(ConfigError, match="LoRA adapters are not in the model yet"):
-    cli.load_config(f"{path}:lora")
+  with pytest.raises(ConfigError, match="expected finetune | scratch | lora"):
+    cli.load_config(f"{path}:other")

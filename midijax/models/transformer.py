@@ -24,6 +24,13 @@ blocks' parameters stacked ([L, ...]) and runs them with one `jax.lax.scan`, so 
 time does not grow with depth; `stack_layers` / `unstack_layers` convert parameters (and
 optimizer moments) between the two layouts.
 
+LoRA (Hu et al. 2021): with `lora_rank` r > 0 every attention projection (query, key,
+value, out) and MLP matrix (wi, wi_gate, wo) W [in, out] gets an adapter pair next to it,
+`<name>_lora_a` [in, r] (random) and `<name>_lora_b` [r, out] (zeros), and computes
+x W + (lora_alpha / r) (x A) B. B starts at zero, so a fresh adapter leaves the model's
+output unchanged; `merge_lora` folds trained adapters into their kernels
+(W' = W + (alpha / r) A B), giving the plain model of the same config with lora_rank 0.
+
 Every parameter carries logical axis names (NNX `out_sharding` metadata) that
 `midijax.sharding` maps to mesh axes; parameters are created unplaced
 (`eager_sharding=False`) so the model builds without a mesh.
@@ -118,6 +125,11 @@ class TransformerConfig:
     remat_policy: one of REMAT_POLICIES, applied per block.
     scan_layers: stack the blocks' parameters and run them with one lax.scan.
     pallas_interpret: run Pallas kernels (splash) in interpret mode (CPU tests; slow).
+    lora_rank: rank r of the LoRA adapters on the attention and MLP projections; 0 = no
+      adapters. At most the smallest width they adapt (emb_dim, qkv_dim, mlp_dim).
+    lora_alpha: the adapters' output is scaled by lora_alpha / lora_rank (the LoRA paper's
+      convention: with alpha fixed, another rank needs little learning-rate retuning; 16
+      gives scale 2 at rank 8).
   """
   vocab_size: int
   emb_dim: int = 512
@@ -142,6 +154,8 @@ class TransformerConfig:
   remat_policy: str = "none"
   scan_layers: bool = False
   pallas_interpret: bool = False
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
 
   def __post_init__(self):
     # The one place model fields are checked. A TransformerConfig is built from a run's
@@ -177,6 +191,20 @@ class TransformerConfig:
         bad(field, "must be in [0, 1)")
     if self.attention_block < 0:
       bad("attention_block", "must be >= 0 (0 = dense attention)")
+    if (isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int)
+        or self.lora_rank < 0):
+      bad("lora_rank", "must be an integer >= 0 (0 = no LoRA adapters)")
+    if self.lora_rank:
+      # A rank above a projection's smaller side adds parameters and no expressiveness.
+      widths = {"emb_dim": self.emb_dim, "qkv_dim": self.qkv_dim, "mlp_dim": self.mlp_dim}
+      narrowest = min(widths, key=widths.get)
+      if self.lora_rank > widths[narrowest]:
+        bad("lora_rank", f"is above the width it adapts: config.model.{narrowest}="
+                         f"{widths[narrowest]} (a rank is at most the smaller side of every "
+                         "adapted projection)")
+      if not self.lora_alpha > 0:
+        bad("lora_alpha", "must be positive (adapter outputs are scaled by "
+                          "lora_alpha / lora_rank)")
 
   @property
   def padded_vocab_size(self) -> int:
@@ -185,6 +213,11 @@ class TransformerConfig:
   @property
   def head_dim(self) -> int:
     return self.qkv_dim // self.num_heads
+
+  @property
+  def lora_scale(self) -> float:
+    """lora_alpha / lora_rank, the factor on the adapters' output (0 without them)."""
+    return self.lora_alpha / self.lora_rank if self.lora_rank else 0.0
 
   def replace(self, **changes) -> "TransformerConfig":
     return dataclasses.replace(self, **changes)
@@ -212,6 +245,45 @@ def _fan_in_init(in_axis, out_axis):
   """Truncated-normal init with variance 1 / fan_in over the given kernel axes."""
   return nnx.initializers.variance_scaling(
       1.0, "fan_in", "truncated_normal", in_axis=in_axis, out_axis=out_axis)
+
+
+# ----------------------------------------------------------------------------- LoRA
+# Adapter parameters are named <kernel>_lora_a / <kernel>_lora_b, next to their kernel, so
+# config.train.trainable=".*lora_[ab]" selects exactly them.
+LORA_A, LORA_B = "_lora_a", "_lora_b"
+
+
+def is_lora_path(path: str) -> bool:
+  """Whether a parameter path ("blocks/0/attention/query_lora_a") is a LoRA adapter."""
+  return path.endswith(LORA_A) or path.endswith(LORA_B)
+
+
+def _add_lora(module: nnx.Module, name: str, rank: int, in_axes: int, rngs: nnx.Rngs) -> None:
+  """Gives `module` the adapter pair of its kernel `name` (shape in_shape + out_shape, the
+  first `in_axes` axes contracted with the input): `name`_lora_a [*in_shape, r], fan-in
+  truncated normal, and `name`_lora_b [r, *out_shape], zeros. Each keeps its kernel's
+  logical axis names; the rank axis has none (never sharded)."""
+  kernel = getattr(module, name)
+  shape, names = kernel.shape, tuple(kernel.get_metadata()["out_sharding"])
+  dtype = kernel.get_value().dtype
+  a_init = _fan_in_init(tuple(range(in_axes)), in_axes)
+  setattr(module, name + LORA_A, _param(rngs, a_init, shape[:in_axes] + (rank,),
+                                        names[:in_axes] + (None,), dtype))
+  setattr(module, name + LORA_B, _param(rngs, nnx.initializers.zeros, (rank,) + shape[in_axes:],
+                                        (None,) + names[in_axes:], dtype))
+
+
+def _lora_delta(module: nnx.Module, name: str, x: jax.Array, scale: float, dtype) -> jax.Array:
+  """(x A) B * scale for `module`'s adapters of kernel `name`: x [..., K] (the kernel's
+  input axes flattened) -> [..., N] (its output axes flattened)."""
+  a = getattr(module, name + LORA_A)[...]
+  b = getattr(module, name + LORA_B)[...]
+  rank = b.shape[0]
+  # Two thin matmuls instead of forming A B: the frozen kernel's own weight gradient is
+  # then never needed (XLA drops it when only the adapters train).
+  h = dense(x, a.reshape(-1, rank).astype(dtype)) * jnp.asarray(scale, dtype)
+  return dense(h, b.reshape(rank, -1).astype(dtype))
+
 
 class Norm(nnx.Module):
   """RMSNorm or LayerNorm over the last axis, computed in float32."""
@@ -249,19 +321,35 @@ class Mlp(nnx.Module):
     if self.activation == "swiglu":
       self.wi_gate = _param(rngs, init, (d, f), ("embed", "mlp"), pdt)
     self.wo = _param(rngs, init, (f, d), ("mlp", "embed"), pdt)
+    self.lora_rank, self.lora_scale = config.lora_rank, config.lora_scale
+
+  def kernel_names(self) -> tuple:
+    """The matrices (attribute names) LoRA adapts."""
+    return ("wi", "wi_gate", "wo") if self.activation == "swiglu" else ("wi", "wo")
+
+  def add_lora(self, rngs: nnx.Rngs) -> None:
+    """Adds the LoRA adapters of every matrix (see `_add_lora`)."""
+    for name in self.kernel_names():
+      _add_lora(self, name, self.lora_rank, 1, rngs)
+
+  def _matmul(self, x: jax.Array, name: str) -> jax.Array:
+    y = dense(x, getattr(self, name)[...].astype(self.dtype))
+    if self.lora_rank:
+      y = y + _lora_delta(self, name, x, self.lora_scale, self.dtype)
+    return y
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """[B, T, D] -> [B, T, D]."""
-    h = checkpoint_name(dense(x, self.wi[...].astype(self.dtype)), "mlp_in")
+    h = checkpoint_name(self._matmul(x, "wi"), "mlp_in")
     if self.activation == "swiglu":
-      gate = checkpoint_name(dense(x, self.wi_gate[...].astype(self.dtype)), "mlp_in")
+      gate = checkpoint_name(self._matmul(x, "wi_gate"), "mlp_in")
       h = jax.nn.silu(gate) * h
     elif self.activation == "relu":
       h = jax.nn.relu(h)
     else:
       h = jax.nn.gelu(h)
     h = with_logical_constraint(h, ("batch", "length", "mlp"))
-    return checkpoint_name(dense(h, self.wo[...].astype(self.dtype)), "mlp_out")
+    return checkpoint_name(self._matmul(h, "wo"), "mlp_out")
 
 
 def sinusoidal_embedding(positions: jax.Array, dim: int) -> jax.Array:
@@ -321,17 +409,26 @@ class Attention(nnx.Module):
           rngs, nnx.initializers.normal(dh ** -0.5), (h, config.max_len, dh),
           ("heads", "relpos", "kv"), pdt)
 
+  def add_lora(self, rngs: nnx.Rngs) -> None:
+    """Adds the LoRA adapters of query, key, value and out (see `_add_lora`)."""
+    for name in ("query", "key", "value"):
+      _add_lora(self, name, self.config.lora_rank, 1, rngs)
+    _add_lora(self, "out", self.config.lora_rank, 2, rngs)
+
   def _project_qkv(self, x: jax.Array, positions: jax.Array):
     """[B, T, D] -> q, k, v each [B, T, H, Dh] (rope applied to q and k)."""
-    dtype = self.config.dtype
+    cfg = self.config
+    dtype = cfg.dtype
     # Three matmuls: one fused [D, 3*H*Dh] projection measured slower per training step on
     # XLA:CPU (8% with einsums, 3% through `dense`: the split outputs cost transposes).
-    def project(w, name):  # [D, H, Dh] -> [B, T, H, Dh]
+    def project(name):  # [D, H, Dh] -> [B, T, H, Dh]
+      w = getattr(self, name)[...]
       d, h, dh = w.shape
-      y = dense(x, w.reshape(d, h * dh).astype(dtype)).reshape(x.shape[:-1] + (h, dh))
-      return checkpoint_name(y, name)
-    q, k, v = (project(self.query[...], "query_proj"), project(self.key[...], "key_proj"),
-               project(self.value[...], "value_proj"))
+      y = dense(x, w.reshape(d, h * dh).astype(dtype))
+      if cfg.lora_rank:
+        y = y + _lora_delta(self, name, x, cfg.lora_scale, dtype)
+      return checkpoint_name(y.reshape(x.shape[:-1] + (h, dh)), f"{name}_proj")
+    q, k, v = project("query"), project("key"), project("value")
     if self.config.position == "rope":
       q = apply_rope(q, positions, self.config.rope_max_wavelength)
       k = apply_rope(k, positions, self.config.rope_max_wavelength)
@@ -345,10 +442,14 @@ class Attention(nnx.Module):
 
   def _output(self, encoded: jax.Array) -> jax.Array:
     """[B, T, H, Dh] -> [B, T, D]."""
+    cfg = self.config
     h, dh, d = self.out.shape
-    w = self.out[...].reshape(h * dh, d).astype(self.config.dtype)
-    return checkpoint_name(dense(encoded.reshape(encoded.shape[:-2] + (h * dh,)), w),
-                           "attention_out")
+    w = self.out[...].reshape(h * dh, d).astype(cfg.dtype)
+    flat = encoded.reshape(encoded.shape[:-2] + (h * dh,))
+    y = dense(flat, w)
+    if cfg.lora_rank:
+      y = y + _lora_delta(self, "out", flat, cfg.lora_scale, cfg.dtype)
+    return checkpoint_name(y, "attention_out")
 
   def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: Optional[jax.Array],
                dropout_rng: Optional[jax.Array] = None, return_kv: bool = False):
@@ -405,6 +506,11 @@ class Block(nnx.Module):
     self.attention = Attention(config, rngs=rngs)
     self.mlp_norm = Norm(config, rngs=rngs)
     self.mlp = Mlp(config, rngs=rngs)
+
+  def add_lora(self, rngs: nnx.Rngs) -> None:
+    """Adds LoRA adapters to the attention and MLP projections (config.lora_rank > 0)."""
+    self.attention.add_lora(rngs)
+    self.mlp.add_lora(rngs)
 
   def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: Optional[jax.Array],
                dropout_rng: Optional[jax.Array] = None) -> jax.Array:
@@ -490,12 +596,22 @@ class Transformer(nnx.Module):
                             config.param_dtype)
     # Scanned or not, the blocks draw the same initial values from `rngs`.
     blocks = [Block(config, rngs=rngs) for _ in range(config.num_layers)]
-    self.blocks = _stacked_block(blocks) if config.scan_layers else nnx.List(blocks)
-    self.final_norm = Norm(config, rngs=rngs)
+    final_norm = Norm(config, rngs=rngs)
+    output = None
     if not config.tied_embeddings:
-      self.output = _param(rngs, _fan_in_init(0, 1),
-                           (config.emb_dim, config.padded_vocab_size), ("embed", "vocab"),
-                           config.param_dtype)
+      output = _param(rngs, _fan_in_init(0, 1),
+                      (config.emb_dim, config.padded_vocab_size), ("embed", "vocab"),
+                      config.param_dtype)
+    if config.lora_rank:
+      # Adapters draw from their own stream, split off after every other parameter: the
+      # base parameters equal those of the same config and seed without LoRA.
+      lora_rngs = nnx.Rngs(params=rngs.params())
+      for block in blocks:
+        block.add_lora(lora_rngs)
+    self.blocks = _stacked_block(blocks) if config.scan_layers else nnx.List(blocks)
+    self.final_norm = final_norm
+    if output is not None:
+      self.output = output
 
   def _embed(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
     """int [B, T] -> [B, T, D] token (+ sinusoidal position) embeddings."""
@@ -781,6 +897,46 @@ def params_scanned(tree: Any) -> Optional[bool]:
   jax.tree.map(visit, tree, is_leaf=has_blocks)
   return found[0] if found else None
 
+
+def _merged_kernel(kernel: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
+  """kernel + scale * A B, contracting the rank axis; a leading layer axis (scanned
+  layers: kernel [L, *in, *out], a [L, *in, r], b [L, r, *out]) is kept."""
+  lead = a.ndim + b.ndim - 2 - kernel.ndim  # 1 for stacked layers, else 0
+  rank = b.shape[lead]
+  a2 = a.reshape(a.shape[:lead] + (-1, rank)).astype(jnp.float32)
+  b2 = b.reshape(b.shape[:lead] + (rank, -1)).astype(jnp.float32)
+  delta = jnp.matmul(a2, b2, precision=jax.lax.Precision.HIGHEST) * scale
+  return (kernel.astype(jnp.float32) + delta.reshape(kernel.shape)).astype(kernel.dtype)
+
+
+def merge_lora(params: Any, config: TransformerConfig) -> tuple[Any, TransformerConfig]:
+  """Folds LoRA adapters into their kernels: W' = W + (lora_alpha / lora_rank) A B.
+
+  Args:
+    params: a model's parameters (`nnx.State`, scanned or not) with adapters.
+    config: its TransformerConfig (lora_rank > 0; with 0 nothing changes).
+
+  Returns:
+    (parameters without adapter leaves, config with lora_rank=0): the plain model whose
+    outputs equal the adapted model's (up to float rounding; the sum is formed in float32).
+  """
+  if not config.lora_rank:
+    return params, config
+  flat = dict(nnx.to_flat_state(params))
+  merged = {}
+  for path, leaf in flat.items():
+    name = str(path[-1])
+    if name.endswith(LORA_A) or name.endswith(LORA_B):
+      continue
+    a_path = path[:-1] + (name + LORA_A,)
+    if a_path in flat:
+      b = flat[path[:-1] + (name + LORA_B,)]
+      value = _merged_kernel(leaf.get_value(), flat[a_path].get_value(), b.get_value(),
+                             config.lora_scale)
+      leaf = leaf.replace(value)
+    merged[path] = leaf
+  return nnx.from_flat_state(merged), config.replace(lora_rank=0)
+
 # ----------------------------------------------------------------------------- counting
 
 
@@ -794,14 +950,17 @@ def count_params(model_or_state: Any) -> int:
 def matmul_params(config: TransformerConfig) -> int:
   """Weights used in per-token matmuls: N of the 6N rule.
 
-  L * (4 * D * H * Dh  [q, k, v, out]  +  (2 or 3 for SwiGLU) * D * F)  +  D * vocab_size
-  [output projection, counted even when tied: the matmul runs either way; the
-  real vocab, not the padding]. The embedding lookup (a gather), norms and
-  relative-position tables are excluded.
+  L * (4 * D * H * Dh  [q, k, v, out]  +  (2 or 3 for SwiGLU) * D * F  [+ LoRA adapters:
+  r * (in + out) per adapted matrix])  +  D * vocab_size [output projection, counted even
+  when tied: the matmul runs either way; the real vocab, not the padding]. The embedding
+  lookup (a gather), norms and relative-position tables are excluded.
   """
   c = config
   mlp_matrices = 3 if c.mlp_activation == "swiglu" else 2
   per_layer = 4 * c.emb_dim * c.num_heads * c.head_dim + mlp_matrices * c.emb_dim * c.mlp_dim
+  # LoRA adapters: A [in, r] and B [r, out] per adapted matrix.
+  per_layer += c.lora_rank * (4 * (c.emb_dim + c.qkv_dim)
+                              + mlp_matrices * (c.emb_dim + c.mlp_dim))
   return c.num_layers * per_layer + c.emb_dim * c.vocab_size
 
 
