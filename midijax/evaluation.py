@@ -468,7 +468,8 @@ def evaluate_workdir(workdir, *, split: str = "test", num_samples: int = 64,
       raise MidijaxError(
           f"--c2st_prompt_tokens {c2st_prompt_tokens}: prompts of {longest_prefix} + "
           f"{c2st_prompt_tokens} tokens do not fit the {context}-token context the model "
-          "was trained on")
+          "was trained on; give a shorter --c2st_prompt_tokens, or --c2st_prompts 0 to skip "
+          "the C2ST")
     for n in lengths:
       check_c2st_windows(store, enc, split=split, prompt_tokens=c2st_prompt_tokens,
                          length=n, num_prompts=c2st_prompts, n_folds=c2st_folds)

@@ -89,7 +89,7 @@ def test_commands_write_only_their_own_lines_to_stderr(groove_with_a_bad_file, t
       "generate": ["generate", "--workdir", str(workdir), "--num_samples", "2",
                    "--max_tokens", "32", "--seed", "0", "--out", str(tmp_path / "samples")],
       "evaluate": ["evaluate", "--workdir", str(workdir), "--num_samples", "2",
-                   "--max_tokens", "32"],
+                   "--max_tokens", "32", "--c2st_prompts", "0"],
   }
   for name, args in runs.items():
     proc, err = _midijax(args, tmp_path / f"{name}.err")
