@@ -71,6 +71,7 @@ def get_config(arg: str = "finetune"):
   # Pairs are not augmented (a stretched target would no longer follow its prompt).
   config.data.transpose_semitones = 0
   config.data.time_stretch = 0.0
+  config.data.velocity_scale = 0.0
   config.train.update(num_steps=20 if tiny else 600, warmup_steps=5 if tiny else 50,
                       log_every=5 if tiny else 50, eval_every=10 if tiny else 100,
                       checkpoint_every=10 if tiny else 100)
