@@ -35,6 +35,6 @@ def get_config():
   config.train.update(num_steps=4000, warmup_steps=200, learning_rate=1e-3,
                       log_every=100, eval_every=500, checkpoint_every=500)
   # Sampling (generate, continue, evaluate, export-listening), tuned on validation.
-  config.sample.temperature = 0.9
+  config.sample.temperature = 0.8
   config.sample.top_p = 0.95
   return config

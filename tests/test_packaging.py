@@ -87,13 +87,12 @@ def test_pyproject_reads_the_pinned_requirement_files():
     for req in reqs:
       _pin(req)  # Exact pins only: the sets were resolved and tested together.
   names = [canonicalize_name(r.name) for r in sets["runtime"]]
-  for must in ("tensorflow-datasets", "protobuf", "jax", "etils"):
+  for must in ("tensorflow-datasets", "protobuf", "jax", "etils", "scikit-learn", "scipy"):
     assert must in names
-  assert {canonicalize_name(r.name) for r in sets["test"]} >= {"pytest", "scikit-learn",
-                                                               "libtpu"}
+  assert {canonicalize_name(r.name) for r in sets["test"]} >= {"pytest", "libtpu"}
   assert {r.name for r in sets["beam"]} == {"apache-beam", "mlcroissant"}
   # Runtime stays lean: no test tooling on a TPU worker.
-  assert not set(names) & {"pytest", "selenium", "trio", "scikit-learn"}
+  assert not set(names) & {"pytest", "selenium", "trio"}
 
 
 def test_accelerator_extras_follow_the_jax_pin():
