@@ -29,5 +29,7 @@ if [[ ! -x .venv/bin/python ]]; then
   "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e ".[beam,test]"
+# --no-compile: byte-compiling every installed module (TensorFlow's and JAX's thousands)
+# takes minutes on 2 cores; Python compiles what it imports, on first import.
+.venv/bin/python -m pip install -q --no-compile -e ".[beam,test]"
 echo "setup.sh: ready (.venv/bin/midijax)"

@@ -6,7 +6,7 @@
   (TPU VM, spot, copied checkout) and a v5e-16 (queued resource, spot, git clone, 4 hosts).
 * The SLURM template renders the MIDIJAX_* variables, per task under a stand-in srun.
 * `midijax compile` compiles a tiny config for 8 CPU devices and reports memory and FLOPs
-  (in a subprocess that sees 8 devices); TPU targets run where libtpu is installed.
+  (in a subprocess that sees 8 devices); TPU targets: tests/test_tpu_compile.py.
 * launch/local_multiprocess.py: its process set-up and failure propagation. The real
   2-process training run is in tests/test_multihost.py.
 """
@@ -400,18 +400,7 @@ def test_aot_text_report():
   assert "DOES NOT FIT" in text and "temporaries" in text and "32.000 GiB" in text
 
 
-@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
-                    reason="libtpu not installed: TPU AOT needs pip install 'jax[tpu]' "
-                           "(works without a TPU)")
-def test_aot_tpu_v4_8_with_libtpu():
-  proc = _run([sys.executable, "-m", "midijax.cli", "compile", "--config=configs/groove_tiny.py",
-               "--topology=tpu:v4-8", "--config.data.batch_size=8", "--json"])
-  assert proc.returncode == 0, proc.stderr
-  r = json.loads(proc.stdout.strip().splitlines()[-1])
-  assert r["num_devices"] == 4 and r["device_kind"] == "TPU v4"
-  assert r["memory_limit_bytes"] == 32 * aot.GIB and r["total_bytes"] > 0
-
-
+# TPU targets with libtpu: tests/test_tpu_compile.py.
 def test_aot_without_libtpu_says_how_to_get_it():
   if importlib.util.find_spec("libtpu") is not None:
     pytest.skip("libtpu is installed here")
