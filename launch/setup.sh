@@ -15,10 +15,15 @@ if [[ "${1:-}" == "--system" ]]; then
     SUDO=""
     if [[ "$(id -u)" != "0" ]]; then SUDO="sudo"; fi
     export DEBIAN_FRONTEND=noninteractive
-    $SUDO apt-get update -qq
-    $SUDO apt-get install -y -qq --no-install-recommends \
-      fluidsynth fluid-soundfont-gm lame chromium chromium-driver shellcheck \
-      g++ libtcmalloc-minimal4 >/dev/null
+    PKGS=(fluidsynth fluid-soundfont-gm lame chromium chromium-driver shellcheck g++
+          libtcmalloc-minimal4)
+    # Skip apt (and its index update) when every package is installed already.
+    missing=$(dpkg-query -W -f='${db:Status-Status}\n' "${PKGS[@]}" 2>&1 \
+              | grep -cv '^installed$' || true)
+    if [[ "$missing" != "0" ]]; then
+      $SUDO apt-get update -qq
+      $SUDO apt-get install -y -qq --no-install-recommends "${PKGS[@]}" >/dev/null
+    fi
   else
     echo "setup.sh: apt-get not found; install fluidsynth, a GM soundfont and chromium yourself" >&2
   fi
