@@ -5,8 +5,8 @@
 
 The same file serves a v5e-8 (v5litepod-8): 8 chips, one host. Check the fit first (libtpu
 compiles for the TPU on any machine): 5.5 GiB of temporaries per device with the scanned,
-rematerialized blocks and chunked attention (19.0 GiB before them), compiled in 191 s on the
-2-core development machine while it ran other jobs (README, "Check the fit").
+rematerialized blocks and chunked attention (19.0 GiB before them), compiled in 51 s on the
+idle 2-core development machine (191 s while it ran other jobs; README, "Check the fit").
 """
 from configs import music_transformer
 
