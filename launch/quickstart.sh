@@ -3,7 +3,8 @@
 # small drum model, and continue a real groove from its first two bars.
 #
 #   bash launch/quickstart.sh                 # groove_small for QUICKSTART_STEPS steps
-#   QUICKSTART_CONFIG=configs/groove_tiny.py bash launch/quickstart.sh   # seconds, for a check
+#   QUICKSTART_STEPS=100 bash launch/quickstart.sh   # the same path, sooner (a weaker model)
+# (groove_tiny's 64-token context cannot hold the 2-bar prompt that `continue` is given.)
 #
 # Outputs land in workdirs/ (ignored by git): workdirs/tfds (TFRecords),
 # workdirs/quickstart (checkpoints, metrics.jsonl, loss.png, TensorBoard), and
