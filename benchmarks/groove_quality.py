@@ -77,11 +77,13 @@ def main():
     config.data.max_eval_batches = -1
   split = a.split or config.data.eval_split
   data = input_pipeline.DataSource(config)
-  batches = list(data.eval_batches(split))
-  units = evaluation.window_units(enc, batches)
+  iterator = data.eval_batches(split)
+  batches = list(iterator)
+  spec = input_pipeline.dataset_specs(config)[0]
+  units = evaluation.window_units(enc, batches,
+                                  evaluation.batch_qpm(iterator, spec.version_dir, split))
   tf_metrics = losses.score_batches(model, batches)
 
-  spec = input_pipeline.dataset_specs(config)[0]
   store = input_pipeline.load_split(spec.version_dir, config.data.train_split)
   sequences = [store.piece(i) for i in range(len(store))]
   families = {"witten_bell": NgramModel, "kneser_ney": KneserNeyModel}

@@ -49,24 +49,55 @@ def note_token_mask(enc, ids: np.ndarray) -> np.ndarray:
   return np.where(ids < len(names), names[np.minimum(ids, len(names) - 1)], False)
 
 
-def window_units(enc, batches, qpm: float = 120.0) -> dict:
+def window_units(enc, batches, qpm=120.0) -> dict:
   """Notes and seconds of music the scored targets of eval batches stand for.
 
   Every scored target (weight > 0) counts: note-starting ids as notes (`note_token_mask`),
   and the seconds each id moves time forward, from the encoding's grammar table (the
   time a decoder gives it; beat-based encodings at `qpm`).
 
+  Args:
+    enc: the encoding; batches: eval batches (inputs, targets, weights).
+    qpm: one tempo for every row, or a list with float [rows] per batch (each window's
+      piece's tempo, `batch_qpm`): beat-based encodings (`triples`, `drums` in beats)
+      advance time by beats, so their seconds depend on it.
+
   Returns:
     {"tokens", "notes", "seconds"} summed over all batches (floats, weighted).
   """
-  advance = two_sample.seconds_per_token(enc, qpm)
+  tables = {}
+
+  def advance_at(q):
+    q = float(q)
+    if q not in tables:
+      tables[q] = two_sample.seconds_per_token(enc, q)
+    return tables[q]
+
   tokens = notes = seconds = 0.0
-  for b in batches:
+  for i, b in enumerate(batches):
     t, w = np.asarray(b["targets"]), np.asarray(b["weights"], np.float64)
     tokens += float(w.sum())
     notes += float((note_token_mask(enc, t) * w).sum())
-    seconds += float((advance[np.minimum(t, len(advance) - 1)] * w).sum())
+    row_qpm = np.broadcast_to(np.asarray(qpm[i] if not np.isscalar(qpm) else qpm,
+                                         np.float64), (len(t),))
+    for r in range(len(t)):
+      advance = advance_at(row_qpm[r])
+      seconds += float((advance[np.minimum(t[r], len(advance) - 1)] * w[r]).sum())
   return {"tokens": tokens, "notes": notes, "seconds": seconds}
+
+
+def batch_qpm(batches, version_dir, split: str):
+  """Per batch, float64 [rows]: the tempo of each row's piece (`piece_meters`), 120 for
+  padding rows and datasets without tempo metadata; the `qpm` of `window_units`."""
+  meters = piece_meters(version_dir, split)
+  out = []
+  for pieces in batches.batch_pieces():
+    q = np.full(len(pieces), 120.0)
+    if meters is not None:
+      ok = pieces >= 0
+      q[ok] = [meters[p][0] for p in pieces[ok]]
+    out.append(q)
+  return out
 
 
 def split_nll(model, config, split: str) -> dict:
@@ -78,9 +109,11 @@ def split_nll(model, config, split: str) -> dict:
   with config.unlocked():
     config.data.max_eval_batches = -1  # the whole split, always
   data = input_pipeline.DataSource(config)
-  batches = list(data.eval_batches(split))
+  iterator = data.eval_batches(split)
+  batches = list(iterator)
   summary = losses.score_batches(model, batches)
-  units = window_units(data.encoding, batches)
+  spec = input_pipeline.dataset_specs(config)[0]
+  units = window_units(data.encoding, batches, batch_qpm(iterator, spec.version_dir, split))
   loss_sum = summary["loss"] * summary["tokens"]
   return {"nll_per_token": summary["loss"], "perplexity": summary["perplexity"],
           "accuracy": summary["accuracy"], "tokens": summary["tokens"],

@@ -780,14 +780,17 @@ def clips_from_runs(runs: Mapping[str, str], *, real_split: str = "test", num_cl
   is_drum = encoding_lib.is_drum_music(enc, dataset=config.data.name)
   spec = input_pipeline.dataset_specs(config)[0]
   store = input_pipeline.load_split(spec.version_dir, real_split)
+  # Each piece's tempo: encodings that count time in beats decode at it.
+  meters = evaluation.piece_meters(spec.version_dir, real_split)
   rng = np.random.default_rng(seed)
   picks = rng.permutation(len(store))[:num_clips]
   clips = []
   for i in picks:
     piece = store.piece(int(i))
+    qpm = float(meters[int(i)][0]) if meters else 120.0
     k = int(np.argmin(piece >= enc.bos_id)) if not (piece >= enc.bos_id).all() else len(piece)
     prefix, body = piece[:k], piece[k:]
-    real_notes = enc.decode_notes(body, is_drum=is_drum)
+    real_notes = enc.decode_notes(body, is_drum=is_drum, qpm=qpm)
     cond_names = [enc.vocab.names[t] for t in prefix[1:]]
     meta_real = {"real_split": real_split, "real_index": int(i), "conditions": cond_names,
                  "dataset": f"{config.data.name}/{config.data.builder_config}"}
@@ -796,11 +799,11 @@ def clips_from_runs(runs: Mapping[str, str], *, real_split: str = "test", num_cl
       for name, (model, e, c, step, w) in loaded.items():
         res = sampling.sample_tokens(model, prefix[None].astype(np.int32), encoding=e,
                                      max_new_tokens=_token_budget(seconds),
-                                     seed=seed + int(i), max_seconds=seconds,
+                                     seed=seed + int(i), max_seconds=seconds, qpm=qpm,
                                      cache_len=evaluation.trained_context(model, c),
                                      **draw[name])
         toks = sampling.trim_sample(np.asarray(res["tokens"])[0], len(prefix))[len(prefix):]
-        clips.append(Clip(name, e.decode_notes(toks, is_drum=is_drum),
+        clips.append(Clip(name, e.decode_notes(toks, is_drum=is_drum, qpm=qpm),
                           meta={"run": name, "workdir": w, "step": step, "seed": seed + int(i),
                                 "kind": "free", **draw[name], **meta_real}))
     if mode in ("continuation", "both"):
@@ -821,10 +824,11 @@ def clips_from_runs(runs: Mapping[str, str], *, real_split: str = "test", num_cl
         res = sampling.sample_tokens(model, prompt[None], encoding=e,
                                      max_new_tokens=_token_budget(seconds - prompt_seconds),
                                      seed=seed + int(i), max_seconds=seconds - prompt_seconds,
-                                     cache_len=evaluation.trained_context(model, c),
+                                     qpm=qpm, cache_len=evaluation.trained_context(model, c),
                                      **draw[name])
         toks = sampling.trim_sample(np.asarray(res["tokens"])[0], len(prefix))[len(prefix):]
-        clips.append(Clip(name, e.decode_notes(toks, is_drum=is_drum), pair_group=group,
+        clips.append(Clip(name, e.decode_notes(toks, is_drum=is_drum, qpm=qpm),
+                          pair_group=group,
                           role="continuation",
                           meta={"run": name, "workdir": w, "step": step, "seed": seed + int(i),
                                 "kind": "continuation", **draw[name], **meta_real,

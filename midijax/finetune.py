@@ -373,9 +373,17 @@ def describe_adapters(record: Dict[str, Any]) -> str:
           f"{record['lora_alpha']:g}): " + "; ".join(parts or ["none"]))
 
 
+def _clock(enc) -> Optional[tuple]:
+  """What an encoding's time-shift tokens mean: (unit, seconds a step at 120 qpm), or None
+  for encodings without them."""
+  if not hasattr(enc, "step_seconds"):
+    return None
+  return (getattr(enc, "time_unit", "seconds"), round(enc.step_seconds(120.0), 9))
+
+
 def load_init_params(source: InitSource, fresh, shardings, new_vocab_names: Sequence[str],
-                     mesh, rules, model_config: Optional[transformer.TransformerConfig] = None
-                     ) -> Tuple[Any, Dict[str, Any]]:
+                     mesh, rules, model_config: Optional[transformer.TransformerConfig] = None,
+                     new_encoding=None) -> Tuple[Any, Dict[str, Any]]:
   """Restores the source run's parameters for the new run (see `transfer_params`).
 
   Args:
@@ -384,6 +392,9 @@ def load_init_params(source: InitSource, fresh, shardings, new_vocab_names: Sequ
     source is restored.
     model_config: the new run's TransformerConfig; None = the source's, with the
       scan_layers and lora_rank `fresh` has (lora_alpha then taken as the source's).
+    new_encoding: the new run's encoding; when given, a source whose time-shift tokens
+      count another unit (seconds vs beats, or another step) is refused: rows copied by
+      token name would change meaning.
 
   Returns:
     (parameters, record): the record (for run_info.json) names the source, its step, and
@@ -401,6 +412,13 @@ def load_init_params(source: InitSource, fresh, shardings, new_vocab_names: Sequ
     if message.startswith(f"{source.workdir}: "):  # the field's value names it already
       message = message[len(source.workdir) + 2:]
     raise MidijaxError(_field_error(source.spec, message)) from None
+  if new_encoding is not None and None not in (_clock(enc), _clock(new_encoding)) and (
+      _clock(enc) != _clock(new_encoding)):
+    (unit_a, step_a), (unit_b, step_b) = _clock(enc), _clock(new_encoding)
+    raise MidijaxError(_field_error(
+        source.spec, f"its {enc.name} time shifts count {unit_a} (a step is {step_a * 1e3:.4g} "
+        f"ms at 120 qpm), the new data's count {unit_b} ({step_b * 1e3:.4g} ms); time-shift "
+        "rows copied by name would change meaning. Pretrain on data of the same clock"))
   _, source_params = nnx.split(model)
   source_config = model.config
   if model_config is None:

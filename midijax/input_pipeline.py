@@ -29,7 +29,8 @@ transposition shifts NOTE_ON/NOTE_OFF ids of `performance` pieces by k in
 the encoding's pitch range, never for pieces with drums (`has_drums`); time stretch
 rescales the time-shift runs of `performance` and `drums` pieces by a factor in
 [1 - time_stretch, 1 + time_stretch] (rounded to the 10 ms grid, no drift), which is a
-tempo change: every hit moves with its beat, so microtiming relative to the beat is kept;
+tempo change: every hit moves with its beat, so microtiming relative to the beat is kept
+(drums counted in beats, time_unit="beats", are tempo-invariant and refuse it);
 velocity scaling multiplies the velocity bins of `performance` and `drums` pieces by a
 factor in [1 - velocity_scale, 1 + velocity_scale] (a louder or softer take of the same
 playing; accents keep their order). `triples` pieces are never augmented. All are
@@ -580,6 +581,9 @@ def make_train_iterator(config: Any, start_step: int = 0, *,
     raise ConfigError("config.data.transpose_semitones / time_stretch / velocity_scale: "
                       "continuation pairs are not augmented (the target would change but not "
                       "its prompt); set them to 0")
+  if settings.stretch and getattr(enc, "time_unit", "seconds") == "beats":
+    raise ConfigError("config.data.time_stretch: the drums encoding counts time in beats "
+                      "here, so its tokens do not change with tempo; set it to 0")
   settings = dataclasses.replace(settings, pairs=pairs)
   weights = np.array([s.weight for s in specs], np.float64)
   ds = _train_dataset(TokenStore.concatenate(stores), [len(s) for s in stores],
@@ -775,6 +779,15 @@ class EvalIterator:
 
   def __len__(self) -> int:
     return self.num_batches
+
+  def batch_pieces(self) -> list:
+    """Per batch of this process, int64 [rows]: the piece (index in the split) each row's
+    window comes from, -1 for padding rows (e.g. to look up each window's tempo)."""
+    out = []
+    for b in range(self.num_batches):
+      rows = self._windows[b * self.rows:(b + 1) * self.rows, 0]
+      out.append(np.concatenate([rows, np.full(self.rows - len(rows), -1, np.int64)]))
+    return out
 
   def count_scored(self, token_mask: np.ndarray) -> int:
     """How many scored targets, over all processes' batches, have `token_mask[id]` true

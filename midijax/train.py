@@ -478,7 +478,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if init_source is not None:
     params, info["init_from"] = finetune.load_init_params(
         init_source, state.params, state_sh.params, data.encoding.vocab.names, mesh, rules,
-        model_config=setup.model_config)
+        model_config=setup.model_config, new_encoding=data.encoding)
     state = state.replace(params=params)
     vocab = info["init_from"]["vocabulary"]
     if is_chief:

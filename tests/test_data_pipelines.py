@@ -169,6 +169,45 @@ def test_groove_tokens_decode_to_source_hits(groove_built):
   assert seen == len(rows)
 
 
+def test_groove_drums_in_beats(groove_subset, tmp_path):
+  """drums_beats: the meter joins the prefix; ids decode at the CSV's bpm onto the file's
+  hits, each within a step (1/48 quarter note: half a step of rounding, plus the CSV's
+  whole-number bpm against the file's tempo, e.g. 94 for 93.99998)."""
+  root, rows = groove_subset
+  builder = data_pipelines.build("groove", "drums_beats", manual_dir=str(root),
+                                 data_dir=str(tmp_path), num_workers=1)
+  enc = builder.encoding
+  assert enc.time_unit == "beats" and enc.config["steps_per_quarter"] == 48
+  by_id = {r["id"]: r for r in rows}
+  seen = 0
+  for split in ("train", "validation", "test"):
+    for ex in read_split(builder, split):
+      row = by_id[ex["id"].decode()]
+      tokens = ex["tokens"]
+      assert ex["num_condition_tokens"] == 4
+      assert tokens[4] == enc.condition_id("meter", row["time_signature"])
+      bpm = float(row["bpm"])
+      got = enc.decode_notes(tokens, qpm=bpm)
+      src = midi_io.read_notes(root / row["midi_filename"])
+      src = src.select(src.is_drum & (drum_map.pitch_to_groovae_class(src.pitch) >= 0))
+      assert len(got) == len(src) == ex["num_notes"]
+      np.testing.assert_allclose(np.sort(got.start), np.sort(src.start),
+                                 atol=60.0 / bpm / 48)
+      seen += 1
+  assert seen == len(rows)
+  # Its training config trains on it; time stretching is refused (the tokens do not
+  # change with tempo).
+  from configs import groove_beats
+  from midijax import input_pipeline
+  config = groove_beats.get_config()
+  config.data.update(data_dir=str(tmp_path), batch_size=2, seq_len=64)
+  batch = next(iter(input_pipeline.make_train_iterator(config)))
+  assert batch["inputs"].shape == (2, 64)
+  config.data.time_stretch = 0.05
+  with pytest.raises(MidijaxError, match="time_stretch: .* in beats"):
+    input_pipeline.make_train_iterator(config)
+
+
 def test_groove_bar_windows(groove_subset, tmp_path):
   root, rows = groove_subset
   builder = data_pipelines.build("groove", "drums_2bar", manual_dir=str(root),

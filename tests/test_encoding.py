@@ -84,6 +84,58 @@ def test_drums_round_trip_groove(groove_files, pitch_map):
     _match_notes(notes, dec, onset_tol=0.0051, vel_tol=4)
 
 
+def test_drums_in_beats_round_trip_groove(groove_files):
+  """time_unit="beats": onsets within half a step (1/96 quarter) at the file's tempo."""
+  enc = encoding.get("drums", time_unit="beats")
+  for path in groove_files[:: len(groove_files) // 12]:
+    notes = midi_io.read_notes(path)
+    dec = enc.decode_notes(enc.encode(notes), qpm=notes.qpm)
+    notes = notes.select(drum_map.pitch_to_groovae_class(notes.pitch) >= 0)
+    notes.pitch = drum_map.GROOVAE_CANONICAL_PITCH[drum_map.pitch_to_groovae_class(notes.pitch)]
+    _match_notes(notes, dec, onset_tol=60.0 / notes.qpm / 96 + 1e-9, vel_tol=4)
+
+
+def test_drums_in_beats_are_tempo_invariant():
+  """The same bar at 90 and 150 qpm gives the same ids (4/4 bar = 192 steps); in seconds
+  it does not. Vocabularies in seconds keep their old config (no new keys)."""
+  beats, secs = encoding.get("drums", time_unit="beats"), encoding.get("drums")
+  assert "time_unit" not in secs.config and beats.config["time_unit"] == "beats"
+  assert encoding.from_config(beats.config).config == beats.config
+  quarters = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0])  # 8ths, then a bar line
+  ids = {}
+  for qpm in (90.0, 150.0):
+    start = quarters * 60.0 / qpm + 0.003 * np.arange(9) % 0.006  # a little microtiming
+    notes = Notes.from_arrays(np.where(np.arange(9) % 2, 42, 36), start, start + 0.05,
+                              np.full(9, 90), is_drum=True, qpm=qpm)
+    ids[qpm] = (beats.encode(notes), secs.encode(notes))
+    back = beats.decode_notes(ids[qpm][0], qpm=qpm)
+    np.testing.assert_allclose(back.start, notes.start, atol=60.0 / qpm / 96)
+    shifts = ids[qpm][0][ids[qpm][0] >= beats.shift_base]
+    shifts = shifts[shifts < beats.velocity_base] - beats.shift_base + 1
+    assert shifts.sum() == 192
+  np.testing.assert_array_equal(ids[90.0][0], ids[150.0][0])
+  assert not np.array_equal(ids[90.0][1], ids[150.0][1])
+  from midijax.encoding import grammar
+  for qpm in (90.0, 150.0):
+    table = grammar.get_tables(beats, qpm=qpm).seconds
+    assert table[beats.shift_base + 47] == pytest.approx(60.0 / qpm)  # 48 steps = 1 quarter
+  with pytest.raises(ConfigError, match="time_unit"):
+    encoding.get("drums", time_unit="ticks")
+
+
+def test_drums_in_beats_prompt_ends_on_the_cut():
+  """encode_prompt pads with time shifts up to the cut, counted in beats at the tempo map."""
+  enc = encoding.get("drums", time_unit="beats")
+  qpm = 100.0
+  start = np.array([0.0, 0.6, 1.2])
+  notes = Notes.from_arrays([36, 38, 36], start, start + 0.1, [80, 80, 80], is_drum=True,
+                            qpm=qpm)
+  cut = 8 * 60.0 / qpm  # two bars of 4/4
+  ids = encoding.encode_prompt(enc, notes, cut)
+  shifts = ids[(ids >= enc.shift_base) & (ids < enc.velocity_base)] - enc.shift_base + 1
+  assert shifts.sum() == 8 * 48
+
+
 def test_groovae_table():
   assert drum_map.pitch_to_groovae_class([36, 38, 37, 40, 42, 22, 44, 46, 26, 43, 58, 47, 45, 50,
                                           48, 49, 52, 55, 57, 51, 53, 59, 60]).tolist() == \

@@ -91,6 +91,18 @@ def test_window_units_count_notes_and_seconds():
       len(ids) // 2
 
 
+def test_window_units_of_beat_time_follow_each_rows_tempo():
+  """Drums counted in beats: the same ids last half as long at twice the tempo, row by row."""
+  enc = encoding.get("drums", time_unit="beats")
+  bar = np.array([enc.vocab["DRUM_kick"], enc.vocab["TIME_SHIFT_96"],
+                  enc.vocab["DRUM_snare"], enc.vocab["TIME_SHIFT_96"]], np.int32)
+  targets = np.stack([bar, bar])
+  weights = np.ones_like(targets, np.float32)
+  units = evaluation.window_units(enc, [{"targets": targets, "weights": weights}],
+                                  [np.array([60.0, 120.0])])
+  assert units["notes"] == 4 and units["seconds"] == pytest.approx(4.0 + 2.0)
+
+
 def test_sampling_settings_come_from_the_config_unless_given():
   config = ml_collections.ConfigDict({"sample": {"temperature": 0.9, "top_k": 0, "top_p": 0.95}})
   assert evaluation.resolve_sampling(config) == {"temperature": 0.9, "top_k": 0, "top_p": 0.95}

@@ -20,7 +20,7 @@ import configs.groove_tiny as groove_tiny
 import data_pipelines
 from midijax import checkpoint as ckpt_lib
 from midijax import cli, encoding, experiments, finetune, input_pipeline, runs, sharding, train
-from midijax.errors import ConfigError
+from midijax.errors import ConfigError, MidijaxError
 from midijax.models import transformer
 
 from conftest import REPO, copy_groove_subset
@@ -179,6 +179,15 @@ def test_bad_init_from_is_one_line_and_writes_nothing(data_dir, pretrained, tmp_
     assert not workdir.exists(), err
     if "init_from" in flags[0]:
       assert "config.train.init_from=" in err, err
+
+
+def test_init_from_refuses_a_source_whose_time_shifts_mean_something_else(pretrained):
+  """groove/drums counts 10 ms steps; data counted in beats has tokens of the same names."""
+  source = finetune.resolve_init_from(f"{pretrained}:best")
+  beats = encoding.get("drums", time_unit="beats")
+  with pytest.raises(MidijaxError, match=r"init_from=.*count seconds .* count beats"):
+    finetune.load_init_params(source, None, None, beats.vocab.names, runs.inference_mesh(),
+                              sharding.get_logical_axis_rules(None), new_encoding=beats)
 
 
 def test_trainable_pattern_lists_paths():

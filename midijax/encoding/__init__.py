@@ -35,7 +35,7 @@ def get(name: str, **options) -> Encoding:
     raise ConfigError(f"unknown encoding {name!r}; valid: {', '.join(ENCODINGS)}")
   try:
     return ENCODINGS[name](**options)
-  except TypeError as e:
+  except (TypeError, ValueError) as e:
     raise ConfigError(f"bad options for encoding {name!r}: {e}") from None
 
 
@@ -98,10 +98,10 @@ def encode_prompt(enc: Encoding, notes: Notes, cut_seconds: float, *,
   part = dataclasses.replace(part, end=np.minimum(part.end, cut_seconds))
   ids = enc.encode(part, max_tokens=max_tokens)
   if enc.name in TIME_SHIFT_ENCODINGS and len(ids):
-    sps, max_shift = enc.steps_per_second, enc.max_shift_steps
+    max_shift = enc.max_shift_steps
     shifts = (ids >= enc.shift_base) & (ids < enc.shift_base + max_shift)
     last_step = int(np.sum(np.where(shifts, ids - enc.shift_base + 1, 0)))
-    gap = int(np.floor(cut_seconds * sps + 0.5)) - last_step
+    gap = int(enc.time_steps(np.float64(cut_seconds), notes)) - last_step
     tail = [max_shift] * (gap // max_shift) + ([gap % max_shift] if gap % max_shift else [])
     ids = np.concatenate([ids, enc.shift_base - 1 + np.asarray(tail, np.int32)]).astype(np.int32)
   return ids

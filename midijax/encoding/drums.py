@@ -1,10 +1,22 @@
 """`drums`: drum hits for Groove MIDI Dataset performances, keeping the drummer's microtiming.
 
 Events: DRUM_<x> hits (no note-offs: a drum hit has no meaningful length), VELOCITY in 32
-bins, TIME_SHIFT of 1..100 steps of 10 ms (so timing is kept to 10 ms, not snapped to a
-grid). `x` is one of GrooVAE's 9 classes (``pitch_map="groovae"``, default; see drum_map.py)
-or any MIDI pitch 0..127 (``pitch_map="none"``). Pitched (non-drum) notes are ignored.
-Decoded hits last `hit_seconds` and are written on the drum channel.
+bins, TIME_SHIFT of 1..100 steps. `x` is one of GrooVAE's 9 classes (``pitch_map="groovae"``,
+default; see drum_map.py) or any MIDI pitch 0..127 (``pitch_map="none"``). Pitched
+(non-drum) notes are ignored. Decoded hits last `hit_seconds` and are written on the drum
+channel.
+
+Time is counted in one of two units (`time_unit`):
+
+* ``"seconds"`` (default): steps of 10 ms (`steps_per_second`), Magenta's performance
+  clock. Timing is kept to 10 ms, not snapped to a grid; where the beat falls depends on
+  the tempo, which the model has to infer from the hits.
+* ``"beats"``: steps of 1/`steps_per_quarter` quarter note (default 48: 12 steps a 16th,
+  10.4 ms at 120 bpm) through the file's tempo map. Microtiming is kept as a fraction of
+  the beat and the beat grid is exact at any tempo: a bar of 4/4 is always 192 steps, so
+  the model can keep its place in the bar over long continuations. Decoding needs the
+  tempo (`qpm`), as MIDI files and the Groove metadata give it. Tempo-invariant, so time
+  stretching is not an augmentation for it.
 """
 from __future__ import annotations
 
@@ -15,7 +27,10 @@ import numpy as np
 from midijax.encoding import drum_map
 from midijax.encoding.base import Decoder, Encoding, event_stream, stream_length
 from midijax.encoding.performance import quantize_steps
+from midijax.encoding.triples import seconds_to_ticks
 from midijax.notes import Notes
+
+TIME_UNITS = ("seconds", "beats")
 
 
 class DrumsEncoding(Encoding):
@@ -24,21 +39,33 @@ class DrumsEncoding(Encoding):
 
   def __init__(self, pitch_map: str = "groovae", num_velocity_bins: int = 32,
                steps_per_second: int = 100, max_shift_steps: int = 100,
-               hit_seconds: float = 0.1):
+               hit_seconds: float = 0.1, time_unit: str = "seconds",
+               steps_per_quarter: int = 48):
     if pitch_map not in ("groovae", "none"):
       raise ValueError(f"pitch_map must be 'groovae' or 'none', got {pitch_map!r}")
+    if time_unit not in TIME_UNITS:
+      raise ValueError(f"time_unit must be one of {', '.join(TIME_UNITS)}, got {time_unit!r}")
+    if int(steps_per_quarter) < 1 or int(steps_per_second) < 1:
+      raise ValueError("steps_per_quarter and steps_per_second must be >= 1")
+    self.time_unit = time_unit
+    self.steps_per_quarter = int(steps_per_quarter)
     self.pitch_map = pitch_map
     self.num_velocity_bins = num_velocity_bins
     self.steps_per_second = steps_per_second
     self.max_shift_steps = max_shift_steps
     self.hit_seconds = hit_seconds
     self.num_drums = 9 if pitch_map == "groovae" else 128
-    self.keeps = ("drum hits at 10 ms, velocity in %d bins, %s" %
-                  (num_velocity_bins, "GrooVAE's 9 drum classes" if pitch_map == "groovae"
-                   else "all 128 drum pitches"))
+    clock = ("10 ms" if time_unit == "seconds"
+             else f"1/{self.steps_per_quarter} quarter note")
+    self.keeps = ("drum hits at %s, velocity in %d bins, %s" %
+                  (clock, num_velocity_bins, "GrooVAE's 9 drum classes"
+                   if pitch_map == "groovae" else "all 128 drum pitches"))
+    # Options at their defaults stay out of the config, so vocabularies written before
+    # `time_unit` existed load unchanged.
+    beats = {"time_unit": time_unit, "steps_per_quarter": self.steps_per_quarter}
     super().__init__(pitch_map=pitch_map, num_velocity_bins=num_velocity_bins,
                      steps_per_second=steps_per_second, max_shift_steps=max_shift_steps,
-                     hit_seconds=hit_seconds)
+                     hit_seconds=hit_seconds, **(beats if time_unit == "beats" else {}))
     self.drum_base = self.body_offset
     self.shift_base = self.drum_base + self.num_drums
     self.velocity_base = self.shift_base + max_shift_steps
@@ -52,6 +79,24 @@ class DrumsEncoding(Encoding):
     yield from (f"TIME_SHIFT_{i}" for i in range(1, self.max_shift_steps + 1))
     yield from (f"VELOCITY_{i}" for i in range(1, self.num_velocity_bins + 1))
 
+  def step_seconds(self, qpm: float = 120.0) -> float:
+    """Seconds one time step lasts (at `qpm` when time is counted in beats)."""
+    if self.time_unit == "beats":
+      return 60.0 / (float(qpm) * self.steps_per_quarter)
+    return 1.0 / self.steps_per_second
+
+  def time_steps(self, seconds, notes: Notes) -> np.ndarray:
+    """int64 time steps of `seconds` (times of `notes`' clock, rounded to the nearest)."""
+    if self.time_unit == "beats":
+      tempos = np.asarray(notes.tempos, np.float64).reshape(-1, 2)
+      if len(tempos) == 0:
+        tempos = np.array([[0.0, 120.0]])
+      tempos = tempos[np.argsort(tempos[:, 0], kind="stable")]
+      tempos[0, 0] = 0.0  # the first tempo holds from time 0
+      ticks = seconds_to_ticks(seconds, tempos, self.steps_per_quarter)
+      return np.floor(ticks + 0.5).astype(np.int64)
+    return quantize_steps(seconds, self.steps_per_second)
+
   def drum_index(self, pitch: np.ndarray) -> np.ndarray:
     """Token offset of each pitch's drum (-1 when the pitch has no class)."""
     if self.pitch_map == "groovae":
@@ -63,7 +108,7 @@ class DrumsEncoding(Encoding):
     notes = notes.select(notes.is_drum) if not notes.is_drum.all() else notes
     drum = self.drum_index(notes.pitch).astype(np.int64)
     ok = drum >= 0
-    step = quantize_steps(notes.start[ok], self.steps_per_second)
+    step = self.time_steps(notes.start[ok], notes)
     drum = drum[ok]
     vbin = (notes.velocity[ok].astype(np.int64) - 1) // self.velocity_bin_size + 1
     order = np.lexsort((drum, step))
@@ -111,7 +156,7 @@ class DrumsDecoder(Decoder):
     vel_bin = ids[np.maximum(last_vel, 0)] - enc.velocity_base
     velocity = np.where(last_vel >= 0, 1 + vel_bin * enc.velocity_bin_size, self.velocity)
     hit = np.flatnonzero(ids < enc.shift_base)
-    start = step[hit] / enc.steps_per_second
+    start = step[hit] * enc.step_seconds(self.qpm)
     if self.max_seconds is not None and len(hit):
       late = np.flatnonzero(start + enc.hit_seconds > self.max_seconds)
       if len(late):

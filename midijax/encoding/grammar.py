@@ -7,7 +7,8 @@ padding ids never come after the prefix; on top of that
 * `performance`: NOTE_OFF only for a pitch that is sounding (a per-pitch count of open
   notes); after VELOCITY comes its NOTE_ON (the encoder always writes them together);
   EOS only when no note is sounding and no VELOCITY is waiting.
-* `drums`: hits, time shifts and velocities in any order; EOS anywhere.
+* `drums`: hits, time shifts and velocities in any order; EOS anywhere (time shifts in
+  seconds or, with time_unit="beats", in beats at `qpm`).
 
 Each encoding's tables (`get_tables(enc, vocab_size)`) hold boolean masks over the padded
 vocabulary and `seconds` (float32 [vocab_size]): how far each token moves time forward.
@@ -70,7 +71,7 @@ class DrumsTables(GrammarTables):
   def __init__(self, enc, vocab_size=None, qpm=120.0):
     super().__init__(enc, vocab_size, qpm)
     shifts = np.arange(enc.max_shift_steps)
-    self.seconds[enc.shift_base + shifts] = (shifts + 1) / enc.steps_per_second
+    self.seconds[enc.shift_base + shifts] = (shifts + 1) * enc.step_seconds(self.qpm)
     self.allowed = self.event_mask()
 
 
@@ -127,7 +128,7 @@ def get_tables(enc: Encoding, vocab_size: Optional[int] = None,
     enc: the encoding.
     vocab_size: logits width (the model's padded vocabulary); default enc.vocab_size.
     qpm: tempo (quarter notes per minute) for encodings that count time in beats
-      (`triples`), used only for `seconds`.
+      (`triples`, `drums` with time_unit="beats"), used only for `seconds`.
   """
   if enc.name not in TABLES:
     raise ValueError(f"no grammar for encoding {enc.name!r}; known: {', '.join(TABLES)}")

@@ -47,6 +47,14 @@ class PerformanceEncoding(Encoding):
     self.velocity_base = self.shift_base + max_shift_steps
     self.velocity_bin_size = math.ceil(127 / num_velocity_bins)
 
+  def step_seconds(self, qpm: float = 120.0) -> float:
+    """Seconds one time step lasts (whatever the tempo)."""
+    return 1.0 / self.steps_per_second
+
+  def time_steps(self, seconds, notes=None) -> np.ndarray:
+    """int64 time steps of `seconds`, rounded as note-seq rounds them."""
+    return quantize_steps(seconds, self.steps_per_second)
+
   def event_tokens(self):
     p = range(self.min_pitch, self.max_pitch + 1)
     yield from (f"NOTE_ON_{i}" for i in p)
