@@ -26,6 +26,12 @@ import time
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from midijax import process_env  # noqa: E402  pylint: disable=wrong-import-position
+
+# Before TensorFlow or JAX loads: quiet start-up (no libtpu lines on a machine without a
+# TPU), as the midijax command does.
+process_env.configure()
+
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__,

@@ -40,6 +40,12 @@ import sys
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from midijax import process_env  # noqa: E402  pylint: disable=wrong-import-position
+
+# Before TensorFlow or JAX loads: quiet start-up (no libtpu lines on a machine without a
+# TPU), as the midijax command does.
+process_env.configure()
+
 
 def load_config(path):
   spec = importlib.util.spec_from_file_location("bench_config", path)

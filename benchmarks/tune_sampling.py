@@ -19,6 +19,12 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 # standard library's tokenize (imported by dataclasses, inspect, ...).
 sys.path[0] = str(REPO)
 
+from midijax import process_env  # noqa: E402  pylint: disable=wrong-import-position
+
+# Before TensorFlow or JAX loads: quiet start-up (no libtpu lines on a machine without a
+# TPU), as the midijax command does.
+process_env.configure()
+
 import argparse
 import itertools
 import json

@@ -581,7 +581,7 @@ def make_train_iterator(config: Any, start_step: int = 0, *,
     raise ConfigError("config.data.transpose_semitones / time_stretch / velocity_scale: "
                       "continuation pairs are not augmented (the target would change but not "
                       "its prompt); set them to 0")
-  if settings.stretch and getattr(enc, "time_unit", "seconds") == "beats":
+  if settings.stretch and getattr(enc, "time_unit", "seconds") != "seconds":
     raise ConfigError("config.data.time_stretch: the drums encoding counts time in beats "
                       "here, so its tokens do not change with tempo; set it to 0")
   settings = dataclasses.replace(settings, pairs=pairs)

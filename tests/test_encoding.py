@@ -84,22 +84,32 @@ def test_drums_round_trip_groove(groove_files, pitch_map):
     _match_notes(notes, dec, onset_tol=0.0051, vel_tol=4)
 
 
-def test_drums_in_beats_round_trip_groove(groove_files):
-  """time_unit="beats": onsets within half a step (1/96 quarter) at the file's tempo."""
-  enc = encoding.get("drums", time_unit="beats")
+@pytest.mark.parametrize("unit", ["beats", "grid"])
+def test_drums_in_beats_round_trip_groove(groove_files, unit):
+  """time_unit beats / grid: onsets within half a step (1/96 quarter) at the file's tempo."""
+  enc = encoding.get("drums", time_unit=unit)
   for path in groove_files[:: len(groove_files) // 12]:
     notes = midi_io.read_notes(path)
-    dec = enc.decode_notes(enc.encode(notes), qpm=notes.qpm)
+    ids = enc.encode(notes)
+    assert enc.count_tokens(notes) == len(ids)
+    dec = enc.decode_notes(ids, qpm=notes.qpm)
     notes = notes.select(drum_map.pitch_to_groovae_class(notes.pitch) >= 0)
     notes.pitch = drum_map.GROOVAE_CANONICAL_PITCH[drum_map.pitch_to_groovae_class(notes.pitch)]
     _match_notes(notes, dec, onset_tol=60.0 / notes.qpm / 96 + 1e-9, vel_tol=4)
 
 
-def test_drums_in_beats_are_tempo_invariant():
-  """The same bar at 90 and 150 qpm gives the same ids (4/4 bar = 192 steps); in seconds
-  it does not. Vocabularies in seconds keep their old config (no new keys)."""
-  beats, secs = encoding.get("drums", time_unit="beats"), encoding.get("drums")
-  assert "time_unit" not in secs.config and beats.config["time_unit"] == "beats"
+def _shift_steps(enc, ids):
+  shifts = ids[(ids >= enc.shift_base) & (ids < enc.velocity_base)]
+  return shifts - enc.shift_base + 1
+
+
+@pytest.mark.parametrize("unit,bar_steps", [("beats", 192), ("grid", 16)])
+def test_drums_in_beats_are_tempo_invariant(unit, bar_steps):
+  """The same bar at 90 and 150 qpm gives the same ids (a 4/4 bar is 192 steps of 1/48
+  quarter, or 16 grid steps); in seconds it does not. Vocabularies in seconds keep their
+  old config (no new keys)."""
+  beats, secs = encoding.get("drums", time_unit=unit), encoding.get("drums")
+  assert "time_unit" not in secs.config and beats.config["time_unit"] == unit
   assert encoding.from_config(beats.config).config == beats.config
   quarters = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0])  # 8ths, then a bar line
   ids = {}
@@ -110,30 +120,51 @@ def test_drums_in_beats_are_tempo_invariant():
     ids[qpm] = (beats.encode(notes), secs.encode(notes))
     back = beats.decode_notes(ids[qpm][0], qpm=qpm)
     np.testing.assert_allclose(back.start, notes.start, atol=60.0 / qpm / 96)
-    shifts = ids[qpm][0][ids[qpm][0] >= beats.shift_base]
-    shifts = shifts[shifts < beats.velocity_base] - beats.shift_base + 1
-    assert shifts.sum() == 192
+    assert _shift_steps(beats, ids[qpm][0]).sum() == bar_steps
   np.testing.assert_array_equal(ids[90.0][0], ids[150.0][0])
   assert not np.array_equal(ids[90.0][1], ids[150.0][1])
   from midijax.encoding import grammar
   for qpm in (90.0, 150.0):
     table = grammar.get_tables(beats, qpm=qpm).seconds
-    assert table[beats.shift_base + 47] == pytest.approx(60.0 / qpm)  # 48 steps = 1 quarter
+    one_step = 60.0 / qpm / (48 if unit == "beats" else 4)
+    assert table[beats.shift_base] == pytest.approx(one_step)
   with pytest.raises(ConfigError, match="time_unit"):
     encoding.get("drums", time_unit="ticks")
 
 
-def test_drums_in_beats_prompt_ends_on_the_cut():
+def test_drums_on_the_grid_keep_offsets_apart_from_time():
+  """grid: a hit 2/48 of a quarter late is TIME_SHIFT to its 16th plus OFFSET_2; the next
+  hit on the grid needs OFFSET_0 again, and the shifts still sum to whole 16ths, so a
+  wrong offset never moves later hits. An early hit at time 0 decodes at 0, not before."""
+  enc = encoding.get("drums", time_unit="grid")
+  qpm = 120.0
+  fine = 60.0 / qpm / 48
+  start = np.array([0.0, 0.125 + 2 * fine, 0.25, 0.5 - 3 * fine])
+  notes = Notes.from_arrays([36, 42, 38, 42], start, start + 0.05, [100] * 4, is_drum=True,
+                            qpm=qpm)
+  names = enc.to_text(enc.encode(notes)).split()
+  assert names == ["VELOCITY_25", "DRUM_kick", "TIME_SHIFT_1", "OFFSET_2", "DRUM_closed_hihat",
+                   "TIME_SHIFT_1", "OFFSET_0", "DRUM_snare", "TIME_SHIFT_2", "OFFSET_-3",
+                   "DRUM_closed_hihat"]
+  np.testing.assert_allclose(enc.decode_notes(enc.encode(notes), qpm=qpm).start, start,
+                             atol=1e-9)
+  early = enc.decode_notes(enc.from_text("OFFSET_-6\nDRUM_kick\n"), qpm=qpm)
+  assert early.start.tolist() == [0.0]
+  with pytest.raises(ConfigError, match="grid_per_quarter"):
+    encoding.get("drums", time_unit="grid", grid_per_quarter=5)
+
+
+@pytest.mark.parametrize("unit,steps", [("beats", 8 * 48), ("grid", 8 * 4)])
+def test_drums_in_beats_prompt_ends_on_the_cut(unit, steps):
   """encode_prompt pads with time shifts up to the cut, counted in beats at the tempo map."""
-  enc = encoding.get("drums", time_unit="beats")
+  enc = encoding.get("drums", time_unit=unit)
   qpm = 100.0
   start = np.array([0.0, 0.6, 1.2])
   notes = Notes.from_arrays([36, 38, 36], start, start + 0.1, [80, 80, 80], is_drum=True,
                             qpm=qpm)
   cut = 8 * 60.0 / qpm  # two bars of 4/4
   ids = encoding.encode_prompt(enc, notes, cut)
-  shifts = ids[(ids >= enc.shift_base) & (ids < enc.velocity_base)] - enc.shift_base + 1
-  assert shifts.sum() == 8 * 48
+  assert _shift_steps(enc, ids).sum() == steps
 
 
 def test_groovae_table():

@@ -12,6 +12,9 @@ Configs (one per encoding, plus GMD's usual bar windows)::
   drums_beats   the same hits with time counted in beats (1/48 quarter note: microtiming as
                 a fraction of the beat, the bar grid exact at any tempo), plus the meter
                 as a conditioning token; full performances
+  drums_grid    the same hits as time shifts of 16th notes plus an offset token for each
+                hit's microtiming (1/48 quarter note from its grid point), meter token;
+                full performances
   drums_2bar    the same as drums, 2-bar windows at the file's tempo, 1-bar hop
   drums_4bar    the same, 4-bar windows, 1-bar hop
   drums_continuation  continuation pairs: 2 prompt bars, then the next 2 bars as the
@@ -20,7 +23,7 @@ Configs (one per encoding, plus GMD's usual bar windows)::
   triples       POS/NOTE_ON/DUR triples on a 24-per-quarter grid, full performances
 
 Every config prepends BOS, STYLE_<primary style>, TEMPO_<bin of the CSV bpm> and
-TYPE_<beat|fill> (drums_beats: then METER_<meter>) and appends EOS (continuation pairs: no EOS, the music goes on).
+TYPE_<beat|fill> (drums_beats, drums_grid: then METER_<meter>) and appends EOS (continuation pairs: no EOS, the music goes on).
 
 Any config can be narrowed to some styles or drummers (`styles`, `drummers`: primary
 styles and drummer names of info.csv) and pairs re-cut (`prompt_bars`, `target_bars`,
@@ -87,13 +90,18 @@ class Groove(common.MidiDatasetBuilder):
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "First release: drums/performance/triples, 2- and 4-bar windows; "
-                            "drums_beats."}
+                            "drums_beats, drums_grid."}
   BUILDER_CONFIGS = [
       _config("drums", "GrooVAE 9-class drum hits, 10 ms timing, full performances.",
               encoding="drums"),
       _config("drums_beats", "GrooVAE 9-class drum hits, time in 1/48 quarter notes (the "
               "beat grid exact at any tempo), meter conditioning, full performances.",
               encoding="drums", encoding_options={"time_unit": "beats"},
+              conditioning=CONDITIONING + ("meter",)),
+      _config("drums_grid", "GrooVAE 9-class drum hits on a 16th-note grid with each hit's "
+              "microtiming as an offset token (1/48 quarter note), meter conditioning, full "
+              "performances.", encoding="drums",
+              encoding_options={"time_unit": "grid", "max_shift_steps": 16},
               conditioning=CONDITIONING + ("meter",)),
       _config("drums_2bar", "drums, 2-bar windows at the file's tempo, 1-bar hop.",
               encoding="drums", window_bars=2),
