@@ -78,15 +78,47 @@ class Grammar:
 
 
 class DrumsGrammar(Grammar):
-  """`drums`: any event in any order, EOS anywhere."""
+  """`drums`: any event in any order, EOS anywhere.
+
+  With BAR tokens (time in beats, `bar_tokens`), rows whose prefix named the meter
+  (METER_<n-d>: `bar` steps a bar) and that have passed a BAR keep their bars whole:
+  `pos` counts the steps since the last BAR; a time shift may not take it past `bar`;
+  at `bar` only BAR or EOS may follow, and BAR only there. A row with no METER token, no
+  BAR yet, or a prompt whose bars do not add up (pos > bar) samples unconstrained.
+  """
 
   def empty_state(self, batch_size):
-    # One dummy leaf gives the state a batch dimension (keeps shapes uniform for callers).
-    return {"rows": jnp.zeros((batch_size,), jnp.int32)}
+    # `rows` gives the state a batch dimension even without bars.
+    return {"rows": jnp.zeros((batch_size,), jnp.int32),
+            "pos": jnp.full((batch_size,), -1, jnp.int32),
+            "bar": jnp.zeros((batch_size,), jnp.int32)}
 
   def allowed(self, state):
     batch = state["rows"].shape[0]
-    return jnp.broadcast_to(jnp.asarray(self.tables.allowed), (batch, self.vocab_size))
+    base = jnp.broadcast_to(jnp.asarray(self.tables.allowed), (batch, self.vocab_size))
+    if self.tables.bar_id < 0:
+      return base
+    pos, bar = state["pos"][:, None], state["bar"][:, None]
+    steps = jnp.asarray(self.tables.shift_steps)[None, :]
+    ids = jnp.arange(self.vocab_size)[None, :]
+    is_bar = ids == self.tables.bar_id
+    rule = jnp.where(steps > 0, pos + steps <= bar,
+                     jnp.where(is_bar, pos == bar, (pos < bar) | (ids == EOS_ID)))
+    bound = (bar > 0) & (pos >= 0) & (pos <= bar)
+    return base & (rule | ~bound)
+
+  def update(self, state, token):
+    if self.tables.bar_id < 0:
+      return state
+    token = jnp.asarray(token, jnp.int32)
+    safe = jnp.clip(token, 0, self.vocab_size - 1)
+    meter = jnp.asarray(self.tables.meter_steps)[safe]
+    steps = jnp.asarray(self.tables.shift_steps)[safe]
+    pos = jnp.where(token == self.tables.bar_id, 0,
+                    jnp.where((steps > 0) & (state["pos"] >= 0), state["pos"] + steps,
+                              state["pos"]))
+    is_meter = (token >= self.encoding.cond_offset) & (meter > 0)
+    return {"rows": state["rows"], "pos": pos, "bar": jnp.where(is_meter, meter, state["bar"])}
 
 
 class PerformanceGrammar(Grammar):
@@ -181,9 +213,10 @@ def _violations_fn(g: Grammar):
       ok = jnp.take_along_axis(g.allowed(state), token[:, None], axis=1)[:, 0]
       counted = (t >= prefix) & (t < length)
       bad = bad + (counted & ~ok).astype(jnp.int32)
-      # The prefix feeds nothing into the state (update ignores specials anyway).
+      # The prefix is read too (a METER token sets the drums grammar's bar length).
+      read = t < length
       return (jax.tree.map(lambda new, old: jnp.where(
-          jnp.reshape(counted, (-1,) + (1,) * (new.ndim - 1)), new, old),
+          jnp.reshape(read, (-1,) + (1,) * (new.ndim - 1)), new, old),
           g.update(state, token), state), bad), None
 
     (_, bad), _ = jax.lax.scan(step, (state, jnp.zeros(ids.shape[0], jnp.int32)),

@@ -1,4 +1,5 @@
 """Encodings: round trips on real files, Magenta's vocabulary, the triples text format."""
+import dataclasses
 import json
 
 import numpy as np
@@ -152,6 +153,33 @@ def test_drums_on_the_grid_keep_offsets_apart_from_time():
   assert early.start.tolist() == [0.0]
   with pytest.raises(ConfigError, match="grid_per_quarter"):
     encoding.get("drums", time_unit="grid", grid_per_quarter=5)
+
+
+@pytest.mark.parametrize("meter,bar", [((4, 4), 192), ((3, 4), 144), ((6, 8), 144)])
+def test_bar_tokens_mark_every_bar_line(meter, bar):
+  """bar_tokens: a BAR at each bar line of the file's meter (before the hits there), time
+  shifts split at it, nothing else changes: decoding skips BAR."""
+  enc = encoding.get("drums", time_unit="beats", bar_tokens=True)
+  plain = encoding.get("drums", time_unit="beats")
+  qpm = 100.0
+  quarters = np.arange(0, 3 * bar // 48 + 1, 1.0)[:-1] + 0.25  # off the bar lines
+  quarters = np.concatenate([[0.0], quarters, [bar // 48 * 2]])  # and two on them
+  start = np.sort(quarters) * 60.0 / qpm
+  notes = Notes.from_arrays(np.full(len(start), 36), start, start + 0.05,
+                            np.full(len(start), 90), is_drum=True, qpm=qpm)
+  notes = dataclasses.replace(notes, time_signatures=np.array([[0.0, *meter]], np.float64))
+  ids = enc.encode(notes)
+  assert enc.count_tokens(notes) == len(ids)
+  steps = np.where((ids >= enc.shift_base) & (ids < enc.velocity_base), ids - enc.shift_base + 1, 0)
+  at = np.cumsum(steps)[ids == enc.bar_id]
+  last = int(np.round(start[-1] * qpm / 60 * 48))
+  assert at.tolist() == list(range(0, last + 1, bar))
+  # A BAR comes before a hit on its bar line.
+  assert ids[0] == enc.bar_id and ids[np.flatnonzero(ids == enc.bar_id)[-1] + 1] < enc.shift_base
+  np.testing.assert_allclose(enc.decode_notes(ids, qpm=qpm).start,
+                             plain.decode_notes(plain.encode(notes), qpm=qpm).start)
+  with pytest.raises(ConfigError, match="bar_tokens"):
+    encoding.get("drums", bar_tokens=True)
 
 
 @pytest.mark.parametrize("unit,steps", [("beats", 8 * 48), ("grid", 8 * 4)])

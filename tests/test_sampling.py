@@ -291,6 +291,38 @@ def test_constrained_samples_are_valid_midi_and_keep_the_prompt(tmp_path, groove
   assert sum(reference_check(enc, t) is not None for t in free.tokens) == np.sum(bad > 0)
 
 
+def test_drum_bars_stay_whole_when_the_meter_is_known(groove_files):
+  """drums in beats with BAR tokens: given METER_4-4 (3-4), a random model's constrained
+  samples put a BAR every 192 (144) steps and nowhere else; without the mask they do not,
+  and the checker counts it. Without a METER token nothing is forced."""
+  enc = encoding.get("drums", time_unit="beats", bar_tokens=True)
+  model = make_model(enc, "rope", max_len=160, layers=1, seed=3)
+  events = groove_prompt(enc, groove_files[3], 2.0)[:24]
+  assert events[0] == enc.bar_id
+  for meter, bar in (("4-4", 192), ("3-4", 144)):
+    cond = {"style": "funk", "meter": meter}
+    result = sampling.generate(model, enc, num_samples=32, max_new_tokens=128,
+                               temperature=1.5, seed=1, conditions=cond, prompt_ids=events)
+    assert not np.any(grammar.grammar_violations(result.tokens, enc))
+    bars_seen = 0
+    for ids in result.tokens:
+      body = enc.strip_specials(ids)
+      steps = np.where((body >= enc.shift_base) & (body < enc.velocity_base),
+                       body - enc.shift_base + 1, 0)
+      at = np.cumsum(steps)[body == enc.bar_id]
+      # Bars after the prompt's first one fall exactly a bar apart.
+      assert np.all(np.diff(at) == bar), (meter, np.diff(at))
+      bars_seen += len(at) - 1
+    assert bars_seen >= 8
+    free = sampling.generate(model, enc, num_samples=32, max_new_tokens=128, temperature=1.5,
+                             seed=1, conditions=cond, prompt_ids=events, constrained=False)
+    assert grammar.grammar_violations(free.tokens, enc).sum() > 0
+  # No meter in the prefix: no bar length to keep, so the grammar forbids nothing.
+  g = grammar.get(enc)
+  state = g.init_state(1, jnp.asarray([[enc.bos_id, *events]]))
+  assert np.asarray(g.allowed(state))[0, enc.body_offset:enc.bos_id].all()
+
+
 def test_grammar_state_after_a_prompt():
   perf = encoding.get("performance")
   g = grammar.get(perf, 512)

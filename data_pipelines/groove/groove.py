@@ -10,8 +10,8 @@ Configs (one per encoding, plus GMD's usual bar windows)::
 
   drums         GrooVAE's 9 drum classes, 10 ms microtiming, full performances (default)
   drums_beats   the same hits with time counted in beats (1/48 quarter note: microtiming as
-                a fraction of the beat, the bar grid exact at any tempo), plus the meter
-                as a conditioning token; full performances
+                a fraction of the beat, the bar grid exact at any tempo), a BAR token at
+                each bar line, and the meter as a conditioning token; full performances
   drums_grid    the same hits as time shifts of 16th notes plus an offset token for each
                 hit's microtiming (1/48 quarter note from its grid point), meter token;
                 full performances
@@ -95,8 +95,9 @@ class Groove(common.MidiDatasetBuilder):
       _config("drums", "GrooVAE 9-class drum hits, 10 ms timing, full performances.",
               encoding="drums"),
       _config("drums_beats", "GrooVAE 9-class drum hits, time in 1/48 quarter notes (the "
-              "beat grid exact at any tempo), meter conditioning, full performances.",
-              encoding="drums", encoding_options={"time_unit": "beats"},
+              "beat grid exact at any tempo), a BAR token at each bar line, meter "
+              "conditioning, full performances.",
+              encoding="drums", encoding_options={"time_unit": "beats", "bar_tokens": True},
               conditioning=CONDITIONING + ("meter",)),
       _config("drums_grid", "GrooVAE 9-class drum hits on a 16th-note grid with each hit's "
               "microtiming as an offset token (1/48 quarter note), meter conditioning, full "

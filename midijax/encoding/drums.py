@@ -25,6 +25,11 @@ Time is counted in one of three units (`time_unit`):
   shifts in beats, a model keeps its place in the bar only if it sums every shift without
   error, and a shift too short or too long moves all that follows off the grid; with grid
   shifts, microtiming never accumulates. Decoding needs the tempo, as for "beats".
+
+With ``bar_tokens=True`` (time in beats only), a BAR token marks every bar line of the
+file's first meter, time shifts split there, so the position in the bar is the sum of
+the shifts since the last BAR rather than since the piece began (REMI's bar events,
+Huang & Yang 2020). BAR takes no time: decoding skips it.
 """
 from __future__ import annotations
 
@@ -49,7 +54,8 @@ class DrumsEncoding(Encoding):
   def __init__(self, pitch_map: str = "groovae", num_velocity_bins: int = 32,
                steps_per_second: int = 100, max_shift_steps: int = 100,
                hit_seconds: float = 0.1, time_unit: str = "seconds",
-               steps_per_quarter: int = 48, grid_per_quarter: int = 4):
+               steps_per_quarter: int = 48, grid_per_quarter: int = 4,
+               bar_tokens: bool = False):
     if pitch_map not in ("groovae", "none"):
       raise ValueError(f"pitch_map must be 'groovae' or 'none', got {pitch_map!r}")
     if time_unit not in TIME_UNITS:
@@ -59,6 +65,9 @@ class DrumsEncoding(Encoding):
     if int(grid_per_quarter) < 1 or int(steps_per_quarter) % int(grid_per_quarter):
       raise ValueError(f"grid_per_quarter must divide steps_per_quarter "
                        f"({steps_per_quarter}), got {grid_per_quarter}")
+    if bar_tokens and time_unit != "beats":
+      raise ValueError(f"bar_tokens needs time_unit='beats', not {time_unit!r}")
+    self.bar_tokens = bool(bar_tokens)
     self.time_unit = time_unit
     self.steps_per_quarter = int(steps_per_quarter)
     self.grid_per_quarter = int(grid_per_quarter)
@@ -82,6 +91,8 @@ class DrumsEncoding(Encoding):
     beats = {"time_unit": time_unit, "steps_per_quarter": self.steps_per_quarter}
     if time_unit == "grid":
       beats["grid_per_quarter"] = self.grid_per_quarter
+    if self.bar_tokens:
+      beats["bar_tokens"] = True
     super().__init__(pitch_map=pitch_map, num_velocity_bins=num_velocity_bins,
                      steps_per_second=steps_per_second, max_shift_steps=max_shift_steps,
                      hit_seconds=hit_seconds, **(beats if time_unit != "seconds" else {}))
@@ -91,6 +102,7 @@ class DrumsEncoding(Encoding):
     self.velocity_bin_size = int(np.ceil(127 / num_velocity_bins))
     self.offset_base = self.velocity_base + num_velocity_bins  # OFFSET_<lowest> (grid)
     self.min_offset = -(self.sub_steps // 2)
+    self.bar_id = self.offset_base + self.num_offsets if self.bar_tokens else -1
 
   def event_tokens(self):
     if self.pitch_map == "groovae":
@@ -101,6 +113,8 @@ class DrumsEncoding(Encoding):
     yield from (f"VELOCITY_{i}" for i in range(1, self.num_velocity_bins + 1))
     lo = -(self.sub_steps // 2)
     yield from (f"OFFSET_{k}" for k in range(lo, lo + self.num_offsets))
+    if self.bar_tokens:
+      yield "BAR"
 
   def step_seconds(self, qpm: float = 120.0) -> float:
     """Seconds one time step (one TIME_SHIFT_1) lasts, at `qpm` unless time is in seconds."""
@@ -157,8 +171,20 @@ class DrumsEncoding(Encoding):
       step = self.time_steps(notes.start[ok], notes)
       order = np.lexsort((drum, step))
       off_ids = None
-    return (step[order], self.drum_base + drum[order], self.velocity_base - 1 + vbin[order],
-            off_ids)
+    step, hit_ids = step[order], self.drum_base + drum[order]
+    vel_ids = self.velocity_base - 1 + vbin[order]
+    if self.bar_tokens and len(step):
+      # A BAR (no velocity) at each bar line up to the last hit, before the hits there.
+      num, den = (notes.time_signatures[0, 1:3] if len(notes.time_signatures) else (4, 4))
+      bar = max(int(round(float(num) * 4.0 / float(den) * self.steps_per_quarter)), 1)
+      bars = np.arange(0, int(step[-1]) + 1, bar, dtype=np.int64)
+      step = np.concatenate([bars, step])
+      first = np.concatenate([np.zeros(len(bars), np.int64), np.ones(len(hit_ids), np.int64)])
+      order = np.lexsort((first, step))  # stable: hits keep their order
+      step = step[order]
+      hit_ids = np.concatenate([np.full(len(bars), self.bar_id, np.int64), hit_ids])[order]
+      vel_ids = np.concatenate([np.full(len(bars), -1, np.int64), vel_ids])[order]
+    return step, hit_ids, vel_ids, off_ids
 
   def _offset_changes(self, off_ids: np.ndarray) -> np.ndarray:
     """int64 [E]: 1 where a hit needs an OFFSET token (its offset differs from the one in

@@ -8,7 +8,9 @@ padding ids never come after the prefix; on top of that
   notes); after VELOCITY comes its NOTE_ON (the encoder always writes them together);
   EOS only when no note is sounding and no VELOCITY is waiting.
 * `drums`: hits, time shifts and velocities in any order; EOS anywhere (time shifts in
-  seconds or, with time_unit="beats", in beats at `qpm`).
+  seconds or, with time_unit="beats", in beats at `qpm`). With BAR tokens and a METER
+  token in the prefix, bars stay whole: no time shift crosses a bar line, and a BAR
+  (or EOS) comes exactly when the bar is full.
 
 Each encoding's tables (`get_tables(enc, vocab_size)`) hold boolean masks over the padded
 vocabulary and `seconds` (float32 [vocab_size]): how far each token moves time forward.
@@ -21,7 +23,7 @@ from typing import Callable, Dict, Optional
 
 import numpy as np
 
-from midijax.encoding.base import EOS_ID, PAD_ID, Encoding
+from midijax.encoding.base import CONDITIONING, EOS_ID, PAD_ID, Encoding
 
 
 class GrammarTables:
@@ -66,13 +68,28 @@ class GrammarTables:
 
 
 class DrumsTables(GrammarTables):
-  """`drums`: every event and EOS always allowed (`allowed`); time from TIME_SHIFT tokens."""
+  """`drums`: every event and EOS always allowed (`allowed`); time from TIME_SHIFT tokens.
+
+  With BAR tokens (`bar_tokens`), also what keeps bars whole: `shift_steps` (int32 [V],
+  the steps each TIME_SHIFT moves), `bar_id`, and `meter_steps` (int32 [V], the steps of a
+  bar for each METER_<n-d> conditioning token; 0 elsewhere and for METER_other).
+  """
 
   def __init__(self, enc, vocab_size=None, qpm=120.0):
     super().__init__(enc, vocab_size, qpm)
     shifts = np.arange(enc.max_shift_steps)
     self.seconds[enc.shift_base + shifts] = (shifts + 1) * enc.step_seconds(self.qpm)
     self.allowed = self.event_mask()
+    self.bar_id = int(getattr(enc, "bar_id", -1))
+    self.shift_steps = np.zeros(self.vocab_size, np.int32)
+    self.shift_steps[enc.shift_base + shifts] = shifts + 1
+    self.meter_steps = np.zeros(self.vocab_size, np.int32)
+    if self.bar_id >= 0:
+      for value in CONDITIONING["meter"]:
+        num, _, den = value.partition("-")
+        if num.isdigit() and den.isdigit():
+          steps = int(num) * 4 * enc.steps_per_quarter / int(den)
+          self.meter_steps[enc.condition_id("meter", value)] = int(round(steps))
 
 
 class PerformanceTables(GrammarTables):
