@@ -177,7 +177,7 @@ def test_groove_drums_in_beats(groove_subset, tmp_path):
   builder = data_pipelines.build("groove", "drums_beats", manual_dir=str(root),
                                  data_dir=str(tmp_path), num_workers=1)
   enc = builder.encoding
-  assert enc.time_unit == "beats" and enc.config["steps_per_quarter"] == 48
+  assert enc.time_unit == "beats" and enc.config["steps_per_quarter"] == 48 and enc.bar_tokens
   by_id = {r["id"]: r for r in rows}
   seen = 0
   for split in ("train", "validation", "test"):
@@ -186,6 +186,11 @@ def test_groove_drums_in_beats(groove_subset, tmp_path):
       tokens = ex["tokens"]
       assert ex["num_condition_tokens"] == 4
       assert tokens[4] == enc.condition_id("meter", row["time_signature"])
+      assert tokens[5] == enc.bar_id  # every piece starts on a bar line
+      num, den = (int(x) for x in row["time_signature"].split("-"))
+      steps = np.where((tokens >= enc.shift_base) & (tokens < enc.velocity_base),
+                       tokens - enc.shift_base + 1, 0)
+      assert set(np.diff(np.cumsum(steps)[tokens == enc.bar_id])) <= {num * 4 * 48 // den}
       bpm = float(row["bpm"])
       got = enc.decode_notes(tokens, qpm=bpm)
       src = midi_io.read_notes(root / row["midi_filename"])
