@@ -53,7 +53,7 @@ import numpy as np
 from midijax import constraints as grammar_lib
 from midijax import sharding
 from midijax.encoding import (CONDITIONING, EOS_ID, PAD_ID, Encoding, encode_prompt,
-                              is_drum_music)
+                              is_drum_music, tempo_bin)
 from midijax.errors import MidijaxError
 from midijax.models import transformer
 from midijax.models.kv_cache import LayerCache
@@ -601,6 +601,10 @@ def continue_midi(model: transformer.Transformer, enc: Encoding, prompt_path, *,
     is_drum: write drum-channel notes; default: the prompt is all drums (drums encoding
       always writes drums).
 
+  Drums with BAR tokens (`groove/drums_beats`) were trained with the tempo bin and meter
+  in the prefix, and the grammar keeps bars whole only once it knows the meter: unless
+  `conditions` name them, both come from the prompt file (its first tempo and meter).
+
   Returns:
     Continuation.
 
@@ -632,6 +636,12 @@ def continue_midi(model: transformer.Transformer, enc: Encoding, prompt_path, *,
   ids = encode_prompt(enc, notes, cut)
   if not np.any((ids >= enc.body_offset) & (ids < enc.bos_id)):
     raise MidijaxError(f"{prompt_path}: no notes in the first {cut:.2f} s to continue")
+  conditions = dict(conditions or {})
+  if getattr(enc, "bar_tokens", False):
+    num, den = (notes.time_signatures[0, 1:3] if len(notes.time_signatures) else (4, 4))
+    meter = f"{int(num)}-{int(den)}"
+    conditions.setdefault("tempo", tempo_bin(notes.qpm))
+    conditions.setdefault("meter", meter if meter in CONDITIONING["meter"] else "other")
   conditions = ordered_conditions(conditions)
   context = int(cache_len or model.config.max_len)
   prompt_len = len(ids) + 1 + len(conditions)

@@ -323,6 +323,24 @@ def test_drum_bars_stay_whole_when_the_meter_is_known(groove_files):
   assert np.asarray(g.allowed(state))[0, enc.body_offset:enc.bos_id].all()
 
 
+def test_continue_names_tempo_and_meter_for_drums_with_bars(groove_files):
+  """`continue` with a drums-with-BAR model: the prefix gets the prompt file's tempo bin
+  and meter unless given, so the grammar knows the bar (every sample's bars are whole)."""
+  enc = encoding.get("drums", time_unit="beats", bar_tokens=True)
+  model = make_model(enc, "rope", max_len=256, layers=1, seed=3)
+  path = next(f for f in groove_files if f.name.endswith("_4-4.mid"))
+  notes = midi_io.read_notes(path)
+  cont = sampling.continue_midi(model, enc, path, prompt_bars=1, seconds=4, num_samples=4,
+                                temperature=1.5, seed=0, conditions={"style": "funk"})
+  prefix = [enc.vocab.names[t] for t in cont.result.tokens[0][1:4]]
+  assert prefix == ["STYLE_funk", f"TEMPO_{encoding.tempo_bin(notes.qpm)}", "METER_4-4"]
+  for ids in cont.result.tokens:
+    body = enc.strip_specials(ids)
+    steps = np.where((body >= enc.shift_base) & (body < enc.velocity_base),
+                     body - enc.shift_base + 1, 0)
+    assert set(np.diff(np.cumsum(steps)[body == enc.bar_id])) <= {192}
+
+
 def test_grammar_state_after_a_prompt():
   perf = encoding.get("performance")
   g = grammar.get(perf, 512)
