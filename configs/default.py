@@ -129,6 +129,11 @@ def get_config():
   train.grad_clip_norm = 1.0
   # Accumulate gradients over this many micro-batches per update (optax.MultiSteps).
   train.grad_accum_steps = 1
+  # Exponential moving average of the parameters (Polyak averaging), for validation,
+  # the best checkpoint and every use of the trained run: decay per step (0 = off; e.g.
+  # 0.999 averages over about the last 1,000 steps). Early steps use a smaller decay,
+  # min(ema_decay, (1 + step) / (10 + step)), so the average does not start at init.
+  train.ema_decay = 0.0
   # Label smoothing of the targets (0 = off).
   train.label_smoothing = 0.0
   # Stop (with a final evaluation and checkpoint) after this many seconds of this run; 0 = no

@@ -2,7 +2,8 @@
 
 Layout of a workdir::
 
-    WORKDIR/checkpoints/<step>/state     params + optimizer state (Orbax, sharded arrays)
+    WORKDIR/checkpoints/<step>/state     params + optimizer state (+ ema_params: their
+                                         moving average) (Orbax, sharded arrays)
     WORKDIR/checkpoints/<step>/meta      JSON: step, config, data position, eval metrics
     WORKDIR/best.json                    {"step": s, "eval_loss": x} of the best checkpoint
 
@@ -69,19 +70,21 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any):
 
 
 def restore_params(workdir, step: int, target: Any) -> Any:
-  """Restores only the parameters of the checkpoint at `step` (not the optimizer state).
+  """Restores only the parameters of the checkpoint at `step` (not the optimizer state):
+  the moving average (`ema_params`) when the run kept one, as its meta records.
 
   `target`: the parameter tree as ShapeDtypeStructs with the shardings to restore into.
   """
+  key = read_meta(workdir, step).get("inference_params", "params")
   manager = make_manager(workdir, async_save=False)
   try:
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.PyTreeRestore(
-            item={"params": target}, partial_restore=True,
-            restore_args={"params": ocp.checkpoint_utils.construct_restore_args(target)})))
+            item={key: target}, partial_restore=True,
+            restore_args={key: ocp.checkpoint_utils.construct_restore_args(target)})))
   finally:
     manager.close()
-  return restored.state["params"]
+  return restored.state[key]
 
 
 def read_meta(workdir, step: int) -> dict:

@@ -507,7 +507,8 @@ def export_run(workdir, out, *, step: Optional[int] = None, best: bool = False) 
   out_path.mkdir(parents=True, exist_ok=True)
   manager = ckpt_lib.make_manager(out_path, keep_latest=1, keep_best=1, async_save=False)
   eval_loss = (meta.get("eval") or {}).get("loss")
-  ckpt_lib.save(manager, step, {"params": params}, {**meta, "exported_from": exported_from},
+  ckpt_lib.save(manager, step, {"params": params},
+                {**meta, "exported_from": exported_from, "inference_params": "params"},
                 eval_loss)
   manager.wait_until_finished()
   manager.close()

@@ -112,17 +112,34 @@ def create_optimizer(train_config, params, trainable: Optional[Sequence[bool]] =
 
 @struct.dataclass
 class TrainState:
+  """step, parameters, optimizer state, and (config.train.ema_decay > 0) the parameters'
+  moving average, which validation and every later use of the run read; None when off."""
   step: jax.Array
   params: Any
   opt_state: Any
+  ema_params: Any = None
+
+
+def inference_params(state: TrainState):
+  """The parameters a run is evaluated and sampled with: the moving average when kept."""
+  return state.params if state.ema_params is None else state.ema_params
+
+
+def ema_update(ema, params, step, decay: float):
+  """One step of the parameters' moving average, with TensorFlow's warm-up of the decay
+  (`min(decay, (1 + step) / (10 + step))`): the first steps follow the parameters."""
+  t = jnp.asarray(step, jnp.float32)
+  d = jnp.minimum(decay, (1.0 + t) / (10.0 + t))
+  return optax.incremental_update(params, ema, 1.0 - d)
 
 
 # ----------------------------------------------------------------------------- steps
 def train_step(state: TrainState, batch: Dict[str, jax.Array], dropout_rng, *, graphdef, tx,
                label_smoothing: float, use_dropout: bool,
-               trainable: Optional[Tuple[bool, ...]] = None):
+               trainable: Optional[Tuple[bool, ...]] = None, ema_decay: float = 0.0):
   """One optimizer update; returns (new state, summed metrics). Parameters `trainable`
-  marks False are passed through untouched (bit-identical)."""
+  marks False are passed through untouched (bit-identical). With `state.ema_params` the
+  moving average takes the new parameters in at `ema_decay`."""
   rng = jax.random.fold_in(dropout_rng, state.step)
 
   def loss_fn(params):
@@ -144,7 +161,11 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], dropout_rng, *, g
     grad_leaves = [g for g, t in zip(grad_leaves, trainable) if t]
   metrics = {"loss_sum": loss_sum, "weight_sum": weight_sum, "correct": correct,
              "grad_norm": optax.tree.norm(grad_leaves)}
-  return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+  ema = state.ema_params
+  if ema is not None:
+    ema = ema_update(ema, params, state.step, ema_decay)
+  return TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                    ema_params=ema), metrics
 
 
 # ----------------------------------------------------------------------------- validation
@@ -183,6 +204,9 @@ def validate_config(config, num_devices: Optional[int] = None, *,
   for field in ("log_every", "eval_every", "checkpoint_every", "grad_accum_steps"):
     if t[field] <= 0:
       raise ConfigError(f"config.train.{field}={t[field]} must be positive")
+  if not 0.0 <= float(t.get("ema_decay", 0.0) or 0.0) < 1.0:
+    raise ConfigError(f"config.train.ema_decay={t.get('ema_decay')} must be in [0, 1) "
+                      "(0 = no moving average)")
   if t.schedule not in SCHEDULES:
     raise ConfigError(f"config.train.schedule={t.schedule!r}; expected {' | '.join(SCHEDULES)}")
   for field in ("init_from", "trainable"):
@@ -386,13 +410,16 @@ def create_train_state(config, vocab_size: int, mesh, rules, *, abstract: bool =
   opt_sh = optax.tree_map_params(tx, lambda x, s: x if masked(x) else s,
                                  jax.eval_shape(tx.init, params), param_sh,
                                  transform_non_params=lambda _: replicated, is_leaf=masked)
-  state_sh = TrainState(step=replicated, params=param_sh, opt_state=opt_sh)
+  use_ema = float(config.train.get("ema_decay", 0.0) or 0.0) > 0
+  state_sh = TrainState(step=replicated, params=param_sh, opt_state=opt_sh,
+                        ema_params=param_sh if use_ema else None)
   setup = TrainSetup(model_config=model_cfg, graphdef=graphdef, tx=tx, mesh=mesh, rules=rules,
                      state_shardings=state_sh, batch_sharding=sharding.batch_sharding(mesh, rules),
                      trainable=trainable, param_counts=finetune.count_params(params, trainable))
   if abstract:
     shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
-                        opt_state=jax.eval_shape(tx.init, params))
+                        opt_state=jax.eval_shape(tx.init, params),
+                        ema_params=params if use_ema else None)
     state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                          shapes, state_sh)
     return setup, state
@@ -400,7 +427,14 @@ def create_train_state(config, vocab_size: int, mesh, rules, *, abstract: bool =
   # plain jnp array would sit on one local device, which multi-host jit rejects).
   opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
   step = jax.jit(lambda: jnp.zeros((), jnp.int32), out_shardings=replicated)()
-  return setup, TrainState(step=step, params=params, opt_state=opt_state)
+  return setup, TrainState(step=step, params=params, opt_state=opt_state,
+                           ema_params=copy_params(params, param_sh) if use_ema else None)
+
+
+def copy_params(params, shardings):
+  """A copy of `params` in new buffers (the train step donates its state, so the moving
+  average cannot share buffers with the parameters)."""
+  return jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings)(params)
 
 
 def jit_train_step(config, setup: TrainSetup):
@@ -412,7 +446,8 @@ def jit_train_step(config, setup: TrainSetup):
   return jax.jit(
       functools.partial(train_step, graphdef=setup.graphdef, tx=setup.tx,
                         label_smoothing=config.train.label_smoothing, use_dropout=use_dropout,
-                        trainable=setup.trainable),
+                        trainable=setup.trainable,
+                        ema_decay=float(config.train.get("ema_decay", 0.0) or 0.0)),
       in_shardings=(setup.state_shardings, setup.batch_sharding, replicated),
       out_shardings=(setup.state_shardings, replicated), donate_argnums=(0,))
 
@@ -479,7 +514,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     params, info["init_from"] = finetune.load_init_params(
         init_source, state.params, state_sh.params, data.encoding.vocab.names, mesh, rules,
         model_config=setup.model_config, new_encoding=data.encoding)
-    state = state.replace(params=params)
+    state = state.replace(params=params, ema_params=None if state.ema_params is None else
+                          copy_params(params, state_sh.params))
     vocab = info["init_from"]["vocabulary"]
     if is_chief:
       print(f"init_from {init_source.spec}: parameters of step {init_source.step} of "
@@ -535,7 +571,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     writer = metric_writers.MetricWriter(workdir, active=is_chief, resume_step=start_step)
     dropout_rng = replicated_key(config.seed + 1, mesh)
     train_iter = data.train_batches(start_step)
-    meta = {"config": json.loads(config.to_json_best_effort()), "vocab_size": vocab_size}
+    meta = {"config": json.loads(config.to_json_best_effort()), "vocab_size": vocab_size,
+            # Which of the state's parameter trees later uses of the run load.
+            "inference_params": "params" if state.ema_params is None else "ema_params"}
     best_loss = float("inf")
     best_path = workdir / "best.json"
     if best_path.exists():
@@ -605,7 +643,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         if do_eval:
           t0 = time.perf_counter()
           eval_batches = data.eval_batches()
-          eval_summary = losses.evaluate(p_eval, state.params, eval_batches, to_global)
+          eval_summary = losses.evaluate(p_eval, inference_params(state), eval_batches,
+                                         to_global)
           eval_loss = eval_summary["loss"]
           if eval_notes is None and hasattr(eval_batches, "count_scored"):
             eval_notes = eval_batches.count_scored(encoding.note_token_mask(data.encoding))

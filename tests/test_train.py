@@ -53,6 +53,7 @@ def tiny(tfds_dir, **train_overrides):
     ("mesh.ici_parallelism", (3, 1, 1), "ici_parallelism"),
     ("mesh.ici_parallelism", (-1, -1, 1), "ici_parallelism"),
     ("data.batch_size", 0, "config.data.batch_size"),
+    ("train.ema_decay", 1.0, "config.train.ema_decay=1.0"),
 ])
 def test_bad_configs_name_the_field(field, value, message):
   config = groove_tiny.get_config()
@@ -128,6 +129,42 @@ def test_resume_after_kill_matches_uninterrupted(tfds_dir, tmp_path):
   from flax import nnx
   for x, y in zip(jax.tree.leaves(nnx.state(a)), jax.tree.leaves(nnx.state(b))):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+
+
+def test_ema_update_warms_up():
+  import jax.numpy as jnp
+  ema, params = jnp.zeros(3), jnp.ones(3)
+  # Step 0: decay min(0.999, 1/10) = 0.1, so the average is mostly the new parameters.
+  np.testing.assert_allclose(train.ema_update(ema, params, 0, 0.999), 0.9, rtol=1e-6)
+  # Late: the configured decay.
+  np.testing.assert_allclose(train.ema_update(ema, params, 10**6, 0.999), 0.001, rtol=1e-4)
+
+
+def test_ema_run_is_evaluated_and_loaded_with_its_average(tfds_dir, tmp_path):
+  """With train.ema_decay the checkpoint keeps both trees; evaluation, best.json and
+  load_run use the average; a restart resumes both."""
+  import jax
+  import orbax.checkpoint as ocp
+  from flax import nnx
+  workdir = tmp_path / "ema"
+  out = train.train_and_evaluate(tiny(tfds_dir, ema_decay=0.9, async_checkpointing=False),
+                                 str(workdir))
+  assert out["step"] == 6 and np.isfinite(out["eval_loss"])
+  raw = ocp.StandardCheckpointer().restore(ckpt_lib.checkpoint_dir(workdir) / "6" / "state")
+  assert ckpt_lib.read_meta(workdir, 6)["inference_params"] == "ema_params"
+  model, *_ = runs.load_run(workdir, step=6)
+  loaded = jax.tree.leaves(nnx.state(model))
+  ema, params = jax.tree.leaves(raw["ema_params"]), jax.tree.leaves(raw["params"])
+  assert len(loaded) == len(ema) == len(params)
+  for x, e in zip(loaded, ema):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(e))
+  assert any(not np.allclose(np.asarray(e), np.asarray(p)) for e, p in zip(ema, params))
+  out2 = train.train_and_evaluate(tiny(tfds_dir, ema_decay=0.9, num_steps=8,
+                                       async_checkpointing=False), str(workdir))
+  assert out2["step"] == 8
+  # Without the average, the same workdir's checkpoint no longer fits: one clear line.
+  with pytest.raises(ConfigError, match="does not fit this config"):
+    train.train_and_evaluate(tiny(tfds_dir, num_steps=10), str(workdir))
 
 
 def test_nan_stops_with_clear_message_and_keeps_last_good(tfds_dir, tmp_path):
