@@ -58,6 +58,9 @@ def main():
   ap.add_argument("--max_minutes", type=float, default=20.0, help="training wall-clock budget")
   ap.add_argument("--skip_train", action="store_true", help="score the workdir as it is")
   ap.add_argument("--split", default="", help="split scored (default: data.eval_split)")
+  ap.add_argument("--params", default="", choices=("", "params", "ema_params"),
+                  help="checkpoint parameter tree to score: the raw parameters or their "
+                       "moving average (config.train.ema_decay runs); default the run's own")
   ap.add_argument("--orders", default="2,3,4,5", help="n-gram orders to fit")
   ap.add_argument("--smoothing", default="witten_bell,kneser_ney",
                   help="n-gram families to fit (witten_bell, kneser_ney)")
@@ -76,7 +79,7 @@ def main():
   from midijax import evaluation, input_pipeline, losses, runs
   from midijax.ngram import KneserNeyModel, NgramModel
 
-  model, enc, config, step = runs.load_run(a.workdir, best=True)
+  model, enc, config, step = runs.load_run(a.workdir, best=True, params_tree=a.params or None)
   if a.data_dir:
     config.data.data_dir = a.data_dir
   with config.unlocked():
@@ -117,6 +120,7 @@ def main():
       "bench": "groove_quality", "config": os.path.relpath(a.config, REPO),
       "machine": f"{os.cpu_count()} CPU cores", "train_wall_s": round(t_train, 1),
       "steps_trained": max(m["step"] for m in metrics), "best_step": step, "split": split,
+      "params": a.params or "the run's own",
       "eval_tokens": int(units["tokens"]), "eval_notes": int(units["notes"]),
       "eval_seconds": round(units["seconds"], 1),
       "transformer": transformer, "ngram": ngram, "best_ngram_order": best,

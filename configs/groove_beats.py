@@ -14,7 +14,7 @@ augmentation for it (the tokens do not change with tempo), so there is none.
     midijax train --config=configs/groove_beats.py --workdir=workdirs/groove_beats
     midijax evaluate --workdir=workdirs/groove_beats --best --split validation
 
-Expect (README "Quality"; 2-core CPU machine, 2026-12-03; about 15 minutes idle): a
+Expect (README "Quality"; 2-core CPU machines, 2026-12-03; 15 to 25 minutes idle): a
 validation NLL of 2.17 nats/token, 21.5% below the best n-gram of these tokens (Kneser-Ney
 4-gram, 2.77), and a C2ST accuracy of 77% (128 tokens) to 90% (512 tokens) for its
 continuations.

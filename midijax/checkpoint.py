@@ -69,13 +69,19 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any):
   return out.state, out.meta
 
 
-def restore_params(workdir, step: int, target: Any) -> Any:
+PARAM_TREES = ("params", "ema_params")
+
+
+def restore_params(workdir, step: int, target: Any, tree: Optional[str] = None) -> Any:
   """Restores only the parameters of the checkpoint at `step` (not the optimizer state):
   the moving average (`ema_params`) when the run kept one, as its meta records.
 
   `target`: the parameter tree as ShapeDtypeStructs with the shardings to restore into.
+  `tree`: "params" or "ema_params" to choose (e.g. to compare the two); default the meta's.
   """
-  key = read_meta(workdir, step).get("inference_params", "params")
+  key = tree or read_meta(workdir, step).get("inference_params", "params")
+  if key not in PARAM_TREES:
+    raise ValueError(f"parameter tree {key!r}; expected one of {PARAM_TREES}")
   manager = make_manager(workdir, async_save=False)
   try:
     restored = manager.restore(step, args=ocp.args.Composite(

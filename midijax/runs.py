@@ -47,7 +47,8 @@ def inference_mesh() -> jax.sharding.Mesh:
       {"ici_parallelism": (-1, 1, 1), "dcn_parallelism": (1, 1, 1)}))
 
 
-def load_run(workdir, step: Optional[int] = None, best: bool = False, mesh=None, rules=None):
+def load_run(workdir, step: Optional[int] = None, best: bool = False, mesh=None, rules=None,
+             params_tree: Optional[str] = None):
   """Loads a trained model for sampling or evaluation.
 
   Args:
@@ -55,6 +56,9 @@ def load_run(workdir, step: Optional[int] = None, best: bool = False, mesh=None,
     step: checkpoint step (default: the latest); `best`: the best by validation loss.
     mesh: where the parameters go (default `inference_mesh()`).
     rules: logical axis rules (default the run's config.mesh rules).
+    params_tree: "params" (the raw parameters) or "ema_params" (their moving average, for
+      runs with config.train.ema_decay); default what the run is used with (the average
+      when kept).
 
   Returns:
     (model with deterministic=True, encoding, config as saved, checkpoint step).
@@ -82,7 +86,7 @@ def load_run(workdir, step: Optional[int] = None, best: bool = False, mesh=None,
     # Restore only the parameters (the optimizer state is not needed to sample).
     target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           abstract_params, param_sh)
-    params = ckpt_lib.restore_params(workdir, step, target)
+    params = ckpt_lib.restore_params(workdir, step, target, params_tree)
   except MidijaxError:
     raise
   except Exception as e:  # Orbax / JSON errors of a damaged workdir: one line, no traceback.

@@ -125,6 +125,11 @@ def inference_params(state: TrainState):
   return state.params if state.ema_params is None else state.ema_params
 
 
+def config_ema_decay(config) -> float:
+  """config.train.ema_decay (0 when off or absent: configs saved before the field)."""
+  return float(config.train.get("ema_decay", 0.0) or 0.0)
+
+
 def ema_update(ema, params, step, decay: float):
   """One step of the parameters' moving average, with TensorFlow's warm-up of the decay
   (`min(decay, (1 + step) / (10 + step))`): the first steps follow the parameters."""
@@ -163,7 +168,8 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], dropout_rng, *, g
              "grad_norm": optax.tree.norm(grad_leaves)}
   ema = state.ema_params
   if ema is not None:
-    ema = ema_update(ema, params, state.step, ema_decay)
+    # Frozen parameters (config.train.trainable) keep their exact values in the average.
+    ema = finetune.keep_frozen(ema_update(ema, params, state.step, ema_decay), ema, trainable)
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                     ema_params=ema), metrics
 
@@ -204,7 +210,7 @@ def validate_config(config, num_devices: Optional[int] = None, *,
   for field in ("log_every", "eval_every", "checkpoint_every", "grad_accum_steps"):
     if t[field] <= 0:
       raise ConfigError(f"config.train.{field}={t[field]} must be positive")
-  if not 0.0 <= float(t.get("ema_decay", 0.0) or 0.0) < 1.0:
+  if not 0.0 <= config_ema_decay(config) < 1.0:
     raise ConfigError(f"config.train.ema_decay={t.get('ema_decay')} must be in [0, 1) "
                       "(0 = no moving average)")
   if t.schedule not in SCHEDULES:
@@ -410,7 +416,7 @@ def create_train_state(config, vocab_size: int, mesh, rules, *, abstract: bool =
   opt_sh = optax.tree_map_params(tx, lambda x, s: x if masked(x) else s,
                                  jax.eval_shape(tx.init, params), param_sh,
                                  transform_non_params=lambda _: replicated, is_leaf=masked)
-  use_ema = float(config.train.get("ema_decay", 0.0) or 0.0) > 0
+  use_ema = config_ema_decay(config) > 0
   state_sh = TrainState(step=replicated, params=param_sh, opt_state=opt_sh,
                         ema_params=param_sh if use_ema else None)
   setup = TrainSetup(model_config=model_cfg, graphdef=graphdef, tx=tx, mesh=mesh, rules=rules,
@@ -447,7 +453,7 @@ def jit_train_step(config, setup: TrainSetup):
       functools.partial(train_step, graphdef=setup.graphdef, tx=setup.tx,
                         label_smoothing=config.train.label_smoothing, use_dropout=use_dropout,
                         trainable=setup.trainable,
-                        ema_decay=float(config.train.get("ema_decay", 0.0) or 0.0)),
+                        ema_decay=config_ema_decay(config)),
       in_shardings=(setup.state_shardings, setup.batch_sharding, replicated),
       out_shardings=(setup.state_shardings, replicated), donate_argnums=(0,))
 
@@ -544,12 +550,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       try:
         state, meta = ckpt_lib.restore(manager, start_step, abstract)
       except ValueError as e:
-        saved = ckpt_lib.read_meta(workdir, start_step).get("config", {}).get("model", {})
+        saved_config = ckpt_lib.read_meta(workdir, start_step).get("config", {})
+        saved = saved_config.get("model", {})
         scanned = bool(saved.get("scan_layers", False))
         hint = (f" It was saved with config.model.scan_layers={scanned}: resume with "
                 f"--config.model.scan_layers={scanned} (midijax.models.stack_layers / "
                 "unstack_layers convert parameters between the two)."
                 if scanned != bool(config.model.get("scan_layers", False)) else "")
+        saved_ema = float(saved_config.get("train", {}).get("ema_decay", 0.0) or 0.0)
+        if (saved_ema > 0) != (config_ema_decay(config) > 0):
+          hint += (f" It was saved {'with' if saved_ema else 'without'} a moving average of "
+                   f"the parameters: resume with --config.train.ema_decay={saved_ema}.")
         raise ConfigError(
             f"{workdir}: the checkpoint at step {start_step} does not fit this config's model or "
             f"optimizer (changed since it was saved?); use a new --workdir.{hint} "

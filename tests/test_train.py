@@ -159,11 +159,14 @@ def test_ema_run_is_evaluated_and_loaded_with_its_average(tfds_dir, tmp_path):
   for x, e in zip(loaded, ema):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(e))
   assert any(not np.allclose(np.asarray(e), np.asarray(p)) for e, p in zip(ema, params))
+  raw_model, *_ = runs.load_run(workdir, step=6, params_tree="params")
+  for x, p in zip(jax.tree.leaves(nnx.state(raw_model)), params):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(p))
   out2 = train.train_and_evaluate(tiny(tfds_dir, ema_decay=0.9, num_steps=8,
                                        async_checkpointing=False), str(workdir))
   assert out2["step"] == 8
   # Without the average, the same workdir's checkpoint no longer fits: one clear line.
-  with pytest.raises(ConfigError, match="does not fit this config"):
+  with pytest.raises(ConfigError, match="does not fit this config.*ema_decay=0.9"):
     train.train_and_evaluate(tiny(tfds_dir, num_steps=10), str(workdir))
 
 
