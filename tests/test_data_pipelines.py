@@ -213,6 +213,36 @@ def test_groove_drums_in_beats(groove_subset, tmp_path):
     input_pipeline.make_train_iterator(config)
 
 
+def test_groove_drums_on_a_grid_with_offsets(groove_subset, tmp_path):
+  """drums_grid: 16th-note time shifts plus OFFSET tokens; the meter joins the prefix, no
+  shift is longer than 16 16ths, and ids decode at the CSV's bpm onto the file's hits, each
+  within a 1/48 quarter note (grid point + offset is the same fine step as drums_beats)."""
+  root, rows = groove_subset
+  builder = data_pipelines.build("groove", "drums_grid", manual_dir=str(root),
+                                 data_dir=str(tmp_path), num_workers=1)
+  enc = builder.encoding
+  assert enc.time_unit == "grid" and enc.num_offsets == 12 and enc.max_shift_steps == 16
+  by_id = {r["id"]: r for r in rows}
+  seen, offsets = 0, 0
+  for split in ("train", "validation", "test"):
+    for ex in read_split(builder, split):
+      row = by_id[ex["id"].decode()]
+      tokens = ex["tokens"]
+      assert ex["num_condition_tokens"] == 4
+      assert tokens[4] == enc.condition_id("meter", row["time_signature"])
+      offsets += int(np.sum((tokens >= enc.offset_base) &
+                            (tokens < enc.offset_base + enc.num_offsets)))
+      bpm = float(row["bpm"])
+      got = enc.decode_notes(tokens, qpm=bpm)
+      src = midi_io.read_notes(root / row["midi_filename"])
+      src = src.select(src.is_drum & (drum_map.pitch_to_groovae_class(src.pitch) >= 0))
+      assert len(got) == len(src) == ex["num_notes"]
+      np.testing.assert_allclose(np.sort(got.start), np.sort(src.start),
+                                 atol=60.0 / bpm / 48)
+      seen += 1
+  assert seen == len(rows) and offsets > seen  # drummers play off the grid
+
+
 def test_groove_bar_windows(groove_subset, tmp_path):
   root, rows = groove_subset
   builder = data_pipelines.build("groove", "drums_2bar", manual_dir=str(root),
