@@ -327,11 +327,7 @@ def condition_value(kind: str, notes: Notes, meta: Mapping[str, Any]) -> Optiona
     value = f"{num}-{den}"
     return value if value in values else "other"
   if kind == "family" and not meta.get("family"):
-    if len(notes) == 0:
-      return None
-    keys = notes.is_drum.astype(np.int64) * 128 + notes.program
-    top = int(np.bincount(keys).argmax())
-    return encoding_lib.family_of_program(top % 128, top >= 128)
+    return encoding_lib.family_of_notes(notes)
   value = meta.get(kind)
   return str(value) if value is not None and str(value) in values else None
 

@@ -403,8 +403,8 @@ def run_generate(args) -> int:
 
 
 def run_continue(args) -> int:
-  from midijax import generation
-  model, enc, _, step, mesh, rules, s = _sampling_setup(args)
+  from midijax import generation, runs
+  model, enc, config, step, mesh, rules, s = _sampling_setup(args)
   # The drummer's-first-two-bars use case: 2 bars unless told otherwise.
   bars = None if args.prompt_seconds is not None else (
       args.prompt_bars if args.prompt_bars is not None else 2.0)
@@ -412,8 +412,14 @@ def run_continue(args) -> int:
   report = generation.continue_files(
       model, enc, args.prompt, out, s, step=step, workdir=args.workdir,
       prompt_seconds=args.prompt_seconds, prompt_bars=bars, max_new_tokens=args.max_tokens,
-      mesh=mesh, rules=rules)
+      mesh=mesh, rules=rules, condition_kinds=runs.conditioning_kinds(args.workdir, config))
   t, recorded = report["timing"], report["settings"]
+  inferred = recorded["inferred_conditions"]
+  if inferred:
+    chosen = ", ".join(f"{k} {v}" for k, v in inferred["values"].items())
+    flags = " ".join(f"--{k}" for k in inferred["values"])
+    print(f"{args.prompt}: no {flags} given; the prompt is most likely as {chosen} "
+          f"(of {inferred['candidates']} prefixes scored)")
   print(f"{args.prompt}: {recorded['prompt_seconds']:.2f} s prompt "
         f"({recorded['prompt_tokens']} tokens), {len(report['samples'])} continuations from "
         f"step {step} -> {out} ({t['new_tokens']} tokens in {t['sample_s']:.2f} s; compile "

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -166,7 +166,8 @@ def generate_files(model, enc, out_dir, settings: Mapping[str, Any], *, config, 
 def continue_files(model, enc, prompt_path, out_dir, settings: Mapping[str, Any], *,
                    step: int, workdir, prompt_seconds: Optional[float] = None,
                    prompt_bars: Optional[float] = None, max_new_tokens: Optional[int] = None,
-                   mesh=None, rules=None) -> dict:
+                   mesh=None, rules=None, condition_kinds: Optional[Sequence[str]] = None
+                   ) -> dict:
   """Continues the start of a MIDI file and writes the results (see the module docstring).
 
   Args:
@@ -178,9 +179,12 @@ def continue_files(model, enc, prompt_path, out_dir, settings: Mapping[str, Any]
     max_new_tokens: tokens per continuation (default: from max_seconds, see
       `sampling.continue_midi`).
     mesh, rules: sample sharded over a mesh.
+    condition_kinds: the run's conditioning kinds (`runs.conditioning_kinds`): the
+      prompt's prefix gets each of them (`sampling.continue_midi`).
 
   Returns:
-    The report, also written as out_dir/continue.json.
+    The report, also written as out_dir/continue.json; its settings hold the conditions
+    used and, under "inferred_conditions", what the model chose.
   """
   from midijax import sampling  # pylint: disable=g-import-not-at-top  # JAX
   s = settings
@@ -189,7 +193,8 @@ def continue_files(model, enc, prompt_path, out_dir, settings: Mapping[str, Any]
       seconds=s["max_seconds"], max_new_tokens=max_new_tokens, num_samples=s["num_samples"],
       temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"], seed=s["seed"],
       conditions=s["conditions"], constrained=s["constrained"], window_keep=s["window_keep"],
-      cache_len=s["cache_len"], kv_cache=s["kv_cache"], mesh=mesh, rules=rules)
+      cache_len=s["cache_len"], kv_cache=s["kv_cache"], mesh=mesh, rules=rules,
+      condition_kinds=condition_kinds)
   result = cont.result
   out = pathlib.Path(out_dir)
   midi_io.write_midi(cont.prompt, out / "prompt.mid")
@@ -202,7 +207,8 @@ def continue_files(model, enc, prompt_path, out_dir, settings: Mapping[str, Any]
     write_text_atomic(text, token_file_text(enc, ids, is_drum=cont.is_drum, qpm=cont.qpm))
     samples.append(_sample_record(ids, cont.continuation[i], result, i, {
         "full_midi": full.name, "continuation_midi": alone.name, "tokens_file": text.name}))
-  recorded = {**s, "max_new_tokens": max_new_tokens, "prompt": str(prompt_path),
+  recorded = {**s, "conditions": cont.conditions, "inferred_conditions": cont.inferred,
+              "max_new_tokens": max_new_tokens, "prompt": str(prompt_path),
               "prompt_seconds": cont.prompt_seconds, "prompt_bars": prompt_bars,
               "prompt_tokens": result.prompt_length}
   report = _report("continue", workdir, step, enc, cont.is_drum, cont.qpm, recorded, result,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Optional
+from typing import List, Optional
 
 from flax import nnx
 import jax
@@ -93,3 +93,27 @@ def load_run(workdir, step: Optional[int] = None, best: bool = False, mesh=None,
     first = str(e).splitlines()[0] if str(e) else ""
     raise MidijaxError(f"{workdir}: cannot load the run ({type(e).__name__}: {first})") from None
   return nnx.merge(graphdef, params), enc, config, step
+
+
+def conditioning_kinds(workdir, config=None) -> Optional[List[str]]:
+  """The conditioning kinds in the prefixes of the run's training data (e.g. style, tempo,
+  type, meter), which `continue` gives a MIDI prompt.
+
+  From run_info.json (training records them; exports keep the record), else from the
+  metadata of the dataset the run's `config` names when it is built on this machine;
+  None when neither says.
+  """
+  workdir = ckpt_lib.workdir_path(workdir)
+  try:
+    kinds = json.loads((workdir / "run_info.json").read_text()).get("conditioning")
+  except (OSError, ValueError, AttributeError):
+    kinds = None
+  if isinstance(kinds, list):
+    return [str(k) for k in kinds]
+  if config is None:
+    return None
+  from midijax import input_pipeline  # pylint: disable=g-import-not-at-top  # TensorFlow
+  try:
+    return input_pipeline.conditioning_kinds(config)
+  except MidijaxError:  # the dataset is not built here
+    return None

@@ -3,7 +3,8 @@
 Reads top-down: token choice (`choose_tokens`: temperature, top-k, top-p), the prompt
 prefill and cache phases, the jitted loop (`sample_tokens`), then the functions the CLI and
 evaluation call: `generate` (from BOS + conditioning, or any prompt) and
-`continue_midi` (continue the first seconds or bars of a MIDI file).
+`continue_midi` (continue the first seconds or bars of a MIDI file, with the conditioning
+prefix the model was trained with: `infer_conditions` picks what the file cannot state).
 
 How the loop works (`_sample`):
 
@@ -41,6 +42,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import itertools
 import math
 import time
 from typing import Any, Dict, List, Mapping, Optional, Sequence
@@ -52,8 +54,8 @@ import numpy as np
 
 from midijax import constraints as grammar_lib
 from midijax import sharding
-from midijax.encoding import (CONDITIONING, EOS_ID, PAD_ID, Encoding, encode_prompt,
-                              is_drum_music, tempo_bin)
+from midijax.encoding import (CONDITIONING, EOS_ID, PAD_ID, Encoding, conditions_of_notes,
+                              encode_prompt, is_drum_music)
 from midijax.errors import MidijaxError
 from midijax.models import transformer
 from midijax.models.kv_cache import LayerCache
@@ -568,12 +570,104 @@ class Continuation:
   prompt_seconds: float
   qpm: float
   is_drum: bool
+  conditions: Dict[str, str] = dataclasses.field(default_factory=dict)
+  inferred: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def bar_seconds(notes) -> float:
   """Seconds per bar from the first tempo and time signature of `notes`."""
   num, den = notes.time_signatures[0, 1:3] if len(notes.time_signatures) else (4, 4)
   return 60.0 / notes.qpm * float(num) * 4.0 / float(den)
+
+
+# Conditioning kinds a MIDI prompt cannot state (GMD's style and beat/fill, a mixture's
+# source dataset): `infer_conditions` picks them with the model. Tempo, meter and family
+# come from the prompt's notes (`encoding.conditions_of_notes`).
+INFERRED_KINDS = ("style", "type", "dataset")
+# `prompt_log_likelihoods` scores rows in batches of SCORE_BATCH, padded to a multiple of
+# SCORE_BUCKET tokens; `infer_conditions` scores at most MAX_CANDIDATES prefixes (GMD:
+# 18 styles x 2 types = 36).
+SCORE_BATCH = 16
+SCORE_BUCKET = 64
+MAX_CANDIDATES = 1024
+
+
+def prompt_log_likelihoods(model: transformer.Transformer, rows: np.ndarray,
+                           prefix_len: int) -> np.ndarray:
+  """log p(row[prefix_len:] | row[:prefix_len]) under `model`, float64 [R].
+
+  Args:
+    model: the trained model (deterministic).
+    rows: int [R, T] token ids of equal length, e.g. BOS + conditioning + a prompt.
+    prefix_len: tokens given, not scored (>= 1).
+  """
+  rows = np.asarray(rows, np.int32)
+  length = rows.shape[1]
+  if not 1 <= prefix_len < length:
+    raise ValueError(f"prefix_len must be in [1, {length}), got {prefix_len}")
+  # Rows are padded (PAD, after the real tokens: the model is causal) to a multiple of
+  # SCORE_BUCKET tokens and SCORE_BATCH rows, so that prompts of similar length share one
+  # compiled program.
+  width = max(length, min(-(-length // SCORE_BUCKET) * SCORE_BUCKET, model.config.max_len + 1))
+  out = []
+  for i in range(0, len(rows), SCORE_BATCH):
+    chunk = np.full((SCORE_BATCH, width), PAD_ID, np.int32)
+    part = rows[i:i + SCORE_BATCH]
+    chunk[:len(part), :length] = part
+    scores = _score_rows(model, jnp.asarray(chunk), jnp.int32(prefix_len), jnp.int32(length))
+    out.append(np.asarray(scores, np.float64)[:len(part)])
+  return np.concatenate(out) if out else np.zeros(0, np.float64)
+
+
+@nnx.jit
+def _score_rows(model, x, prefix_len, length):
+  """Summed log-probabilities of x[:, prefix_len:length] given what precedes, float32 [B]."""
+  logits = model(x[:, :-1], deterministic=True).astype(jnp.float32)
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  picked = jnp.take_along_axis(logp, x[:, 1:, None], axis=-1)[..., 0]
+  target = jnp.arange(1, x.shape[1])
+  return jnp.sum(jnp.where((target >= prefix_len) & (target < length), picked, 0.0), axis=-1)
+
+
+def infer_conditions(model: transformer.Transformer, enc: Encoding, prompt_ids: Sequence[int],
+                     conditions: Mapping[str, str], kinds: Sequence[str]):
+  """Fills the conditioning kinds the model was trained with but a prompt cannot state.
+
+  For each kind of `kinds` (the run's, `runs.conditioning_kinds`) that is in
+  INFERRED_KINDS and not in `conditions`, every combination of values is tried as the
+  prefix of `prompt_ids`, and the one under which the model finds the prompt most likely is
+  kept: with a uniform prior over the values, the most probable given the prompt. The model
+  then continues a prompt with the prefix it was trained with, not one missing tokens it
+  always saw.
+
+  Returns:
+    (conditions with the inferred kinds added, record): the record is {} when nothing was
+    inferred, else {"kinds", "values" (the chosen), "log_likelihood" (nats, the prompt's
+    event tokens), "candidates" (how many prefixes were scored), "runner_up" (the next best
+    values and how many nats less likely the prompt is under them)}.
+  """
+  conditions = dict(conditions)
+  missing = [k for k in CONDITIONING if k in kinds and k in INFERRED_KINDS and k not in conditions]
+  if not missing:
+    return ordered_conditions(conditions), {}
+  candidates = list(itertools.product(*(CONDITIONING[k] for k in missing)))
+  if len(candidates) > MAX_CANDIDATES:
+    raise MidijaxError(f"inferring {', '.join(missing)} would score {len(candidates)} prefixes "
+                       f"(at most {MAX_CANDIDATES}); give some of them as flags")
+  prompt_ids = np.asarray(prompt_ids, np.int32)
+  rows = np.stack([enc.with_specials(prompt_ids, ordered_conditions({**conditions,
+                                                                     **dict(zip(missing, c))}),
+                                     bos=True, eos=False) for c in candidates])
+  prefix_len = rows.shape[1] - len(prompt_ids)
+  scores = prompt_log_likelihoods(model, rows, prefix_len)
+  order = np.argsort(-scores, kind="stable")
+  best = dict(zip(missing, candidates[order[0]]))
+  record = {"kinds": missing, "values": best, "log_likelihood": float(scores[order[0]]),
+            "candidates": len(candidates)}
+  if len(order) > 1:
+    record["runner_up"] = {"values": dict(zip(missing, candidates[order[1]])),
+                           "nats_less_likely": float(scores[order[0]] - scores[order[1]])}
+  return ordered_conditions({**conditions, **best}), record
 
 
 def continue_midi(model: transformer.Transformer, enc: Encoding, prompt_path, *,
@@ -584,7 +678,7 @@ def continue_midi(model: transformer.Transformer, enc: Encoding, prompt_path, *,
                   conditions: Optional[Mapping[str, str]] = None, constrained: bool = True,
                   window_keep: Optional[int] = None, cache_len: Optional[int] = None,
                   is_drum: Optional[bool] = None, kv_cache: str = "model", mesh=None,
-                  rules=None) -> Continuation:
+                  rules=None, condition_kinds: Optional[Sequence[str]] = None) -> Continuation:
   """Continues the start of a MIDI file.
 
   Args:
@@ -600,10 +694,15 @@ def continue_midi(model: transformer.Transformer, enc: Encoding, prompt_path, *,
     cache_len, kv_cache, mesh, rules: as in `generate`.
     is_drum: write drum-channel notes; default: the prompt is all drums (drums encoding
       always writes drums).
+    condition_kinds: the conditioning kinds the model was trained with
+      (`runs.conditioning_kinds`); None: not known.
 
-  Drums with BAR tokens (`groove/drums_beats`) were trained with the tempo bin and meter
-  in the prefix, and the grammar keeps bars whole only once it knows the meter: unless
-  `conditions` name them, both come from the prompt file (its first tempo and meter).
+  The prompt gets the prefix the model was trained with: each kind of `condition_kinds`
+  that `conditions` does not give comes from the prompt file where it can (tempo, meter,
+  instrument family: `encoding.conditions_of_notes`), the others (style, beat/fill,
+  dataset) from the model (`infer_conditions`). With `condition_kinds` unknown, only
+  drums with BAR tokens (`groove/drums_beats`) get their tempo bin and meter from the file:
+  the grammar keeps bars whole only once it knows the meter.
 
   Returns:
     Continuation.
@@ -637,18 +736,18 @@ def continue_midi(model: transformer.Transformer, enc: Encoding, prompt_path, *,
   if not np.any((ids >= enc.body_offset) & (ids < enc.bos_id)):
     raise MidijaxError(f"{prompt_path}: no notes in the first {cut:.2f} s to continue")
   conditions = dict(conditions or {})
-  if getattr(enc, "bar_tokens", False):
-    num, den = (notes.time_signatures[0, 1:3] if len(notes.time_signatures) else (4, 4))
-    meter = f"{int(num)}-{int(den)}"
-    conditions.setdefault("tempo", tempo_bin(notes.qpm))
-    conditions.setdefault("meter", meter if meter in CONDITIONING["meter"] else "other")
-  conditions = ordered_conditions(conditions)
+  kinds = list(condition_kinds) if condition_kinds is not None else (
+      ["tempo", "meter"] if getattr(enc, "bar_tokens", False) else [])
+  for kind, value in conditions_of_notes(notes, kinds).items():
+    conditions.setdefault(kind, value)
+  to_infer = [k for k in kinds if k in INFERRED_KINDS and k not in conditions]
   context = int(cache_len or model.config.max_len)
-  prompt_len = len(ids) + 1 + len(conditions)
+  prompt_len = len(ids) + 1 + len(ordered_conditions(conditions)) + len(to_infer)
   if prompt_len >= context:
     raise MidijaxError(
         f"{prompt_path}: the prompt ({cut:.2f} s) is {prompt_len} tokens, longer than the "
         f"model's {context}-token context; ask for fewer --prompt_seconds / --prompt_bars")
+  conditions, inferred = infer_conditions(model, enc, ids, conditions, kinds)
   if max_new_tokens is None:
     max_new_tokens = int(min(max(seconds or 0, 1) * 200, 1 << 16)) if seconds else 2048
   result = generate(model, enc, num_samples=num_samples, max_new_tokens=max_new_tokens,
@@ -659,4 +758,5 @@ def continue_midi(model: transformer.Transformer, enc: Encoding, prompt_path, *,
   decode = functools.partial(enc.decode_notes, is_drum=is_drum, qpm=notes.qpm)
   return Continuation(prompt=decode(ids), full=[decode(t) for t in result.tokens],
                       continuation=[decode(t) for t in result.continuations], result=result,
-                      prompt_seconds=cut, qpm=notes.qpm, is_drum=is_drum)
+                      prompt_seconds=cut, qpm=notes.qpm, is_drum=is_drum,
+                      conditions=conditions, inferred=inferred)

@@ -505,6 +505,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   total, trainable = setup.param_counts
   info["params"] = {"total": total, "trainable": trainable,
                     "trainable_pattern": config.train.get("trainable", "")}
+  # What `continue` must put in a prompt's prefix to match training (runs.conditioning_kinds).
+  if hasattr(data, "conditioning_kinds"):
+    info["conditioning"] = data.conditioning_kinds()
   if resuming:
     for key in ("init_from", "wall_seconds"):  # the run's own history, kept across restarts
       if key in old_info:

@@ -341,6 +341,113 @@ def test_continue_names_tempo_and_meter_for_drums_with_bars(groove_files):
     assert set(np.diff(np.cumsum(steps)[body == enc.bar_id])) <= {192}
 
 
+def _direct_log_likelihood(model, ids, prefix_len):
+  """log p(ids[prefix_len:] | ids[:prefix_len]) from one plain forward pass (float64 sum)."""
+  logits = np.asarray(model(jnp.asarray(ids[None, :-1]), deterministic=True), np.float64)[0]
+  logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+      - logits.max(-1, keepdims=True)
+  return float(sum(logp[j - 1, ids[j]] for j in range(prefix_len, len(ids))))
+
+
+def test_prompt_log_likelihoods_equal_a_plain_forward_pass(groove_files):
+  """Rows of any length (padded inside to a bucket) and batch (padded to SCORE_BATCH rows)
+  score what one forward pass of the row alone gives."""
+  enc = encoding.get("drums", time_unit="beats", bar_tokens=True)
+  model = make_model(enc, "rope", max_len=256, layers=1, seed=5)
+  events = next(e for e in (groove_prompt(enc, f, 30.0) for f in groove_files) if len(e) > 140)
+  for length, prefix_len in ((70, 4), (128, 1), (129, 60)):
+    rows = np.stack([enc.with_specials(events[i:i + length - 1], {"style": "funk"}, eos=False)
+                     for i in range(3)])
+    got = sampling.prompt_log_likelihoods(model, rows, prefix_len)
+    want = [_direct_log_likelihood(model, r, prefix_len) for r in rows]
+    np.testing.assert_allclose(got, want, rtol=1e-4)
+  with pytest.raises(ValueError, match="prefix_len"):
+    sampling.prompt_log_likelihoods(model, rows, rows.shape[1])
+
+
+def test_infer_conditions_picks_the_prefix_that_makes_the_prompt_most_likely(groove_files):
+  enc = encoding.get("drums", time_unit="beats", bar_tokens=True)
+  model = make_model(enc, "rope", max_len=256, layers=1, seed=7)
+  notes = midi_io.read_notes(groove_files[3])
+  events = encoding.encode_prompt(enc, notes, 2.0)
+  kinds = ["style", "tempo", "type", "meter"]
+  known = encoding.conditions_of_notes(notes, kinds)
+  assert known == {"tempo": encoding.tempo_bin(notes.qpm), "meter": "4-4"}
+  cond, record = sampling.infer_conditions(model, enc, events, known, kinds)
+  # Every (style, type) scored by a plain forward pass: the chosen one is the best.
+  scores = {}
+  for style in encoding.CONDITIONING["style"]:
+    for kind in encoding.CONDITIONING["type"]:
+      c = sampling.ordered_conditions({**known, "style": style, "type": kind})
+      ids = enc.with_specials(events, c, eos=False)
+      scores[style, kind] = _direct_log_likelihood(model, ids, len(ids) - len(events))
+  ranked = sorted(scores, key=scores.get, reverse=True)
+  assert (record["values"]["style"], record["values"]["type"]) == ranked[0]
+  assert record["kinds"] == ["style", "type"] and record["candidates"] == 36
+  assert record["log_likelihood"] == pytest.approx(scores[ranked[0]], rel=1e-4)
+  assert record["runner_up"]["nats_less_likely"] == pytest.approx(
+      scores[ranked[0]] - scores[ranked[1]], abs=1e-3)
+  assert list(cond) == kinds and cond["style"] == ranked[0][0]  # the prefix order
+  # Given kinds are kept; kinds the run was not trained with are not added.
+  cond, record = sampling.infer_conditions(model, enc, events, {**known, "style": "jazz"}, kinds)
+  assert cond["style"] == "jazz" and record["kinds"] == ["type"] and record["candidates"] == 2
+  cond, record = sampling.infer_conditions(model, enc, events, known, ["tempo", "meter"])
+  assert cond == known and record == {}
+  # The prompt starts from the prefix continue_midi gives it.
+  path = groove_files[3]
+  cont = sampling.continue_midi(model, enc, path, prompt_bars=1, seconds=2, num_samples=2,
+                                seed=0, condition_kinds=kinds)
+  names = [enc.vocab.names[i] for i in cont.result.tokens[0][1:5]]
+  values = cont.inferred["values"]
+  assert names == [f"STYLE_{values['style']}", f"TEMPO_{known['tempo']}",
+                   f"TYPE_{values['type']}", "METER_4-4"]
+  assert cont.conditions == {**known, **values}
+
+
+def test_continue_infers_style_and_type_the_run_was_trained_with(tiny_run, groove_files,
+                                                                 groove_tfds, tmp_path, capsys):
+  """tiny_run trained on groove/drums (style, tempo, type prefixes): `continue` without
+  --style / --type fills both from the model and says so; given, they are used as given.
+  Runs without the record in run_info.json read it from their dataset when it is here."""
+  from midijax import runs
+  info = json.loads((tiny_run / "run_info.json").read_text())
+  assert info["conditioning"] == ["style", "tempo", "type"]
+  src = next(f for f in groove_files if "beat" in f.name)
+  out = tmp_path / "inferred"
+  code, stdout, err = run_cli(capsys, "continue", "--workdir", tiny_run, "--prompt", src,
+                              "--prompt_bars", 1, "--seconds", 2, "--num_samples", 2,
+                              "--out", out)
+  assert code == 0, err
+  assert "no --style --type given; the prompt is most likely as style " in stdout
+  settings = json.loads((out / "continue.json").read_text())["settings"]
+  inferred = settings["inferred_conditions"]
+  assert inferred["kinds"] == ["style", "type"] and inferred["candidates"] == 36
+  assert list(settings["conditions"]) == ["style", "tempo", "type"]
+  assert settings["conditions"]["style"] == inferred["values"]["style"]
+  tokens = (out / "sample_00.txt").read_text().splitlines()
+  assert tokens[1:5] == ["BOS", f"STYLE_{inferred['values']['style']}",
+                         f"TEMPO_{settings['conditions']['tempo']}",
+                         f"TYPE_{inferred['values']['type']}"]
+  code, stdout, err = run_cli(capsys, "continue", "--workdir", tiny_run, "--prompt", src,
+                              "--prompt_bars", 1, "--seconds", 2, "--num_samples", 1,
+                              "--style", "funk", "--type", "fill", "--out", tmp_path / "given")
+  assert code == 0, err
+  settings = json.loads((tmp_path / "given" / "continue.json").read_text())["settings"]
+  assert settings["inferred_conditions"] == {} and "most likely" not in stdout
+  assert settings["conditions"]["style"] == "funk" and settings["conditions"]["type"] == "fill"
+  # The record's fallback: the dataset's metadata.json, when the dataset is built here.
+  config = json.loads((tiny_run / "config.json").read_text())
+  old = tmp_path / "old_run"
+  old.mkdir()
+  (old / "run_info.json").write_text(json.dumps({"git_commit": "x"}))
+  import ml_collections
+  assert runs.conditioning_kinds(old, ml_collections.ConfigDict(config)) == [
+      "style", "tempo", "type"]
+  config["data"]["data_dir"] = str(tmp_path / "nowhere")
+  assert runs.conditioning_kinds(old, ml_collections.ConfigDict(config)) is None
+  assert runs.conditioning_kinds(old) is None
+
+
 def test_grammar_state_after_a_prompt():
   perf = encoding.get("performance")
   g = grammar.get(perf, 512)

@@ -9,7 +9,7 @@
 import dataclasses
 import json
 import pathlib
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 
@@ -58,6 +58,35 @@ def is_drum_music(enc: Encoding, *, dataset: str = "", conditions=None, notes=No
   if (conditions or {}).get("family") == "drums":
     return True
   return notes is not None and bool(len(notes)) and bool(notes.is_drum.all())
+
+
+def family_of_notes(notes: Notes) -> Optional[str]:
+  """The General MIDI family of the instrument with the most notes (drums for drum-channel
+  notes); None without notes. The data builders' `family` conditioning for files whose
+  metadata gives none."""
+  if len(notes) == 0:
+    return None
+  keys = notes.is_drum.astype(np.int64) * 128 + notes.program
+  top = int(np.bincount(keys).argmax())
+  return family_of_program(top % 128, top >= 128)
+
+
+def conditions_of_notes(notes: Notes, kinds) -> Dict[str, str]:
+  """Conditioning values a piece of music states itself, for the kinds of `kinds` that
+  have one: tempo (bin of the first tempo), meter (first time signature, else 4/4; "other"
+  outside the vocabulary) and family (`family_of_notes`). E.g. what `midijax continue`
+  puts in a MIDI prompt's prefix."""
+  out = {}
+  if "tempo" in kinds:
+    out["tempo"] = tempo_bin(notes.qpm)
+  if "meter" in kinds:
+    num, den = notes.time_signatures[0, 1:3] if len(notes.time_signatures) else (4, 4)
+    meter = f"{int(num)}-{int(den)}"
+    out["meter"] = meter if meter in CONDITIONING["meter"] else "other"
+  family = family_of_notes(notes) if "family" in kinds else None
+  if family is not None:
+    out["family"] = family
+  return out
 
 
 def load_vocab(path) -> Encoding:
@@ -130,4 +159,5 @@ def continuation_pair(enc: Encoding, notes: Notes, cut_seconds: float, end_secon
 
 __all__ = ["get", "from_config", "load_vocab", "Encoding", "Vocab", "CONDITIONING", "PAD_ID",
            "EOS_ID", "ENCODINGS", "tempo_bin", "family_of_program", "is_drum_music",
-           "TIME_SHIFT_ENCODINGS", "encode_prompt", "continuation_pair", "note_token_mask"]
+           "TIME_SHIFT_ENCODINGS", "encode_prompt", "continuation_pair", "note_token_mask",
+           "family_of_notes", "conditions_of_notes"]
