@@ -252,7 +252,9 @@ def reproduce(workdir, new_workdir, *, log=print, warn=None) -> Dict[str, Any]:
   every difference between run_info.json and this machine's git commit, package
   versions, Python and devices; with none, the new run's checkpoints equal the
   original's bit for bit (same seed, same data order, same programs). An init_from is
-  pinned to the checkpoint step the original run recorded.
+  pinned to the checkpoint step the original run recorded. For an export (`midijax
+  export`), the run it was exported from is trained again (its config, recorded in the
+  export's run_info.json).
 
   Returns:
     The new run's final metrics (`train.train_and_evaluate`).
@@ -270,6 +272,18 @@ def reproduce(workdir, new_workdir, *, log=print, warn=None) -> Dict[str, Any]:
   if (new / "config.json").exists() or (new / "checkpoints").exists():
     raise MidijaxError(f"--workdir {new}: already holds a run; give a new folder")
   config = ml_collections.ConfigDict(_read_json(src / "config.json", "config"))
+  exported = record.info.get("exported_from") or {}
+  if exported:
+    # An export's config.json describes the exported model (e.g. LoRA merged, lora_rank 0),
+    # not the training that made it: train the source's config, which the export records.
+    if not isinstance(exported.get("config"), dict):
+      raise MidijaxError(f"{src}: an export of {exported.get('workdir')} (step "
+                         f"{exported.get('step')}) that does not record its source's config; "
+                         f"reproduce {exported.get('workdir')} instead")
+    config = ml_collections.ConfigDict(exported["config"])
+    log(f"{src} is an export of {exported.get('workdir')} at step {exported.get('step')}: "
+        f"training that run's config; `midijax export --workdir {new} --step "
+        f"{exported.get('step')} --out DIR` then makes the same export")
   if not record.info:
     warn(f"{src}: no run_info.json, so the code and package versions it ran with are "
          "unknown")

@@ -483,7 +483,7 @@ def export_run(workdir, out, *, step: Optional[int] = None, best: bool = False) 
   Returns:
     {"out", "step", "params", "bytes", "source_bytes"} (bytes of the checkpoint folders),
     and "lora_merged": {"rank", "alpha"} when LoRA adapters were merged (also recorded in
-    run_info.json's "exported_from").
+    run_info.json's "exported_from", with the source's folder, step and config).
 
   Raises:
     MidijaxError: the run cannot be loaded, or `out` already holds a run (nothing in it
@@ -494,12 +494,16 @@ def export_run(workdir, out, *, step: Optional[int] = None, best: bool = False) 
     raise MidijaxError(f"{out_path}: already holds a run; export to a new folder")
   model, enc, config, step = runs.load_run(workdir, step=step, best=best)
   _, params = nnx.split(model)
+  source_config = config
   config = ml_collections.ConfigDict(config.to_dict())
   lora = (int(config.model.get("lora_rank", 0) or 0),
           float(config.model.get("lora_alpha", model.config.lora_alpha)))
   for transform in EXPORT_TRANSFORMS:
     params, config = transform(params, config)
-  exported_from = {"workdir": os.fspath(ckpt_lib.workdir_path(workdir)), "step": int(step)}
+  # The source's config as it trained (this folder's config.json is the exported model's):
+  # `midijax reproduce` of an export trains it again.
+  exported_from = {"workdir": os.fspath(ckpt_lib.workdir_path(workdir)), "step": int(step),
+                   "config": json.loads(source_config.to_json_best_effort())}
   if lora[0] and not config.model.get("lora_rank", 0):
     exported_from["lora_merged"] = {"rank": lora[0], "alpha": lora[1]}
   src = ckpt_lib.workdir_path(workdir)

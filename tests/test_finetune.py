@@ -310,6 +310,36 @@ def test_export_merges_the_adapters_into_a_plain_model_that_generates(data_dir, 
   assert (gen / "sample_00.mid").exists()
 
 
+def test_reproduce_an_export_trains_its_source_and_exports_the_same(lora_run, tmp_path,
+                                                                   capsys):
+  """An export's config.json is the merged model's (lora_rank 0), not how it was trained:
+  `reproduce` trains the source's recorded config, and exporting the new run at the same
+  step gives the same parameters bit for bit."""
+  workdir, _ = lora_run
+  out = tmp_path / "merged"
+  assert cli.main(["export", "--workdir", str(workdir), "--best", "--out", str(out)]) == 0
+  step = ckpt_lib.best_step(out)
+  capsys.readouterr()
+  new = tmp_path / "again"
+  assert cli.main(["reproduce", str(out), "--workdir", str(new)]) == 0
+  assert f"is an export of {workdir} at step {step}" in capsys.readouterr().out
+  assert json.loads((new / "config.json").read_text())["model"]["lora_rank"] == 4
+  again = tmp_path / "again_merged"
+  assert cli.main(["export", "--workdir", str(new), "--step", str(step), "--out",
+                   str(again)]) == 0
+  a, b = params_of(out), params_of(again)
+  assert a.keys() == b.keys()
+  for path in a:
+    np.testing.assert_array_equal(a[path], b[path], err_msg=path)
+  # An export from before the record: one clear line naming the run to reproduce.
+  info = json.loads((out / "run_info.json").read_text())
+  del info["exported_from"]["config"]
+  (out / "run_info.json").write_text(json.dumps(info))
+  capsys.readouterr()
+  assert cli.main(["reproduce", str(out), "--workdir", str(tmp_path / "x")]) == 2
+  assert f"reproduce {workdir} instead" in one_line_error(capsys, "reproduce")
+
+
 # ----------------------------------------------------------------------------- evaluate
 def test_continuation_nll_is_the_target_nll_given_the_real_prompt(data_dir, pretrained,
                                                                   finetuned, tmp_path, capsys):
