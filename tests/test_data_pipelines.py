@@ -169,6 +169,17 @@ def test_groove_tokens_decode_to_source_hits(groove_built):
   assert seen == len(rows)
 
 
+def _assert_decodes_onto_the_file(enc, ex, row, root):
+  """An example of a beat-clock drums encoding decodes, at the CSV's bpm, onto its file's
+  classed hits, each within a 1/48 quarter note."""
+  bpm = float(row["bpm"])
+  got = enc.decode_notes(ex["tokens"], qpm=bpm)
+  src = midi_io.read_notes(root / row["midi_filename"])
+  src = src.select(src.is_drum & (drum_map.pitch_to_groovae_class(src.pitch) >= 0))
+  assert len(got) == len(src) == ex["num_notes"]
+  np.testing.assert_allclose(np.sort(got.start), np.sort(src.start), atol=60.0 / bpm / 48)
+
+
 def test_groove_drums_in_beats(groove_subset, tmp_path):
   """drums_beats: the meter joins the prefix; ids decode at the CSV's bpm onto the file's
   hits, each within a step (1/48 quarter note: half a step of rounding, plus the CSV's
@@ -191,13 +202,7 @@ def test_groove_drums_in_beats(groove_subset, tmp_path):
       steps = np.where((tokens >= enc.shift_base) & (tokens < enc.velocity_base),
                        tokens - enc.shift_base + 1, 0)
       assert set(np.diff(np.cumsum(steps)[tokens == enc.bar_id])) <= {num * 4 * 48 // den}
-      bpm = float(row["bpm"])
-      got = enc.decode_notes(tokens, qpm=bpm)
-      src = midi_io.read_notes(root / row["midi_filename"])
-      src = src.select(src.is_drum & (drum_map.pitch_to_groovae_class(src.pitch) >= 0))
-      assert len(got) == len(src) == ex["num_notes"]
-      np.testing.assert_allclose(np.sort(got.start), np.sort(src.start),
-                                 atol=60.0 / bpm / 48)
+      _assert_decodes_onto_the_file(enc, ex, row, root)
       seen += 1
   assert seen == len(rows)
   # Its training config trains on it; time stretching is refused (the tokens do not
@@ -232,13 +237,7 @@ def test_groove_drums_on_a_grid_with_offsets(groove_subset, tmp_path):
       assert tokens[4] == enc.condition_id("meter", row["time_signature"])
       offsets += int(np.sum((tokens >= enc.offset_base) &
                             (tokens < enc.offset_base + enc.num_offsets)))
-      bpm = float(row["bpm"])
-      got = enc.decode_notes(tokens, qpm=bpm)
-      src = midi_io.read_notes(root / row["midi_filename"])
-      src = src.select(src.is_drum & (drum_map.pitch_to_groovae_class(src.pitch) >= 0))
-      assert len(got) == len(src) == ex["num_notes"]
-      np.testing.assert_allclose(np.sort(got.start), np.sort(src.start),
-                                 atol=60.0 / bpm / 48)
+      _assert_decodes_onto_the_file(enc, ex, row, root)
       seen += 1
   assert seen == len(rows) and offsets > seen  # drummers play off the grid
 
