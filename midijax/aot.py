@@ -482,8 +482,7 @@ def compile_train_step(config, topology: Topology, devices: Sequence[Any], *,
   optimal_seconds = float((cost or {}).get("optimal_seconds", 0.0) or 0.0)
   has_loops = (bool(optimal_seconds)
                and re.search(r"\bwhile\(", compiled.as_text() or "") is not None)
-  model_flops = (transformer.flops_per_token(setup.model_config, seq_len) * rows * seq_len
-                 / num_devices)
+  model_flops = setup.flops_per_token(seq_len) * rows * seq_len / num_devices
   limit, limit_source = device_memory_bytes(devices, topology, memory_per_device)
   fits = None if not limit else total <= limit
   return CompileReport(
@@ -544,7 +543,8 @@ def format_report(r: CompileReport) -> str:
     lines.append("  device memory     unknown (give --memory_per_device=h100|v5e|GiB to compare)")
   loops = " (loop bodies counted once)" if r.has_loops else ""
   lines.append(f"FLOPs per device per step: compiler {r.compiler_flops:.4g}{loops}, model "
-               f"{r.model_flops:.4g} (6N + attention, transformer.flops_per_token)")
+               f"{r.model_flops:.4g} (6N + attention, or 4N + 2N_trainable with frozen "
+               "parameters: transformer.flops_per_token)")
   if r.attention_impl:
     lines.append(f"attention   {r.attention_impl} (config.model.attention_impl resolved)")
   if r.optimal_seconds:

@@ -135,6 +135,33 @@ def count_params(params, mask: Optional[Sequence[bool]] = None) -> Tuple[int, in
   return total, int(sum(s for s, m in zip(sizes, mask) if m))
 
 
+# Parameters whose matrices the per-token matmuls use (as `transformer.matmul_params`
+# counts them): attention and MLP kernels, their LoRA adapters, the output projection.
+_MATMUL_PARAM = re.compile(r"(^|/)(query|key|value|out|wi|wi_gate|wo)(_lora_[ab])?$")
+
+
+def trainable_matmul_params(params, mask: Optional[Sequence[bool]], config) -> Optional[int]:
+  """N_trainable of `transformer.flops_per_token`: the scalars of the trainable matmul
+  weights (the output projection as D x the real vocabulary, tied or not); None when
+  every parameter trains.
+
+  Args:
+    params: the parameter tree; mask: `trainable_leaves` of it; config: the model's
+      TransformerConfig.
+  """
+  if mask is None:
+    return None
+  total = 0
+  for (path, leaf), trains in zip(_variables_with_paths(params), mask):
+    if not trains:
+      continue
+    if path == "output" or (path == "embedding" and config.tied_embeddings):
+      total += config.emb_dim * config.vocab_size
+    elif _MATMUL_PARAM.search(path):
+      total += _size(leaf)
+  return total
+
+
 def keep_frozen(new_params, old_params, mask: Optional[Sequence[bool]]):
   """`new_params` with the leaves `mask` marks False taken from `old_params` unchanged
   (so frozen parameters stay bit-identical, whatever the optimizer adds)."""

@@ -361,6 +361,8 @@ class TrainSetup:
     trainable: bools in `jax.tree.leaves(params)` order, the parameters
       config.train.trainable selects; None = all.
     param_counts: (all parameter scalars, trainable ones).
+    trainable_matmul_params: scalars of the trainable matmul weights (None = all train),
+      for the FLOPs per token (`transformer.flops_per_token`).
   """
   model_config: transformer.TransformerConfig
   graphdef: Any
@@ -371,6 +373,11 @@ class TrainSetup:
   batch_sharding: jax.sharding.NamedSharding
   trainable: Optional[Tuple[bool, ...]] = None
   param_counts: Tuple[int, int] = (0, 0)
+  trainable_matmul_params: Optional[int] = None
+
+  def flops_per_token(self, seq_len: int) -> float:
+    """Training FLOPs per token of this model and trainable set (MFU's numerator)."""
+    return transformer.flops_per_token(self.model_config, seq_len, self.trainable_matmul_params)
 
 
 def create_train_state(config, vocab_size: int, mesh, rules, *, abstract: bool = False
@@ -421,7 +428,9 @@ def create_train_state(config, vocab_size: int, mesh, rules, *, abstract: bool =
                         ema_params=param_sh if use_ema else None)
   setup = TrainSetup(model_config=model_cfg, graphdef=graphdef, tx=tx, mesh=mesh, rules=rules,
                      state_shardings=state_sh, batch_sharding=sharding.batch_sharding(mesh, rules),
-                     trainable=trainable, param_counts=finetune.count_params(params, trainable))
+                     trainable=trainable, param_counts=finetune.count_params(params, trainable),
+                     trainable_matmul_params=finetune.trainable_matmul_params(params, trainable,
+                                                                              model_cfg))
   if abstract:
     shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
                         opt_state=jax.eval_shape(tx.init, params),
@@ -580,7 +589,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                      in_shardings=(state_sh.params, batch_sh), out_shardings=replicated)
 
     seq_len = config.data.seq_len
-    fpt = transformer.flops_per_token(setup.model_config, seq_len)
+    fpt = setup.flops_per_token(seq_len)
     peak, peak_src = peak_flops_per_device(config)
     writer = metric_writers.MetricWriter(workdir, active=is_chief, resume_step=start_step)
     dropout_rng = replicated_key(config.seed + 1, mesh)

@@ -149,6 +149,16 @@ def test_fresh_adapters_leave_the_model_unchanged(scan_layers):
   np.testing.assert_array_equal(run(lora, tokens, key), run(base, tokens, key))
   assert transformer.count_params(lora) - transformer.count_params(base) == (
       transformer.matmul_params(lora.config) - transformer.matmul_params(base.config))
+  # Training only the adapters: their matmuls alone need weight gradients (the MFU's FLOPs).
+  adapters_n = finetune.trainable_matmul_params(nnx.state(lora, nnx.Param), mask, lora.config)
+  assert adapters_n == transformer.matmul_params(lora.config) - transformer.matmul_params(
+      base.config)
+  n, seq = transformer.matmul_params(lora.config), 16
+  assert transformer.flops_per_token(lora.config, seq, adapters_n) == (
+      transformer.flops_per_token(lora.config, seq) - 2 * (n - adapters_n))
+  output_only = finetune.trainable_leaves(nnx.state(lora, nnx.Param), "output")
+  assert finetune.trainable_matmul_params(nnx.state(lora, nnx.Param), output_only,
+                                          lora.config) == lora.config.emb_dim * VOCAB
 
 
 # ----------------------------------------------------------------------------- every path

@@ -964,7 +964,8 @@ def matmul_params(config: TransformerConfig) -> int:
   return c.num_layers * per_layer + c.emb_dim * c.vocab_size
 
 
-def flops_per_token(config: TransformerConfig, seq_len: int) -> float:
+def flops_per_token(config: TransformerConfig, seq_len: int,
+                    trainable_matmul_params: Optional[int] = None) -> float:
   """Training FLOPs per token (forward + backward), PaLM appendix B style.
 
     6 * N  +  12 * L * H * Dh * T   (+ 6 * L * H * Dh * T for "relative")
@@ -974,9 +975,16 @@ def flops_per_token(config: TransformerConfig, seq_len: int) -> float:
   no causal halving); relative attention adds q.E_r, a third T x T x Dh matmul
   per head.
 
+  With frozen parameters (`config.train.trainable`, e.g. LoRA), only the
+  `trainable_matmul_params` of the N need weight gradients: 4 * N + 2 * N_trainable
+  instead of 6 * N. Activation gradients are counted through every layer: exact when
+  trainable matrices sit in every layer (adapters), an upper bound when only the top
+  trains.
+
   Args:
     config: the model.
     seq_len: training sequence length T (tokens).
+    trainable_matmul_params: N_trainable; None = every parameter trains.
 
   Returns:
     FLOPs per token, for MFU = tokens/s * flops_per_token / peak FLOP/s.
@@ -984,4 +992,6 @@ def flops_per_token(config: TransformerConfig, seq_len: int) -> float:
   c = config
   attention_matmuls = 3 if c.position == "relative" else 2
   attention = 6 * attention_matmuls * c.num_layers * c.num_heads * c.head_dim * seq_len
-  return float(6 * matmul_params(c) + attention)
+  n = matmul_params(c)
+  trained = n if trainable_matmul_params is None else int(trainable_matmul_params)
+  return float(4 * n + 2 * trained + attention)
