@@ -15,22 +15,13 @@ kernel's speed-up. Compare with the model's big matmuls (`benchmarks/train_throu
 
     python benchmarks/attention_throughput.py [--batch 8 --seq 1024 --heads 8 --head_dim 64]
 """
+import bench_env  # noqa: F401  first: see benchmarks/bench_env.py
+
 import argparse
 import json
 import os
-import pathlib
 import statistics
-import sys
 import time
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from midijax import process_env  # noqa: E402  pylint: disable=wrong-import-position
-
-# Before TensorFlow or JAX loads: quiet start-up (no libtpu lines on a machine without a
-# TPU), as the midijax command does.
-process_env.configure()
 
 
 def main():

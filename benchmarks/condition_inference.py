@@ -17,22 +17,12 @@ reports how often the inferred style and type are the file's labels. Prints one 
     python benchmarks/condition_inference.py --workdir workdirs/groove_beats \\
         --groove_dir ../shared/data/groove
 """
-import pathlib
-import sys
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-# The repo, not this folder, first on the path: benchmarks/tokenize.py would shadow the
-# standard library's tokenize (imported by dataclasses, inspect, ...).
-sys.path[0] = str(REPO)
-
-from midijax import process_env  # noqa: E402  pylint: disable=wrong-import-position
-
-# Before TensorFlow or JAX loads: quiet start-up, as the midijax command does.
-process_env.configure()
+import bench_env  # noqa: F401  first: see benchmarks/bench_env.py
 
 import argparse
 import csv
 import json
+import pathlib
 import time
 
 

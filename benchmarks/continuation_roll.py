@@ -10,23 +10,14 @@ beat and bar grid (`midijax.reports.plot_continuations`). Prints one JSON line.
     python benchmarks/continuation_roll.py --workdir workdirs/groove_small \\
         --data_dir workdirs/tfds --out docs/groove_continuation.png
 """
-import pathlib
-import sys
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-# The repo, not this folder, first on the path: benchmarks/tokenize.py would shadow the
-# standard library's tokenize (imported by dataclasses, inspect, ...).
-sys.path[0] = str(REPO)
-
-from midijax import process_env  # noqa: E402  pylint: disable=wrong-import-position
-
-# Before TensorFlow or JAX loads: quiet start-up (no libtpu lines on a machine without a
-# TPU), as the midijax command does.
-process_env.configure()
+import bench_env  # noqa: F401  first: see benchmarks/bench_env.py
 
 import argparse
 import dataclasses
 import json
+import pathlib
+
+REPO = bench_env.REPO
 
 
 def main(argv=None):

@@ -19,25 +19,17 @@ Prints one JSON line. Example (the README figure):
 
     python benchmarks/groove_quality.py --data_dir workdirs/tfds --workdir workdirs/groove_small
 """
-import pathlib
-import sys
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-# The repo, not this folder, first on the path: benchmarks/tokenize.py would shadow the
-# standard library's tokenize (imported by dataclasses, inspect, ...).
-sys.path[0] = str(REPO)
-
-from midijax import process_env  # noqa: E402  pylint: disable=wrong-import-position
-
-# Before TensorFlow or JAX loads: quiet start-up (no libtpu lines on a machine without a
-# TPU), as the midijax command does.
-process_env.configure()
+import bench_env  # noqa: F401  first: see benchmarks/bench_env.py
 
 import argparse
 import json
 import os
+import pathlib
 import subprocess
+import sys
 import time
+
+REPO = bench_env.REPO
 
 
 def per_unit(total: float, units: dict) -> dict:

@@ -29,22 +29,16 @@ GPT-2 with n_positions 2048); compare with ../shared/peers/hf_generate.py, same 
     python benchmarks/sample_throughput.py --config configs/music_transformer.py --batch 1 \
         --dtype float32   # Music Transformer relative attention, float32 on CPU
 """
+import bench_env  # noqa: F401  first: see benchmarks/bench_env.py
+
 import argparse
 import importlib.util
 import json
 import os
 import pathlib
 import statistics
-import sys
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from midijax import process_env  # noqa: E402  pylint: disable=wrong-import-position
-
-# Before TensorFlow or JAX loads: quiet start-up (no libtpu lines on a machine without a
-# TPU), as the midijax command does.
-process_env.configure()
+REPO = bench_env.REPO
 
 
 def load_config(path):

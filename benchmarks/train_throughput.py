@@ -17,22 +17,16 @@ shape and prints one JSON line:
     python benchmarks/train_throughput.py --config configs/seed_course.py --layers 6 --width 512 \
         --heads 8 --mlp 2048 --seq 1024 --batch 8 --dropout 0
 """
+import bench_env  # noqa: F401  first: see benchmarks/bench_env.py
+
 import argparse
 import json
 import os
 import pathlib
 import statistics
-import sys
 import time
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from midijax import process_env  # noqa: E402  pylint: disable=wrong-import-position
-
-# Before TensorFlow or JAX loads: quiet start-up (no libtpu lines on a machine without a
-# TPU), as the midijax command does.
-process_env.configure()
+REPO = bench_env.REPO
 
 
 def main():

@@ -11,19 +11,7 @@ one JSON line per setting, then one for the best; put the best in the config's
     python benchmarks/tune_sampling.py --workdir workdirs/groove_small \\
         --data_dir workdirs/tfds --temperatures 0.9,1.0 --top_ps 0.9,0.95,1.0
 """
-import pathlib
-import sys
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-# The repo, not this folder, first on the path: benchmarks/tokenize.py would shadow the
-# standard library's tokenize (imported by dataclasses, inspect, ...).
-sys.path[0] = str(REPO)
-
-from midijax import process_env  # noqa: E402  pylint: disable=wrong-import-position
-
-# Before TensorFlow or JAX loads: quiet start-up (no libtpu lines on a machine without a
-# TPU), as the midijax command does.
-process_env.configure()
+import bench_env  # noqa: F401  first: see benchmarks/bench_env.py
 
 import argparse
 import itertools
