@@ -323,9 +323,7 @@ def condition_value(kind: str, notes: Notes, meta: Mapping[str, Any]) -> Optiona
   if kind == "tempo":
     return encoding_lib.tempo_bin(_qpm(notes, meta))
   if kind == "meter":
-    num, den = _meter(notes, meta)
-    value = f"{num}-{den}"
-    return value if value in values else "other"
+    return encoding_lib.meter_value(*_meter(notes, meta))
   if kind == "family" and not meta.get("family"):
     return encoding_lib.family_of_notes(notes)
   value = meta.get(kind)

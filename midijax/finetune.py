@@ -534,6 +534,14 @@ def export_run(workdir, out, *, step: Optional[int] = None, best: bool = False) 
   if lora[0] and not config.model.get("lora_rank", 0):
     exported_from["lora_merged"] = {"rank": lora[0], "alpha": lora[1]}
   src = ckpt_lib.workdir_path(workdir)
+  info = {}
+  if (src / "run_info.json").exists():
+    info = json.loads((src / "run_info.json").read_text())
+  earlier = info.get("exported_from") or {}
+  if isinstance(earlier.get("config"), dict):
+    # An export of an export: the run that trained is the first source.
+    exported_from.update({k: earlier[k] for k in ("workdir", "step", "config", "lora_merged")
+                          if k in earlier})
   meta = ckpt_lib.read_meta(src, step)
   out_path.mkdir(parents=True, exist_ok=True)
   manager = ckpt_lib.make_manager(out_path, keep_latest=1, keep_best=1, async_save=False)
@@ -546,9 +554,6 @@ def export_run(workdir, out, *, step: Optional[int] = None, best: bool = False) 
   if eval_loss is not None:
     ckpt_lib.write_best(out_path, step, eval_loss)
   enc.save_vocab(out_path / "vocab.json")
-  info = {}
-  if (src / "run_info.json").exists():
-    info = json.loads((src / "run_info.json").read_text())
   info["exported_from"] = exported_from
   (out_path / "run_info.json").write_text(json.dumps(info, indent=1, default=str))
   (out_path / "config.json").write_text(json.dumps(json.loads(config.to_json_best_effort()),

@@ -204,16 +204,20 @@ def dataset_metadata(version_dir: os.PathLike) -> Dict[str, Any]:
   return json.loads(p.read_text()) if p.is_file() else {}
 
 
-def conditioning_kinds(config: Any) -> List[str]:
+def conditioning_kinds(config: Any) -> Optional[List[str]]:
   """The conditioning kinds the prefixes of the configured data carry (any dataset of a
-  mixture), in the vocabulary's order (e.g. style, tempo, type, meter for groove/drums_beats).
+  mixture), in the vocabulary's order (e.g. style, tempo, type, meter for groove/drums_beats);
+  None when a dataset's metadata.json does not say.
 
   Raises:
     ConfigError: a dataset is not built.
   """
   kinds = set()
   for spec in dataset_specs(config):
-    kinds.update(dataset_metadata(spec.version_dir).get("conditioning", ()))
+    recorded = dataset_metadata(spec.version_dir).get("conditioning")
+    if not isinstance(recorded, list):
+      return None
+    kinds.update(recorded)
   return [k for k in encoding_lib.CONDITIONING if k in kinds]
 
 
@@ -882,7 +886,7 @@ class DataSource:
   def save_vocab(self, path: os.PathLike) -> None:
     self.encoding.save_vocab(path)
 
-  def conditioning_kinds(self) -> List[str]:
+  def conditioning_kinds(self) -> Optional[List[str]]:
     return conditioning_kinds(self.config)
 
   def train_batches(self, start_step: int = 0) -> TrainIterator:

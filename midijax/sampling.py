@@ -53,6 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from midijax import constraints as grammar_lib
+from midijax import losses
 from midijax import sharding
 from midijax.encoding import (CONDITIONING, EOS_ID, PAD_ID, Encoding, conditions_of_notes,
                               encode_prompt, is_drum_music)
@@ -621,12 +622,13 @@ def prompt_log_likelihoods(model: transformer.Transformer, rows: np.ndarray,
 
 @nnx.jit
 def _score_rows(model, x, prefix_len, length):
-  """Summed log-probabilities of x[:, prefix_len:length] given what precedes, float32 [B]."""
-  logits = model(x[:, :-1], deterministic=True).astype(jnp.float32)
-  logp = jax.nn.log_softmax(logits, axis=-1)
-  picked = jnp.take_along_axis(logp, x[:, 1:, None], axis=-1)[..., 0]
+  """Summed log-probabilities of x[:, prefix_len:length] given what precedes, float32 [B]:
+  minus the NLL training and evaluation compute (`losses.weighted_cross_entropy`), per row."""
+  logits = model(x[:, :-1], deterministic=True)
   target = jnp.arange(1, x.shape[1])
-  return jnp.sum(jnp.where((target >= prefix_len) & (target < length), picked, 0.0), axis=-1)
+  weights = ((target >= prefix_len) & (target < length)).astype(jnp.float32)
+  row_nll = jax.vmap(lambda lg, t: losses.weighted_cross_entropy(lg, t, weights)[0])
+  return -row_nll(logits, x[:, 1:])
 
 
 def infer_conditions(model: transformer.Transformer, enc: Encoding, prompt_ids: Sequence[int],

@@ -515,8 +515,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   info["params"] = {"total": total, "trainable": trainable,
                     "trainable_pattern": config.train.get("trainable", "")}
   # What `continue` must put in a prompt's prefix to match training (runs.conditioning_kinds).
-  if hasattr(data, "conditioning_kinds"):
-    info["conditioning"] = data.conditioning_kinds()
+  kinds = data.conditioning_kinds() if hasattr(data, "conditioning_kinds") else None
+  if kinds is not None:
+    info["conditioning"] = kinds
   if resuming:
     for key in ("init_from", "wall_seconds"):  # the run's own history, kept across restarts
       if key in old_info:

@@ -331,6 +331,12 @@ def test_reproduce_an_export_trains_its_source_and_exports_the_same(lora_run, tm
   assert a.keys() == b.keys()
   for path in a:
     np.testing.assert_array_equal(a[path], b[path], err_msg=path)
+  # An export of the export still names the run that trained (and its config).
+  twice = tmp_path / "merged_twice"
+  assert cli.main(["export", "--workdir", str(out), "--out", str(twice)]) == 0
+  record = json.loads((twice / "run_info.json").read_text())["exported_from"]
+  assert (record["workdir"], record["step"]) == (str(workdir), step)
+  assert record["config"]["model"]["lora_rank"] == 4 and record["lora_merged"]["rank"] == 4
   # An export from before the record: one clear line naming the run to reproduce.
   info = json.loads((out / "run_info.json").read_text())
   del info["exported_from"]["config"]

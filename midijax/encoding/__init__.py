@@ -71,6 +71,13 @@ def family_of_notes(notes: Notes) -> Optional[str]:
   return family_of_program(top % 128, top >= 128)
 
 
+def meter_value(num: int, den: int) -> str:
+  """The `meter` conditioning value of a time signature: '4-4', or 'other' outside the
+  vocabulary."""
+  value = f"{int(num)}-{int(den)}"
+  return value if value in CONDITIONING["meter"] else "other"
+
+
 def conditions_of_notes(notes: Notes, kinds) -> Dict[str, str]:
   """Conditioning values a piece of music states itself, for the kinds of `kinds` that
   have one: tempo (bin of the first tempo), meter (first time signature, else 4/4; "other"
@@ -80,9 +87,8 @@ def conditions_of_notes(notes: Notes, kinds) -> Dict[str, str]:
   if "tempo" in kinds:
     out["tempo"] = tempo_bin(notes.qpm)
   if "meter" in kinds:
-    num, den = notes.time_signatures[0, 1:3] if len(notes.time_signatures) else (4, 4)
-    meter = f"{int(num)}-{int(den)}"
-    out["meter"] = meter if meter in CONDITIONING["meter"] else "other"
+    out["meter"] = meter_value(*(notes.time_signatures[0, 1:3] if len(notes.time_signatures)
+                                 else (4, 4)))
   family = family_of_notes(notes) if "family" in kinds else None
   if family is not None:
     out["family"] = family
@@ -160,4 +166,4 @@ def continuation_pair(enc: Encoding, notes: Notes, cut_seconds: float, end_secon
 __all__ = ["get", "from_config", "load_vocab", "Encoding", "Vocab", "CONDITIONING", "PAD_ID",
            "EOS_ID", "ENCODINGS", "tempo_bin", "family_of_program", "is_drum_music",
            "TIME_SHIFT_ENCODINGS", "encode_prompt", "continuation_pair", "note_token_mask",
-           "family_of_notes", "conditions_of_notes"]
+           "family_of_notes", "meter_value", "conditions_of_notes"]
