@@ -5,7 +5,9 @@
    `--max_minutes` of wall clock (skip with --skip_train to score an existing workdir).
 2. Scores the best checkpoint on the evaluation split (`--split`, default the config's
    data.eval_split): NLL over the deterministic eval windows (every token predicted once;
-   padding excluded).
+   padding excluded). `--eval_context C` overlaps them (`config.data.eval_context`): every
+   target after a piece's first window is predicted from at least C tokens before it,
+   instead of from as few as none at the start of each non-overlapping window.
 3. Fits interpolated Witten-Bell and interpolated modified Kneser-Ney n-gram models
    (`--orders`, default 2..5) on the training split's token sequences and scores them on
    exactly the same windows (targets, weights, and histories limited to the same window).
@@ -53,6 +55,9 @@ def main():
   ap.add_argument("--params", default="", choices=("", "params", "ema_params"),
                   help="checkpoint parameter tree to score: the raw parameters or their "
                        "moving average (config.train.ema_decay runs); default the run's own")
+  ap.add_argument("--eval_context", type=int, default=None,
+                  help="unscored context tokens before each later window's targets "
+                       "(config.data.eval_context; default the run's config, else 0)")
   ap.add_argument("--orders", default="2,3,4,5", help="n-gram orders to fit")
   ap.add_argument("--smoothing", default="witten_bell,kneser_ney",
                   help="n-gram families to fit (witten_bell, kneser_ney)")
@@ -76,6 +81,8 @@ def main():
     config.data.data_dir = a.data_dir
   with config.unlocked():
     config.data.max_eval_batches = -1
+    if a.eval_context is not None:
+      config.data.eval_context = a.eval_context
   split = a.split or config.data.eval_split
   data = input_pipeline.DataSource(config)
   iterator = data.eval_batches(split)
@@ -113,6 +120,8 @@ def main():
       "machine": f"{os.cpu_count()} CPU cores", "train_wall_s": round(t_train, 1),
       "steps_trained": max(m["step"] for m in metrics), "best_step": step, "split": split,
       "params": a.params or "the run's own",
+      "eval_context": int(config.data.get("eval_context", 0)),
+      "eval_windows": iterator.num_windows,
       "eval_tokens": int(units["tokens"]), "eval_notes": int(units["notes"]),
       "eval_seconds": round(units["seconds"], 1),
       "transformer": transformer, "ngram": ngram, "best_ngram_order": best,

@@ -50,6 +50,10 @@ def get_config():
   # Evaluation batch size (rows) and a cap on eval batches (-1 = the whole split).
   data.eval_batch_size = 32
   data.max_eval_batches = -1
+  # Evaluation windows: 0 = consecutive, non-overlapping seq_len windows; C > 0 = each
+  # window after a piece's first feeds the C tokens before its targets as unscored
+  # context (strided evaluation: targets predicted from >= C tokens of their piece).
+  data.eval_context = 0
 
   # ---------------------------------------------------------------- model
   config.model = model = ml_collections.ConfigDict()

@@ -39,7 +39,11 @@ stateless functions of (seed, process, step).
 Evaluation cuts every piece of the split into consecutive non-overlapping windows:
 window c holds the prefix followed by body tokens [c*W, (c+1)*W), W = seq_len + 1 -
 prefix length, so every event token and EOS is a weighted target exactly once and
-eval NLL is comparable between runs and models with the same seq_len.
+eval NLL is comparable between runs and models with the same seq_len. With
+`data.eval_context` = C > 0 the windows after a piece's first overlap instead: each
+feeds the C body tokens before its targets as unscored context (the usual strided
+evaluation of a language model), so every target except those of the first window is
+predicted from at least C tokens of its piece; still every target is scored once.
 
 Continuation pairs (datasets built with `prompt_bars`, e.g. groove/drums_continuation)
 keep the whole prompt after the prefix, as given, never cropped, and never a loss
@@ -746,22 +750,38 @@ def _to_batch(rows, segments, positions, bos_id: int, scored=None) -> Dict[str, 
 
 
 # --------------------------------------------------------------------------- evaluation
-def eval_windows(store: TokenStore, seq_len: int, where: str = "the eval split") -> np.ndarray:
-  """(piece, body start, body length) rows of the non-overlapping eval windows, int64[M, 3].
+def eval_windows(store: TokenStore, seq_len: int, where: str = "the eval split",
+                 context: int = 0) -> np.ndarray:
+  """(piece, body start, scored length, context) rows of the eval windows, int64[M, 4].
 
   Piece i with head H (prefix, or prefix + prompt for a continuation pair) and body
-  length L (events + EOS, or the target) gets ceil(L / W) windows, W = seq_len + 1 - H:
-  head + body[c*W:(c+1)*W] for c = 0, 1, ...; a pair gets only its first window (the
-  target is scored given its real prompt, as far as it fits).
+  length L (events + EOS, or the target) fits W = seq_len + 1 - H body tokens a window.
+  With context C = 0 the windows do not overlap: ceil(L / W) of them, head +
+  body[c*W:(c+1)*W]. With C > 0 the first window is the same and every later one
+  scores W - C new tokens after the C body tokens before them (fed, not scored), so a
+  target is predicted from at least C tokens of its piece unless it is in the first
+  window. Either way every body token is scored exactly once. A pair gets only its first
+  window (the target is scored given its real prompt, as far as it fits).
   """
   check_prompts_fit(store, seq_len, where)
   room = seq_len + 1 - store.head_lengths
   body = store.lengths - store.head_lengths
-  count = np.where(store.is_pair, np.minimum(1, body), -(-body // room))
+  context = int(context)
+  if context < 0 or (len(store) and context >= int(room.min())):
+    raise ConfigError(
+        f"config.data.eval_context={context}: must be >= 0 and leave room for a target "
+        f"after every head of {where} (at most {int(room.min()) - 1} with seq_len={seq_len})")
+  step = room - context
+  # First window: W tokens; later ones W - C each.
+  later = np.maximum(body - room, 0)
+  count = np.where(store.is_pair, np.minimum(1, body),
+                   np.where(body > 0, 1 + -(-later // step), 0))
   piece = np.repeat(np.arange(len(store)), count)
   c = np.arange(int(count.sum())) - np.repeat(np.cumsum(count) - count, count)
-  begin = c * room[piece]
-  return np.stack([piece, begin, np.minimum(room[piece], body[piece] - begin)], 1)
+  begin = np.where(c == 0, 0, room[piece] + (c - 1) * step[piece])
+  size = np.where(c == 0, room[piece], step[piece])
+  ctx = np.where(c == 0, 0, context)
+  return np.stack([piece, begin, np.minimum(size, body[piece] - begin), ctx], 1).astype(np.int64)
 
 
 class EvalIterator:
@@ -812,7 +832,7 @@ class EvalIterator:
     s = self.store
     if not len(self._evaluated):
       return 0
-    piece, begin, size = (self._evaluated[:, k] for k in range(3))
+    piece, begin, size = (self._evaluated[:, k] for k in range(3))  # scored spans
     first = s.starts[piece] + s.head_lengths[piece] + begin
     index = np.repeat(first - np.cumsum(size) + size, size) + np.arange(int(size.sum()))
     return int(np.asarray(token_mask)[s.values[index]].sum())
@@ -822,14 +842,16 @@ class EvalIterator:
     for b in range(self.num_batches):
       batch = np.zeros((self.rows, row_len), np.int32)
       heads = np.zeros((self.rows, 1), np.int64)
-      for r, (piece, begin, size) in enumerate(self._windows[b * self.rows:(b + 1) * self.rows]):
+      for r, (piece, begin, size, ctx) in enumerate(
+          self._windows[b * self.rows:(b + 1) * self.rows]):
         start, prefix = s.starts[piece], s.head_lengths[piece]
-        heads[r] = prefix
+        heads[r] = prefix + ctx
         batch[r, :prefix] = s.values[start:start + prefix]
-        batch[r, prefix:prefix + size] = s.values[start + prefix + begin:
-                                                  start + prefix + begin + size]
+        batch[r, prefix:prefix + ctx + size] = s.values[start + prefix + begin - ctx:
+                                                        start + prefix + begin + size]
       targets = batch[:, 1:]
-      # Scored: real event targets after the head (a pair's prompt is given, not scored).
+      # Scored: real event targets after the head (a pair's prompt is given, not scored)
+      # and after the window's context tokens.
       after_head = np.arange(1, row_len)[None, :] >= heads
       yield {"inputs": batch[:, :-1], "targets": targets,
              "weights": ((targets != encoding_lib.PAD_ID) & (targets < self.bos_id) &
@@ -858,7 +880,8 @@ def make_eval_iterator(config: Any, split: Optional[str] = None, *,
   enc = load_encoding(spec.version_dir)
   split = split or _field(data, "eval_split", "validation")
   store = load_split(spec.version_dir, split)
-  windows = eval_windows(store, seq_len, f"{spec.name}/{spec.builder_config} {split}")
+  windows = eval_windows(store, seq_len, f"{spec.name}/{spec.builder_config} {split}",
+                         int(_field(data, "eval_context", 0)))
   return EvalIterator(store, windows, seq_len, rows, global_rows,
                       process_index, process_count, enc.bos_id,
                       int(_field(data, "max_eval_batches", -1)))

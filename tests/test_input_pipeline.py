@@ -319,6 +319,39 @@ def test_eval_windows_cover_every_token_once(data_dir):
     assert all(np.array_equal(x["inputs"], y["inputs"]) for x, y in zip(batches, again))
 
 
+def test_eval_context_windows_score_each_target_once_after_its_context(data_dir):
+  context, seq_len = 16, 48
+  config = make_config(data_dir, seq_len=seq_len, eval_batch_size=4, eval_context=context)
+  ev = input_pipeline.make_eval_iterator(config, process_index=0, process_count=1)
+  plain = input_pipeline.make_eval_iterator(
+      make_config(data_dir, seq_len=seq_len, eval_batch_size=4),
+      process_index=0, process_count=1)
+  pieces = bodies(ev.store)
+  want = np.concatenate(pieces)
+  batches = list(ev)
+  got = np.concatenate([b["targets"][b["weights"] > 0] for b in batches])
+  np.testing.assert_array_equal(got, want)  # every event and EOS once, in order
+  assert ev.num_targets == plain.num_targets == len(want)
+  assert ev.num_windows > plain.num_windows
+  # Each window: the piece's prefix, then the body tokens right before its first target
+  # (none in a piece's first window, exactly `context` in every later one).
+  scored = {}
+  for b, rows in zip(batches, ev.batch_pieces()):
+    for inputs, weights, piece in zip(b["inputs"], b["weights"], rows):
+      if piece < 0:
+        continue
+      prefix, begin = int(ev.store.prefix_lengths[piece]), scored.get(piece, 0)
+      fed = int(np.argmax(weights > 0)) + 1 - prefix  # body tokens before the first target
+      assert fed == (context if begin else 0)
+      np.testing.assert_array_equal(inputs[:prefix], ev.store.piece(piece)[:prefix])
+      np.testing.assert_array_equal(inputs[prefix:prefix + fed], pieces[piece][begin - fed:begin])
+      scored[piece] = begin + int((weights > 0).sum())
+  assert scored == {i: len(x) for i, x in enumerate(pieces) if len(x)}
+  bad = make_config(data_dir, seq_len=seq_len, eval_context=seq_len)
+  with pytest.raises(input_pipeline.ConfigError, match="config.data.eval_context=48"):
+    input_pipeline.make_eval_iterator(bad, process_index=0, process_count=1)
+
+
 def test_eval_split_over_processes(data_dir):
   config = make_config(data_dir, seq_len=48, eval_batch_size=4)
   evs = [input_pipeline.make_eval_iterator(config, process_index=p, process_count=2)
