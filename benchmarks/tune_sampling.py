@@ -42,7 +42,7 @@ def main(argv=None):
                   help="permutation-importance repeats (0: skip the feature ranking)")
   a = ap.parse_args(argv)
 
-  from midijax import checkpoint, encoding, evaluation, input_pipeline, runs
+  from midijax import checkpoint, encoding, evaluation, generation, input_pipeline, runs
 
   model, enc, config, step = runs.load_run(
       a.workdir, best=checkpoint.best_step(a.workdir) is not None)
@@ -50,7 +50,7 @@ def main(argv=None):
     config.data.data_dir = a.data_dir
   is_drum = encoding.is_drum_music(enc, dataset=config.data.name)
   kind = evaluation.feature_kind(enc, is_drum)
-  context = evaluation.trained_context(model, config)
+  context = generation.trained_context(config)
   spec = input_pipeline.dataset_specs(config)[0]
   store = input_pipeline.load_split(spec.version_dir, a.split)
   meters = evaluation.piece_meters(spec.version_dir, a.split)

@@ -307,7 +307,8 @@ def _add_sampling_flags(p, num_samples: int, seconds: Optional[float]) -> None:
   p.add_argument("--unconstrained", action="store_true",
                  help="sample without the encoding's grammar mask (counts violations)")
   p.add_argument("--context", type=int, default=None,
-                 help="tokens of context before the window slides (default: the model's max_len)")
+                 help="tokens of context before the window slides (default: the length "
+                      "the run was trained on, data.seq_len)")
   p.add_argument("--window_keep", type=int, default=None,
                  help="recent tokens kept when the window slides (default: half the context)")
   p.add_argument("--kv_cache", choices=("model", "int8"), default=None,

@@ -25,6 +25,7 @@ import numpy as np
 
 from midijax import checkpoint as ckpt_lib
 from midijax import encoding
+from midijax import generation
 from midijax import metric_writers
 from midijax import music_stats
 from midijax import reports
@@ -281,13 +282,6 @@ def feature_kind(enc, is_drum: bool, asked: str = "auto") -> str:
 
 
 # ----------------------------------------------------------------------------- sampling
-def trained_context(model, config) -> int:
-  """Tokens of context a run was trained on: its rows' length (data.seq_len), at most the
-  model's max_len. Samplers slide their window within it: positions beyond it are ones
-  the model never saw in training."""
-  return int(min(model.config.max_len, config.data.seq_len))
-
-
 def sample_continuations(model, enc, prompts: Sequence[np.ndarray], *, length: int,
                          temperature: float, top_k: int, top_p: float, seed: int = 0,
                          constrained: bool = True, cache_len: Optional[int] = None,
@@ -295,7 +289,8 @@ def sample_continuations(model, enc, prompts: Sequence[np.ndarray], *, length: i
   """Exactly `length` new tokens after each prompt (EOS masked until then).
 
   `cache_len` is the context before the sampler's window slides (`sampling.sample_tokens`;
-  default the model's max_len; `trained_context` keeps it within the trained positions).
+  default the model's max_len; `generation.trained_context` keeps it within the trained
+  positions).
 
   Prompts of one length are sampled together, `batch_size` rows a call (the last call
   padded with copies so every call has one compiled shape); call c uses seed
@@ -483,7 +478,7 @@ def evaluate_workdir(workdir, *, split: str = "test", num_samples: int = 64,
   if data_dir:
     config.data.data_dir = data_dir
   settings = resolve_sampling(config, temperature, top_k, top_p)
-  context = trained_context(model, config)
+  context = generation.trained_context(config)
   workdir_p = ckpt_lib.workdir_path(workdir)
   out = pathlib.Path(out_dir) if out_dir else pathlib.Path(str(workdir_p / "eval" / str(step)))
   is_drum = encoding.is_drum_music(enc, dataset=config.data.name)

@@ -760,7 +760,7 @@ def clips_from_runs(runs: Mapping[str, str], *, real_split: str = "test", num_cl
   """
   # pylint: disable=g-import-not-at-top
   from midijax import encoding as encoding_lib
-  from midijax import evaluation, input_pipeline, runs as runs_lib, sampling
+  from midijax import evaluation, generation, input_pipeline, runs as runs_lib, sampling
   if mode not in ("free", "continuation", "both"):
     raise ValueError(f"mode must be free, continuation or both, got {mode!r}")
   prompt_seconds = seconds / 4 if prompt_seconds is None else prompt_seconds
@@ -800,7 +800,7 @@ def clips_from_runs(runs: Mapping[str, str], *, real_split: str = "test", num_cl
         res = sampling.sample_tokens(model, prefix[None].astype(np.int32), encoding=e,
                                      max_new_tokens=_token_budget(seconds),
                                      seed=seed + int(i), max_seconds=seconds, qpm=qpm,
-                                     cache_len=evaluation.trained_context(model, c),
+                                     cache_len=generation.trained_context(c),
                                      **draw[name])
         toks = sampling.trim_sample(np.asarray(res["tokens"])[0], len(prefix))[len(prefix):]
         clips.append(Clip(name, e.decode_notes(toks, is_drum=is_drum, qpm=qpm),
@@ -818,13 +818,13 @@ def clips_from_runs(runs: Mapping[str, str], *, real_split: str = "test", num_cl
                         pair_group=group, role="continuation"))
       for name, (model, e, c, step, w) in loaded.items():
         prompt = np.concatenate([prefix, prompt_ids]).astype(np.int32)
-        if len(prompt) >= evaluation.trained_context(model, c) - 8:
+        if len(prompt) >= generation.trained_context(c) - 8:
           log(f"skipping prompt {group}: {len(prompt)} tokens fill the context")
           continue
         res = sampling.sample_tokens(model, prompt[None], encoding=e,
                                      max_new_tokens=_token_budget(seconds - prompt_seconds),
                                      seed=seed + int(i), max_seconds=seconds - prompt_seconds,
-                                     qpm=qpm, cache_len=evaluation.trained_context(model, c),
+                                     qpm=qpm, cache_len=generation.trained_context(c),
                                      **draw[name])
         toks = sampling.trim_sample(np.asarray(res["tokens"])[0], len(prefix))[len(prefix):]
         clips.append(Clip(name, e.decode_notes(toks, is_drum=is_drum, qpm=qpm),

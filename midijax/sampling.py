@@ -748,7 +748,8 @@ def continue_midi(model: transformer.Transformer, enc: Encoding, prompt_path, *,
   if prompt_len >= context:
     raise MidijaxError(
         f"{prompt_path}: the prompt ({cut:.2f} s) is {prompt_len} tokens, longer than the "
-        f"model's {context}-token context; ask for fewer --prompt_seconds / --prompt_bars")
+        f"{context}-token context (--context; default the length the model was trained "
+        f"on); ask for fewer --prompt_seconds / --prompt_bars")
   conditions, inferred = infer_conditions(model, enc, ids, conditions, kinds)
   if max_new_tokens is None:
     max_new_tokens = int(min(max(seconds or 0, 1) * 200, 1 << 16)) if seconds else 2048

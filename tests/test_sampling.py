@@ -680,3 +680,16 @@ def test_bad_inputs_are_one_clear_line(groove_run, groove_files, tmp_path, capsy
     assert len(err.strip().splitlines()) == 1 and needle in err, (args, err)
     assert "Traceback" not in err
   assert not (tmp_path / "x").exists()
+
+
+def test_samplers_default_to_the_context_the_run_was_trained_on():
+  from midijax import generation
+  import ml_collections
+  config = ml_collections.ConfigDict({"model": {"max_len": 512}, "data": {"seq_len": 256},
+                                      "sample": {"temperature": 0.8}})
+  enc = encoding.get("drums")
+  assert generation.trained_context(config) == 256
+  assert generation.sampling_settings(config, enc)["cache_len"] == 256
+  assert generation.sampling_settings(config, enc, cache_len=512)["cache_len"] == 512
+  config.data.seq_len = 1024  # rows longer than max_len: the model's positions bound it
+  assert generation.sampling_settings(config, enc)["cache_len"] == 512
