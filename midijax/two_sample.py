@@ -737,8 +737,10 @@ def _cross_validate(name, x, y, folds, feature_names, *, seed, top_features,
   if importance_repeats > 0 and top_features > 0:
     mean = imp_sum / len(y)
     std = np.sqrt(np.maximum(imp_sq / len(y) - mean ** 2, 0.0))
+    # Which way each telling feature leans: its mean over the real and the generated clips.
     r["top_features"] = [
-        {"name": feature_names[j], "importance": float(mean[j]), "std": float(std[j])}
+        {"name": feature_names[j], "importance": float(mean[j]), "std": float(std[j]),
+         "real_mean": float(x[y == 0, j].mean()), "generated_mean": float(x[y == 1, j].mean())}
         for j in np.argsort(-mean, kind="stable")[:top_features]]
   return r
 
@@ -784,7 +786,8 @@ def c2st(real, generated, *, real_groups, generated_groups, feature_names,
     "interval" ("wilson"), "confidence", "classifiers": {name: {"accuracy", "correct",
     "n", "ci_low", "ci_high", "p_value" (one-sided binomial test of accuracy > 0.5),
     "auc" (ROC AUC of the held-out probabilities), "fold_accuracy" [k], "top_features":
-    [{"name", "importance", "std"}]}}, "strongest" (the classifier with the highest
+    [{"name", "importance", "std", "real_mean", "generated_mean"}]}}, "strongest" (the
+    classifier with the highest
     accuracy) and "accuracy" (its accuracy).
 
   Raises:
@@ -887,8 +890,11 @@ def c2st_markdown(result: dict, title: str = "Classifier two-sample test") -> st
       f"| classifier | accuracy | {level} interval | p (> 50%) | AUC | most telling features |",
       "|---|---|---|---|---|---|"]
   for name, r in result["classifiers"].items():
-    feats = ", ".join(f"{f['name']} ({f['importance']:+.3f})" for f in r["top_features"]
-                      if f["importance"] > 0)
+    feats = ", ".join(
+        f"{f['name']} ({f['importance']:+.3f}" + (
+            f"; real {f['real_mean']:.3g}, generated {f['generated_mean']:.3g})"
+            if "real_mean" in f else ")")
+        for f in r["top_features"] if f["importance"] > 0)
     lines.append(f"| {name} | {pct(r['accuracy'])} ({r['correct']}/{r['n']}) | "
                  f"{pct(r['ci_low'])} to {pct(r['ci_high'])} | {r['p_value']:.3g} | "
                  f"{r['auc']:.3f} | {feats.replace('|', '/') or '-'} |")
@@ -896,5 +902,5 @@ def c2st_markdown(result: dict, title: str = "Classifier two-sample test") -> st
             "means every clip gives itself away. Interval: Wilson score; p: one-sided "
             "binomial test of accuracy above 50%. A feature's importance is the drop in "
             "held-out accuracy when its column is shuffled (features that drop nothing "
-            "are not listed).", ""]
+            "are not listed), followed by its mean over the real and the generated clips.", ""]
   return "\n".join(lines)

@@ -226,6 +226,13 @@ def test_constant_velocity_is_told_apart(gmd_windows, gmd_features):
   assert r["accuracy"] >= 0.9, r
   assert "velocity" in r["top_features"][0]["name"], r["top_features"]
   assert res["strongest"] == "boosted_trees" and res["accuracy"] == r["accuracy"]
+  # Each telling feature's mean over either set, as the classifier saw them (equal sets,
+  # so no clip is dropped).
+  a, b = paired_halves(gmd_windows.groups, 0)
+  top = r["top_features"][0]
+  j = list(gmd_features.names).index(top["name"])
+  assert top["real_mean"] == pytest.approx(gmd_features.values[a, j].mean())
+  assert top["generated_mean"] == pytest.approx(corrupted.values[b, j].mean())
   # Reports: TensorBoard scalars and a metrics.md section.
   scalars = ts.c2st_scalars(res, prefix="c2st_128")
   assert scalars == {"c2st_128/accuracy": r["accuracy"], **{
@@ -234,6 +241,7 @@ def test_constant_velocity_is_told_apart(gmd_windows, gmd_features):
   md = ts.c2st_markdown(res)
   assert "| boosted_trees |" in md and "95% interval" in md
   assert r["top_features"][0]["name"] in md
+  assert f"real {top['real_mean']:.3g}, generated {top['generated_mean']:.3g}" in md
 
 
 def test_same_seed_same_result(gmd_windows, gmd_features):
