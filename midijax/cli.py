@@ -656,6 +656,9 @@ def _evaluate_flags(p):
                     help="k of the k-fold cross-validation (default 5)")
   c2st.add_argument("--c2st_features", choices=["auto", "drums", "pitched"], default="auto",
                     help="feature set (default auto: drums for drum models, else pitched)")
+  p.add_argument("--eval_context", type=int, default=None,
+                 help="NLL windows: tokens of context before each later window's targets "
+                      "(default: the run's config.data.eval_context; 0 = non-overlapping)")
   p.add_argument("--out", default=None, help="output folder (default WORKDIR/eval/<step>)")
   task = p.add_argument_group("--task continuation: NLL of continuation targets given their "
                               "real prompts (no sampling)")
@@ -693,7 +696,8 @@ def run_evaluate(args) -> int:
                               c2st_prompts=args.c2st_prompts,
                               c2st_lengths=_int_list("--c2st_lengths", args.c2st_lengths),
                               c2st_prompt_tokens=args.c2st_prompt_tokens,
-                              c2st_folds=args.c2st_folds, c2st_features=args.c2st_features)
+                              c2st_folds=args.c2st_folds, c2st_features=args.c2st_features,
+                              eval_context=args.eval_context)
   return 0
 
 

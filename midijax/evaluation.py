@@ -103,8 +103,9 @@ def batch_qpm(batches, version_dir, split: str):
 
 def split_nll(model, config, split: str) -> dict:
   """Mean NLL per token (nats), per note and per second of music, perplexity and accuracy
-  over a whole split, on the deterministic non-overlapping eval windows (same numbers on
-  every run)."""
+  over a whole split, on the deterministic eval windows (same numbers on every run):
+  non-overlapping, or with `config.data.eval_context` tokens of context before each later
+  window's targets ("eval_context" in the result)."""
   from midijax import input_pipeline, losses  # pylint: disable=g-import-not-at-top
   config = config.copy_and_resolve_references()
   with config.unlocked():
@@ -120,7 +121,8 @@ def split_nll(model, config, split: str) -> dict:
           "accuracy": summary["accuracy"], "tokens": summary["tokens"],
           "notes": units["notes"], "seconds": units["seconds"],
           "nll_per_note": loss_sum / max(units["notes"], 1.0),
-          "nll_per_second": loss_sum / max(units["seconds"], 1e-9)}
+          "nll_per_second": loss_sum / max(units["seconds"], 1e-9),
+          "eval_context": int(config.data.get("eval_context", 0))}
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -450,7 +452,7 @@ def evaluate_workdir(workdir, *, split: str = "test", num_samples: int = 64,
                      c2st_lengths: Sequence[int] = C2ST_LENGTHS,
                      c2st_prompt_tokens: int = C2ST_PROMPT_TOKENS,
                      c2st_folds: int = C2ST_FOLDS, c2st_features: str = "auto",
-                     log=print) -> dict:
+                     eval_context: Optional[int] = None, log=print) -> dict:
   """NLL on `split`, music statistics of samples vs real clips, grammar validity and the
   C2ST of continuations; writes `eval/<step>/metrics.json`, `metrics.md`, plots, and
   TensorBoard scalars.
@@ -461,6 +463,8 @@ def evaluate_workdir(workdir, *, split: str = "test", num_samples: int = 64,
   `c2st_prompt_tokens` event tokens (`prompt_windows`), a constrained continuation each
   (`continuation_c2st`); `c2st_prompts=0` or no lengths skips it.
   Sampling settings are the arguments when given, else the run's config.sample.
+  NLL windows: `eval_context` tokens of context before each later window's targets when
+  given, else the run's config.data.eval_context (`input_pipeline.eval_windows`).
 
   Every setting is checked, and every C2ST window counted, before anything is computed
   or written; the reports are written only at the end, each file through a rename.
@@ -484,6 +488,11 @@ def evaluate_workdir(workdir, *, split: str = "test", num_samples: int = 64,
   is_drum = encoding.is_drum_music(enc, dataset=config.data.name)
   spec = input_pipeline.dataset_specs(config)[0]
   store = input_pipeline.load_split(spec.version_dir, split)
+  if eval_context is not None:
+    input_pipeline.eval_windows(store, config.data.seq_len, f"{spec.name} {split}",
+                                eval_context, field="--eval_context")
+    with config.unlocked():
+      config.data.eval_context = int(eval_context)
 
   lengths = [int(n) for n in c2st_lengths] if c2st_prompts else []
   kind = None

@@ -751,7 +751,7 @@ def _to_batch(rows, segments, positions, bos_id: int, scored=None) -> Dict[str, 
 
 # --------------------------------------------------------------------------- evaluation
 def eval_windows(store: TokenStore, seq_len: int, where: str = "the eval split",
-                 context: int = 0) -> np.ndarray:
+                 context: int = 0, field: str = "config.data.eval_context") -> np.ndarray:
   """(piece, body start, scored length, context) rows of the eval windows, int64[M, 4].
 
   Piece i with head H (prefix, or prefix + prompt for a continuation pair) and body
@@ -761,7 +761,8 @@ def eval_windows(store: TokenStore, seq_len: int, where: str = "the eval split",
   scores W - C new tokens after the C body tokens before them (fed, not scored), so a
   target is predicted from at least C tokens of its piece unless it is in the first
   window. Either way every body token is scored exactly once. A pair gets only its first
-  window (the target is scored given its real prompt, as far as it fits).
+  window (the target is scored given its real prompt, as far as it fits). A context that
+  is negative or leaves no target after a head is a ConfigError naming `field`.
   """
   check_prompts_fit(store, seq_len, where)
   room = seq_len + 1 - store.head_lengths
@@ -769,7 +770,7 @@ def eval_windows(store: TokenStore, seq_len: int, where: str = "the eval split",
   context = int(context)
   if context < 0 or (len(store) and context >= int(room.min())):
     raise ConfigError(
-        f"config.data.eval_context={context}: must be >= 0 and leave room for a target "
+        f"{field}={context}: must be >= 0 and leave room for a target "
         f"after every head of {where} (at most {int(room.min()) - 1} with seq_len={seq_len})")
   step = room - context
   # First window: W tokens; later ones W - C each.

@@ -31,6 +31,7 @@ def test_evaluate_writes_reports_and_is_deterministic(tiny_run, groove_tfds, tmp
   assert nll["seconds"] > 0 and nll["nll_per_second"] == pytest.approx(
       nll["nll_per_token"] * nll["tokens"] / nll["seconds"])
   assert abs(nll["perplexity"] - np.exp(nll["nll_per_token"])) < 1e-3 * nll["perplexity"]
+  assert nll["eval_context"] == 0  # the run's config: non-overlapping windows
   assert 0.0 <= a["grammar_validity"]["rate"] <= 1.0
   assert "drum_hit_density" in a["music_statistics"]["features"]
   # The run's config.sample settings are used when no flag overrides them.
@@ -55,11 +56,25 @@ def test_evaluate_writes_reports_and_is_deterministic(tiny_run, groove_tfds, tmp
   assert "eval_train/c2st_48/accuracy" in tags and "eval_train/nll_per_second" in tags
 
 
+def test_evaluate_eval_context_scores_the_same_targets_with_context(tiny_run, groove_tfds,
+                                                                    tmp_path):
+  base = ["evaluate", "--workdir", str(tiny_run), "--split", "train", "--num_samples", "2",
+          "--max_tokens", "16", "--c2st_prompts", "0", "--data_dir", str(groove_tfds)]
+  assert cli.main(base + ["--out", str(tmp_path / "plain")]) == 0
+  assert cli.main(base + ["--eval_context", "32", "--out", str(tmp_path / "ctx")]) == 0
+  plain, ctx = (json.loads((tmp_path / d / "metrics.json").read_text())["nll"]
+                for d in ("plain", "ctx"))
+  assert ctx["eval_context"] == 32 and plain["eval_context"] == 0
+  assert ctx["tokens"] == plain["tokens"] and ctx["notes"] == plain["notes"]
+  assert ctx["nll_per_token"] != plain["nll_per_token"]  # same targets, more history
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--c2st_prompts", "4"], "too few prompts for 3-fold cross-validation"),
     (["--c2st_lengths", "100000"], "has 0 windows of 16 + 100000 event tokens"),
     (["--c2st_features", "pitched"], "makes only drum notes"),
     (["--c2st_prompt_tokens", "200"], "do not fit the 64-token context the model was"),
+    (["--eval_context", "64"], "--eval_context=64: must be >= 0 and leave room"),
 ])
 def test_evaluate_c2st_errors_are_one_line_and_keep_reports(tiny_run, groove_tfds, tmp_path,
                                                             capsys, flags, message):
