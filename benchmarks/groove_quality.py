@@ -15,7 +15,9 @@
 Every model gets NLL per token, per note (NLL summed over all targets / note-starting
 targets) and per second of music (/ seconds the targets advance time, from the
 encoding's grammar table): per note and per second compare models of different
-encodings. The best n-gram is the lowest NLL per token of either family.
+encodings. The best n-gram is the lowest NLL per token of either family. `--by_kind`
+adds, for the Transformer and the best n-gram, the NLL of each kind of target token
+(DRUM, TIME_SHIFT, VELOCITY, BAR, ...): where the nats go and where the Transformer gains.
 
 Prints one JSON line. Example (the README figure):
 
@@ -43,6 +45,50 @@ def per_unit(total: float, units: dict) -> dict:
           "perplexity": round(float(np.exp(total / units["tokens"])), 3)}
 
 
+TOKEN_KINDS = ("TIME_SHIFT", "NOTE_ON", "NOTE_OFF", "VELOCITY", "DRUM", "OFFSET", "POSITION",
+               "DURATION", "BAR", "EOS")
+
+
+def token_kinds(names):
+  """The kind of each vocabulary entry: its known prefix (TIME_SHIFT_12 -> TIME_SHIFT),
+  else the text before its first underscore."""
+  return [next((k for k in TOKEN_KINDS if n == k or n.startswith(k + "_")), n.split("_")[0])
+          for n in names]
+
+
+def by_kind(kinds, batches, token_nll):
+  """{kind: {"share" of scored targets, "nll" per target of that kind, "share_of_nll"}} from
+  per-target NLL arrays (one [rows, seq_len] per batch)."""
+  import numpy as np
+  kinds = np.asarray(kinds)
+  total, count = {}, {}
+  for b, nll in zip(batches, token_nll):
+    scored = np.asarray(b["weights"]) > 0
+    for k, v in zip(kinds[np.asarray(b["targets"])[scored]], np.asarray(nll)[scored]):
+      total[k] = total.get(k, 0.0) + float(v)
+      count[k] = count.get(k, 0) + 1
+  n, nats = sum(count.values()), sum(total.values())
+  return {k: {"share": round(count[k] / n, 4), "nll": round(total[k] / count[k], 4),
+              "share_of_nll": round(total[k] / nats, 4)}
+          for k in sorted(count, key=lambda k: -total[k])}
+
+
+def transformer_token_nll(model, batches):
+  """Per-target NLL (nats) of the model on each batch, float32 [rows, seq_len] each."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+  from midijax import losses
+  graphdef, params = nnx.split(model)
+
+  @jax.jit
+  def step(p, b):
+    logp = jax.nn.log_softmax(losses.apply_model(graphdef, p, b, True, None), -1)
+    return -jnp.take_along_axis(logp, b["targets"][..., None], -1)[..., 0]
+  return [jax.device_get(step(params, {k: jnp.asarray(v) for k, v in b.items()}))
+          for b in batches]
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -58,6 +104,8 @@ def main():
   ap.add_argument("--eval_context", type=int, default=None,
                   help="unscored context tokens before each later window's targets "
                        "(config.data.eval_context; default the run's config, else 0)")
+  ap.add_argument("--by_kind", action="store_true",
+                  help="also the NLL of each kind of target token (Transformer, best n-gram)")
   ap.add_argument("--orders", default="2,3,4,5", help="n-gram orders to fit")
   ap.add_argument("--smoothing", default="witten_bell,kneser_ney",
                   help="n-gram families to fit (witten_bell, kneser_ney)")
@@ -95,22 +143,27 @@ def main():
   store = input_pipeline.load_split(spec.version_dir, config.data.train_split)
   sequences = [store.piece(i) for i in range(len(store))]
   families = {"witten_bell": NgramModel, "kneser_ney": KneserNeyModel}
-  ngram = {}
+  ngram, ngram_token_nll = {}, {}
   for family in a.smoothing.split(","):
     ngram[family] = {}
     for order in [int(o) for o in a.orders.split(",")]:
       t = time.perf_counter()
       lm = families[family](order, enc.vocab_size).fit(sequences)
-      total = count = 0.0
-      for b in batches:
-        s, c = lm.nll(b["inputs"], b["targets"], b["weights"])
-        total += s
-        count += c
+      per_target = [lm.token_nll(b["inputs"], b["targets"], b["weights"]) for b in batches]
+      total = sum(float((x * b["weights"]).sum()) for x, b in zip(per_target, batches))
       ngram[family][order] = {**per_unit(total, units),
                               "seconds": round(time.perf_counter() - t, 1)}
+      if a.by_kind:
+        ngram_token_nll[family, order] = per_target
   best = {f: min(r, key=lambda o: r[o]["nll_per_token"]) for f, r in ngram.items()}
   best_family = min(best, key=lambda f: ngram[f][best[f]]["nll_per_token"])
   best_ngram = ngram[best_family][best[best_family]]
+  kinds = {}
+  if a.by_kind:
+    names = token_kinds(enc.vocab.names)
+    kinds = {"transformer": by_kind(names, batches, transformer_token_nll(model, batches)),
+             "best_ngram": by_kind(names, batches,
+                                   ngram_token_nll[best_family, best[best_family]])}
   transformer = per_unit(tf_metrics["loss"] * tf_metrics["tokens"], units)
   transformer["accuracy"] = round(tf_metrics["accuracy"], 4)
   metrics = [json.loads(l) for l in
@@ -128,6 +181,7 @@ def main():
       "best_ngram": {"smoothing": best_family, "order": best[best_family], **best_ngram},
       "transformer_below_best_ngram": round(
           1 - transformer["nll_per_token"] / best_ngram["nll_per_token"], 4),
+      **({"by_kind": kinds} if kinds else {}),
   }))
 
 

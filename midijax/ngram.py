@@ -16,16 +16,22 @@ import numpy as np
 class _WindowScoring:
   """`nll` over the Transformer's eval windows, for any model with `prob(history, w)`."""
 
+  def token_nll(self, inputs: np.ndarray, targets: np.ndarray, weights: np.ndarray
+                ) -> np.ndarray:
+    """float64 [B, T]: each target's NLL in nats (0 where its weight is 0), target t of a
+    row having history inputs[:t+1] (the same windows the Transformer is scored on)."""
+    inputs, targets, weights = (np.asarray(a) for a in (inputs, targets, weights))
+    out = np.zeros(targets.shape, np.float64)
+    for r, (x, y, wts) in enumerate(zip(inputs, targets, weights)):
+      for t in np.flatnonzero(wts > 0):
+        out[r, t] = -math.log(self.prob(x[:t + 1], int(y[t])))
+    return out
+
   def nll(self, inputs: np.ndarray, targets: np.ndarray, weights: np.ndarray
           ) -> tuple:
-    """(sum of NLL in nats, sum of weights) over batch rows, each row one sequence whose
-    target t has history inputs[:t+1] (the same windows the Transformer is scored on)."""
-    total, count = 0.0, 0.0
-    for x, y, wts in zip(np.asarray(inputs), np.asarray(targets), np.asarray(weights)):
-      for t in np.flatnonzero(wts > 0):
-        total -= math.log(self.prob(x[:t + 1], int(y[t]))) * float(wts[t])
-        count += float(wts[t])
-    return total, count
+    """(sum of weighted NLL in nats, sum of weights) of `token_nll`'s targets."""
+    w = np.asarray(weights, np.float64)
+    return float((self.token_nll(inputs, targets, weights) * w).sum()), float(w.sum())
 
 
 class NgramModel(_WindowScoring):

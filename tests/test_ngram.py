@@ -28,6 +28,9 @@ def test_nll_scores_weighted_targets_on_their_windows():
   total, count = lm.nll(inputs, targets, np.array([[1.0, 1.0, 0.0]]))
   assert count == 2.0
   assert total == pytest.approx(-math.log(lm.prob([1], 2)) - math.log(lm.prob([1, 2], 1)))
+  per_target = lm.token_nll(inputs, targets, np.array([[1.0, 1.0, 0.0]]))
+  assert per_target[0, 0] == pytest.approx(-math.log(lm.prob([1], 2)))
+  assert per_target[0, 2] == 0.0 and per_target.sum() == pytest.approx(total)
 
 
 def test_kneser_ney_matches_a_hand_computation():
