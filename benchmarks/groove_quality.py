@@ -17,7 +17,10 @@ targets) and per second of music (/ seconds the targets advance time, from the
 encoding's grammar table): per note and per second compare models of different
 encodings. The best n-gram is the lowest NLL per token of either family. `--by_kind`
 adds, for the Transformer and the best n-gram, the NLL of each kind of target token
-(DRUM, TIME_SHIFT, VELOCITY, BAR, ...): where the nats go and where the Transformer gains.
+(DRUM, TIME_SHIFT, VELOCITY, BAR, ...): where the nats go and where the Transformer gains,
+and the Transformer's NLL by position of the target in its window (how much the history
+before a token is worth; with `--seq_len` longer than the training rows, what positions
+the model never trained on cost).
 
 Prints one JSON line. Example (the README figure):
 
@@ -73,6 +76,19 @@ def by_kind(kinds, batches, token_nll):
           for k in sorted(count, key=lambda k: -total[k])}
 
 
+def by_position(batches, token_nll, seq_len):
+  """{"a-b": NLL per scored target at row positions [a, b)} over the windows."""
+  import numpy as np
+  edges = [0, 16, 32, 64] + list(range(128, seq_len, 64)) + [seq_len]
+  total, count = np.zeros(seq_len), np.zeros(seq_len)
+  for b, nll in zip(batches, token_nll):
+    w = np.asarray(b["weights"]) > 0
+    total += np.where(w, np.asarray(nll), 0.0).sum(0)
+    count += w.sum(0)
+  return {f"{a}-{z}": round(float(total[a:z].sum() / count[a:z].sum()), 4)
+          for a, z in zip(edges[:-1], edges[1:]) if count[a:z].sum()}
+
+
 def transformer_token_nll(model, batches):
   """Per-target NLL (nats) of the model on each batch, float32 [rows, seq_len] each."""
   import jax
@@ -104,6 +120,9 @@ def main():
   ap.add_argument("--eval_context", type=int, default=None,
                   help="unscored context tokens before each later window's targets "
                        "(config.data.eval_context; default the run's config, else 0)")
+  ap.add_argument("--seq_len", type=int, default=None,
+                  help="window length in tokens (default the run's data.seq_len; at most "
+                       "the model's max_len)")
   ap.add_argument("--by_kind", action="store_true",
                   help="also the NLL of each kind of target token (Transformer, best n-gram)")
   ap.add_argument("--orders", default="2,3,4,5", help="n-gram orders to fit")
@@ -131,6 +150,11 @@ def main():
     config.data.max_eval_batches = -1
     if a.eval_context is not None:
       config.data.eval_context = a.eval_context
+    if a.seq_len:
+      if a.seq_len > model.config.max_len:
+        sys.exit(f"groove_quality.py: --seq_len {a.seq_len} is above the model's max_len "
+                 f"{model.config.max_len}")
+      config.data.seq_len = a.seq_len
   split = a.split or config.data.eval_split
   data = input_pipeline.DataSource(config)
   iterator = data.eval_batches(split)
@@ -161,7 +185,10 @@ def main():
   kinds = {}
   if a.by_kind:
     names = token_kinds(enc.vocab.names)
-    kinds = {"transformer": by_kind(names, batches, transformer_token_nll(model, batches)),
+    per_target = transformer_token_nll(model, batches)
+    kinds = {"transformer": by_kind(names, batches, per_target),
+             "transformer_by_position": by_position(batches, per_target,
+                                                    int(config.data.seq_len)),
              "best_ngram": by_kind(names, batches,
                                    ngram_token_nll[best_family, best[best_family]])}
   transformer = per_unit(tf_metrics["loss"] * tf_metrics["tokens"], units)
@@ -174,6 +201,7 @@ def main():
       "steps_trained": max(m["step"] for m in metrics), "best_step": step, "split": split,
       "params": a.params or "the run's own",
       "eval_context": int(config.data.get("eval_context", 0)),
+      "seq_len": int(config.data.seq_len),
       "eval_windows": iterator.num_windows,
       "eval_tokens": int(units["tokens"]), "eval_notes": int(units["notes"]),
       "eval_seconds": round(units["seconds"], 1),

@@ -36,6 +36,9 @@ def main(argv=None):
   ap.add_argument("--prompts", type=int, default=100000,
                   help="prompts per length at most (default: all the split holds)")
   ap.add_argument("--prompt_tokens", type=int, default=64)
+  ap.add_argument("--window_keep", type=int, default=None,
+                  help="tokens the sampler keeps when its window slides (default half the "
+                       "context)")
   ap.add_argument("--folds", type=int, default=5)
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--importance", type=int, default=0,
@@ -68,7 +71,8 @@ def main(argv=None):
     for n, w in windows.items():
       r = evaluation.continuation_c2st(model, enc, w, settings=settings, is_drum=is_drum,
                                        kind=kind, seed=a.seed, n_folds=a.folds,
-                                       cache_len=context, importance_repeats=a.importance,
+                                       cache_len=context, window_keep=a.window_keep,
+                                       importance_repeats=a.importance,
                                        log=lambda *_: None)
       best = r["classifiers"][r["strongest"]]
       result[str(n)] = {
@@ -85,6 +89,7 @@ def main(argv=None):
   best = min(rows, key=lambda r: r["worst"])
   print(json.dumps({"best": best, "workdir": a.workdir, "step": step, "split": a.split,
                     "prompt_tokens": a.prompt_tokens, "context_tokens": context,
+                    "window_keep": a.window_keep or context // 2,
                     "windows": {str(n): len(w) for n, w in windows.items()}}))
 
 

@@ -287,12 +287,13 @@ def feature_kind(enc, is_drum: bool, asked: str = "auto") -> str:
 def sample_continuations(model, enc, prompts: Sequence[np.ndarray], *, length: int,
                          temperature: float, top_k: int, top_p: float, seed: int = 0,
                          constrained: bool = True, cache_len: Optional[int] = None,
+                         window_keep: Optional[int] = None,
                          batch_size: int = SAMPLE_BATCH) -> list:
   """Exactly `length` new tokens after each prompt (EOS masked until then).
 
   `cache_len` is the context before the sampler's window slides (`sampling.sample_tokens`;
   default the model's max_len; `generation.trained_context` keeps it within the trained
-  positions).
+  positions); `window_keep` the recent tokens kept when it slides (default half of it).
 
   Prompts of one length are sampled together, `batch_size` rows a call (the last call
   padded with copies so every call has one compiled shape); call c uses seed
@@ -316,7 +317,7 @@ def sample_continuations(model, enc, prompts: Sequence[np.ndarray], *, length: i
           model, batch.astype(np.int32), encoding=enc, max_new_tokens=length,
           min_new_tokens=length, seed=(seed * 9973 + call) % (1 << 31),
           temperature=temperature, top_k=top_k, top_p=top_p, constrained=constrained,
-          cache_len=cache_len)
+          cache_len=cache_len, window_keep=window_keep)
       call += 1
       for r, i in enumerate(idx):
         row = sampling.trim_sample(np.asarray(res["tokens"][r]), plen)[plen:]
@@ -356,8 +357,8 @@ def continuation_clips(enc, windows: PromptWindows, continuations: Sequence[np.n
 
 def continuation_c2st(model, enc, windows: PromptWindows, *, settings: Mapping,
                       is_drum: bool, kind: str, seed: int = 0, n_folds: int = C2ST_FOLDS,
-                      cache_len: Optional[int] = None, importance_repeats: int = 5,
-                      log=print) -> dict:
+                      cache_len: Optional[int] = None, window_keep: Optional[int] = None,
+                      importance_repeats: int = 5, log=print) -> dict:
   """The C2ST of generated against real continuations of the same prompts.
 
   For every window, a constrained sample of `windows.length` tokens continues its prompt;
@@ -372,7 +373,8 @@ def continuation_c2st(model, enc, windows: PromptWindows, *, settings: Mapping,
     is_drum: decode onto the drum channel; kind: "drums" or "pitched" features.
     seed: sampling, folds, trees and permutations.
     n_folds: k of the k-fold cross-validation.
-    cache_len: the sampler's context (see `sample_continuations`).
+    cache_len, window_keep: the sampler's context and what it keeps when its window
+      slides (see `sample_continuations`).
     importance_repeats: permutation-importance shuffles (0 skips the feature ranking).
 
   Returns:
@@ -388,7 +390,8 @@ def continuation_c2st(model, enc, windows: PromptWindows, *, settings: Mapping,
   t0 = time.perf_counter()
   generated = sample_continuations(
       model, enc, windows.prompts, length=windows.length, temperature=settings["temperature"],
-      top_k=settings["top_k"], top_p=settings["top_p"], seed=seed, cache_len=cache_len)
+      top_k=settings["top_k"], top_p=settings["top_p"], seed=seed, cache_len=cache_len,
+      window_keep=window_keep)
   sample_s = time.perf_counter() - t0
   validity = music_stats.grammar_validity(
       [np.concatenate([p, g]) for p, g in zip(windows.prompts, generated)],

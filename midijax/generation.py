@@ -46,8 +46,8 @@ def trained_context(config) -> int:
   """Tokens of context a run was trained on: its rows' length (data.seq_len), at most the
   model's max_len. Samplers slide their window within it by default: positions beyond it
   are ones the model never saw in training, and its predictions there get worse with
-  every token (groove_beats, 256-token rows, max_len 512: 2.10 nats/token at positions
-  128-256 of a 512-token window, 2.46 at 448-512)."""
+  every token (groove_beats, 256-token rows, max_len 512: 2.10-2.14 nats/token at
+  positions 128-256 of 512-token windows, 2.46 at 448-512)."""
   return int(min(config.model.max_len, config.data.seq_len))
 
 
