@@ -768,10 +768,11 @@ def eval_windows(store: TokenStore, seq_len: int, where: str = "the eval split",
   room = seq_len + 1 - store.head_lengths
   body = store.lengths - store.head_lengths
   context = int(context)
-  if context < 0 or (len(store) and context >= int(room.min())):
+  free = room[~store.is_pair]  # pairs get one window, without context
+  if context < 0 or (len(free) and context >= int(free.min())):
     raise ConfigError(
-        f"{field}={context}: must be >= 0 and leave room for a target "
-        f"after every head of {where} (at most {int(room.min()) - 1} with seq_len={seq_len})")
+        f"{field}={context}: must be >= 0 and leave room for a target after every "
+        f"prefix of {where} (at most {int(free.min()) - 1} with seq_len={seq_len})")
   step = room - context
   # First window: W tokens; later ones W - C each.
   later = np.maximum(body - room, 0)
