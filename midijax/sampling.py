@@ -31,7 +31,9 @@ How the loop works (`_sample`):
 * Past the context (`cache_len`, default the model's max_len) the window slides: the
   BOS + conditioning prefix and the last `window_keep` tokens are prefilled again in one
   pass and sampling goes on (positions restart; the grammar state and the elapsed time
-  carry over), so a model trained on 1024-token windows can play for minutes.
+  carry over), so a model trained on 1024-token windows can play for minutes. A prompt
+  that does not fit the context starts that way: the model sees the prefix and the
+  prompt's last `window_keep` tokens, the grammar all of it.
 
 Everything that changes the program's shapes (batch, prompt length, max_new_tokens,
 cache_len, window_keep, top_k, top_p on/off, encoding) is static: one compile per
@@ -280,18 +282,26 @@ def _sample(graphdef, spec: SamplerSpec, params, prompt, seed, temperature, top_
       c, cache = jax.lax.while_loop(in_phase, chunk, (c, cache))
     return c
 
-  logits, cache = prefill(model, prompt, prompt_len, spec.kv_cache)
+  window_len = spec.prefix_len + spec.window_keep
+  if prompt_len < spec.cache_len:
+    first, first_len = prompt, prompt_len
+  else:
+    # A prompt longer than the context starts as if the window had already slid: the
+    # prefix and the prompt's last window_keep tokens; the grammar state comes from all of it.
+    first = jnp.concatenate([prompt[:, :spec.prefix_len],
+                             prompt[:, prompt_len - spec.window_keep:]], axis=1)
+    first_len = window_len
+  logits, cache = prefill(model, first, first_len, spec.kv_cache)
   out = jnp.concatenate([prompt, jnp.zeros((batch, spec.max_new_tokens), jnp.int32)], axis=1)
   carry = {
-      "i": jnp.zeros((), jnp.int32), "pos": jnp.asarray(prompt_len, jnp.int32),
+      "i": jnp.zeros((), jnp.int32), "pos": jnp.asarray(first_len, jnp.int32),
       "logits": logits, "out": out, "token": jnp.zeros((batch,), jnp.int32),
       "grammar": g.init_state(batch, prompt), "elapsed": jnp.zeros((batch,), jnp.float32),
       "done": jnp.zeros((batch,), bool), "reason": jnp.zeros((batch,), jnp.int32),
   }
-  carry = run_phases(carry, cache, prompt_len)
+  carry = run_phases(carry, cache, first_len)
 
-  if prompt_len + spec.max_new_tokens > spec.cache_len:
-    window_len = spec.prefix_len + spec.window_keep
+  if first_len + spec.max_new_tokens > spec.cache_len:
 
     def slide(c):
       start = prompt_len + c["i"] - spec.window_keep
@@ -357,7 +367,7 @@ def sample_tokens(model: transformer.Transformer, prompt, *, encoding: Encoding,
       many seconds (time-shift / position tokens counted); None = no limit.
     qpm: tempo for beat-based encodings' time (`triples`), quarter notes per minute.
     cache_len: context in tokens (prompt + generated) before the window slides; default
-      the model's max_len.
+      the model's max_len. A longer prompt is fed as the slid window would be.
     window_keep: tokens of recent context kept (after the BOS + conditioning prefix) when
       the window slides; default half the context.
     prefix_len: length of the BOS + conditioning prefix re-kept at every slide; default
@@ -378,7 +388,7 @@ def sample_tokens(model: transformer.Transformer, prompt, *, encoding: Encoding,
     "steps" loop iterations, "compile_s", "sample_s".
 
   Raises:
-    ValueError: on inconsistent settings (prompt not shorter than the context, ...).
+    ValueError: on inconsistent settings (window_keep not leaving room in the context, ...).
   """
   prompt = np.asarray(prompt, np.int32)
   if prompt.ndim != 2 or prompt.shape[1] == 0:
@@ -397,9 +407,6 @@ def sample_tokens(model: transformer.Transformer, prompt, *, encoding: Encoding,
   if cfg.position == "relative" and cache_len > cfg.max_len:
     raise ValueError(f"cache_len={cache_len} exceeds max_len={cfg.max_len}, the longest "
                      "relative distance the model knows")
-  if plen >= cache_len:
-    raise MidijaxError(f"the prompt is {plen} tokens but the model's context is {cache_len}; "
-                       "use a shorter prompt")
   if prefix_len is None:
     lead = np.flatnonzero(prompt[0] < encoding.bos_id)
     prefix_len = int(lead[0]) if len(lead) else plen
@@ -408,7 +415,8 @@ def sample_tokens(model: transformer.Transformer, prompt, *, encoding: Encoding,
     raise ValueError(f"window_keep={window_keep} must be positive and leave room after the "
                      f"{prefix_len}-token prefix in the {cache_len}-token context")
   # Cache no longer than the sequence can get (short samples use less memory).
-  cache_len = min(cache_len, plen + max_new_tokens)
+  if plen < cache_len:
+    cache_len = min(cache_len, plen + max_new_tokens)
   if cache_phases is None and model.decode_attention_impl(mesh) == "cpu_kernel":
     cache_phases = 1  # the kernel reads only the filled slots: no shorter phases needed
   if cache_phases is None:
@@ -711,7 +719,7 @@ def continue_midi(model: transformer.Transformer, enc: Encoding, prompt_path, *,
 
   Raises:
     MidiReadError: a missing or unreadable prompt file.
-    MidijaxError: no usable notes, or a prompt longer than the model's context.
+    MidijaxError: no usable notes.
   """
   from midijax import midi_io
   if prompt_seconds is not None and prompt_bars is not None:
@@ -743,14 +751,10 @@ def continue_midi(model: transformer.Transformer, enc: Encoding, prompt_path, *,
   for kind, value in conditions_of_notes(notes, kinds).items():
     conditions.setdefault(kind, value)
   to_infer = [k for k in kinds if k in INFERRED_KINDS and k not in conditions]
+  # A prompt longer than the context is scored, as it is sampled from, by its latest tokens.
   context = int(cache_len or model.config.max_len)
-  prompt_len = len(ids) + 1 + len(ordered_conditions(conditions)) + len(to_infer)
-  if prompt_len >= context:
-    raise MidijaxError(
-        f"{prompt_path}: the prompt ({cut:.2f} s) is {prompt_len} tokens, longer than the "
-        f"{context}-token context (--context; default the length the model was trained "
-        f"on); ask for fewer --prompt_seconds / --prompt_bars")
-  conditions, inferred = infer_conditions(model, enc, ids, conditions, kinds)
+  room = max(context - 1 - len(ordered_conditions(conditions)) - len(to_infer), 1)
+  conditions, inferred = infer_conditions(model, enc, ids[-room:], conditions, kinds)
   if max_new_tokens is None:
     max_new_tokens = int(min(max(seconds or 0, 1) * 200, 1 << 16)) if seconds else 2048
   result = generate(model, enc, num_samples=num_samples, max_new_tokens=max_new_tokens,

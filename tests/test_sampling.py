@@ -668,7 +668,6 @@ def test_bad_inputs_are_one_clear_line(groove_run, groove_files, tmp_path, capsy
   cases = [
       (["continue", "--prompt", tmp_path / "missing.mid", *base], "file not found"),
       (["continue", "--prompt", bad_midi, *base], "bad.mid"),
-      (["continue", "--prompt", groove_files[0], "--prompt_seconds", 60, *base], "context"),
       (["generate", "--workdir", empty], "not a midijax workdir"),
       (["generate", "--workdir", other_vocab], "incompatible encoding"),
       (["generate", *base, "--style", "polka"], "funk"),  # lists the valid styles
@@ -680,6 +679,15 @@ def test_bad_inputs_are_one_clear_line(groove_run, groove_files, tmp_path, capsy
     assert len(err.strip().splitlines()) == 1 and needle in err, (args, err)
     assert "Traceback" not in err
   assert not (tmp_path / "x").exists()
+  # A prompt longer than the model's context is not an error: the model sees its end.
+  long_out = tmp_path / "long"
+  code, _, err = run_cli(capsys, "continue", "--prompt", groove_files[0], "--prompt_seconds",
+                         60, "--workdir", groove_run, "--out", long_out, "--num_samples", 1,
+                         "--max_tokens", 16)
+  assert code == 0, err
+  report = json.loads((long_out / "continue.json").read_text())
+  assert report["settings"]["prompt_tokens"] > report["settings"]["cache_len"]
+  assert (long_out / "sample_00_full.mid").exists()
 
 
 def test_samplers_default_to_the_context_the_run_was_trained_on():
@@ -693,3 +701,20 @@ def test_samplers_default_to_the_context_the_run_was_trained_on():
   assert generation.sampling_settings(config, enc, cache_len=512)["cache_len"] == 512
   config.data.seq_len = 1024  # rows longer than max_len: the model's positions bound it
   assert generation.sampling_settings(config, enc)["cache_len"] == 512
+
+
+def test_a_prompt_longer_than_the_context_starts_as_a_slid_window(drums):
+  """A prompt that does not fit `cache_len` is sampled from as the window would have slid:
+  the same new tokens as from the prefix + the prompt's last window_keep tokens."""
+  model = make_model(drums, "rope", max_len=64)
+  rng = np.random.default_rng(0)
+  events = rng.integers(drums.body_offset, drums.bos_id, size=(2, 50)).astype(np.int32)
+  prefix = np.full((2, 1), drums.bos_id, np.int32)
+  long_prompt = np.concatenate([prefix, events], 1)  # 51 tokens > cache_len 32
+  kw = dict(encoding=drums, max_new_tokens=40, min_new_tokens=40, temperature=1.0, seed=5,
+            cache_len=32, window_keep=16, prefix_len=1, cache_phases=1)
+  a = sampling.sample_tokens(model, long_prompt, **kw)
+  tail = np.concatenate([prefix, events[:, -16:]], 1)
+  b = sampling.sample_tokens(model, tail, **kw)
+  np.testing.assert_array_equal(a["tokens"][:, :51], long_prompt)  # the prompt is kept whole
+  np.testing.assert_array_equal(a["tokens"][:, 51:], b["tokens"][:, 17:])
