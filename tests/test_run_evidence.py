@@ -56,14 +56,14 @@ def test_evaluate_writes_reports_and_is_deterministic(tiny_run, groove_tfds, tmp
   assert "eval_train/c2st_48/accuracy" in tags and "eval_train/nll_per_second" in tags
 
 
-def test_evaluate_eval_context_scores_the_same_targets_with_context(tiny_run, groove_tfds,
-                                                                    tmp_path):
-  base = ["evaluate", "--workdir", str(tiny_run), "--split", "train", "--num_samples", "2",
-          "--max_tokens", "16", "--c2st_prompts", "0", "--data_dir", str(groove_tfds)]
-  assert cli.main(base + ["--out", str(tmp_path / "plain")]) == 0
-  assert cli.main(base + ["--eval_context", "32", "--out", str(tmp_path / "ctx")]) == 0
-  plain, ctx = (json.loads((tmp_path / d / "metrics.json").read_text())["nll"]
-                for d in ("plain", "ctx"))
+def test_eval_context_scores_the_same_targets_with_context(tiny_run, groove_tfds):
+  from midijax import evaluation, runs
+  model, _, config, _ = runs.load_run(tiny_run)
+  config.data.data_dir = str(groove_tfds)
+  plain = evaluation.split_nll(model, config, "train")
+  with config.unlocked():
+    config.data.eval_context = 32
+  ctx = evaluation.split_nll(model, config, "train")
   assert ctx["eval_context"] == 32 and plain["eval_context"] == 0
   assert ctx["tokens"] == plain["tokens"] and ctx["notes"] == plain["notes"]
   assert ctx["nll_per_token"] != plain["nll_per_token"]  # same targets, more history
