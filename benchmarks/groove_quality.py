@@ -99,8 +99,7 @@ def transformer_token_nll(model, batches):
 
   @jax.jit
   def step(p, b):
-    logp = jax.nn.log_softmax(losses.apply_model(graphdef, p, b, True, None), -1)
-    return -jnp.take_along_axis(logp, b["targets"][..., None], -1)[..., 0]
+    return losses.token_nll(losses.apply_model(graphdef, p, b, True, None), b["targets"])
   return [jax.device_get(step(params, {k: jnp.asarray(v) for k, v in b.items()}))
           for b in batches]
 
@@ -141,6 +140,7 @@ def main():
     t_train = time.perf_counter() - t
 
   from midijax import evaluation, input_pipeline, losses, runs
+  from midijax.errors import MidijaxError
   from midijax.ngram import KneserNeyModel, NgramModel
 
   model, enc, config, step = runs.load_run(a.workdir, best=True, params_tree=a.params or None)
@@ -157,7 +157,10 @@ def main():
       config.data.seq_len = a.seq_len
   split = a.split or config.data.eval_split
   data = input_pipeline.DataSource(config)
-  iterator = data.eval_batches(split)
+  try:
+    iterator = data.eval_batches(split)
+  except MidijaxError as e:  # e.g. an --eval_context that leaves no room for a target
+    sys.exit(f"groove_quality.py: {e}")
   batches = list(iterator)
   spec = input_pipeline.dataset_specs(config)[0]
   units = evaluation.window_units(enc, batches,

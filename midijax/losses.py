@@ -15,6 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def token_nll(logits, targets):
+  """float32 [B, T]: each target's NLL in nats under logits [B, T, V] (no weighting)."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+
+
 def weighted_cross_entropy(logits, targets, weights, label_smoothing: float = 0.0):
   """Returns (sum of weighted token NLL in nats, sum of weights).
 
@@ -23,9 +29,9 @@ def weighted_cross_entropy(logits, targets, weights, label_smoothing: float = 0.
   entropy, so a perfect model still scores 0.
   """
   vocab = logits.shape[-1]
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+  nll = token_nll(logits, targets)
   if label_smoothing > 0:
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     confidence = 1.0 - label_smoothing
     low = label_smoothing / (vocab - 1)
     smooth = -jnp.mean(jnp.where(logp > -1e9, logp, 0.0), axis=-1) * vocab / (vocab - 1)
