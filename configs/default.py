@@ -114,6 +114,11 @@ def get_config():
   # Adapter output scale alpha / rank: 16 is scale 2 at rank 8 (fixed alpha: trying
   # another rank needs little learning-rate retuning).
   model.lora_alpha = 16.0
+  # Learned embedding of the time since the last bar line (encoding steps, 0..N-1; longer
+  # times share the last row), added to each token's embedding, so the model knows where
+  # in the bar it is without adding up time shifts. 0 = off; needs BAR tokens (groove's
+  # drums_beats encoding).
+  model.bar_positions = 0
 
   # ---------------------------------------------------------------- training
   config.train = train = ml_collections.ConfigDict()

@@ -52,7 +52,8 @@ from midijax.models import transformer
 # source's layers are restacked) and lora_rank / lora_alpha (adapters are added, copied or
 # merged: see `source_model_config`).
 ARCHITECTURE_FIELDS = ("num_layers", "emb_dim", "qkv_dim", "num_heads", "mlp_dim", "position",
-                       "norm", "mlp_activation", "tied_embeddings", "rope_max_wavelength")
+                       "norm", "mlp_activation", "tied_embeddings", "rope_max_wavelength",
+                       "bar_positions")
 # The logical axis of parameter dimensions indexed by token id (embedding rows, output
 # columns).
 VOCAB_AXIS = "vocab"

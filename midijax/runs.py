@@ -20,16 +20,17 @@ from midijax.errors import MidijaxError
 from midijax.models import transformer
 
 # TransformerConfig fields that do not come from config.model.
-_DERIVED_FIELDS = ("vocab_size", "deterministic")
+_DERIVED_FIELDS = ("vocab_size", "deterministic", "bar_clock")
 
 
-def model_config_from(config, vocab_size: int, deterministic: bool = False
+def model_config_from(config, vocab_size: int, deterministic: bool = False, encoding=None
                       ) -> transformer.TransformerConfig:
   """The `TransformerConfig` of a run config.
 
   Every TransformerConfig field present in `config.model` is taken from it; fields it lacks
   (configs saved before the field existed) keep the dataclass default. `vocab_size` and
-  `deterministic` are the arguments.
+  `deterministic` are the arguments; `bar_clock` comes from `encoding` (the run's) when
+  config.model.bar_positions is set (without it the model refuses to build).
 
   Raises:
     ConfigError: naming the config.model field that cannot work.
@@ -37,8 +38,9 @@ def model_config_from(config, vocab_size: int, deterministic: bool = False
   model = config.model
   fields = {f.name: model[f.name] for f in dataclasses.fields(transformer.TransformerConfig)
             if f.name not in _DERIVED_FIELDS and f.name in model}
+  clock = encoding.bar_clock() if encoding is not None and fields.get("bar_positions") else None
   return transformer.TransformerConfig(vocab_size=int(vocab_size), deterministic=deterministic,
-                                       **fields)
+                                       bar_clock=() if clock is None else tuple(clock), **fields)
 
 
 def inference_mesh() -> jax.sharding.Mesh:
@@ -79,7 +81,7 @@ def load_run(workdir, step: Optional[int] = None, best: bool = False, mesh=None,
     vocab_size = int(meta.get("vocab_size") or enc.vocab_size)
     mesh = mesh or inference_mesh()
     rules = rules or sharding.get_logical_axis_rules(config.get("mesh"))
-    model_cfg = model_config_from(config, vocab_size, deterministic=True)
+    model_cfg = model_config_from(config, vocab_size, deterministic=True, encoding=enc)
     abstract_model = nnx.eval_shape(lambda: transformer.Transformer(model_cfg, rngs=nnx.Rngs(0)))
     graphdef, abstract_params = nnx.split(abstract_model)
     param_sh = sharding.state_shardings(abstract_params, mesh, rules)

@@ -273,8 +273,10 @@ def _sample(graphdef, spec: SamplerSpec, params, prompt, seed, temperature, top_
         def step(carry):
           c, cache = carry
           c = sample_one(c, noise)
-          logits, cache = model.decode_step(c["token"], cache, c["pos"])
-          return {**c, "logits": logits, "pos": c["pos"] + 1}, cache
+          bar = model.advance_bar_time(c["bar"], c["token"]) if uses_bars else c["bar"]
+          logits, cache = model.decode_step(c["token"], cache, c["pos"],
+                                            bar_time=bar if uses_bars else None)
+          return {**c, "logits": logits, "pos": c["pos"] + 1, "bar": bar}, cache
 
         return jax.lax.while_loop(
             lambda carry: in_phase(carry) & (carry[0]["i"] // NOISE_CHUNK == index), step, carry)
@@ -291,6 +293,11 @@ def _sample(graphdef, spec: SamplerSpec, params, prompt, seed, temperature, top_
     first = jnp.concatenate([prompt[:, :spec.prefix_len],
                              prompt[:, prompt_len - spec.window_keep:]], axis=1)
     first_len = window_len
+  # Models with bar-position embeddings: the time since the last BAR (-1: none yet in the
+  # window), as training computes it over a window, carried on token by token.
+  uses_bars = bool(model.config.bar_positions)
+  bar_time = lambda window: (model.bar_times(window)[:, -1] if uses_bars
+                             else jnp.zeros((batch,), jnp.int32))
   logits, cache = prefill(model, first, first_len, spec.kv_cache)
   out = jnp.concatenate([prompt, jnp.zeros((batch, spec.max_new_tokens), jnp.int32)], axis=1)
   carry = {
@@ -298,6 +305,7 @@ def _sample(graphdef, spec: SamplerSpec, params, prompt, seed, temperature, top_
       "logits": logits, "out": out, "token": jnp.zeros((batch,), jnp.int32),
       "grammar": g.init_state(batch, prompt), "elapsed": jnp.zeros((batch,), jnp.float32),
       "done": jnp.zeros((batch,), bool), "reason": jnp.zeros((batch,), jnp.int32),
+      "bar": bar_time(first),
   }
   carry = run_phases(carry, cache, first_len)
 
@@ -309,8 +317,8 @@ def _sample(graphdef, spec: SamplerSpec, params, prompt, seed, temperature, top_
           [c["out"][:, :spec.prefix_len],
            jax.lax.dynamic_slice_in_dim(c["out"], start, spec.window_keep, axis=1)], axis=1)
       logits, cache = prefill(model, window, window_len, spec.kv_cache)
-      return run_phases({**c, "logits": logits, "pos": jnp.asarray(window_len, jnp.int32)},
-                        cache, window_len)
+      return run_phases({**c, "logits": logits, "pos": jnp.asarray(window_len, jnp.int32),
+                         "bar": bar_time(window)}, cache, window_len)
 
     carry = jax.lax.while_loop(going, slide, carry)
   return carry["out"], carry["reason"], carry["elapsed"], carry["i"]

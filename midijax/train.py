@@ -380,8 +380,8 @@ class TrainSetup:
     return transformer.flops_per_token(self.model_config, seq_len, self.trainable_matmul_params)
 
 
-def create_train_state(config, vocab_size: int, mesh, rules, *, abstract: bool = False
-                       ) -> Tuple[TrainSetup, TrainState]:
+def create_train_state(config, vocab_size: int, mesh, rules, *, abstract: bool = False,
+                       encoding=None) -> Tuple[TrainSetup, TrainState]:
   """The model, optimizer and their shardings, and the initial train state.
 
   Args:
@@ -390,6 +390,7 @@ def create_train_state(config, vocab_size: int, mesh, rules, *, abstract: bool =
     mesh, rules: the device mesh and logical axis rules.
     abstract: give the state as ShapeDtypeStructs carrying their shardings, allocating
       nothing (ahead-of-time compilation for devices this process may not have).
+    encoding: the run's encoding (its bar clock, for config.model.bar_positions).
 
   Returns:
     (TrainSetup, TrainState): the state's parameters are global arrays sharded on `mesh`
@@ -399,7 +400,7 @@ def create_train_state(config, vocab_size: int, mesh, rules, *, abstract: bool =
     ConfigError: when a parameter cannot be split as config.mesh asks, or
       config.train.trainable matches no parameter.
   """
-  model_cfg = runs.model_config_from(config, vocab_size)
+  model_cfg = runs.model_config_from(config, vocab_size, encoding=encoding)
   # The attention backend for the platform compiled for (the mesh's devices: TPU devices
   # from libtpu's topology for `midijax compile` on a CPU host).
   model_cfg = model_cfg.replace(attention_impl=transformer.resolve_attention_impl(
@@ -507,7 +508,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       old_info = {}
 
   # Parameters are created outside `use_mesh`: their logical names resolve through the rules.
-  setup, state = create_train_state(config, vocab_size, mesh, rules)
+  setup, state = create_train_state(config, vocab_size, mesh, rules,
+                                    encoding=getattr(data, "encoding", None))
   state_sh = setup.state_shardings
   info = run_info()
   info["attention_impl"] = setup.model_config.attention_impl

@@ -119,6 +119,12 @@ class Encoding:
   def vocab_size(self) -> int:
     return len(self.vocab)
 
+  def bar_clock(self) -> Optional[np.ndarray]:
+    """What each token does to the time since the last bar line, for encodings with BAR
+    tokens: int32 [vocab_size], the time steps a token moves time on (0 for tokens that
+    take no time), -1 for BAR. None for encodings without bar lines (the default)."""
+    return None
+
   @property
   def config(self) -> dict:
     """JSON-able description from which `midijax.encoding.get(**config)` rebuilds this."""

@@ -116,6 +116,14 @@ class DrumsEncoding(Encoding):
     if self.bar_tokens:
       yield "BAR"
 
+  def bar_clock(self) -> Optional[np.ndarray]:
+    if not self.bar_tokens:
+      return None
+    clock = np.zeros(self.vocab_size, np.int32)
+    clock[self.shift_base:self.velocity_base] = np.arange(1, self.max_shift_steps + 1)
+    clock[self.bar_id] = -1
+    return clock
+
   def step_seconds(self, qpm: float = 120.0) -> float:
     """Seconds one time step (one TIME_SHIFT_1) lasts, at `qpm` unless time is in seconds."""
     if self.time_unit == "beats":

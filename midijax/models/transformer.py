@@ -130,6 +130,15 @@ class TransformerConfig:
     lora_alpha: the adapters' output is scaled by lora_alpha / lora_rank (the LoRA paper's
       convention: with alpha fixed, another rank needs little learning-rate retuning; 16
       gives scale 2 at rank 8).
+    bar_positions: a learned embedding of where in the bar each token leaves the music,
+      added to the token embeddings (see `bar_times`): time since the last BAR in the
+      encoding's steps, 0..bar_positions-1 (longer times share the last row), plus one
+      row for "no bar line yet in this window". The model then knows its metrical
+      position without adding up its time shifts. 0 = off; needs an encoding with BAR
+      tokens (`Encoding.bar_clock`).
+    bar_clock: int per token id, the encoding's `bar_clock()` (steps a token moves time
+      on, -1 for BAR); filled from the run's encoding (`runs.model_config_from`), not set
+      in configs.
   """
   vocab_size: int
   emb_dim: int = 512
@@ -156,6 +165,8 @@ class TransformerConfig:
   pallas_interpret: bool = False
   lora_rank: int = 0
   lora_alpha: float = 16.0
+  bar_positions: int = 0
+  bar_clock: tuple = ()
 
   def __post_init__(self):
     # The one place model fields are checked. A TransformerConfig is built from a run's
@@ -205,6 +216,13 @@ class TransformerConfig:
       if not self.lora_alpha > 0:
         bad("lora_alpha", "must be positive (adapter outputs are scaled by "
                           "lora_alpha / lora_rank)")
+    if (isinstance(self.bar_positions, bool) or not isinstance(self.bar_positions, int)
+        or self.bar_positions < 0):
+      bad("bar_positions", "must be an integer >= 0 (0 = no bar-position embedding)")
+    object.__setattr__(self, "bar_clock", tuple(int(x) for x in self.bar_clock))
+    if len(self.bar_clock) > self.padded_vocab_size:
+      raise ConfigError(f"the encoding's bar clock covers {len(self.bar_clock)} ids but "
+                        f"config.model.vocab_size is {self.vocab_size}")
 
   @property
   def padded_vocab_size(self) -> int:
@@ -612,9 +630,57 @@ class Transformer(nnx.Module):
     self.final_norm = final_norm
     if output is not None:
       self.output = output
+    if config.bar_positions:
+      if -1 not in config.bar_clock:
+        raise ConfigError(f"config.model.bar_positions={config.bar_positions} needs an "
+                          "encoding with BAR tokens (e.g. groove's drums_beats); this run's "
+                          "encoding has none")
+      # Drawn after every other parameter: those equal the same config's without it.
+      self.bar_embedding = _param(rngs, nnx.initializers.normal(1.0),
+                                  (config.bar_positions + 1, config.emb_dim), (None, "embed"),
+                                  config.param_dtype)
 
-  def _embed(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
-    """int [B, T] -> [B, T, D] token (+ sinusoidal position) embeddings."""
+  # --------------------------------------------------------------------------- bar clock
+  def _clock(self) -> jax.Array:
+    """int32 [padded vocab]: `bar_clock` padded with ids that take no time."""
+    cfg = self.config
+    clock = list(cfg.bar_clock) + [0] * (cfg.padded_vocab_size - len(cfg.bar_clock))
+    return jnp.asarray(clock, jnp.int32)
+
+  def bar_times(self, tokens: jax.Array, segment_ids: Optional[jax.Array] = None
+                ) -> jax.Array:
+    """Steps since the last BAR after each token, int32 [B, T]; -1 before the first BAR of
+    the row (or of the token's packed segment): the position is unknown there.
+
+    A BAR token is at 0 (bar lines take no time); a time shift adds its steps."""
+    steps = jnp.take(self._clock(), tokens)
+    is_bar = steps < 0
+    time = jnp.cumsum(jnp.maximum(steps, 0), axis=1)
+    index = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    restart = is_bar
+    if segment_ids is not None:
+      restart = restart | (segment_ids != jnp.pad(segment_ids, ((0, 0), (1, 0)),
+                                                  constant_values=-1)[:, :-1])
+    last = jax.lax.cummax(jnp.where(restart, index, -1), axis=1)
+    at = jnp.maximum(last, 0)
+    known = (last >= 0) & jnp.take_along_axis(is_bar, at, axis=1)
+    return jnp.where(known, time - jnp.take_along_axis(time, at, axis=1), -1)
+
+  def advance_bar_time(self, bar_time: jax.Array, tokens: jax.Array) -> jax.Array:
+    """`bar_times` one token on: int32 [B] time since the last BAR before `tokens` [B]
+    (-1 unknown) -> after them."""
+    steps = jnp.take(self._clock(), tokens)
+    return jnp.where(steps < 0, 0, jnp.where(bar_time >= 0, bar_time + steps, -1))
+
+  def _bar_rows(self, bar_time: jax.Array) -> jax.Array:
+    """Rows of `bar_embedding` for times since the bar (-1 -> row 0)."""
+    return jnp.where(bar_time >= 0, 1 + jnp.minimum(bar_time, self.config.bar_positions - 1),
+                     0)
+
+  def _embed(self, tokens: jax.Array, positions: jax.Array,
+             bar_time: Optional[jax.Array] = None) -> jax.Array:
+    """int [B, T] -> [B, T, D] token (+ sinusoidal position, + bar position) embeddings.
+    bar_time: int [B, T] (`bar_times`) when config.bar_positions is set."""
     # Gather from a replicated copy of the table so each batch shard looks up its
     # own rows: a gather from a (vocab, embed)-sharded table makes XLA replicate
     # the activations instead. Music vocabularies make the table small.
@@ -622,6 +688,9 @@ class Transformer(nnx.Module):
     x = jnp.take(table, tokens, axis=0).astype(self.config.dtype)
     if self.config.position == "sinusoidal":
       x = x + sinusoidal_embedding(positions, self.config.emb_dim).astype(self.config.dtype)
+    if self.config.bar_positions:
+      bars = with_logical_constraint(self.bar_embedding[...], (None, None))
+      x = x + jnp.take(bars, self._bar_rows(bar_time), axis=0).astype(self.config.dtype)
     return with_logical_constraint(x, ("batch", "length", "embed"))
 
   def _logits(self, x: jax.Array) -> jax.Array:
@@ -699,7 +768,8 @@ class Transformer(nnx.Module):
       positions = (positions_from_segments(segment_ids) if segment_ids is not None
                    else jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :])
     rngs = None
-    x = self._embed(tokens, positions)
+    bar_time = self.bar_times(tokens, segment_ids) if cfg.bar_positions else None
+    x = self._embed(tokens, positions, bar_time)
     if use_dropout:
       keys = jax.random.split(dropout_rng, cfg.num_layers + 1)
       rngs = keys[:-1]
@@ -765,27 +835,34 @@ class Transformer(nnx.Module):
     length = t if length is None else length
     self._check_cache_length(length)
     positions = jnp.arange(t, dtype=jnp.int32)[None, :]
-    x = self._embed(tokens, positions)
+    x = self._embed(tokens, positions,
+                    self.bar_times(tokens) if self.config.bar_positions else None)
     cache = []
     for block in self._layers():
       x, (k, v) = block.prefill(x, positions)
       cache.append(kv_cache.new_cache(k, v, length, kind, self._keys_transposed(kind)))
     return self._logits(x), cache
 
-  def decode_step(self, tokens: jax.Array, cache: Cache, pos: jax.Array
-                  ) -> tuple[jax.Array, Cache]:
+  def decode_step(self, tokens: jax.Array, cache: Cache, pos: jax.Array,
+                  bar_time: Optional[jax.Array] = None) -> tuple[jax.Array, Cache]:
     """Logits after one more token per row.
 
     Args:
       tokens: int [B], the tokens at position `pos`.
       cache: from `prefill` / `init_cache` / a previous step, holding positions < pos.
       pos: int32 scalar < the cache's length.
+      bar_time: int [B], steps since the last BAR after `tokens` (`bar_times` of the
+        window, carried on with `advance_bar_time`); required with config.bar_positions.
 
     Returns:
       (float32 [B, padded_vocab_size] logits for position pos + 1, the updated cache).
     """
     pos = jnp.asarray(pos, jnp.int32)
-    x = self._embed(tokens[:, None], jnp.reshape(pos, (1, 1)))
+    if self.config.bar_positions and bar_time is None:
+      raise ValueError("this model embeds bar positions (config.bar_positions): pass "
+                       "decode_step(..., bar_time=...)")
+    x = self._embed(tokens[:, None], jnp.reshape(pos, (1, 1)),
+                    None if bar_time is None else jnp.asarray(bar_time)[:, None])
     new_cache = []
     for block, layer_cache in zip(self._layers(), cache):
       x, layer_cache = block.decode_step(x, layer_cache, pos)
