@@ -404,14 +404,10 @@ def _shard_bytes(abstract_tree: Any) -> int:
   return total
 
 
-def _resolve_vocab_size(config, vocab_size: int) -> Tuple[int, str]:
-  """--vocab_size, else config.model.vocab_size, else the built dataset's, else the encoding's."""
-  if vocab_size:
-    return int(vocab_size), "flag"
-  if config.model.vocab_size:
-    return int(config.model.vocab_size), "config"
-  # A built dataset's vocab.json, found the way input_pipeline.find_dataset_dir does, without
-  # importing TensorFlow: <data_dir>/<name>/<builder_config>/<version>/vocab.json.
+def _built_vocab(config) -> Optional[pathlib.Path]:
+  """The vocab.json of the built dataset config.data names (its newest version), found the
+  way input_pipeline.find_dataset_dir does, without importing TensorFlow:
+  <data_dir>/<name>/<builder_config>/<version>/vocab.json. None if none is built."""
   data = config.data
   root = pathlib.Path(data.get("data_dir", "") or os.environ.get("TFDS_DATA_DIR") or
                       "~/tensorflow_datasets").expanduser()
@@ -420,8 +416,18 @@ def _resolve_vocab_size(config, vocab_size: int) -> Tuple[int, str]:
   found = sorted((root / data.get("name", "") / builder_config).glob("*/vocab.json"),
                  key=lambda p: tuple(int(x) if x.isdigit() else 0
                                      for x in p.parent.name.split(".")))
-  if found and not data.get("mixture", ()):
-    return int(encoding.load_vocab(found[-1]).vocab_size), f"dataset:{found[-1].parent}"
+  return found[-1] if found and not data.get("mixture", ()) else None
+
+
+def _resolve_vocab_size(config, vocab_size: int) -> Tuple[int, str]:
+  """--vocab_size, else config.model.vocab_size, else the built dataset's, else the encoding's."""
+  if vocab_size:
+    return int(vocab_size), "flag"
+  if config.model.vocab_size:
+    return int(config.model.vocab_size), "config"
+  vocab = _built_vocab(config)
+  if vocab is not None:
+    return int(encoding.load_vocab(vocab).vocab_size), f"dataset:{vocab.parent}"
   name = str(config.data.get("builder_config", "")).split("_")[0]
   if name in encoding.ENCODINGS:
     return int(encoding.get(name).vocab_size), f"encoding:{name}"
@@ -453,7 +459,11 @@ def compile_train_step(config, topology: Topology, devices: Sequence[Any], *,
 
   mesh = sharding.create_mesh(config.mesh, devices=devices)
   rules = sharding.get_logical_axis_rules(config.mesh)
-  setup, state = train.create_train_state(config, vocab, mesh, rules, abstract=True)
+  # The built dataset's encoding gives config.model.bar_positions its bar clock.
+  built = _built_vocab(config) if config.model.get("bar_positions", 0) else None
+  setup, state = train.create_train_state(
+      config, vocab, mesh, rules, abstract=True,
+      encoding=encoding.load_vocab(built) if built is not None else None)
   rows, seq_len = config.data.batch_size, config.data.seq_len
   batch_keys = {"inputs": jnp.int32, "targets": jnp.int32, "weights": jnp.float32}
   if config.data.get("packing", False):

@@ -246,13 +246,15 @@ def source_model_config(old: transformer.TransformerConfig,
   return old.replace(scan_layers=new.scan_layers)
 
 
-def check_init_from(config, source: InitSource, vocab_size: int, source_vocab_size: int
-                    ) -> None:
+def check_init_from(config, source: InitSource, vocab_size: int, source_vocab_size: int,
+                    encoding=None) -> None:
   """Checks, before anything is loaded or compiled, that the source's parameters fit.
 
   Args:
     config: the new run's config; source: from `resolve_init_from`.
     vocab_size, source_vocab_size: the two models' vocabularies (they may differ).
+    encoding: the new run's encoding (the bar clock of config.model.bar_positions; the
+      parameters' shapes do not depend on it, so it serves both models).
 
   LoRA adapters of this run that the source lacks are not an architecture change: they
   keep their fresh initialisation.
@@ -261,9 +263,9 @@ def check_init_from(config, source: InitSource, vocab_size: int, source_vocab_si
     ConfigError: naming the config.model field(s) that differ, or the parameter whose
       shape differs when no listed field explains it.
   """
-  new = runs.model_config_from(config, vocab_size)
+  new = runs.model_config_from(config, vocab_size, encoding=encoding)
   try:
-    old = runs.model_config_from(source.config, source_vocab_size)
+    old = runs.model_config_from(source.config, source_vocab_size, encoding=encoding)
   except ConfigError as e:
     raise ConfigError(_field_error(source.spec, f"its config does not load: {e}")) from None
   differ = [f"config.model.{f}={getattr(new, f)!r} but {getattr(old, f)!r} there"

@@ -413,6 +413,8 @@ def create_train_state(config, vocab_size: int, mesh, rules, *, abstract: bool =
     else:
       graphdef, params = nnx.split(sharding.create_sharded_model(model_fn, mesh, rules))
     param_sh = sharding.state_shardings(params, mesh, rules)
+  except ConfigError:
+    raise  # a model field (e.g. bar_positions without bar lines) already names itself
   except ValueError as e:
     raise ConfigError(f"config.mesh: {e}") from None
   trainable = finetune.trainable_leaves(params, config.train.get("trainable", ""))
@@ -495,7 +497,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   init_source = None
   if config.train.get("init_from", "") and not resuming:
     init_source = finetune.resolve_init_from(config.train.init_from)
-    finetune.check_init_from(config, init_source, vocab_size, init_source.vocab_size)
+    finetune.check_init_from(config, init_source, vocab_size, init_source.vocab_size,
+                             encoding=getattr(data, "encoding", None))
 
   mesh = sharding.create_mesh(config.mesh)
   rules = sharding.get_logical_axis_rules(config.mesh)

@@ -116,3 +116,21 @@ def test_a_model_asking_for_bar_positions_needs_bar_tokens():
   drums_10ms = encoding.get("drums")
   assert runs.model_config_from(config, drums_10ms.vocab_size,
                                 encoding=drums_10ms).bar_clock == ()
+
+
+def test_training_a_bar_position_model_on_an_encoding_without_bars_names_the_field():
+  from configs import groove_small
+  from midijax import sharding, train
+  config = groove_small.get_config()
+  config.model.update(num_layers=1, emb_dim=32, qkv_dim=32, mlp_dim=64, bar_positions=8)
+  mesh = sharding.create_mesh(config.mesh)
+  drums_10ms = encoding.get("drums")
+  with pytest.raises(ConfigError, match=r"^config.model.bar_positions=8 needs an encoding"):
+    train.create_train_state(config, drums_10ms.vocab_size, mesh,
+                             sharding.get_logical_axis_rules(config.mesh), abstract=True,
+                             encoding=drums_10ms)
+  # With bar lines it builds, and the table is one row per step plus "unknown".
+  setup, state = train.create_train_state(config, ENC.vocab_size, mesh,
+                                          sharding.get_logical_axis_rules(config.mesh),
+                                          abstract=True, encoding=ENC)
+  assert state.params["bar_embedding"].shape == (9, 32)

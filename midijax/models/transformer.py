@@ -633,8 +633,9 @@ class Transformer(nnx.Module):
     if config.bar_positions:
       if -1 not in config.bar_clock:
         raise ConfigError(f"config.model.bar_positions={config.bar_positions} needs an "
-                          "encoding with BAR tokens (e.g. groove's drums_beats); this run's "
-                          "encoding has none")
+                          "encoding with BAR tokens (e.g. groove's drums_beats built with "
+                          "`midijax build-data`); the run's encoding has none, or none was "
+                          "found")
       # Drawn after every other parameter: those equal the same config's without it.
       self.bar_embedding = _param(rngs, nnx.initializers.normal(1.0),
                                   (config.bar_positions + 1, config.emb_dim), (None, "embed"),
