@@ -2,7 +2,8 @@
 
 groove_small's Transformer (4 layers of width 128, rotary positions, dropout 0.2, velocity
 scaling within 10%, 4,000 steps of a cosine schedule, here from a peak learning rate of
-2e-3, evaluated with the parameters' moving average) on `groove/drums_beats`: the same
+2e-3, evaluated with the parameters' moving average), plus a learned embedding of each
+token's place in the bar (the time since the last BAR), on `groove/drums_beats`: the same
 drum hits and velocities, but time shifts count 1/48 quarter note at the piece's tempo
 instead of 10 ms, a BAR token marks each bar line, and the prefix names the meter. A bar
 of 4/4 is 192 steps at any tempo, so the model does not have to infer the tempo from the
@@ -14,10 +15,11 @@ augmentation for it (the tokens do not change with tempo), so there is none.
     midijax train --config=configs/groove_beats.py --workdir=workdirs/groove_beats
     midijax evaluate --workdir=workdirs/groove_beats --best --split validation
 
-Expect (README "Quality"; 2-core CPU machines, 2026-12-03; 15 to 25 minutes idle): a
-validation NLL of 2.17 nats/token, 21.5% below the best n-gram of these tokens (Kneser-Ney
-4-gram, 2.77), and a C2ST accuracy of 77% (128 tokens) to 90% (512 tokens) for its
-continuations.
+Expect (README "Quality"; 2-core CPU VMs, 2026-12-04; 17 minutes, up to 25 on slower
+ones): a validation NLL of 2.09 nats/token, 24.5% below the best n-gram of these tokens
+(Kneser-Ney 4-gram, 2.77; 26.7% with 128 tokens of context), and a C2ST accuracy of 61%
+(128 tokens) to 74% (512 tokens) for its continuations (`evaluate`'s 128 prompts; 67% /
+72% over every validation prompt).
 
 Decoding needs the tempo: `continue` takes it from the prompt file, `generate` from --bpm
 (default 120), `evaluate` and `export-listening` from each piece's metadata.
@@ -34,4 +36,11 @@ def get_config():
   # 128 tokens, one run each).
   config.train.learning_rate = 2e-3
   config.train.ema_decay = 0.999
+  # Where each token sits in the bar, as an embedding (bar positions 0..383 steps of 1/48
+  # quarter: up to two bars of 4/4; README "Quality": 2.1729 -> 2.0899 nats a token,
+  # C2ST 82% -> 67% at 128 tokens and 87% -> 72% at 512, every validation prompt, one run).
+  config.model.bar_positions = 384
+  # Sampling tuned on validation for this model (`benchmarks/tune_sampling.py`).
+  config.sample.temperature = 0.9
+  config.sample.top_p = 1.0
   return config
