@@ -45,8 +45,11 @@ def get_config():
   data.transpose_semitones = 0
   data.time_stretch = 0.0
   # Velocity augmentation (training only, `performance` and `drums`): velocities scaled by
-  # a factor in [1 - velocity_scale, 1 + velocity_scale] per piece (0 = off).
+  # a factor in [1 - velocity_scale, 1 + velocity_scale] per piece (0 = off). The curve:
+  # "linear" multiplies the velocity bins (clipped at the top bin); "power" maps bin b of B
+  # to B * (b / B) ** (1 / factor), so the top and bottom bins stay where they are.
   data.velocity_scale = 0.0
+  data.velocity_curve = "linear"
   # Evaluation batch size (rows) and a cap on eval batches (-1 = the whole split).
   data.eval_batch_size = 32
   data.max_eval_batches = -1

@@ -31,9 +31,10 @@ rescales the time-shift runs of `performance` and `drums` pieces by a factor in
 [1 - time_stretch, 1 + time_stretch] (rounded to the 10 ms grid, no drift), which is a
 tempo change: every hit moves with its beat, so microtiming relative to the beat is kept
 (drums counted in beats, time_unit="beats", are tempo-invariant and refuse it);
-velocity scaling multiplies the velocity bins of `performance` and `drums` pieces by a
-factor in [1 - velocity_scale, 1 + velocity_scale] (a louder or softer take of the same
-playing; accents keep their order). `triples` pieces are never augmented. All are
+velocity scaling makes `performance` and `drums` pieces louder or softer by a factor in
+[1 - velocity_scale, 1 + velocity_scale] (a louder or softer take of the same playing;
+accents keep their order): `velocity_curve="linear"` multiplies the velocity bins,
+clipping at the top, "power" bends them with the top and bottom bins fixed. `triples` pieces are never augmented. All are
 stateless functions of (seed, process, step).
 
 Evaluation cuts every piece of the split into consecutive non-overlapping windows:
@@ -427,27 +428,44 @@ def stretch_pieces(values: tf.Tensor, rows: tf.Tensor, factors: tf.Tensor,
   return out, tf.gather(event_rows, owner)
 
 
-def scale_velocities(values: tf.Tensor, rows: tf.Tensor, factors: tf.Tensor,
-                     enc: encoding_lib.Encoding) -> Tuple[tf.Tensor, tf.Tensor]:
-  """Multiplies the VELOCITY bins of `performance`/`drums` pieces by each piece's factor.
+VELOCITY_CURVES = ("linear", "power")
 
-  Bin b (1..num_velocity_bins; bins are equal slices of MIDI velocity, so scaling the
-  bin scales the velocity) becomes round(b * factor), clipped to the bins. A VELOCITY
-  token that now repeats the one before it in its piece is dropped, as the encoders
-  write one only when the velocity changes.
+
+def scale_velocities(values: tf.Tensor, rows: tf.Tensor, factors: tf.Tensor,
+                     enc: encoding_lib.Encoding,
+                     curve: str = "linear") -> Tuple[tf.Tensor, tf.Tensor]:
+  """Makes the VELOCITY bins of `performance`/`drums` pieces louder or softer by a factor.
+
+  Bins are equal slices of MIDI velocity, b in 1..B (B = num_velocity_bins). With
+  `curve="linear"`, bin b becomes round(b * factor), clipped to the bins: scaling the bin
+  scales the velocity, and a louder take pushes its loudest hits into the top bin. With
+  `curve="power"`, b becomes round(B * (b / B) ** (1 / factor)): the same direction (a
+  factor above 1 is louder), but the top bin stays the top bin and nothing is clipped, so
+  the share of hits at the instrument's ceiling (velocity 127 on an e-kit; about a tenth
+  of GMD's hits) is that of the data, and the middle of the range moves by about half
+  the factor's change. A VELOCITY token that now repeats the one before it in its piece
+  is dropped, as the encoders write one only when the velocity changes.
 
   Args:
     values: int32 [n] token ids of several pieces.
     rows: int64 [n] piece of each token (non-decreasing).
-    factors: float [pieces] velocity factor of each piece (1.1 = 10% louder).
+    factors: float [pieces] velocity factor of each piece (1.1 = louder).
     enc: the encoding (`velocity_base`, `num_velocity_bins`).
+    curve: "linear" or "power" (above).
   Returns:
     (values, rows) of the rescaled pieces.
   """
+  if curve not in VELOCITY_CURVES:
+    raise ValueError(f"velocity curve {curve!r}: expected one of {VELOCITY_CURVES}")
   base, bins = enc.velocity_base, enc.num_velocity_bins
   is_vel = (values >= base) & (values < base + bins)
   scale = tf.gather(tf.cast(factors, tf.float64), rows)
-  scaled = tf.cast(tf.round(tf.cast(values - base + 1, tf.float64) * scale), values.dtype)
+  b = tf.cast(values - base + 1, tf.float64)
+  if curve == "power":
+    b = bins * tf.pow(tf.clip_by_value(b, 1.0, bins) / bins, 1.0 / scale)
+  else:
+    b = b * scale
+  scaled = tf.cast(tf.round(b), values.dtype)
   values = tf.where(is_vel, base - 1 + tf.clip_by_value(scaled, 1, bins), values)
   where = tf.where(is_vel)[:, 0]
   vel, vel_rows = tf.gather(values, where), tf.gather(rows, where)
@@ -472,11 +490,12 @@ def stretch_ids(ids, factor: float, enc: encoding_lib.Encoding) -> np.ndarray:
   return out.numpy()
 
 
-def scale_velocity_ids(ids, factor: float, enc: encoding_lib.Encoding) -> np.ndarray:
+def scale_velocity_ids(ids, factor: float, enc: encoding_lib.Encoding,
+                       curve: str = "linear") -> np.ndarray:
   """`scale_velocities` for one piece: int ids [n] -> int32 numpy ids."""
   values = tf.constant(ids, tf.int32)
   out, _ = scale_velocities(values, tf.zeros(tf.shape(values), tf.int64),
-                            tf.constant([factor], tf.float64), enc)
+                            tf.constant([factor], tf.float64), enc, curve)
   return out.numpy()
 
 
@@ -493,6 +512,7 @@ class _TrainSettings:
   seed: int
   process_index: int
   pairs: bool = False  # some pieces are continuation pairs (weights 0 on their prompt)
+  velocity_curve: str = "linear"
 
 
 class TrainIterator:
@@ -585,12 +605,16 @@ def make_train_iterator(config: Any, start_step: int = 0, *,
       transpose=int(_field(data, "transpose_semitones", 0)),
       stretch=float(_field(data, "time_stretch", 0.0)),
       velocity_scale=float(_field(data, "velocity_scale", 0.0)), seed=seed,
-      process_index=process_index)
+      process_index=process_index,
+      velocity_curve=str(_field(data, "velocity_curve", "linear")))
   if seq_len < 2 or settings.draws_per_row < 1 or settings.transpose < 0 or not (
       0.0 <= settings.stretch < 1.0) or not 0.0 <= settings.velocity_scale < 1.0:
     raise ConfigError("data: need seq_len >= 2, max_segments_per_row >= 1, "
                       "transpose_semitones >= 0, 0 <= time_stretch < 1 and "
                       "0 <= velocity_scale < 1")
+  if settings.velocity_curve not in VELOCITY_CURVES:
+    raise ConfigError(f"config.data.velocity_curve={settings.velocity_curve!r}: expected one "
+                      f"of {', '.join(VELOCITY_CURVES)}")
   specs = dataset_specs(config)
   enc = load_encoding(config)
   split = _field(data, "train_split", "train")
@@ -688,7 +712,7 @@ def _train_dataset(store: TokenStore, sizes: Sequence[int], weights: np.ndarray,
       v_seed = tf.random.experimental.stateless_fold_in(seeds[3], 1)
       v = tf.random.stateless_uniform([draws], seed=v_seed, minval=1.0 - s.velocity_scale,
                                       maxval=1.0 + s.velocity_scale, dtype=tf.float64)
-      body, rows = scale_velocities(body, rows, v, enc)
+      body, rows = scale_velocities(body, rows, v, enc, s.velocity_curve)
     position, body_lens = _offsets(rows, draws)
     if slack:
       fits = position < tf.gather(room, rows)

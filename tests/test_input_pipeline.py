@@ -500,6 +500,46 @@ def test_velocity_scaling_on_ids(groove_files):
     np.testing.assert_array_equal(ids, drums.encode(out))
 
 
+def test_velocity_power_curve_keeps_the_top_and_bottom_bins(groove_files):
+  drums = encoding.get("drums")
+  hits = drums.encode(midi_io.read_notes(groove_files[0]))
+  base = drums.decode_notes(hits)
+  bins = drums.num_velocity_bins
+  b = (base.velocity - 1) // drums.velocity_bin_size + 1
+  np.testing.assert_array_equal(
+      input_pipeline.scale_velocity_ids(hits, 1.0, drums, "power"), hits)
+  for factor in (0.9, 1.1):
+    out = drums.decode_notes(input_pipeline.scale_velocity_ids(hits, factor, drums, "power"))
+    np.testing.assert_array_equal(out.pitch, base.pitch)
+    np.testing.assert_array_equal(out.start, base.start)
+    got = (out.velocity - 1) // drums.velocity_bin_size + 1
+    np.testing.assert_array_equal(got, np.round(bins * (b / bins) ** (1 / factor)))
+    # The ceiling and the floor stay; louder moves the middle up, softer down.
+    assert np.array_equal(got[b == bins], b[b == bins]) and np.all(got[b == 1] == 1)
+    middle = (b > 4) & (b < bins - 4)
+    assert np.all(np.sign(got[middle] - b[middle]) * np.sign(factor - 1) >= 0)
+    assert np.any(got[middle] != b[middle])
+  with pytest.raises(ValueError, match="velocity curve"):
+    input_pipeline.scale_velocity_ids(hits, 1.1, drums, "cubic")
+
+
+def test_velocity_curve_in_training_batches(data_dir):
+  linear = take(input_pipeline.make_train_iterator(
+      make_config(data_dir, velocity_scale=0.2), process_index=0, process_count=1), 2)
+  power = take(input_pipeline.make_train_iterator(
+      make_config(data_dir, velocity_scale=0.2, velocity_curve="power"), process_index=0,
+      process_count=1), 2)
+  drums = encoding.get("drums")
+  top = drums.velocity_base + drums.num_velocity_bins - 1
+  top_share = lambda batches: np.mean([np.mean(x["inputs"][x["inputs"] >= drums.velocity_base]
+                                               == top) for x in batches])
+  assert not np.array_equal(linear[0]["inputs"], power[0]["inputs"])
+  assert top_share(power) > 0
+  with pytest.raises(ConfigError, match=r"config.data.velocity_curve='cubic'"):
+    input_pipeline.make_train_iterator(make_config(data_dir, velocity_curve="cubic"),
+                                       process_index=0, process_count=1)
+
+
 def test_velocity_scaling_in_training_batches(data_dir):
   config = make_config(data_dir, velocity_scale=0.2)
   plain = take(input_pipeline.make_train_iterator(make_config(data_dir), process_index=0,
