@@ -34,8 +34,8 @@ tempo change: every hit moves with its beat, so microtiming relative to the beat
 velocity scaling makes `performance` and `drums` pieces louder or softer by a factor in
 [1 - velocity_scale, 1 + velocity_scale] (a louder or softer take of the same playing;
 accents keep their order): `velocity_curve="linear"` multiplies the velocity bins,
-clipping at the top, "power" bends them with the top and bottom bins fixed. `triples` pieces are never augmented. All are
-stateless functions of (seed, process, step).
+clipping at the top, "power" bends them with the top and bottom bins fixed. `triples`
+pieces are never augmented. All are stateless functions of (seed, process, step).
 
 Evaluation cuts every piece of the split into consecutive non-overlapping windows:
 window c holds the prefix followed by body tokens [c*W, (c+1)*W), W = seq_len + 1 -
