@@ -3,7 +3,8 @@
 groove_small's Transformer (4 layers of width 128, rotary positions, dropout 0.2, velocity
 scaling within 10%, 4,000 steps of a cosine schedule, here from a peak learning rate of
 2e-3, evaluated with the parameters' moving average), plus a learned embedding of each
-token's place in the bar (the time since the last BAR), on `groove/drums_beats`: the same
+token's place in the bar (the time since the last BAR), trained on 512-token windows
+(batch 8: the same tokens per step), on `groove/drums_beats`: the same
 drum hits and velocities, but time shifts count 1/48 quarter note at the piece's tempo
 instead of 10 ms, a BAR token marks each bar line, and the prefix names the meter. A bar
 of 4/4 is 192 steps at any tempo, so the model does not have to infer the tempo from the
@@ -15,11 +16,11 @@ augmentation for it (the tokens do not change with tempo), so there is none.
     midijax train --config=configs/groove_beats.py --workdir=workdirs/groove_beats
     midijax evaluate --workdir=workdirs/groove_beats --best --split validation
 
-Expect (README "Quality"; 2-core CPU VMs, 2026-12-04; 17 minutes, up to 25 on slower
-ones): a validation NLL of 2.09 nats/token, 24.5% below the best n-gram of these tokens
-(Kneser-Ney 4-gram, 2.77; 26.7% with 128 tokens of context), and a C2ST accuracy of 61%
-(128 tokens) to 74% (512 tokens) for its continuations (`evaluate`'s 128 prompts; 67% /
-72% over every validation prompt). A second seed gave 2.105 (24.0%), 59% / 79% and 65% / 73%.
+Expect (README "Quality"; 2-core CPU VMs, 2026-12-04; 18 minutes, up to 25 on slower
+ones): a validation NLL of 2.05 nats/token on 256-token windows, 25.8% below the best
+n-gram of these tokens (Kneser-Ney 4-gram, 2.77; 28.5% with 128 tokens of context), and a
+C2ST accuracy of 63% (128 tokens) to 70% (512 tokens) for its continuations over every
+validation prompt (66% / 69% with `evaluate`'s 128 prompts). One run.
 
 Decoding needs the tempo: `continue` takes it from the prompt file, `generate` from --bpm
 (default 120), `evaluate` and `export-listening` from each piece's metadata.
@@ -40,6 +41,11 @@ def get_config():
   # quarter: up to two bars of 4/4; README "Quality": 2.1729 -> 2.0899 nats a token,
   # C2ST 82% -> 67% at 128 tokens and 87% -> 72% at 512, every validation prompt; seed 0).
   config.model.bar_positions = 384
+  # 512-token windows, 8 a batch (README "Quality": 2.0899 -> 2.0546 nats a token on the
+  # same 256-token validation windows, C2ST 67% -> 63% / 72% -> 70%, one run each). The
+  # sampler's context follows (`data.seq_len`).
+  config.data.seq_len = 512
+  config.data.batch_size = 8
   # Sampling tuned on validation for this model (`benchmarks/tune_sampling.py`).
   config.sample.temperature = 0.9
   config.sample.top_p = 1.0
