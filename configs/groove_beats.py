@@ -43,8 +43,8 @@ def get_config():
   # C2ST 82% -> 67% at 128 tokens and 87% -> 72% at 512, every validation prompt; seed 0).
   config.model.bar_positions = 384
   # 512-token windows, 8 a batch (README "Quality": 2.0899 -> 2.0546 nats a token on the
-  # same 256-token validation windows, C2ST 67% -> 63% / 72% -> 70%; seed 0. Two seeds each: 2.0899 / 2.1052 -> 2.0546 / 2.1044). The
-  # sampler's context follows (`data.seq_len`).
+  # same 256-token validation windows, C2ST 67% -> 63% / 72% -> 70%; seed 0. Two seeds
+  # each: 2.0899 / 2.1052 -> 2.0546 / 2.1044). The sampler's context follows `data.seq_len`.
   config.data.seq_len = 512
   config.data.batch_size = 8
   # Sampling tuned on validation for this model (`benchmarks/tune_sampling.py`).
