@@ -573,6 +573,32 @@ def hide_accelerators_from_tf() -> None:
       pass
 
 
+def _train_settings(config: Any, process_index: int, process_count: int
+                    ) -> Tuple[_TrainSettings, int]:
+  """config.data's training fields, checked: (settings, global rows per batch)."""
+  data, seed = _data_config(config)
+  global_rows, rows = _rows_per_process(data, "batch_size", process_count)
+  seq_len = int(_field(data, "seq_len", 256))
+  packing = bool(_field(data, "packing", False))
+  settings = _TrainSettings(
+      seq_len=seq_len, rows=rows, packing=packing,
+      draws_per_row=int(_field(data, "max_segments_per_row", 8)) if packing else 1,
+      transpose=int(_field(data, "transpose_semitones", 0)),
+      stretch=float(_field(data, "time_stretch", 0.0)),
+      velocity_scale=float(_field(data, "velocity_scale", 0.0)), seed=seed,
+      process_index=process_index,
+      velocity_curve=str(_field(data, "velocity_curve", "linear")))
+  if seq_len < 2 or settings.draws_per_row < 1 or settings.transpose < 0 or not (
+      0.0 <= settings.stretch < 1.0) or not 0.0 <= settings.velocity_scale < 1.0:
+    raise ConfigError("data: need seq_len >= 2, max_segments_per_row >= 1, "
+                      "transpose_semitones >= 0, 0 <= time_stretch < 1 and "
+                      "0 <= velocity_scale < 1")
+  if settings.velocity_curve not in VELOCITY_CURVES:
+    raise ConfigError(f"config.data.velocity_curve={settings.velocity_curve!r}: expected one "
+                      f"of {', '.join(VELOCITY_CURVES)}")
+  return settings, global_rows
+
+
 def make_train_iterator(config: Any, start_step: int = 0, *,
                         process_index: Optional[int] = None,
                         process_count: Optional[int] = None) -> TrainIterator:
@@ -594,27 +620,10 @@ def make_train_iterator(config: Any, start_step: int = 0, *,
     ConfigError: bad field values, unbuilt datasets, or mixed vocabularies.
   """
   hide_accelerators_from_tf()
-  data, seed = _data_config(config)
+  data, _ = _data_config(config)
   process_index, process_count = _process_layout(config, process_index, process_count)
-  global_rows, rows = _rows_per_process(data, "batch_size", process_count)
-  seq_len = int(_field(data, "seq_len", 256))
-  packing = bool(_field(data, "packing", False))
-  settings = _TrainSettings(
-      seq_len=seq_len, rows=rows, packing=packing,
-      draws_per_row=int(_field(data, "max_segments_per_row", 8)) if packing else 1,
-      transpose=int(_field(data, "transpose_semitones", 0)),
-      stretch=float(_field(data, "time_stretch", 0.0)),
-      velocity_scale=float(_field(data, "velocity_scale", 0.0)), seed=seed,
-      process_index=process_index,
-      velocity_curve=str(_field(data, "velocity_curve", "linear")))
-  if seq_len < 2 or settings.draws_per_row < 1 or settings.transpose < 0 or not (
-      0.0 <= settings.stretch < 1.0) or not 0.0 <= settings.velocity_scale < 1.0:
-    raise ConfigError("data: need seq_len >= 2, max_segments_per_row >= 1, "
-                      "transpose_semitones >= 0, 0 <= time_stretch < 1 and "
-                      "0 <= velocity_scale < 1")
-  if settings.velocity_curve not in VELOCITY_CURVES:
-    raise ConfigError(f"config.data.velocity_curve={settings.velocity_curve!r}: expected one "
-                      f"of {', '.join(VELOCITY_CURVES)}")
+  settings, global_rows = _train_settings(config, process_index, process_count)
+  rows, seq_len = settings.rows, settings.seq_len
   specs = dataset_specs(config)
   enc = load_encoding(config)
   split = _field(data, "train_split", "train")
@@ -928,6 +937,8 @@ class DataSource:
     self.config = config
     self.process_index, self.process_count = _process_layout(config, process_index,
                                                              process_count)
+    # The training fields are checked here, before a trainer writes its workdir.
+    _train_settings(config, self.process_index, self.process_count)
     self.encoding = load_encoding(config)
     self.vocab_size = self.encoding.vocab_size
     self._eval: Dict[str, EvalIterator] = {}
