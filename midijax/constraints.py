@@ -85,17 +85,24 @@ class DrumsGrammar(Grammar):
   `pos` counts the steps since the last BAR; a time shift may not take it past `bar`;
   at `bar` only BAR or EOS may follow, and BAR only there. A row with no METER token, no
   BAR yet, or a prompt whose bars do not add up (pos > bar) samples unconstrained.
+
+  With `velocity_after`, `owed` marks rows whose last event was a DRUM: only a VELOCITY
+  may follow it, and a VELOCITY nowhere else.
   """
 
   def empty_state(self, batch_size):
     # `rows` gives the state a batch dimension even without bars.
     return {"rows": jnp.zeros((batch_size,), jnp.int32),
             "pos": jnp.full((batch_size,), -1, jnp.int32),
-            "bar": jnp.zeros((batch_size,), jnp.int32)}
+            "bar": jnp.zeros((batch_size,), jnp.int32),
+            "owed": jnp.zeros((batch_size,), bool)}
 
   def allowed(self, state):
     batch = state["rows"].shape[0]
     base = jnp.broadcast_to(jnp.asarray(self.tables.allowed), (batch, self.vocab_size))
+    if self.tables.velocity_after:
+      is_vel = jnp.asarray(self.tables.is_velocity)[None, :]
+      base = base & (is_vel == state["owed"][:, None])
     if self.tables.bar_id < 0:
       return base
     pos, bar = state["pos"][:, None], state["bar"][:, None]
@@ -105,20 +112,28 @@ class DrumsGrammar(Grammar):
     rule = jnp.where(steps > 0, pos + steps <= bar,
                      jnp.where(is_bar, pos == bar, (pos < bar) | (ids == EOS_ID)))
     bound = (bar > 0) & (pos >= 0) & (pos <= bar)
+    if self.tables.velocity_after:
+      # A velocity takes no time, so the bar never forbids one that is owed.
+      rule = rule | jnp.asarray(self.tables.is_velocity)[None, :]
     return base & (rule | ~bound)
 
   def update(self, state, token):
-    if self.tables.bar_id < 0:
-      return state
     token = jnp.asarray(token, jnp.int32)
     safe = jnp.clip(token, 0, self.vocab_size - 1)
+    if self.tables.velocity_after:
+      # A drum owes a velocity; the velocity pays it; specials (PAD, prefix) leave it.
+      is_drum = jnp.asarray(self.tables.is_drum)[safe] & (token == safe)
+      is_event = jnp.asarray(self.tables.is_event)[safe] & (token == safe)
+      state = dict(state, owed=jnp.where(is_event, is_drum, state["owed"]))
+    if self.tables.bar_id < 0:
+      return state
     meter = jnp.asarray(self.tables.meter_steps)[safe]
     steps = jnp.asarray(self.tables.shift_steps)[safe]
     pos = jnp.where(token == self.tables.bar_id, 0,
                     jnp.where((steps > 0) & (state["pos"] >= 0), state["pos"] + steps,
                               state["pos"]))
     is_meter = (token >= self.encoding.cond_offset) & (meter > 0)
-    return {"rows": state["rows"], "pos": pos, "bar": jnp.where(is_meter, meter, state["bar"])}
+    return dict(state, pos=pos, bar=jnp.where(is_meter, meter, state["bar"]))
 
 
 class PerformanceGrammar(Grammar):

@@ -182,6 +182,39 @@ def test_bar_tokens_mark_every_bar_line(meter, bar):
     encoding.get("drums", bar_tokens=True)
 
 
+def test_velocity_after_the_drum_round_trips_groove(groove_files):
+  """velocity_after: every hit is [DRUM, its VELOCITY] (BAR has none); the hits, times and
+  velocities decode as drums_beats' do, also fed in chunks that split a hit from its
+  velocity; count_tokens is the stream's length."""
+  plain = encoding.get("drums", time_unit="beats", bar_tokens=True)
+  after = encoding.get("drums", time_unit="beats", bar_tokens=True, velocity_after=True)
+  assert after.config["velocity_after"] and "velocity_after" not in plain.config
+  assert after.vocab.names == plain.vocab.names
+  for path in groove_files[:: len(groove_files) // 8]:
+    notes = midi_io.read_notes(path)
+    ids = after.encode(notes)
+    assert after.count_tokens(notes) == len(ids)
+    is_drum = ids < after.shift_base
+    is_vel = (ids >= after.velocity_base) & (ids < after.offset_base)
+    assert is_drum.sum() == is_vel.sum() > 0
+    assert np.all(is_vel[np.flatnonzero(is_drum) + 1]) and not is_vel[0]
+    want = plain.decode_notes(plain.encode(notes), qpm=notes.qpm)
+    got = after.decode_notes(ids, qpm=notes.qpm)
+    np.testing.assert_array_equal(got.pitch, want.pitch)
+    np.testing.assert_allclose(got.start, want.start)
+    np.testing.assert_array_equal(got.velocity, want.velocity)
+    cut = int(np.flatnonzero(is_drum)[3]) + 1  # the 4th hit's velocity starts a chunk
+    dec = after.decoder(qpm=notes.qpm)
+    for chunk in (ids[:cut], ids[cut:cut + 5], ids[cut + 5:]):
+      dec.feed(chunk)
+    np.testing.assert_array_equal(dec.notes().velocity, want.velocity)
+  # A hit left without its velocity (a stream cut after the drum) keeps the one in force.
+  tail = after.decode_notes(after.from_text("DRUM_kick\nVELOCITY_20\nDRUM_snare\n"))
+  assert tail.velocity.tolist() == [1 + 19 * after.velocity_bin_size] * 2
+  with pytest.raises(ConfigError, match="velocity_after"):
+    encoding.get("drums", time_unit="grid", velocity_after=True)
+
+
 @pytest.mark.parametrize("unit,steps", [("beats", 8 * 48), ("grid", 8 * 4)])
 def test_drums_in_beats_prompt_ends_on_the_cut(unit, steps):
   """encode_prompt pads with time shifts up to the cut, counted in beats at the tempo map."""

@@ -323,6 +323,39 @@ def test_drum_bars_stay_whole_when_the_meter_is_known(groove_files):
   assert np.asarray(g.allowed(state))[0, enc.body_offset:enc.bos_id].all()
 
 
+def test_velocity_after_the_drum_is_kept_by_the_grammar(groove_files):
+  """velocity_after: a random model's constrained samples give every DRUM its VELOCITY
+  next and write no other VELOCITY, bars stay whole; unconstrained samples break it and
+  the checker counts it. A prompt ending on a drum owes its velocity first."""
+  enc = encoding.get("drums", time_unit="beats", bar_tokens=True, velocity_after=True)
+  model = make_model(enc, "rope", max_len=160, layers=1, seed=3)
+  events = groove_prompt(enc, groove_files[3], 2.0)[:24]
+  drum_at = np.flatnonzero(events < enc.shift_base)
+  is_vel = lambda ids: (ids >= enc.velocity_base) & (ids < enc.offset_base)
+  cond = {"style": "funk", "meter": "4-4"}
+  for prompt in (events, events[:drum_at[2] + 1]):
+    result = sampling.generate(model, enc, num_samples=16, max_new_tokens=96,
+                               temperature=1.5, seed=1, conditions=cond, prompt_ids=prompt)
+    assert not np.any(grammar.grammar_violations(result.tokens, enc))
+    for ids in result.tokens:
+      body = enc.strip_specials(ids)
+      drums = np.flatnonzero(body < enc.shift_base)
+      drums = drums[drums + 1 < len(body)]
+      assert np.all(is_vel(body[drums + 1]))
+      vel_at = np.flatnonzero(is_vel(body))
+      assert np.all(body[vel_at - 1] < enc.shift_base)
+      steps = np.where((body >= enc.shift_base) & (body < enc.velocity_base),
+                       body - enc.shift_base + 1, 0)
+      assert set(np.diff(np.cumsum(steps)[body == enc.bar_id])) <= {192}
+  free = sampling.generate(model, enc, num_samples=16, max_new_tokens=96, temperature=1.5,
+                           seed=1, conditions=cond, prompt_ids=events, constrained=False)
+  assert grammar.grammar_violations(free.tokens, enc).sum() > 0
+  g = grammar.get(enc)
+  state = g.init_state(1, jnp.asarray([[enc.bos_id, *events[:drum_at[2] + 1]]]))
+  allowed = np.asarray(g.allowed(state))[0]
+  assert np.array_equal(np.flatnonzero(allowed), np.flatnonzero(is_vel(np.arange(len(allowed)))))
+
+
 def test_continue_names_tempo_and_meter_for_drums_with_bars(groove_files):
   """`continue` with a drums-with-BAR model: the prefix gets the prompt file's tempo bin
   and meter unless given, so the grammar knows the bar (every sample's bars are whole)."""

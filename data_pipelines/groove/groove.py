@@ -12,6 +12,8 @@ Configs (one per encoding, plus GMD's usual bar windows)::
   drums_beats   the same hits with time counted in beats (1/48 quarter note: microtiming as
                 a fraction of the beat, the bar grid exact at any tempo), a BAR token at
                 each bar line, and the meter as a conditioning token; full performances
+  drums_beats_dv  drums_beats with each hit as [DRUM, VELOCITY]: its own velocity after the
+                drum, instead of a velocity change before it
   drums_grid    the same hits as time shifts of 16th notes plus an offset token for each
                 hit's microtiming (1/48 quarter note from its grid point), meter token;
                 full performances
@@ -23,7 +25,7 @@ Configs (one per encoding, plus GMD's usual bar windows)::
   triples       POS/NOTE_ON/DUR triples on a 24-per-quarter grid, full performances
 
 Every config prepends BOS, STYLE_<primary style>, TEMPO_<bin of the CSV bpm> and
-TYPE_<beat|fill> (drums_beats, drums_grid: then METER_<meter>) and appends EOS (continuation pairs: no EOS, the music goes on).
+TYPE_<beat|fill> (drums_beats, drums_beats_dv, drums_grid: then METER_<meter>) and appends EOS (continuation pairs: no EOS, the music goes on).
 
 Any config can be narrowed to some styles or drummers (`styles`, `drummers`: primary
 styles and drummer names of info.csv) and pairs re-cut (`prompt_bars`, `target_bars`,
@@ -90,7 +92,7 @@ class Groove(common.MidiDatasetBuilder):
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "First release: drums/performance/triples, 2- and 4-bar windows; "
-                            "drums_beats, drums_grid."}
+                            "drums_beats, drums_grid, drums_beats_dv."}
   BUILDER_CONFIGS = [
       _config("drums", "GrooVAE 9-class drum hits, 10 ms timing, full performances.",
               encoding="drums"),
@@ -98,6 +100,11 @@ class Groove(common.MidiDatasetBuilder):
               "beat grid exact at any tempo), a BAR token at each bar line, meter "
               "conditioning, full performances.",
               encoding="drums", encoding_options={"time_unit": "beats", "bar_tokens": True},
+              conditioning=CONDITIONING + ("meter",)),
+      _config("drums_beats_dv", "drums_beats with each hit written as its DRUM token, "
+              "then its own VELOCITY token.", encoding="drums",
+              encoding_options={"time_unit": "beats", "bar_tokens": True,
+                                "velocity_after": True},
               conditioning=CONDITIONING + ("meter",)),
       _config("drums_grid", "GrooVAE 9-class drum hits on a 16th-note grid with each hit's "
               "microtiming as an offset token (1/48 quarter note), meter conditioning, full "

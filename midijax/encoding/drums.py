@@ -30,6 +30,13 @@ With ``bar_tokens=True`` (time in beats only), a BAR token marks every bar line 
 file's first meter, time shifts split there, so the position in the bar is the sum of
 the shifts since the last BAR rather than since the piece began (REMI's bar events,
 Huang & Yang 2020). BAR takes no time: decoding skips it.
+
+With ``velocity_after=True`` (not with time_unit="grid"), each hit is written as its DRUM
+token followed by its own VELOCITY token, [shifts..., DRUM, VELOCITY], instead of a
+velocity change in force before the hit. A model then predicts a hit's loudness knowing
+which drum it is (a ghost note on the snare, an accent on the hi-hat) rather than before
+choosing the drum. Decoding gives each hit the VELOCITY right after it (a hit with none,
+as at the end of a cut stream, keeps the velocity in force).
 """
 from __future__ import annotations
 
@@ -55,7 +62,7 @@ class DrumsEncoding(Encoding):
                steps_per_second: int = 100, max_shift_steps: int = 100,
                hit_seconds: float = 0.1, time_unit: str = "seconds",
                steps_per_quarter: int = 48, grid_per_quarter: int = 4,
-               bar_tokens: bool = False):
+               bar_tokens: bool = False, velocity_after: bool = False):
     if pitch_map not in ("groovae", "none"):
       raise ValueError(f"pitch_map must be 'groovae' or 'none', got {pitch_map!r}")
     if time_unit not in TIME_UNITS:
@@ -67,7 +74,10 @@ class DrumsEncoding(Encoding):
                        f"({steps_per_quarter}), got {grid_per_quarter}")
     if bar_tokens and time_unit != "beats":
       raise ValueError(f"bar_tokens needs time_unit='beats', not {time_unit!r}")
+    if velocity_after and time_unit == "grid":
+      raise ValueError("velocity_after needs time_unit 'seconds' or 'beats', not 'grid'")
     self.bar_tokens = bool(bar_tokens)
+    self.velocity_after = bool(velocity_after)
     self.time_unit = time_unit
     self.steps_per_quarter = int(steps_per_quarter)
     self.grid_per_quarter = int(grid_per_quarter)
@@ -93,9 +103,12 @@ class DrumsEncoding(Encoding):
       beats["grid_per_quarter"] = self.grid_per_quarter
     if self.bar_tokens:
       beats["bar_tokens"] = True
+    extra = dict(beats) if time_unit != "seconds" else {}
+    if self.velocity_after:
+      extra["velocity_after"] = True
     super().__init__(pitch_map=pitch_map, num_velocity_bins=num_velocity_bins,
                      steps_per_second=steps_per_second, max_shift_steps=max_shift_steps,
-                     hit_seconds=hit_seconds, **(beats if time_unit != "seconds" else {}))
+                     hit_seconds=hit_seconds, **extra)
     self.drum_base = self.body_offset
     self.shift_base = self.drum_base + self.num_drums
     self.velocity_base = self.shift_base + max_shift_steps
@@ -202,12 +215,17 @@ class DrumsEncoding(Encoding):
 
   def _count(self, notes: Notes) -> int:
     steps, hit_ids, vel_ids, off_ids = self._events(notes)
+    if self.velocity_after:
+      n_shift, _ = stream_length(steps, np.full(len(steps), -1), self.max_shift_steps)
+      return int(n_shift.sum() + 2 * len(steps) - (vel_ids < 0).sum())
     n_shift, need_vel = stream_length(steps, vel_ids, self.max_shift_steps)
     need_off = self._offset_changes(off_ids).sum() if off_ids is not None else 0
     return int(n_shift.sum() + need_vel.sum() + need_off + len(steps))
 
   def _encode(self, notes: Notes, max_tokens: Optional[int]) -> np.ndarray:
     steps, hit_ids, vel_ids, off_ids = self._events(notes)
+    if self.velocity_after:
+      return self._encode_velocity_after(steps, hit_ids, vel_ids, max_tokens)
     if off_ids is None:
       return event_stream(steps, hit_ids, vel_ids, self.shift_base, self.max_shift_steps,
                           max_tokens, self.name)
@@ -225,6 +243,20 @@ class DrumsEncoding(Encoding):
     where = hit_pos[need_off.astype(bool)]
     return np.insert(base, where, off_ids[need_off.astype(bool)]).astype(np.int32)
 
+  def _encode_velocity_after(self, steps, hit_ids, vel_ids, max_tokens):
+    """[shifts..., DRUM, VELOCITY] per hit ([shifts..., BAR] per bar line)."""
+    no_vel = np.full(len(steps), -1, np.int64)
+    n_shift, _ = stream_length(steps, no_vel, self.max_shift_steps)
+    has_vel = vel_ids >= 0  # hits; BAR has none
+    if max_tokens is not None:
+      total = int(n_shift.sum() + len(steps) + has_vel.sum())
+      if total > max_tokens:
+        raise TokenLimitError(total, max_tokens, self.name)
+    base = event_stream(steps, hit_ids, no_vel, self.shift_base, self.max_shift_steps,
+                        None, self.name)
+    event_pos = np.cumsum(n_shift + 1) - 1  # each event's own token in `base`
+    return np.insert(base, event_pos[has_vel] + 1, vel_ids[has_vel]).astype(np.int32)
+
   def decoder(self, qpm: float = 120.0, max_seconds: Optional[float] = None,
               **unused) -> "DrumsDecoder":
     return DrumsDecoder(self, qpm, max_seconds)
@@ -239,6 +271,7 @@ class DrumsDecoder(Decoder):
     self.step = 0  # time step after the ids fed so far
     self.velocity = 100  # the velocity in force after them
     self.offset = 0  # grid: the offset in force after them (steps_per_quarter units)
+    self.owed = False  # velocity_after: the last hit fed still waits for its VELOCITY
     self.pitch, self.start, self.vel = [], [], []  # arrays, one per chunk
 
   @property
@@ -258,6 +291,14 @@ class DrumsDecoder(Decoder):
     vel_bin = ids[np.maximum(last_vel, 0)] - enc.velocity_base
     velocity = np.where(last_vel >= 0, 1 + vel_bin * enc.velocity_bin_size, self.velocity)
     hit = np.flatnonzero(ids < enc.shift_base)
+    hit_velocity = velocity[hit]
+    if enc.velocity_after:
+      # Each hit's own VELOCITY follows it, possibly at the start of the next chunk.
+      if self.owed and is_vel[0]:
+        self.vel[-1][-1] = velocity[0]
+      self.owed = bool(len(hit)) and hit[-1] == len(ids) - 1
+      nxt = np.minimum(hit + 1, len(ids) - 1)
+      hit_velocity = np.where((hit + 1 < len(ids)) & is_vel[nxt], velocity[nxt], hit_velocity)
     start = step[hit] * enc.step_seconds(self.qpm)
     offset = np.full(len(ids), self.offset, np.int64)
     if enc.num_offsets:
@@ -274,7 +315,7 @@ class DrumsDecoder(Decoder):
     d = ids[hit] - enc.drum_base
     self.pitch.append(drum_map.GROOVAE_CANONICAL_PITCH[d] if enc.pitch_map == "groovae" else d)
     self.start.append(start)
-    self.vel.append(velocity[hit])
+    self.vel.append(hit_velocity)
     self.step, self.velocity, self.offset = int(step[-1]), int(velocity[-1]), int(offset[-1])
 
   def notes(self) -> Notes:

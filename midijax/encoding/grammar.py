@@ -8,7 +8,8 @@ padding ids never come after the prefix; on top of that
   notes); after VELOCITY comes its NOTE_ON (the encoder always writes them together);
   EOS only when no note is sounding and no VELOCITY is waiting.
 * `drums`: hits, time shifts and velocities in any order; EOS anywhere (time shifts in
-  seconds or, with time_unit="beats", in beats at `qpm`). With BAR tokens and a METER
+  seconds or, with time_unit="beats", in beats at `qpm`). With `velocity_after`, each
+  DRUM is followed by its VELOCITY and a VELOCITY comes only after a DRUM. With BAR tokens and a METER
   token in the prefix, bars stay whole: no time shift crosses a bar line, and a BAR
   (or EOS) comes exactly when the bar is full.
 
@@ -73,6 +74,8 @@ class DrumsTables(GrammarTables):
   With BAR tokens (`bar_tokens`), also what keeps bars whole: `shift_steps` (int32 [V],
   the steps each TIME_SHIFT moves), `bar_id`, and `meter_steps` (int32 [V], the steps of a
   bar for each METER_<n-d> conditioning token; 0 elsewhere and for METER_other).
+  With `velocity_after`, `is_drum` and `is_velocity` (bool [V]): a DRUM is followed by
+  its VELOCITY, and a VELOCITY comes only there.
   """
 
   def __init__(self, enc, vocab_size=None, qpm=120.0):
@@ -84,6 +87,11 @@ class DrumsTables(GrammarTables):
     self.shift_steps = np.zeros(self.vocab_size, np.int32)
     self.shift_steps[enc.shift_base + shifts] = shifts + 1
     self.meter_steps = np.zeros(self.vocab_size, np.int32)
+    self.velocity_after = bool(getattr(enc, "velocity_after", False))
+    ids = np.arange(self.vocab_size)
+    self.is_drum = (ids >= enc.drum_base) & (ids < enc.drum_base + enc.num_drums)
+    self.is_velocity = (ids >= enc.velocity_base) & (ids < enc.velocity_base +
+                                                      enc.num_velocity_bins)
     if self.bar_id >= 0:
       for value in CONDITIONING["meter"]:
         num, _, den = value.partition("-")
