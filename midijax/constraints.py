@@ -86,8 +86,9 @@ class DrumsGrammar(Grammar):
   at `bar` only BAR or EOS may follow, and BAR only there. A row with no METER token, no
   BAR yet, or a prompt whose bars do not add up (pos > bar) samples unconstrained.
 
-  With `velocity_after`, `owed` marks rows whose last event was a DRUM: only a VELOCITY
-  may follow it, and a VELOCITY nowhere else.
+  With `velocity_after`, `owed` is 1 in rows whose last event was a DRUM: only a VELOCITY
+  may follow it; 0 after any other event: no VELOCITY. Before the first event it is -1
+  and either may come, as a window cut between a hit and its velocity starts with one.
   """
 
   def empty_state(self, batch_size):
@@ -95,14 +96,15 @@ class DrumsGrammar(Grammar):
     return {"rows": jnp.zeros((batch_size,), jnp.int32),
             "pos": jnp.full((batch_size,), -1, jnp.int32),
             "bar": jnp.zeros((batch_size,), jnp.int32),
-            "owed": jnp.zeros((batch_size,), bool)}
+            "owed": jnp.full((batch_size,), -1, jnp.int32)}
 
   def allowed(self, state):
     batch = state["rows"].shape[0]
     base = jnp.broadcast_to(jnp.asarray(self.tables.allowed), (batch, self.vocab_size))
     if self.tables.velocity_after:
       is_vel = jnp.asarray(self.tables.is_velocity)[None, :]
-      base = base & (is_vel == state["owed"][:, None])
+      owed = state["owed"][:, None]
+      base = base & ((is_vel == (owed > 0)) | (owed < 0))
     if self.tables.bar_id < 0:
       return base
     pos, bar = state["pos"][:, None], state["bar"][:, None]
@@ -124,7 +126,7 @@ class DrumsGrammar(Grammar):
       # A drum owes a velocity; the velocity pays it; specials (PAD, prefix) leave it.
       is_drum = jnp.asarray(self.tables.is_drum)[safe] & (token == safe)
       is_event = jnp.asarray(self.tables.is_event)[safe] & (token == safe)
-      state = dict(state, owed=jnp.where(is_event, is_drum, state["owed"]))
+      state = dict(state, owed=jnp.where(is_event, is_drum.astype(jnp.int32), state["owed"]))
     if self.tables.bar_id < 0:
       return state
     meter = jnp.asarray(self.tables.meter_steps)[safe]

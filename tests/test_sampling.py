@@ -354,6 +354,11 @@ def test_velocity_after_the_drum_is_kept_by_the_grammar(groove_files):
   state = g.init_state(1, jnp.asarray([[enc.bos_id, *events[:drum_at[2] + 1]]]))
   allowed = np.asarray(g.allowed(state))[0]
   assert np.array_equal(np.flatnonzero(allowed), np.flatnonzero(is_vel(np.arange(len(allowed)))))
+  # A window cut between a hit and its velocity starts with the velocity: no violation.
+  assert grammar.grammar_violations(events[drum_at[1] + 1:], enc) == 0
+  for text in ("DRUM_kick\nVELOCITY_3\nVELOCITY_4\n", "DRUM_kick\nDRUM_snare\nVELOCITY_2\n",
+               "VELOCITY_3\nTIME_SHIFT_4\nVELOCITY_4\n"):
+    assert grammar.grammar_violations(enc.from_text(text), enc) == 1, text
 
 
 def test_continue_names_tempo_and_meter_for_drums_with_bars(groove_files):

@@ -9,9 +9,10 @@ padding ids never come after the prefix; on top of that
   EOS only when no note is sounding and no VELOCITY is waiting.
 * `drums`: hits, time shifts and velocities in any order; EOS anywhere (time shifts in
   seconds or, with time_unit="beats", in beats at `qpm`). With `velocity_after`, each
-  DRUM is followed by its VELOCITY and a VELOCITY comes only after a DRUM. With BAR tokens and a METER
-  token in the prefix, bars stay whole: no time shift crosses a bar line, and a BAR
-  (or EOS) comes exactly when the bar is full.
+  DRUM is followed by its VELOCITY and a VELOCITY comes only after a DRUM (or first, in
+  a window cut between the two). With BAR tokens and a METER token in the prefix, bars
+  stay whole: no time shift crosses a bar line, and a BAR (or EOS) comes exactly when
+  the bar is full.
 
 Each encoding's tables (`get_tables(enc, vocab_size)`) hold boolean masks over the padded
 vocabulary and `seconds` (float32 [vocab_size]): how far each token moves time forward.
