@@ -21,7 +21,7 @@ ones): a validation NLL of 2.05 nats/token on 256-token windows, 25.8% below the
 n-gram of these tokens (Kneser-Ney 4-gram, 2.77; 28.5% with 128 tokens of context), and a
 C2ST accuracy of 63% (128 tokens) to 70% (512 tokens) for its continuations over every
 validation prompt (66% / 69% with `evaluate`'s 128 prompts). Seed 0; seed 1 gave 2.10
-(24.0%) and 64% / 73%.
+(24.0%) and 64% / 73%, seed 2 2.12 (23.5%) and 64% / 69%.
 
 Decoding needs the tempo: `continue` takes it from the prompt file, `generate` from --bpm
 (default 120), `evaluate` and `export-listening` from each piece's metadata.
