@@ -180,15 +180,18 @@ def _assert_decodes_onto_the_file(enc, ex, row, root):
   np.testing.assert_allclose(np.sort(got.start), np.sort(src.start), atol=60.0 / bpm / 48)
 
 
-def test_groove_drums_in_beats(groove_subset, tmp_path):
+@pytest.mark.parametrize("name", ["drums_beats", "drums_beats_dv"])
+def test_groove_drums_in_beats(groove_subset, tmp_path, name):
   """drums_beats: the meter joins the prefix; ids decode at the CSV's bpm onto the file's
   hits, each within a step (1/48 quarter note: half a step of rounding, plus the CSV's
-  whole-number bpm against the file's tempo, e.g. 94 for 93.99998)."""
+  whole-number bpm against the file's tempo, e.g. 94 for 93.99998). drums_beats_dv: the
+  same, each drum followed by its velocity."""
   root, rows = groove_subset
-  builder = data_pipelines.build("groove", "drums_beats", manual_dir=str(root),
+  builder = data_pipelines.build("groove", name, manual_dir=str(root),
                                  data_dir=str(tmp_path), num_workers=1)
   enc = builder.encoding
   assert enc.time_unit == "beats" and enc.config["steps_per_quarter"] == 48 and enc.bar_tokens
+  assert enc.velocity_after == (name == "drums_beats_dv")
   by_id = {r["id"]: r for r in rows}
   seen = 0
   for split in ("train", "validation", "test"):
@@ -202,6 +205,10 @@ def test_groove_drums_in_beats(groove_subset, tmp_path):
       steps = np.where((tokens >= enc.shift_base) & (tokens < enc.velocity_base),
                        tokens - enc.shift_base + 1, 0)
       assert set(np.diff(np.cumsum(steps)[tokens == enc.bar_id])) <= {num * 4 * 48 // den}
+      if enc.velocity_after:
+        drums = np.flatnonzero((tokens >= enc.drum_base) & (tokens < enc.shift_base))
+        after = tokens[drums + 1]
+        assert np.all((after >= enc.velocity_base) & (after < enc.offset_base))
       _assert_decodes_onto_the_file(enc, ex, row, root)
       seen += 1
   assert seen == len(rows)
@@ -210,7 +217,7 @@ def test_groove_drums_in_beats(groove_subset, tmp_path):
   from configs import groove_beats
   from midijax import input_pipeline
   config = groove_beats.get_config()
-  config.data.update(data_dir=str(tmp_path), batch_size=2, seq_len=64)
+  config.data.update(data_dir=str(tmp_path), batch_size=2, seq_len=64, builder_config=name)
   batch = next(iter(input_pipeline.make_train_iterator(config)))
   assert batch["inputs"].shape == (2, 64)
   config.data.time_stretch = 0.05
