@@ -122,6 +122,11 @@ def get_config():
   # in the bar it is without adding up time shifts. 0 = off; needs BAR tokens (groove's
   # drums_beats encoding).
   model.bar_positions = 0
+  # Rotary heads on the music's time: this many heads (of num_heads) rotate queries and
+  # keys by the steps of music from the window's start instead of the token index, so
+  # "the same place a bar ago" is a fixed offset however many tokens lie between. 0 = off;
+  # needs position="rope" and BAR tokens (drums_beats).
+  model.time_rope_heads = 0
 
   # ---------------------------------------------------------------- training
   config.train = train = ml_collections.ConfigDict()

@@ -459,8 +459,10 @@ def compile_train_step(config, topology: Topology, devices: Sequence[Any], *,
 
   mesh = sharding.create_mesh(config.mesh, devices=devices)
   rules = sharding.get_logical_axis_rules(config.mesh)
-  # The built dataset's encoding gives config.model.bar_positions its bar clock.
-  built = _built_vocab(config) if config.model.get("bar_positions", 0) else None
+  # The built dataset's encoding gives config.model.bar_positions / time_rope_heads their
+  # bar clock.
+  uses_clock = config.model.get("bar_positions", 0) or config.model.get("time_rope_heads", 0)
+  built = _built_vocab(config) if uses_clock else None
   setup, state = train.create_train_state(
       config, vocab, mesh, rules, abstract=True,
       encoding=encoding.load_vocab(built) if built is not None else None)

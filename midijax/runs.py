@@ -30,7 +30,8 @@ def model_config_from(config, vocab_size: int, deterministic: bool = False, enco
   Every TransformerConfig field present in `config.model` is taken from it; fields it lacks
   (configs saved before the field existed) keep the dataclass default. `vocab_size` and
   `deterministic` are the arguments; `bar_clock` comes from `encoding` (the run's) when
-  config.model.bar_positions is set (without it the model refuses to build).
+  config.model.bar_positions or time_rope_heads is set (without it the model refuses to
+  build).
 
   Raises:
     ConfigError: naming the config.model field that cannot work.
@@ -38,7 +39,8 @@ def model_config_from(config, vocab_size: int, deterministic: bool = False, enco
   model = config.model
   fields = {f.name: model[f.name] for f in dataclasses.fields(transformer.TransformerConfig)
             if f.name not in _DERIVED_FIELDS and f.name in model}
-  clock = encoding.bar_clock() if encoding is not None and fields.get("bar_positions") else None
+  uses_clock = fields.get("bar_positions") or fields.get("time_rope_heads")
+  clock = encoding.bar_clock() if encoding is not None and uses_clock else None
   return transformer.TransformerConfig(vocab_size=int(vocab_size), deterministic=deterministic,
                                        bar_clock=() if clock is None else tuple(clock), **fields)
 

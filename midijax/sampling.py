@@ -274,9 +274,13 @@ def _sample(graphdef, spec: SamplerSpec, params, prompt, seed, temperature, top_
           c, cache = carry
           c = sample_one(c, noise)
           bar = model.advance_bar_time(c["bar"], c["token"]) if uses_bars else c["bar"]
+          music = (model.advance_music_time(c["music"], c["token"]) if uses_time
+                   else c["music"])
           logits, cache = model.decode_step(c["token"], cache, c["pos"],
-                                            bar_time=bar if uses_bars else None)
-          return {**c, "logits": logits, "pos": c["pos"] + 1, "bar": bar}, cache
+                                            bar_time=bar if uses_bars else None,
+                                            music_time=music if uses_time else None)
+          return {**c, "logits": logits, "pos": c["pos"] + 1, "bar": bar,
+                  "music": music}, cache
 
         return jax.lax.while_loop(
             lambda carry: in_phase(carry) & (carry[0]["i"] // NOISE_CHUNK == index), step, carry)
@@ -298,6 +302,10 @@ def _sample(graphdef, spec: SamplerSpec, params, prompt, seed, temperature, top_
   uses_bars = bool(model.config.bar_positions)
   bar_time = lambda window: (model.bar_times(window)[:, -1] if uses_bars
                              else jnp.zeros((batch,), jnp.int32))
+  # Models with time-rope heads: the music's time from the window's start, likewise.
+  uses_time = bool(model.config.time_rope_heads)
+  music_time = lambda window: (model.music_times(window)[:, -1] if uses_time
+                               else jnp.zeros((batch,), jnp.int32))
   logits, cache = prefill(model, first, first_len, spec.kv_cache)
   out = jnp.concatenate([prompt, jnp.zeros((batch, spec.max_new_tokens), jnp.int32)], axis=1)
   carry = {
@@ -305,7 +313,7 @@ def _sample(graphdef, spec: SamplerSpec, params, prompt, seed, temperature, top_
       "logits": logits, "out": out, "token": jnp.zeros((batch,), jnp.int32),
       "grammar": g.init_state(batch, prompt), "elapsed": jnp.zeros((batch,), jnp.float32),
       "done": jnp.zeros((batch,), bool), "reason": jnp.zeros((batch,), jnp.int32),
-      "bar": bar_time(first),
+      "bar": bar_time(first), "music": music_time(first),
   }
   carry = run_phases(carry, cache, first_len)
 
@@ -318,7 +326,8 @@ def _sample(graphdef, spec: SamplerSpec, params, prompt, seed, temperature, top_
            jax.lax.dynamic_slice_in_dim(c["out"], start, spec.window_keep, axis=1)], axis=1)
       logits, cache = prefill(model, window, window_len, spec.kv_cache)
       return run_phases({**c, "logits": logits, "pos": jnp.asarray(window_len, jnp.int32),
-                         "bar": bar_time(window)}, cache, window_len)
+                         "bar": bar_time(window), "music": music_time(window)}, cache,
+                         window_len)
 
     carry = jax.lax.while_loop(going, slide, carry)
   return carry["out"], carry["reason"], carry["elapsed"], carry["i"]

@@ -1,6 +1,7 @@
 """Bar-position embeddings (config.model.bar_positions): the time since the last BAR token,
-computed from the encoding's bar clock the same way in training, prefill, decoding and the
-sampler."""
+and time-rope heads (config.model.time_rope_heads): rotary positions counted in the
+music's time; both computed from the encoding's bar clock the same way in training,
+prefill, decoding and the sampler."""
 from flax import nnx
 import jax
 import jax.numpy as jnp
@@ -81,10 +82,12 @@ def test_bar_position_changes_the_prediction_and_decoding_matches_the_full_forwa
   assert np.array_equal(np.asarray(base.embedding[...]), np.asarray(model.embedding[...]))
 
 
-def test_sampler_carries_bar_times_like_the_full_forward():
+@pytest.mark.parametrize("time_rope_heads", [0, 1])
+def test_sampler_carries_bar_times_like_the_full_forward(time_rope_heads):
   """Greedy sampling through the window slide equals greedy decoding by full forwards of
-  the same window (the sampler's bar time after a slide is the window's own)."""
-  model = make_model()
+  the same window (the sampler's bar time and music time after a slide are the window's
+  own)."""
+  model = make_model(time_rope_heads=time_rope_heads)
   prompt = np.asarray([[ENC.bos_id, BAR, SHIFT(12), KICK, VEL, SHIFT(12), SNARE, VEL]],
                       np.int32)
   out = sampling.sample_tokens(model, prompt, encoding=ENC, max_new_tokens=20,
@@ -134,3 +137,76 @@ def test_training_a_bar_position_model_on_an_encoding_without_bars_names_the_fie
                                           sharding.get_logical_axis_rules(config.mesh),
                                           abstract=True, encoding=ENC)
   assert state.params["bar_embedding"].shape == (9, 32)
+
+
+def test_music_times_count_from_the_row_and_restart_with_each_segment():
+  model = make_model(time_rope_heads=1)
+  row = [ENC.bos_id, SHIFT(5), KICK, VEL, BAR, KICK, VEL, SHIFT(48), SNARE, VEL, SHIFT(10),
+         BAR, SHIFT(2)]
+  times = np.asarray(model.music_times(jnp.asarray([row])))[0]
+  np.testing.assert_array_equal(times, [0, 5, 5, 5, 5, 5, 5, 53, 53, 53, 63, 63, 65])
+  packed = jnp.asarray([row[:8] + row[:8]])
+  segments = jnp.asarray([[1] * 8 + [2] * 8])
+  np.testing.assert_array_equal(np.asarray(model.music_times(packed, segments))[0],
+                                [0, 5, 5, 5, 5, 5, 5, 53] * 2)
+  t = jnp.zeros((1,), jnp.int32)
+  for i, token in enumerate(row):
+    t = model.advance_music_time(t, jnp.asarray([token]))
+    assert int(t[0]) == times[i]
+  # The first time_rope_heads heads take the music's time, the others the token index.
+  rope = np.asarray(model._rope_positions(jnp.arange(13)[None, :], jnp.asarray([times])))
+  np.testing.assert_array_equal(rope[0, :, 0], times)
+  np.testing.assert_array_equal(rope[0, :, 1], np.arange(13))
+
+
+@pytest.mark.parametrize("bar_positions", [0, 64])
+def test_time_rope_decoding_matches_the_full_forward(bar_positions):
+  model = make_model(bar_positions=bar_positions, time_rope_heads=1)
+  rng = np.random.default_rng(1)
+  kinds = [SHIFT(12), SHIFT(24), SHIFT(6), KICK, SNARE, VEL, BAR]
+  tokens = jnp.asarray(rng.choice(kinds, (2, 24)), jnp.int32)
+  full = model(tokens)
+  prompt = 5
+  logits, cache = model.prefill(tokens[:, :prompt], 32)
+  np.testing.assert_allclose(logits[:, -1], full[:, prompt - 1], atol=1e-5)
+  bar_time = model.bar_times(tokens[:, :prompt])[:, -1] if bar_positions else None
+  music = model.music_times(tokens[:, :prompt])[:, -1]
+  for i in range(prompt, tokens.shape[1]):
+    if bar_positions:
+      bar_time = model.advance_bar_time(bar_time, tokens[:, i])
+    music = model.advance_music_time(music, tokens[:, i])
+    step, cache = model.decode_step(tokens[:, i], cache, i, bar_time=bar_time,
+                                    music_time=music)
+    np.testing.assert_allclose(step, full[:, i], atol=1e-5, rtol=1e-5)
+  with pytest.raises(ValueError, match="music_time"):
+    model.decode_step(tokens[:, 0], cache, 0, bar_time=bar_time)
+  # With every head on the music's time, one layer sees the tokens before the last as a
+  # set of (token, time) pairs: two hits at the same time in either order predict the
+  # same; on token positions they do not.
+  def one_layer(heads):
+    cfg = TransformerConfig(vocab_size=ENC.vocab_size, emb_dim=32, num_heads=2, num_layers=1,
+                            qkv_dim=32, mlp_dim=64, max_len=64, deterministic=True,
+                            bar_clock=tuple(ENC.bar_clock()), time_rope_heads=heads)
+    return Transformer(cfg, rngs=nnx.Rngs(jax.random.key(0, impl="unsafe_rbg")))
+  rows = jnp.asarray([[SHIFT(12), KICK, SNARE, SHIFT(6), KICK],
+                      [SHIFT(12), SNARE, KICK, SHIFT(6), KICK]])
+  timed, tokened = one_layer(2)(rows)[:, -1], one_layer(0)(rows)[:, -1]
+  np.testing.assert_allclose(timed[0], timed[1], atol=1e-5)
+  assert float(jnp.abs(tokened[0] - tokened[1]).max()) > 1e-3
+
+
+def test_time_rope_heads_are_checked():
+  with pytest.raises(ConfigError, match=r"config.model.time_rope_heads=3 must be an integer "
+                                        r"in \[0, config.model.num_heads=2\]"):
+    make_model(time_rope_heads=3)
+  with pytest.raises(ConfigError, match="time_rope_heads=1 needs config.model.position='rope'"):
+    make_model(time_rope_heads=1, position="sinusoidal")
+  cfg = TransformerConfig(vocab_size=ENC.vocab_size, emb_dim=32, num_heads=2, num_layers=1,
+                          qkv_dim=32, mlp_dim=64, max_len=32, time_rope_heads=1)
+  with pytest.raises(ConfigError, match="config.model.time_rope_heads=1 needs an encoding "
+                                        "with BAR tokens"):
+    Transformer(cfg, rngs=nnx.Rngs(0))
+  import ml_collections
+  config = ml_collections.ConfigDict({"model": {"time_rope_heads": 1, "emb_dim": 32}})
+  assert runs.model_config_from(config, ENC.vocab_size, encoding=ENC).bar_clock == tuple(
+      ENC.bar_clock())

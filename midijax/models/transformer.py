@@ -136,6 +136,12 @@ class TransformerConfig:
       row for "no bar line yet in this window". The model then knows its metrical
       position without adding up its time shifts. 0 = off; needs an encoding with BAR
       tokens (`Encoding.bar_clock`).
+    time_rope_heads: with "rope" positions, how many heads (the first ones) rotate queries
+      and keys by the music's time instead of the token's index: the steps of the bar
+      clock summed from the window's start (`music_times`). Their scores then depend on
+      how far apart two hits are in beats, whatever the tokens between them, so "the same
+      place one bar ago" is one fixed offset (192 steps in 4/4 at 48 a quarter). Needs
+      an encoding with BAR tokens (its bar clock).
     bar_clock: int per token id, the encoding's `bar_clock()` (steps a token moves time
       on, -1 for BAR); filled from the run's encoding (`runs.model_config_from`), not set
       in configs.
@@ -167,6 +173,7 @@ class TransformerConfig:
   lora_alpha: float = 16.0
   bar_positions: int = 0
   bar_clock: tuple = ()
+  time_rope_heads: int = 0
 
   def __post_init__(self):
     # The one place model fields are checked. A TransformerConfig is built from a run's
@@ -219,6 +226,12 @@ class TransformerConfig:
     if (isinstance(self.bar_positions, bool) or not isinstance(self.bar_positions, int)
         or self.bar_positions < 0):
       bad("bar_positions", "must be an integer >= 0 (0 = no bar-position embedding)")
+    if (isinstance(self.time_rope_heads, bool) or not isinstance(self.time_rope_heads, int)
+        or not 0 <= self.time_rope_heads <= self.num_heads):
+      bad("time_rope_heads", f"must be an integer in [0, config.model.num_heads="
+                             f"{self.num_heads}] (0 = every head on token positions)")
+    if self.time_rope_heads and self.position != "rope":
+      bad("time_rope_heads", f"needs config.model.position='rope', not {self.position!r}")
     object.__setattr__(self, "bar_clock", tuple(int(x) for x in self.bar_clock))
     if len(self.bar_clock) > self.padded_vocab_size:
       raise ConfigError(f"the encoding's bar clock covers {len(self.bar_clock)} ids but "
@@ -392,7 +405,7 @@ def apply_rope(x: jax.Array, positions: jax.Array, max_wavelength: float) -> jax
 
   Args:
     x: [B, T, H, Dh] queries or keys.
-    positions: int [B, T] (or [1, T]) absolute positions.
+    positions: int [B, T] (or [1, T]) absolute positions, or [B, T, H]: one per head.
     max_wavelength: longest wavelength (tokens).
 
   Returns:
@@ -400,7 +413,8 @@ def apply_rope(x: jax.Array, positions: jax.Array, max_wavelength: float) -> jax
   """
   half = x.shape[-1] // 2
   timescale = max_wavelength ** (jnp.arange(half, dtype=jnp.float32) * 2 / x.shape[-1])
-  angles = positions.astype(jnp.float32)[:, :, None, None] / timescale  # [B, T, 1, Dh/2]
+  per_head = positions if positions.ndim == 3 else positions[:, :, None]
+  angles = per_head.astype(jnp.float32)[..., None] / timescale  # [B, T, H or 1, Dh/2]
   sin, cos = jnp.sin(angles), jnp.cos(angles)
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
@@ -492,19 +506,24 @@ class Attention(nnx.Module):
     out = self._output(encoded)
     return (out, (k, v)) if return_kv else out
 
-  def decode_step(self, x: jax.Array, cache: kv_cache.LayerCache, pos: jax.Array):
+  def decode_step(self, x: jax.Array, cache: kv_cache.LayerCache, pos: jax.Array,
+                  rope_positions: Optional[jax.Array] = None):
     """One new token per row at position `pos`, attending to the cache and itself.
 
     Args:
       x: [B, 1, D] normalized input of the new token.
       cache: this layer's cache holding positions < pos.
       pos: int32 scalar.
+      rope_positions: int [B, 1, H] rotary positions of the new token per head (with
+        time_rope_heads); default `pos`.
 
     Returns:
       ([B, 1, D] output, the cache with slot `pos` written).
     """
     cfg = self.config
-    q, k, v = self._project_qkv(x, jnp.reshape(pos, (1, 1)))  # [B, 1, H, Dh]
+    if rope_positions is None:
+      rope_positions = jnp.reshape(pos, (1, 1))
+    q, k, v = self._project_qkv(x, rope_positions)  # [B, 1, H, Dh]
     out, cache = attention.decode_attention(
         q[:, 0], k[:, 0], v[:, 0], cache, pos, relative_table=self._relative_table(),
         use_kernel=attention.decode_uses_cpu_kernel(cfg.attention_impl, cfg.position,
@@ -551,9 +570,10 @@ class Block(nnx.Module):
     x = x + h
     return x + self.mlp(self.mlp_norm(x)), kv
 
-  def decode_step(self, x: jax.Array, cache: kv_cache.LayerCache, pos: jax.Array):
+  def decode_step(self, x: jax.Array, cache: kv_cache.LayerCache, pos: jax.Array,
+                  rope_positions: Optional[jax.Array] = None):
     """[B, 1, D] at position `pos` -> ([B, 1, D], updated cache)."""
-    h, cache = self.attention.decode_step(self.attention_norm(x), cache, pos)
+    h, cache = self.attention.decode_step(self.attention_norm(x), cache, pos, rope_positions)
     x = x + h
     return x + self.mlp(self.mlp_norm(x)), cache
 
@@ -630,6 +650,10 @@ class Transformer(nnx.Module):
     self.final_norm = final_norm
     if output is not None:
       self.output = output
+    if config.time_rope_heads and -1 not in config.bar_clock:
+      raise ConfigError(f"config.model.time_rope_heads={config.time_rope_heads} needs an "
+                        "encoding with BAR tokens (its clock counts the music's time), e.g. "
+                        "groove's drums_beats")
     if config.bar_positions:
       if -1 not in config.bar_clock:
         raise ConfigError(f"config.model.bar_positions={config.bar_positions} needs an "
@@ -672,6 +696,35 @@ class Transformer(nnx.Module):
     (-1 unknown) -> after them."""
     steps = jnp.take(self._clock(), tokens)
     return jnp.where(steps < 0, 0, jnp.where(bar_time >= 0, bar_time + steps, -1))
+
+  def music_times(self, tokens: jax.Array, segment_ids: Optional[jax.Array] = None
+                  ) -> jax.Array:
+    """Steps of the bar clock from the start of the row (or of the token's packed segment)
+    to after each token, int32 [B, T]: time-rope heads' positions."""
+    steps = jnp.maximum(jnp.take(self._clock(), tokens), 0)
+    time = jnp.cumsum(steps, axis=1)
+    if segment_ids is None:
+      return time
+    index = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    starts = segment_ids != jnp.pad(segment_ids, ((0, 0), (1, 0)), constant_values=-1)[:, :-1]
+    first = jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
+    before = jnp.take_along_axis(time - steps, first, axis=1)
+    return time - before
+
+  def advance_music_time(self, music_time: jax.Array, tokens: jax.Array) -> jax.Array:
+    """`music_times` one token on: int32 [B] after the tokens before `tokens` [B] -> after
+    them."""
+    return music_time + jnp.maximum(jnp.take(self._clock(), tokens), 0)
+
+  def _rope_positions(self, positions: jax.Array, music_time: Optional[jax.Array]
+                      ) -> jax.Array:
+    """Token positions [B or 1, T] -> per-head rotary positions [B, T, H] when some heads
+    run on the music's time (`music_time` [B, T]); unchanged otherwise."""
+    n = self.config.time_rope_heads
+    if not n:
+      return positions
+    on_time = jnp.arange(self.config.num_heads) < n
+    return jnp.where(on_time, music_time[:, :, None], positions[:, :, None])
 
   def _bar_rows(self, bar_time: jax.Array) -> jax.Array:
     """Rows of `bar_embedding` for times since the bar (-1 -> row 0)."""
@@ -775,6 +828,8 @@ class Transformer(nnx.Module):
       keys = jax.random.split(dropout_rng, cfg.num_layers + 1)
       rngs = keys[:-1]
       x = dropout(x, cfg.dropout_rate, keys[-1])
+    if cfg.time_rope_heads:
+      positions = self._rope_positions(positions, self.music_times(tokens, segment_ids))
     x = self._run_blocks(x, positions, segment_ids, rngs)
     return self._logits(x)
 
@@ -838,6 +893,8 @@ class Transformer(nnx.Module):
     positions = jnp.arange(t, dtype=jnp.int32)[None, :]
     x = self._embed(tokens, positions,
                     self.bar_times(tokens) if self.config.bar_positions else None)
+    if self.config.time_rope_heads:
+      positions = self._rope_positions(positions, self.music_times(tokens))
     cache = []
     for block in self._layers():
       x, (k, v) = block.prefill(x, positions)
@@ -845,7 +902,8 @@ class Transformer(nnx.Module):
     return self._logits(x), cache
 
   def decode_step(self, tokens: jax.Array, cache: Cache, pos: jax.Array,
-                  bar_time: Optional[jax.Array] = None) -> tuple[jax.Array, Cache]:
+                  bar_time: Optional[jax.Array] = None,
+                  music_time: Optional[jax.Array] = None) -> tuple[jax.Array, Cache]:
     """Logits after one more token per row.
 
     Args:
@@ -854,6 +912,8 @@ class Transformer(nnx.Module):
       pos: int32 scalar < the cache's length.
       bar_time: int [B], steps since the last BAR after `tokens` (`bar_times` of the
         window, carried on with `advance_bar_time`); required with config.bar_positions.
+      music_time: int [B], `music_times` of the window after `tokens` (carried on with
+        `advance_music_time`); required with config.time_rope_heads.
 
     Returns:
       (float32 [B, padded_vocab_size] logits for position pos + 1, the updated cache).
@@ -862,11 +922,18 @@ class Transformer(nnx.Module):
     if self.config.bar_positions and bar_time is None:
       raise ValueError("this model embeds bar positions (config.bar_positions): pass "
                        "decode_step(..., bar_time=...)")
+    if self.config.time_rope_heads and music_time is None:
+      raise ValueError("this model rotates some heads by the music's time "
+                       "(config.time_rope_heads): pass decode_step(..., music_time=...)")
     x = self._embed(tokens[:, None], jnp.reshape(pos, (1, 1)),
                     None if bar_time is None else jnp.asarray(bar_time)[:, None])
+    rope = None
+    if self.config.time_rope_heads:
+      rope = self._rope_positions(jnp.reshape(pos, (1, 1)),
+                                  jnp.asarray(music_time, jnp.int32)[:, None])
     new_cache = []
     for block, layer_cache in zip(self._layers(), cache):
-      x, layer_cache = block.decode_step(x, layer_cache, pos)
+      x, layer_cache = block.decode_step(x, layer_cache, pos, rope)
       new_cache.append(layer_cache)
     return self._logits(x)[:, 0], new_cache
 
