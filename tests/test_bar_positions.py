@@ -57,20 +57,32 @@ def test_bar_times_count_from_the_last_bar_and_restart_with_each_segment():
     assert int(t[0]) == times[i]
 
 
-def test_bar_position_changes_the_prediction_and_decoding_matches_the_full_forward():
-  model = make_model()
-  rng = np.random.default_rng(0)
+def _assert_decoding_matches_the_full_forward(model, seed, prompt):
+  """Prefill of `prompt` random tokens, then decode steps carrying the bar time and the
+  music time the model uses, give the full forward's logits. Returns (tokens, cache)."""
+  cfg = model.config
+  rng = np.random.default_rng(seed)
   kinds = [SHIFT(12), SHIFT(24), SHIFT(6), KICK, SNARE, VEL, BAR]
   tokens = jnp.asarray(rng.choice(kinds, (2, 24)), jnp.int32)
   full = model(tokens)
-  prompt = 6
   logits, cache = model.prefill(tokens[:, :prompt], 32)
   np.testing.assert_allclose(logits[:, -1], full[:, prompt - 1], atol=1e-5)
-  bar_time = model.bar_times(tokens[:, :prompt])[:, -1]
+  bar_time = model.bar_times(tokens[:, :prompt])[:, -1] if cfg.bar_positions else None
+  music = model.music_times(tokens[:, :prompt])[:, -1] if cfg.time_rope_heads else None
   for i in range(prompt, tokens.shape[1]):
-    bar_time = model.advance_bar_time(bar_time, tokens[:, i])
-    step, cache = model.decode_step(tokens[:, i], cache, i, bar_time=bar_time)
+    if cfg.bar_positions:
+      bar_time = model.advance_bar_time(bar_time, tokens[:, i])
+    if cfg.time_rope_heads:
+      music = model.advance_music_time(music, tokens[:, i])
+    step, cache = model.decode_step(tokens[:, i], cache, i, bar_time=bar_time,
+                                    music_time=music)
     np.testing.assert_allclose(step, full[:, i], atol=1e-5, rtol=1e-5)
+  return tokens, cache
+
+
+def test_bar_position_changes_the_prediction_and_decoding_matches_the_full_forward():
+  model = make_model()
+  tokens, cache = _assert_decoding_matches_the_full_forward(model, seed=0, prompt=6)
   with pytest.raises(ValueError, match="bar_time"):
     model.decode_step(tokens[:, 0], cache, 0)
   # The same tokens one bar position later predict differently: the embedding is used.
@@ -162,22 +174,8 @@ def test_music_times_count_from_the_row_and_restart_with_each_segment():
 @pytest.mark.parametrize("bar_positions", [0, 64])
 def test_time_rope_decoding_matches_the_full_forward(bar_positions):
   model = make_model(bar_positions=bar_positions, time_rope_heads=1)
-  rng = np.random.default_rng(1)
-  kinds = [SHIFT(12), SHIFT(24), SHIFT(6), KICK, SNARE, VEL, BAR]
-  tokens = jnp.asarray(rng.choice(kinds, (2, 24)), jnp.int32)
-  full = model(tokens)
-  prompt = 5
-  logits, cache = model.prefill(tokens[:, :prompt], 32)
-  np.testing.assert_allclose(logits[:, -1], full[:, prompt - 1], atol=1e-5)
-  bar_time = model.bar_times(tokens[:, :prompt])[:, -1] if bar_positions else None
-  music = model.music_times(tokens[:, :prompt])[:, -1]
-  for i in range(prompt, tokens.shape[1]):
-    if bar_positions:
-      bar_time = model.advance_bar_time(bar_time, tokens[:, i])
-    music = model.advance_music_time(music, tokens[:, i])
-    step, cache = model.decode_step(tokens[:, i], cache, i, bar_time=bar_time,
-                                    music_time=music)
-    np.testing.assert_allclose(step, full[:, i], atol=1e-5, rtol=1e-5)
+  tokens, cache = _assert_decoding_matches_the_full_forward(model, seed=1, prompt=5)
+  bar_time = jnp.zeros((2,), jnp.int32) if bar_positions else None
   with pytest.raises(ValueError, match="music_time"):
     model.decode_step(tokens[:, 0], cache, 0, bar_time=bar_time)
   # With every head on the music's time, one layer sees the tokens before the last as a
