@@ -140,6 +140,11 @@ def get_config():
   train.b1 = 0.9
   train.b2 = 0.98
   train.weight_decay = 0.01
+  # "adamw", or "muon" (optax.contrib.muon: orthogonalized momentum for the blocks'
+  # matrices at muon_learning_rate, Adam at learning_rate for embeddings, the output head
+  # and norm scales; both on the same schedule).
+  train.optimizer = "adamw"
+  train.muon_learning_rate = 0.02
   # Also decay norm scales, biases and embeddings (False: only weight matrices).
   train.decay_all = False
   # Clip gradients to this global norm (0 = off).

@@ -81,9 +81,41 @@ def weight_decay_mask(params, decay_all: bool = False):
   return jax.tree_util.tree_map_with_path(keep, params)
 
 
+def muon_dimension_numbers(params):
+  """Which axes of each parameter Muon orthogonalizes over; None = the Adam part.
+
+  The Transformer's matrices inside the blocks: query / key / value ([embed, heads,
+  head_dim]: one embed x (heads * head_dim) matrix), out ([heads, head_dim, embed]) and
+  the MLP's 2-D weights. Embeddings, the output head, norm scales, LoRA factors and
+  vectors stay with Adam, as in Jordan et al.'s Muon. A scanned layer axis is a batch
+  axis (each layer's matrix is orthogonalized on its own).
+  """
+  scanned = bool(transformer.params_scanned(params))
+  dims = optax.contrib.MuonDimensionNumbers
+
+  def rule(path, leaf):
+    name = "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+    if not name.startswith("blocks") or transformer.is_lora_path(name):
+      return None
+    n = leaf.ndim
+    last = name.rsplit("/", 1)[-1]
+    if n - scanned == 3 and last in ("query", "key", "value"):
+      return dims(reduction_axis=n - 3, output_axis=(n - 2, n - 1))
+    if n - scanned == 3 and last == "out":
+      return dims(reduction_axis=(n - 3, n - 2), output_axis=n - 1)
+    if n - scanned == 2:
+      return dims(reduction_axis=n - 2, output_axis=n - 1)
+    return None
+  return jax.tree_util.tree_map_with_path(rule, params)
+
+
+OPTIMIZERS = ("adamw", "muon")
+
+
 def create_optimizer(train_config, params, trainable: Optional[Sequence[bool]] = None
                      ) -> optax.GradientTransformation:
-  """AdamW with the decay mask, global-norm clipping and optional gradient accumulation.
+  """AdamW (or Muon, `train.optimizer`) with the decay mask, global-norm clipping and
+  optional gradient accumulation.
 
   `trainable` (bools in `jax.tree.leaves(params)` order, from
   `finetune.trainable_leaves`; None = all): the other parameters get no update and no
@@ -96,10 +128,20 @@ def create_optimizer(train_config, params, trainable: Optional[Sequence[bool]] =
     parts.append(optax.clip_by_global_norm(train_config.grad_clip_norm))
   # The decay mask is a function of the parameters the transform sees: with frozen
   # parameters that is only the trainable part of the tree.
-  parts.append(optax.adamw(schedule, b1=train_config.b1, b2=train_config.b2,
-                           weight_decay=train_config.weight_decay,
-                           mask=functools.partial(weight_decay_mask,
-                                                  decay_all=train_config.decay_all)))
+  if train_config.get("optimizer", "adamw") == "muon":
+    # optax's Muon: Newton-Schulz-orthogonalized Nesterov momentum for the blocks'
+    # matrices, at `muon_learning_rate` on the same warmup and decay; Adam (b1, b2, at
+    # `learning_rate`, no weight decay) for embeddings, the output head and norm scales.
+    ratio = train_config.muon_learning_rate / train_config.learning_rate
+    parts.append(optax.contrib.muon(
+        lambda step: schedule(step) * ratio, adam_learning_rate=schedule,
+        weight_decay=train_config.weight_decay, adam_b1=train_config.b1,
+        adam_b2=train_config.b2, muon_weight_dimension_numbers=muon_dimension_numbers))
+  else:
+    parts.append(optax.adamw(schedule, b1=train_config.b1, b2=train_config.b2,
+                             weight_decay=train_config.weight_decay,
+                             mask=functools.partial(weight_decay_mask,
+                                                    decay_all=train_config.decay_all)))
   tx = optax.chain(*parts)
   if trainable is not None:
     labels = jax.tree.unflatten(jax.tree.structure(params),
@@ -215,6 +257,12 @@ def validate_config(config, num_devices: Optional[int] = None, *,
                       "(0 = no moving average)")
   if t.schedule not in SCHEDULES:
     raise ConfigError(f"config.train.schedule={t.schedule!r}; expected {' | '.join(SCHEDULES)}")
+  if t.get("optimizer", "adamw") not in OPTIMIZERS:
+    raise ConfigError(f"config.train.optimizer={t.get('optimizer')!r}; expected "
+                      f"{' | '.join(OPTIMIZERS)}")
+  if t.get("optimizer", "adamw") == "muon" and not t.get("muon_learning_rate", 0) > 0:
+    raise ConfigError(f"config.train.muon_learning_rate={t.get('muon_learning_rate')} "
+                      "must be positive")
   for field in ("init_from", "trainable"):
     if not isinstance(t.get(field, "") or "", str):
       raise ConfigError(f"config.train.{field}={t.get(field)!r} must be a string")

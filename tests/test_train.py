@@ -12,6 +12,7 @@ import sys
 import time
 
 import numpy as np
+import optax
 import pytest
 
 from midijax import checkpoint as ckpt_lib
@@ -54,6 +55,7 @@ def tiny(tfds_dir, **train_overrides):
     ("mesh.ici_parallelism", (-1, -1, 1), "ici_parallelism"),
     ("data.batch_size", 0, "config.data.batch_size"),
     ("train.ema_decay", 1.0, "config.train.ema_decay=1.0"),
+    ("train.optimizer", "sgd", "config.train.optimizer='sgd'; expected adamw | muon"),
 ])
 def test_bad_configs_name_the_field(field, value, message):
   config = groove_tiny.get_config()
@@ -86,6 +88,43 @@ def test_schedule_and_decay_mask():
                                                        "scale": np.zeros((3, 2))}}
   mask = train.weight_decay_mask(scanned)
   assert mask == {"embedding": False, "blocks": {"kernel": True, "scale": False}}
+
+
+def test_muon_orthogonalizes_the_block_matrices_and_leaves_the_rest_to_adam():
+  from midijax.models import transformer
+  from flax import nnx
+  import jax
+  cfg = transformer.TransformerConfig(vocab_size=64, emb_dim=16, num_heads=2, qkv_dim=16,
+                                      mlp_dim=32, num_layers=1, max_len=8)
+  model = transformer.Transformer(cfg, rngs=nnx.Rngs(0))
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  dims = train.muon_dimension_numbers(params)
+  block = dims["blocks"][0]
+  assert block["attention"]["query"] == (0, (1, 2))  # [embed, heads, head_dim]
+  assert block["attention"]["out"] == ((0, 1), 2)  # [heads, head_dim, embed]
+  assert block["mlp"]["wi"] == (0, 1)
+  assert dims["embedding"] is None and dims["output"] is None
+  assert block["attention_norm"]["scale"] is None
+  config = groove_tiny.get_config().train
+  config.update(optimizer="muon", muon_learning_rate=0.1, learning_rate=0.01,
+                warmup_steps=0, num_steps=10, weight_decay=0.0, grad_clip_norm=0.0)
+  tx = train.create_optimizer(config, params)
+  grads = jax.tree.map(lambda p: jax.random.normal(jax.random.key(1), p.shape), params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  # A Muon update of a matrix is close to orthogonal: its singular values are near one
+  # (times the learning rate and the shape factor). The embedding gets (Nesterov) Adam's.
+  wi = np.asarray(updates["blocks"][0]["mlp"]["wi"]) / -0.1
+  s = np.linalg.svd(wi / np.sqrt(max(1.0, 32 / 16)), compute_uv=False)
+  assert np.all((s > 0.5) & (s < 1.3)), s
+  adam = optax.adamw(0.01, b1=config.b1, b2=config.b2, eps=1e-8, weight_decay=0.0,
+                     nesterov=True)
+  emb, _ = adam.update(grads["embedding"], adam.init(params["embedding"]), params["embedding"])
+  np.testing.assert_allclose(updates["embedding"], emb, rtol=1e-5, atol=1e-8)
+
+
+def test_muon_run_trains(tfds_dir, tmp_path):
+  out = train.train_and_evaluate(tiny(tfds_dir, optimizer="muon"), str(tmp_path / "run"))
+  assert out["step"] == 6 and np.isfinite(out["eval_loss"])
 
 
 def test_train_resume_and_checkpoint_policy(tfds_dir, tmp_path):
