@@ -16,6 +16,8 @@ shape and prints one JSON line:
     python benchmarks/train_throughput.py --config configs/seed_course.py [--steps 20] [--dropout 0.1]
     python benchmarks/train_throughput.py --config configs/seed_course.py --layers 6 --width 512 \
         --heads 8 --mlp 2048 --seq 1024 --batch 8 --dropout 0
+    python benchmarks/train_throughput.py --config configs/groove_small.py --seq 512 --batch 8 \
+        --optimizers adamw,muon          # side by side, one step of each in turn
 """
 import bench_env  # noqa: F401  first: see benchmarks/bench_env.py
 
@@ -46,6 +48,10 @@ def main():
   ap.add_argument("--batch", type=int)
   ap.add_argument("--dtype", default=None, help="compute dtype override (float32, bfloat16)")
   ap.add_argument("--vocab", type=int, default=310, help="vocabulary size of the random tokens")
+  ap.add_argument("--optimizers", default="",
+                  help="comma-separated train.optimizer values (adamw,muon) timed side by "
+                       "side, step by step in turn; the JSON adds each one's median step "
+                       "time and the ratio to the first (default: the config's)")
   ap.add_argument("--profile_dir", default="",
                   help="after timing, trace one step with jax.profiler into this directory and "
                        "save the compiled HLO beside it (summarise: benchmarks/profile_summary.py)")
@@ -74,10 +80,20 @@ def main():
   if a.dropout is not None:
     m.dropout_rate = a.dropout
     m.attention_dropout_rate = min(m.attention_dropout_rate, a.dropout)
-  train.validate_config(config)
+  optimizers = [o for o in a.optimizers.split(",") if o] or [config.train.optimizer]
+  for o in optimizers:
+    config.train.optimizer = o
+    train.validate_config(config)
   B, T = config.data.batch_size, config.data.seq_len
   mesh = sharding.create_mesh(config.mesh)
   rules = sharding.get_logical_axis_rules(config.mesh)
+  others = {}  # the optimizers after the first: (state, step_fn), timed in turn with it
+  for o in optimizers[1:]:
+    config.train.optimizer = o
+    other_setup, other_state = train.create_train_state(config, a.vocab, mesh, rules)
+    with sharding.use_mesh(mesh, rules):
+      others[o] = [other_state, train.jit_train_step(config, other_setup)]
+  config.train.optimizer = optimizers[0]
   setup, state = train.create_train_state(config, a.vocab, mesh, rules)
   batch_sh = setup.batch_sharding
   with sharding.use_mesh(mesh, rules):
@@ -95,14 +111,23 @@ def main():
     compile_s = time.perf_counter() - t
     for i in range(a.warmup):
       state, metrics = step_fn(state, batches[i % 4], key)
+      for entry in others.values():
+        entry[0], m_other = entry[1](entry[0], batches[i % 4], key)
+        jax.block_until_ready(m_other)
     jax.block_until_ready(metrics)
     times = []
+    other_times = {o: [] for o in others}
     start = time.perf_counter()
     for i in range(a.steps):
       t = time.perf_counter()
       state, metrics = step_fn(state, batches[i % 4], key)
       jax.block_until_ready(metrics)
       times.append(time.perf_counter() - t)
+      for o, entry in others.items():
+        t = time.perf_counter()
+        entry[0], m_other = entry[1](entry[0], batches[i % 4], key)
+        jax.block_until_ready(m_other)
+        other_times[o].append(time.perf_counter() - t)
       if time.perf_counter() - start > a.max_seconds and len(times) >= 3:
         break
     if a.profile_dir:
@@ -134,6 +159,13 @@ def main():
       "peak_source": "measured jnp.dot 2048x2048", "mfu": round(tokens_per_s * fpt / peak, 4),
       "final_loss": float(jax.device_get(metrics["loss_sum"]) / jax.device_get(metrics["weight_sum"])),
   }
+  if others:
+    out["optimizers"] = {optimizers[0]: round(step_s, 5)}
+    out["optimizers"].update({o: round(statistics.median(t), 5)
+                              for o, t in other_times.items()})
+    out["step_time_ratio_to_" + optimizers[0]] = {
+        o: round(statistics.median(t) / step_s, 3) for o, t in other_times.items()}
+  out["optimizer"] = optimizers[0]
   print(json.dumps(out))
 
 

@@ -120,6 +120,13 @@ def test_muon_orthogonalizes_the_block_matrices_and_leaves_the_rest_to_adam():
                      nesterov=True)
   emb, _ = adam.update(grads["embedding"], adam.init(params["embedding"]), params["embedding"])
   np.testing.assert_allclose(updates["embedding"], emb, rtol=1e-5, atol=1e-8)
+  # With frozen parameters (fine-tuning) Muon sees only the trainable ones.
+  trainable = [("mlp" in jax.tree_util.keystr(p)) for p, _ in
+               jax.tree_util.tree_flatten_with_path(params)[0]]
+  tx = train.create_optimizer(config, params, trainable)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  assert not np.any(np.asarray(updates["embedding"]))
+  assert np.any(np.asarray(updates["blocks"][0]["mlp"]["wo"]))
 
 
 def test_muon_run_trains(tfds_dir, tmp_path):
