@@ -50,6 +50,11 @@ def get_config():
   # to B * (b / B) ** (1 / factor), so the top and bottom bins stay where they are.
   data.velocity_scale = 0.0
   data.velocity_curve = "linear"
+  # Input noise (training only, `drums` and `performance`): each drum or velocity token the
+  # model reads is, with this probability, replaced by a random one of its kind; the
+  # targets stay the real tokens, so the model learns to carry on after a slip like those
+  # of its own samples (0 = off). Time shifts and BAR are never replaced.
+  data.input_noise = 0.0
   # Evaluation batch size (rows) and a cap on eval batches (-1 = the whole split).
   data.eval_batch_size = 32
   data.max_eval_batches = -1

@@ -513,6 +513,7 @@ class _TrainSettings:
   process_index: int
   pairs: bool = False  # some pieces are continuation pairs (weights 0 on their prompt)
   velocity_curve: str = "linear"
+  input_noise: float = 0.0
 
 
 class TrainIterator:
@@ -587,7 +588,11 @@ def _train_settings(config: Any, process_index: int, process_count: int
       stretch=float(_field(data, "time_stretch", 0.0)),
       velocity_scale=float(_field(data, "velocity_scale", 0.0)), seed=seed,
       process_index=process_index,
-      velocity_curve=str(_field(data, "velocity_curve", "linear")))
+      velocity_curve=str(_field(data, "velocity_curve", "linear")),
+      input_noise=float(_field(data, "input_noise", 0.0)))
+  if not 0.0 <= settings.input_noise < 1.0:
+    raise ConfigError(f"config.data.input_noise={settings.input_noise} must be in [0, 1) "
+                      "(0 = off)")
   if seq_len < 2 or settings.draws_per_row < 1 or settings.transpose < 0 or not (
       0.0 <= settings.stretch < 1.0) or not 0.0 <= settings.velocity_scale < 1.0:
     raise ConfigError("data: need seq_len >= 2, max_segments_per_row >= 1, "
@@ -638,11 +643,41 @@ def make_train_iterator(config: Any, start_step: int = 0, *,
   if settings.stretch and getattr(enc, "time_unit", "seconds") != "seconds":
     raise ConfigError("config.data.time_stretch: the drums encoding counts time in beats "
                       "here, so its tokens do not change with tempo; set it to 0")
+  if settings.input_noise and not noise_kinds(enc):
+    raise ConfigError(f"config.data.input_noise: the {enc.name} encoding has no drum or "
+                      "velocity tokens to replace; set it to 0")
   settings = dataclasses.replace(settings, pairs=pairs)
   weights = np.array([s.weight for s in specs], np.float64)
   ds = _train_dataset(TokenStore.concatenate(stores), [len(s) for s in stores],
                       weights / weights.sum(), enc, settings, int(start_step))
   return TrainIterator(ds, start_step, (rows, seq_len), (global_rows, seq_len), enc, specs)
+
+
+def noise_kinds(enc: encoding_lib.Encoding) -> List[Tuple[int, int]]:
+  """The [lo, hi) id ranges `config.data.input_noise` draws replacements from: drums
+  (which drum) and velocities (how hard). Neither moves the music's clock, so the bar
+  positions and time-rope heads see the same times; time shifts and BAR are never
+  replaced."""
+  kinds = []
+  if enc.name == "drums":
+    kinds.append((enc.drum_base, enc.shift_base))
+  if enc.name in ("drums", "performance") and getattr(enc, "num_velocity_bins", 0):
+    kinds.append((enc.velocity_base, enc.velocity_base + enc.num_velocity_bins))
+  return kinds
+
+
+def add_input_noise(rows: tf.Tensor, kinds: Sequence[Tuple[int, int]], rate: float,
+                    seed: tf.Tensor) -> tf.Tensor:
+  """Each token of a kind in `kinds` replaced, with probability `rate`, by a uniformly
+  drawn token of the same kind (it may draw itself); other tokens unchanged."""
+  hit_seed, pick_seed = tf.unstack(tf.random.experimental.stateless_split(seed, num=2))
+  hit = tf.random.stateless_uniform(tf.shape(rows), seed=hit_seed) < rate
+  pick = tf.random.stateless_uniform(tf.shape(rows), seed=pick_seed)
+  out = rows
+  for lo, hi in kinds:
+    drawn = lo + tf.minimum(tf.cast(pick * (hi - lo), tf.int32), hi - lo - 1)
+    out = tf.where(hit & (rows >= lo) & (rows < hi), drawn, out)
+  return out
 
 
 # RandomIndexShuffle takes 3-word seeds; tf.random.experimental.index_shuffle pads a
@@ -679,6 +714,7 @@ def _train_dataset(store: TokenStore, sizes: Sequence[int], weights: np.ndarray,
   can_scale = s.velocity_scale > 0 and enc.name in ("performance", "drums")
   slack = can_transpose or can_stretch or can_scale
   bos_id = enc.bos_id
+  kinds = noise_kinds(enc) if s.input_noise else []
 
   def make_batch(step):
     seeds = tf.random.experimental.stateless_split(
@@ -747,14 +783,21 @@ def _train_dataset(store: TokenStore, sizes: Sequence[int], weights: np.ndarray,
       return tf.scatter_nd(where, flat, [s.rows, row_len])
 
     batch = to_rows(tokens)
+    noisy = None
+    if s.input_noise:
+      # The model reads the noisy tokens and predicts the real ones (its own seed, folded
+      # in, so runs without it keep the batches they had).
+      noisy = add_input_noise(batch, kinds, s.input_noise,
+                              tf.random.experimental.stateless_fold_in(seeds[3], 2))
     # Pairs: only tokens after the head (prefix + prompt) are scored.
     scored = None
     if s.pairs:
       scored = to_rows(tf.cast(position >= tf.gather(prefix, piece), tf.int32)) > 0
     if not s.packing:
-      return _to_batch(batch, None, None, bos_id, scored)
+      return _to_batch(batch, None, None, bos_id, scored, noisy)
     segments = to_rows(tf.cast(piece % s.draws_per_row + 1, tf.int32))
-    return _to_batch(batch, segments, to_rows(tf.cast(position, tf.int32)), bos_id, scored)
+    return _to_batch(batch, segments, to_rows(tf.cast(position, tf.int32)), bos_id, scored,
+                     noisy)
 
   steps = tf.data.Dataset.range(start_step, np.iinfo(np.int64).max)
   # make_batch branches only on Python constants: skip autograph's slow conversion.
@@ -765,10 +808,12 @@ def _train_dataset(store: TokenStore, sizes: Sequence[int], weights: np.ndarray,
   return batches.with_options(options).prefetch(tf.data.AUTOTUNE)
 
 
-def _to_batch(rows, segments, positions, bos_id: int, scored=None) -> Dict[str, tf.Tensor]:
+def _to_batch(rows, segments, positions, bos_id: int, scored=None,
+              noisy_rows=None) -> Dict[str, tf.Tensor]:
   """[B, seq_len + 1] rows -> inputs/targets/weights[/segment_ids/positions]; `scored`
-  (bool [B, seq_len + 1], optional) marks the tokens that may be loss targets."""
-  inputs, targets = rows[:, :-1], rows[:, 1:]
+  (bool [B, seq_len + 1], optional) marks the tokens that may be loss targets;
+  `noisy_rows` (optional, the rows with input noise) are read as the inputs."""
+  inputs, targets = (rows if noisy_rows is None else noisy_rows)[:, :-1], rows[:, 1:]
   # No loss on padding or on BOS/conditioning targets: they are given, not generated.
   weights = (targets != encoding_lib.PAD_ID) & (targets < bos_id)
   if scored is not None:

@@ -557,3 +557,33 @@ def test_velocity_scaling_in_training_batches(data_dir):
   with pytest.raises(ConfigError, match="velocity_scale"):
     input_pipeline.make_train_iterator(make_config(data_dir, velocity_scale=1.5),
                                        process_index=0, process_count=1)
+
+
+def test_input_noise_replaces_inputs_within_their_kind(data_dir):
+  plain = take(input_pipeline.make_train_iterator(make_config(data_dir), process_index=0,
+                                                  process_count=1), 2)
+  config = make_config(data_dir, input_noise=0.3)
+  noisy = take(input_pipeline.make_train_iterator(config, process_index=0, process_count=1), 2)
+  drums = encoding.get("drums")
+  kinds = input_pipeline.noise_kinds(drums)
+  assert kinds == [(drums.drum_base, drums.shift_base),
+                   (drums.velocity_base, drums.velocity_base + drums.num_velocity_bins)]
+  kind_of = lambda x: sum(k * ((x >= lo) & (x < hi)) for k, (lo, hi) in enumerate(kinds, 1))
+  changed = replaceable = 0
+  for a, b in zip(plain, noisy):
+    # The targets, weights and every other input are the batches without noise.
+    for key in ("targets", "weights"):
+      np.testing.assert_array_equal(a[key], b[key])
+    diff = a["inputs"] != b["inputs"]
+    assert np.all(kind_of(a["inputs"][diff]) > 0)
+    np.testing.assert_array_equal(kind_of(a["inputs"]), kind_of(b["inputs"]))
+    changed += diff.sum()
+    replaceable += (kind_of(a["inputs"]) > 0).sum()
+  # A replacement draws uniformly within its kind (9 drums, 32 velocities), so a few
+  # draw the token they replace: about 0.3 * (1 - 1/n) of the tokens change.
+  assert 0.2 < changed / replaceable < 0.32
+  again = take(input_pipeline.make_train_iterator(config, process_index=0, process_count=1), 2)
+  assert all(np.array_equal(a[k], b[k]) for a, b in zip(noisy, again) for k in a)
+  with pytest.raises(ConfigError, match=r"config.data.input_noise=1.5"):
+    input_pipeline.make_train_iterator(make_config(data_dir, input_noise=1.5),
+                                       process_index=0, process_count=1)
