@@ -1,0 +1,139 @@
+#!/usr/bin/env python3
+"""Where a run's 512-token C2ST accuracy comes from: drift along the continuation, or
+precision of the features over a longer clip; and how far real music of two splits can
+be told apart at all.
+
+Three C2STs on the prompts `midijax evaluate` and `benchmarks/tune_sampling.py` use (every
+prompt of `--split` the length allows, 64-token prompts, the run's `config.sample`):
+
+  chunks        the run's continuations of `--length` tokens, each cut into consecutive
+                pieces of `--chunk` tokens (decoded on the clock of all that came before);
+                the C2ST of each chunk position against the real continuation's same chunk.
+                Accuracy that climbs from the first chunk to the last is drift; chunks
+                that each sit well below the whole continuation's accuracy mean the
+                longer clip measures the same small differences more precisely.
+  whole         the same continuations, whole (the number `tune_sampling.py` reports).
+  splits        real continuations of `--split` against as many real continuations drawn
+                from `--other_split` (`--repeats` draws): how far the two splits' music
+                differs for this classifier (50% = not at all). No model involved.
+
+Prints one JSON line per C2ST, then a summary line.
+
+    python benchmarks/c2st_anatomy.py --workdir workdirs/groove_beats --data_dir workdirs/tfds
+"""
+import bench_env  # noqa: F401  first: see benchmarks/bench_env.py
+
+import argparse
+import json
+import time
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--workdir", required=True, help="a trained run (its best checkpoint)")
+  ap.add_argument("--data_dir", default="", help="TFDS data dir (default: the run's config)")
+  ap.add_argument("--split", default="validation")
+  ap.add_argument("--other_split", default="train", help="the split compared in 'splits'")
+  ap.add_argument("--length", type=int, default=512, help="continuation tokens")
+  ap.add_argument("--chunk", type=int, default=128, help="tokens per chunk")
+  ap.add_argument("--prompt_tokens", type=int, default=64)
+  ap.add_argument("--temperature", type=float, default=None, help="default config.sample")
+  ap.add_argument("--top_p", type=float, default=None, help="default config.sample")
+  ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--repeats", type=int, default=3, help="draws of the other split")
+  ap.add_argument("--folds", type=int, default=5)
+  a = ap.parse_args(argv)
+  if a.chunk <= 0 or a.length % a.chunk:
+    ap.error(f"--chunk {a.chunk} must be positive and divide --length {a.length}")
+
+  import dataclasses
+  import numpy as np
+  from midijax import checkpoint, encoding, evaluation, generation, input_pipeline, runs
+  from midijax import two_sample
+
+  model, enc, config, step = runs.load_run(
+      a.workdir, best=checkpoint.best_step(a.workdir) is not None)
+  if a.data_dir:
+    config.data.data_dir = a.data_dir
+  is_drum = encoding.is_drum_music(enc, dataset=config.data.name)
+  kind = evaluation.feature_kind(enc, is_drum)
+  spec = input_pipeline.dataset_specs(config)[0]
+
+  def windows_of(split):
+    store = input_pipeline.load_split(spec.version_dir, split)
+    meters = evaluation.piece_meters(spec.version_dir, split)
+    evaluation.check_c2st_windows(store, enc, split=split, prompt_tokens=a.prompt_tokens,
+                                  length=a.length, num_prompts=100000, n_folds=a.folds)
+    return evaluation.prompt_windows(store, enc, prompt_tokens=a.prompt_tokens,
+                                     length=a.length, max_windows=100000, seed=a.seed,
+                                     meters=meters)
+
+  def features(w, continuations, begin, end):
+    """Feature matrix of tokens [begin, end) of each continuation, decoded after the
+    window's context and the continuation's own tokens before `begin`."""
+    clips, seconds = [], []
+    for i, c in enumerate(continuations):
+      q = float(w.qpm[i])
+      clip, s = two_sample.continuation_clip(
+          enc, np.concatenate([w.contexts[i], c[:begin]]).astype(np.int32), c[begin:end],
+          qpm=q, is_drum=is_drum, token_seconds=two_sample.seconds_per_token(enc, q),
+          time_signature=w.meters[i])
+      clips.append(clip)
+      seconds.append(s)
+    return two_sample.clip_feature_matrix(clips, kind=kind,
+                                          durations=np.asarray(seconds, np.float64))
+
+  def report(name, real, other, real_groups, other_groups, seed, **extra):
+    r = two_sample.c2st(real.values, other.values, real_groups=real_groups,
+                        generated_groups=other_groups, feature_names=real.names,
+                        n_folds=a.folds, seed=seed, importance_repeats=0)
+    best = r["classifiers"][r["strongest"]]
+    row = {"c2st": name, **extra, "accuracy": round(r["accuracy"], 4),
+           "strongest": r["strongest"],
+           "ci": [round(best["ci_low"], 4), round(best["ci_high"], 4)], "n": best["n"],
+           "classifiers": {k: round(v["accuracy"], 4) for k, v in r["classifiers"].items()}}
+    print(json.dumps(row), flush=True)
+    return row
+
+  t0 = time.perf_counter()
+  w = windows_of(a.split)
+  settings = evaluation.resolve_sampling(config, a.temperature, None, a.top_p)
+  generated = evaluation.sample_continuations(
+      model, enc, w.prompts, length=a.length, temperature=settings["temperature"],
+      top_k=settings["top_k"], top_p=settings["top_p"], seed=a.seed,
+      cache_len=generation.trained_context(config))
+  chunks = []
+  for begin in range(0, a.length, a.chunk):
+    end = begin + a.chunk
+    chunks.append(report("chunk", features(w, w.real, begin, end),
+                         features(w, generated, begin, end), w.pieces, w.pieces, a.seed,
+                         tokens=[begin, end]))
+  whole = report("whole", features(w, w.real, 0, a.length),
+                 features(w, generated, 0, a.length), w.pieces, w.pieces, a.seed,
+                 tokens=[0, a.length])
+  other = windows_of(a.other_split)
+  real = features(w, w.real, 0, a.length)
+  rng = np.random.default_rng(a.seed)
+  splits = []
+  for r in range(a.repeats):
+    pick = rng.choice(len(other), size=min(len(w), len(other)), replace=False)
+    drawn = dataclasses.replace(
+        other, prompts=[other.prompts[i] for i in pick],
+        contexts=[other.contexts[i] for i in pick], real=[other.real[i] for i in pick],
+        pieces=other.pieces[pick], offsets=other.offsets[pick], qpm=other.qpm[pick],
+        meters=[other.meters[i] for i in pick])
+    # Piece numbers of the two splits are separate sequences: keep their groups apart.
+    splits.append(report("splits", real, features(drawn, drawn.real, 0, a.length),
+                         w.pieces, drawn.pieces + int(w.pieces.max()) + 1, a.seed + r,
+                         splits=[a.split, a.other_split], repeat=r))
+  print(json.dumps({
+      "workdir": a.workdir, "step": step, "split": a.split, "length": a.length,
+      "chunk": a.chunk, "prompts": len(w), "sampling": settings,
+      "chunk_accuracy": [c["accuracy"] for c in chunks], "whole_accuracy": whole["accuracy"],
+      "splits_accuracy_mean": round(float(np.mean([s["accuracy"] for s in splits])), 4),
+      "seconds": round(time.perf_counter() - t0, 1)}))
+
+
+if __name__ == "__main__":
+  main()
