@@ -129,9 +129,14 @@ def test_muon_orthogonalizes_the_block_matrices_and_leaves_the_rest_to_adam():
   assert np.any(np.asarray(updates["blocks"][0]["mlp"]["wo"]))
 
 
-def test_muon_run_trains(tfds_dir, tmp_path):
+def test_muon_run_trains_and_resumes(tfds_dir, tmp_path):
   out = train.train_and_evaluate(tiny(tfds_dir, optimizer="muon"), str(tmp_path / "run"))
   assert out["step"] == 6 and np.isfinite(out["eval_loss"])
+  # Muon's state (momentum for the matrices, Adam's moments for the rest) round-trips
+  # through the Orbax checkpoint.
+  out = train.train_and_evaluate(tiny(tfds_dir, optimizer="muon", num_steps=9),
+                                 str(tmp_path / "run"))
+  assert out["step"] == 9 and np.isfinite(out["eval_loss"])
 
 
 def test_train_resume_and_checkpoint_policy(tfds_dir, tmp_path):
