@@ -150,7 +150,8 @@ def get_config():
   # and norm scales; both on the same schedule).
   train.optimizer = "adamw"
   train.muon_learning_rate = 0.02
-  # Also decay norm scales, biases and embeddings (False: only weight matrices).
+  # AdamW: also decay norm scales, biases and embeddings (False: only weight matrices).
+  # Muon decays its matrices by weight_decay and nothing else.
   train.decay_all = False
   # Clip gradients to this global norm (0 = off).
   train.grad_clip_norm = 1.0

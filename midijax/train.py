@@ -95,10 +95,11 @@ def muon_dimension_numbers(params):
 
   def rule(path, leaf):
     name = "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
-    if not name.startswith("blocks") or transformer.is_lora_path(name):
+    last = name.rsplit("/", 1)[-1]
+    if (not name.startswith("blocks") or transformer.is_lora_path(name)
+        or "embedding" in last):  # e.g. relative attention's per-distance embeddings
       return None
     n = leaf.ndim
-    last = name.rsplit("/", 1)[-1]
     if n - scanned == 3 and last in ("query", "key", "value"):
       return dims(reduction_axis=n - 3, output_axis=(n - 2, n - 1))
     if n - scanned == 3 and last == "out":

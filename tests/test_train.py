@@ -95,7 +95,8 @@ def test_muon_orthogonalizes_the_block_matrices_and_leaves_the_rest_to_adam():
   from flax import nnx
   import jax
   cfg = transformer.TransformerConfig(vocab_size=64, emb_dim=16, num_heads=2, qkv_dim=16,
-                                      mlp_dim=32, num_layers=1, max_len=8)
+                                      mlp_dim=32, num_layers=1, max_len=8,
+                                      position="relative")
   model = transformer.Transformer(cfg, rngs=nnx.Rngs(0))
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   dims = train.muon_dimension_numbers(params)
@@ -105,6 +106,7 @@ def test_muon_orthogonalizes_the_block_matrices_and_leaves_the_rest_to_adam():
   assert block["mlp"]["wi"] == (0, 1)
   assert dims["embedding"] is None and dims["output"] is None
   assert block["attention_norm"]["scale"] is None
+  assert block["attention"]["relative_embedding"] is None
   config = groove_tiny.get_config().train
   config.update(optimizer="muon", muon_learning_rate=0.1, learning_rate=0.01,
                 warmup_steps=0, num_steps=10, weight_decay=0.0, grad_clip_norm=0.0)
