@@ -70,19 +70,10 @@ def main(argv=None):
                                      meters=meters)
 
   def features(w, continuations, begin, end):
-    """Feature matrix of tokens [begin, end) of each continuation, decoded after the
-    window's context and the continuation's own tokens before `begin`."""
-    clips, seconds = [], []
-    for i, c in enumerate(continuations):
-      q = float(w.qpm[i])
-      clip, s = two_sample.continuation_clip(
-          enc, np.concatenate([w.contexts[i], c[:begin]]).astype(np.int32), c[begin:end],
-          qpm=q, is_drum=is_drum, token_seconds=two_sample.seconds_per_token(enc, q),
-          time_signature=w.meters[i])
-      clips.append(clip)
-      seconds.append(s)
-    return two_sample.clip_feature_matrix(clips, kind=kind,
-                                          durations=np.asarray(seconds, np.float64))
+    """Feature matrix of tokens [begin, end) of each continuation."""
+    clips, seconds = evaluation.continuation_clips(enc, w, continuations, is_drum,
+                                                   start=begin, stop=end)
+    return two_sample.clip_feature_matrix(clips, kind=kind, durations=seconds)
 
   def report(name, real, other, real_groups, other_groups, seed, **extra):
     r = two_sample.c2st(real.values, other.values, real_groups=real_groups,

@@ -339,16 +339,20 @@ class GrammarViolation(ValueError):
 
 # ----------------------------------------------------------------------------- the C2ST
 def continuation_clips(enc, windows: PromptWindows, continuations: Sequence[np.ndarray],
-                       is_drum: bool) -> tuple:
+                       is_drum: bool, start: int = 0, stop: Optional[int] = None) -> tuple:
   """(clips, durations in seconds): each continuation decoded after its window's context,
-  on its piece's clock (`two_sample.continuation_clip`)."""
+  on its piece's clock (`two_sample.continuation_clip`). With `start` / `stop`, only its
+  tokens [start, stop), decoded after the context and its own tokens before `start`."""
   clips, durations, tables = [], [], {}
   for i, cont in enumerate(continuations):
     q = float(windows.qpm[i])
     if q not in tables:
       tables[q] = two_sample.seconds_per_token(enc, q)
+    context = windows.contexts[i]
+    if start:
+      context = np.concatenate([context, cont[:start]]).astype(np.int32)
     clip, dur = two_sample.continuation_clip(
-        enc, windows.contexts[i], cont, qpm=q, is_drum=is_drum, token_seconds=tables[q],
+        enc, context, cont[start:stop], qpm=q, is_drum=is_drum, token_seconds=tables[q],
         time_signature=windows.meters[i])
     clips.append(clip)
     durations.append(dur)
