@@ -341,6 +341,8 @@ class CompileReport:
   fits: Optional[bool]
   # The attention backend the step was compiled with (config.model.attention_impl resolved).
   attention_impl: str = ""
+  # config.train.optimizer ("adamw", "muon"): the optimizer state's size depends on it.
+  optimizer: str = ""
   # The compiler's own estimate of one step's time: libtpu's cost_analysis()
   # "optimal_seconds" as given (0 where the backend gives none). See `step_estimate`.
   optimal_seconds: float = 0.0
@@ -509,6 +511,7 @@ def compile_train_step(config, topology: Topology, devices: Sequence[Any], *,
       compiler_flops=compiler_flops, model_flops=model_flops,
       compile_seconds=compile_seconds, fits=fits,
       attention_impl=setup.model_config.attention_impl,
+      optimizer=str(config.train.get("optimizer", "adamw")),
       optimal_seconds=optimal_seconds, has_loops=has_loops,
       peak_flops_per_device=PEAK_FLOPS.get(limit_source.split(":")[-1], 0.0)
       if limit_source.startswith("table:") else 0.0)
@@ -532,7 +535,8 @@ def format_report(r: CompileReport) -> str:
       f"{r.num_params / 1e6:,.2f} M parameters; compiled in {r.compile_seconds:.1f} s",
       "memory per device (XLA memory_analysis):",
       f"  parameters        {_gib(r.param_bytes_per_device)}",
-      f"  optimizer state   {_gib(r.opt_state_bytes_per_device)}",
+      f"  optimizer state   {_gib(r.opt_state_bytes_per_device)}"
+      + (f"   ({r.optimizer})" if r.optimizer else ""),
       f"  arguments         {_gib(r.argument_bytes)}   (train state + batch shards)",
       f"  outputs           {_gib(r.output_bytes)}",
       f"  aliased (donated) {_gib(r.alias_bytes)}",

@@ -6,8 +6,9 @@ bfloat16 model with scanned, rematerialized layers:
 * the model's forward + backward pass with `attention_impl="auto"` on a v4-8, whose HLO
   must hold the Pallas splash-attention kernel (a `tpu_custom_call`);
 * the decode step over a float and an int8 cache on a v4-8;
-* `midijax compile` for tpu:v4-8, a multi-host v5e-16 and two v4-8 slices over DCN, each
-  exiting 0 with "fits".
+* `midijax compile` for tpu:v4-8, a multi-host v5e-16 and two v4-8 slices over DCN, and
+  for tpu:v4-8 with the Muon optimizer (Newton-Schulz on the FSDP-sharded, scanned
+  matrices), each exiting 0 with "fits".
 
 Outside CI the tests skip when libtpu is not installed (pip install "libtpu==0.0.42.*");
 under CI=true they run (and fail without libtpu).
@@ -94,7 +95,8 @@ for kind in ("float", "int8"):
 for name, extra in (("v4-8", ["--topology=tpu:v4-8"]),
                     ("v5e-16", ["--topology=tpu:v5e-16", "--config.data.batch_size=16"]),
                     ("v4-8x2", ["--topology=tpu:v4-8", "--num_slices=2",
-                                "--config.mesh.dcn_parallelism=(2,1,1)"])):
+                                "--config.mesh.dcn_parallelism=(2,1,1)"]),
+                    ("v4-8-muon", ["--topology=tpu:v4-8", "--config.train.optimizer=muon"])):
   t0 = time.perf_counter()
   out = io.StringIO()
   with contextlib.redirect_stdout(out):
@@ -138,7 +140,7 @@ def test_decode_step_compiles_for_tpu(tpu_compiles, kind):
 
 @needs_libtpu
 @pytest.mark.parametrize("name, devices, hosts, slices", [
-    ("v4-8", 4, 1, 1), ("v5e-16", 16, 4, 1), ("v4-8x2", 8, 2, 2)])
+    ("v4-8", 4, 1, 1), ("v5e-16", 16, 4, 1), ("v4-8x2", 8, 2, 2), ("v4-8-muon", 4, 1, 1)])
 def test_midijax_compile_fits_on_tpu(tpu_compiles, name, devices, hosts, slices):
   r = tpu_compiles[name]
   report = r["report"]
@@ -148,6 +150,7 @@ def test_midijax_compile_fits_on_tpu(tpu_compiles, name, devices, hosts, slices)
   assert (f"{slices} slices" in report) == (slices > 1)
   assert "attention   splash" in report
   assert "projected" in report and "the compiler's estimate" in report
+  assert ("(muon)" in report) == name.endswith("muon")
 
 
 def test_step_estimate_reads_libtpu_optimal_seconds():
