@@ -37,6 +37,22 @@ def builder_class(name: str):
   return getattr(module, BUILDERS[name])
 
 
+def config_encoding(name: str, config: Optional[str] = None):
+  """The `midijax.encoding.Encoding` that builder config `config` of dataset `name` writes,
+  without building anything (e.g. for `midijax compile` before the data exists).
+
+  Raises:
+    midijax.errors.MidijaxError (`common.BuildError`): unknown dataset, config or options.
+  """
+  from data_pipelines import common  # pylint: disable=g-import-not-at-top
+  cls = builder_class(name)
+  config = config or cls.DEFAULT_BUILDER_CONFIG_NAME
+  found = {c.name: c for c in cls.BUILDER_CONFIGS}
+  if config not in found:
+    raise common.BuildError(f"unknown {name} config {config!r}; valid: {', '.join(found)}")
+  return common.Recipe.from_config(found[config]).make_encoding()
+
+
 def default_data_dir() -> str:
   """TFDS's data dir: $TFDS_DATA_DIR when set (read now), else ~/tensorflow_datasets."""
   return os.environ.get("TFDS_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")

@@ -406,7 +406,7 @@ def _shard_bytes(abstract_tree: Any) -> int:
   return total
 
 
-def _built_vocab(config) -> Optional[pathlib.Path]:
+def built_vocab(config) -> Optional[pathlib.Path]:
   """The vocab.json of the built dataset config.data names (its newest version), found the
   way input_pipeline.find_dataset_dir does, without importing TensorFlow:
   <data_dir>/<name>/<builder_config>/<version>/vocab.json. None if none is built."""
@@ -421,32 +421,50 @@ def _built_vocab(config) -> Optional[pathlib.Path]:
   return found[-1] if found and not data.get("mixture", ()) else None
 
 
-def _resolve_vocab_size(config, vocab_size: int) -> Tuple[int, str]:
-  """--vocab_size, else config.model.vocab_size, else the built dataset's, else the encoding's."""
+def _resolve_encoding(config, fallback: Optional[encoding.Encoding]
+                      ) -> Tuple[Optional[encoding.Encoding], str]:
+  """The built dataset's encoding, else `fallback` (the builder config's, from the caller),
+  else the encoding config.data.builder_config starts with; (None, "") if none."""
+  vocab = built_vocab(config)
+  if vocab is not None:
+    return encoding.load_vocab(vocab), f"dataset:{vocab.parent}"
+  if fallback is not None:
+    return fallback, "builder config"
+  name = str(config.data.get("builder_config", "")).split("_")[0]
+  if name in encoding.ENCODINGS:
+    return encoding.get(name), f"encoding:{name}"
+  return None, ""
+
+
+def _resolve_vocab_size(config, vocab_size: int, enc: Optional[encoding.Encoding]
+                        ) -> Tuple[int, str]:
+  """--vocab_size, else config.model.vocab_size, else the resolved encoding's."""
   if vocab_size:
     return int(vocab_size), "flag"
   if config.model.vocab_size:
     return int(config.model.vocab_size), "config"
-  vocab = _built_vocab(config)
-  if vocab is not None:
-    return int(encoding.load_vocab(vocab).vocab_size), f"dataset:{vocab.parent}"
-  name = str(config.data.get("builder_config", "")).split("_")[0]
-  if name in encoding.ENCODINGS:
-    return int(encoding.get(name).vocab_size), f"encoding:{name}"
+  if enc is not None:
+    return int(enc.vocab_size), "encoding"
   raise ConfigError("vocabulary size unknown: set --vocab_size or config.model.vocab_size "
                     "(no built dataset and config.data.builder_config names no encoding)")
 
 
 def compile_train_step(config, topology: Topology, devices: Sequence[Any], *,
-                       vocab_size: int = 0, memory_per_device: str = "") -> CompileReport:
+                       vocab_size: int = 0, memory_per_device: str = "",
+                       encoding_if_unbuilt: Optional[encoding.Encoding] = None
+                       ) -> CompileReport:
   """Lowers and compiles the run's train step (`train.jit_train_step`) for `devices`.
 
   Args:
     config: a run config (configs/*.py), already overridden.
     topology: the parsed target (for the report and host count).
     devices: from `target_devices(topology)`.
-    vocab_size: overrides the vocabulary size (0: see `_resolve_vocab_size`).
+    vocab_size: overrides the vocabulary size (0: the encoding's).
     memory_per_device: see `device_memory_bytes`.
+    encoding_if_unbuilt: the encoding config.data's builder config writes, used when the
+      dataset is not built (its vocabulary size, and the bar clock of models with
+      `bar_positions` or `time_rope_heads`); else the encoding the builder config's name
+      starts with.
 
   Returns:
     A `CompileReport`.
@@ -457,17 +475,14 @@ def compile_train_step(config, topology: Topology, devices: Sequence[Any], *,
   num_devices = len(devices)
   num_hosts = max(topology.num_hosts, len({d.process_index for d in devices}))
   train.validate_config(config, devices=devices, num_hosts=num_hosts)
-  vocab, _ = _resolve_vocab_size(config, vocab_size)
+  enc, _ = _resolve_encoding(config, encoding_if_unbuilt)
+  vocab, _ = _resolve_vocab_size(config, vocab_size, enc)
 
   mesh = sharding.create_mesh(config.mesh, devices=devices)
   rules = sharding.get_logical_axis_rules(config.mesh)
-  # The built dataset's encoding gives config.model.bar_positions / time_rope_heads their
-  # bar clock.
-  uses_clock = config.model.get("bar_positions", 0) or config.model.get("time_rope_heads", 0)
-  built = _built_vocab(config) if uses_clock else None
-  setup, state = train.create_train_state(
-      config, vocab, mesh, rules, abstract=True,
-      encoding=encoding.load_vocab(built) if built is not None else None)
+  # The encoding gives config.model.bar_positions / time_rope_heads their bar clock.
+  setup, state = train.create_train_state(config, vocab, mesh, rules, abstract=True,
+                                          encoding=enc)
   rows, seq_len = config.data.batch_size, config.data.seq_len
   batch_keys = {"inputs": jnp.int32, "targets": jnp.int32, "weights": jnp.float32}
   if config.data.get("packing", False):

@@ -510,7 +510,8 @@ def _compile_flags(p):
                       "(pip install 'jax[tpu]==JAX_VERSION'), no TPU")
   p.add_argument("--vocab_size", type=int, default=0,
                  help="vocabulary size (default: config.model.vocab_size, else the built "
-                      "dataset's, else the encoding named by config.data.builder_config)")
+                      "dataset's, else that of the encoding config.data.builder_config "
+                      "writes)")
   p.add_argument("--memory_per_device", default="",
                  help="compare with this memory: GiB or a name (v4, v5e, v5p, v6e, h100, "
                       "h200, a100-40gb, a100-80gb, l4); TPU targets know theirs")
@@ -520,6 +521,19 @@ def _compile_flags(p):
   p.set_defaults(func=run_compile)
 
 
+def _unbuilt_encoding(config):
+  """The encoding config.data's builder config writes, when that dataset is not built yet
+  (None when it is, or for mixtures and datasets without a builder here)."""
+  from midijax import aot
+  data = config.data
+  if data.get("mixture", ()) or aot.built_vocab(config) is not None:
+    return None
+  import data_pipelines
+  if data.get("name", "") not in data_pipelines.BUILDERS:
+    return None
+  return data_pipelines.config_encoding(data.name, data.get("builder_config", "") or None)
+
+
 def run_compile(args) -> int:
   """Exit status 0 compiled and fits (or nothing to compare with), 1 does not fit."""
   config = load_config(args.config, args.config_overrides)
@@ -527,7 +541,8 @@ def run_compile(args) -> int:
   topology = aot.parse_topology(args.topology, args.num_slices)
   devices = aot.target_devices(topology)
   report = aot.compile_train_step(config, topology, devices, vocab_size=args.vocab_size,
-                                  memory_per_device=args.memory_per_device)
+                                  memory_per_device=args.memory_per_device,
+                                  encoding_if_unbuilt=_unbuilt_encoding(config))
   print(json.dumps(report.to_json()) if args.json else aot.format_report(report), flush=True)
   return 1 if report.fits is False else 0
 

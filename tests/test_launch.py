@@ -324,12 +324,18 @@ for name, extra in (("fits", ["--memory_per_device=1"]),
   print("AOT", name, cli.main([*tiny, "--topology=cpu:8", *extra]), flush=True)
 print("AOT bad", cli.main(["compile", "--config=configs/groove_tiny.py", "--topology=cpu:8",
                            "--config.model.num_heads=3"]), flush=True)
+# The quick start's model (bar positions, heads on the music's time, Muon) before its
+# dataset is built: the builder config gives the encoding and its bar clock.
+print("AOT unbuilt", cli.main(["compile", "--config=configs/groove_beats.py", "--json",
+                               "--topology=cpu:8", "--config.data.data_dir=/nonexistent/tfds",
+                               "--config.model.num_layers=1", "--config.data.seq_len=64"]),
+      flush=True)
 """
 
 
 @pytest.fixture(scope="module")
 def aot_cpu8():
-  """Runs `midijax compile` for cpu:8 four times in one subprocess with 8 devices."""
+  """Runs `midijax compile` for cpu:8 five times in one subprocess with 8 devices."""
   proc = _run([sys.executable, "-c", _AOT_SCRIPT],
               env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8",
                    "JAX_PLATFORMS": "cpu"})
@@ -378,6 +384,19 @@ def test_aot_fsdp_splits_the_train_state(aot_cpu8):
   assert fsdp["mesh_shape"] == {"data": 1, "fsdp": 8, "tensor": 1}
   assert fsdp["param_bytes_per_device"] < dp["param_bytes_per_device"] / 2
   assert fsdp["argument_bytes"] < dp["argument_bytes"]
+
+
+def test_aot_compiles_a_bar_clock_model_before_its_dataset_is_built(aot_cpu8):
+  import data_pipelines
+  results, _ = aot_cpu8
+  status, r = results["unbuilt"]
+  assert status == 0, r
+  assert r["vocab_size"] == data_pipelines.config_encoding("groove", "drums_beats").vocab_size
+  assert r["optimizer"] == "muon"
+  # Muon keeps one momentum per parameter (Adam's two for the non-matrix ones): less
+  # optimizer state than AdamW's two moments for every parameter.
+  assert r["param_bytes_per_device"] <= r["opt_state_bytes_per_device"] < (
+      2 * r["param_bytes_per_device"])
 
 
 def test_aot_bad_config_is_a_clear_error(aot_cpu8):
