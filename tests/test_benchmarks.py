@@ -1,0 +1,58 @@
+"""The README's quality benchmarks run end to end on a real (tiny) run and print what the
+README reads from them: `benchmarks/groove_quality.py` (NLL against the n-gram baselines,
+same windows) and `benchmarks/tune_sampling.py` (the C2ST over sampling settings and seeds).
+
+Their numbers for the shipped configs take a 15-minute training run; here the run is
+`tiny_run` (30 steps) and the checks are on the output's shape and its arithmetic.
+"""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _bench(script, *args):
+  """Runs benchmarks/<script> with `args`; its stdout's JSON lines."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *map(str, args)],
+                        cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+  return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+def test_groove_quality_scores_the_run_and_the_ngrams_on_the_same_windows(tiny_run,
+                                                                          groove_tfds):
+  (out,) = _bench("groove_quality.py", "--workdir", tiny_run, "--data_dir", groove_tfds,
+                  "--skip_train", "--orders", "2,3", "--seq_len", "64")
+  assert out["seq_len"] == 64 and out["eval_tokens"] > 0 and out["eval_notes"] > 0
+  for family in ("witten_bell", "kneser_ney"):
+    assert set(out["ngram"][family]) == {"2", "3"}
+  best = out["best_ngram"]
+  every = [r["nll_per_token"] for f in out["ngram"].values() for r in f.values()]
+  assert best["nll_per_token"] == min(every)
+  tf = out["transformer"]["nll_per_token"]
+  assert out["transformer_below_best_ngram"] == round(1 - tf / best["nll_per_token"], 4)
+  # Per note and per second are the same total NLL over other units.
+  for unit in ("nll_per_note", "nll_per_second"):
+    assert out["transformer"][unit] > 0 and best[unit] > 0
+
+
+def test_tune_sampling_reports_each_setting_and_picks_the_best(tiny_run, groove_tfds):
+  rows = _bench("tune_sampling.py", "--workdir", tiny_run, "--data_dir", groove_tfds,
+                "--temperatures", "0.9,1.0", "--lengths", "32", "--prompt_tokens", "16",
+                "--folds", "2", "--seeds", "0,1")
+  *settings, summary = rows
+  assert [r["temperature"] for r in settings] == [0.9, 1.0]
+  for r in settings:
+    c2st = r["c2st"]["32"]
+    assert set(c2st["seeds"]) == {"0", "1"}
+    assert abs(c2st["accuracy"] - sum(c2st["seeds"].values()) / 2) < 1e-3
+    assert 0 <= c2st["accuracy"] <= 1 and c2st["ci"][0] <= c2st["ci"][1]
+    assert set(c2st["classifiers"]) == {"logistic_regression", "boosted_trees"}
+    assert c2st["validity"] == 1.0  # constrained samples all decode
+    assert r["worst"] == c2st["accuracy"]
+  assert summary["best"] == min(settings, key=lambda r: r["worst"])
+  assert summary["windows"]["32"] > 0 and summary["prompt_tokens"] == 16
