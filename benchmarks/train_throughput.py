@@ -47,7 +47,9 @@ def main():
   ap.add_argument("--seq", type=int)
   ap.add_argument("--batch", type=int)
   ap.add_argument("--dtype", default=None, help="compute dtype override (float32, bfloat16)")
-  ap.add_argument("--vocab", type=int, default=310, help="vocabulary size of the random tokens")
+  ap.add_argument("--vocab", type=int, default=310,
+                  help="vocabulary size of the random tokens (bar-clock models: their "
+                       "encoding's)")
   ap.add_argument("--optimizers", default="",
                   help="comma-separated train.optimizer values (adamw,muon) timed side by "
                        "side, step by step in turn; the JSON adds each one's median step "
@@ -85,16 +87,24 @@ def main():
     config.train.optimizer = o
     train.validate_config(config)
   B, T = config.data.batch_size, config.data.seq_len
+  # Models with a bar clock (bar positions, heads on the music's time) take it from the
+  # encoding the config's builder config writes; the random tokens then use its vocabulary.
+  enc = None
+  if m.get("bar_positions", 0) or m.get("time_rope_heads", 0):
+    import data_pipelines
+    enc = data_pipelines.config_encoding(config.data.name, config.data.builder_config or None)
+    a.vocab = enc.vocab_size
   mesh = sharding.create_mesh(config.mesh)
   rules = sharding.get_logical_axis_rules(config.mesh)
   others = {}  # the optimizers after the first: (state, step_fn), timed in turn with it
   for o in optimizers[1:]:
     config.train.optimizer = o
-    other_setup, other_state = train.create_train_state(config, a.vocab, mesh, rules)
+    other_setup, other_state = train.create_train_state(config, a.vocab, mesh, rules,
+                                                        encoding=enc)
     with sharding.use_mesh(mesh, rules):
       others[o] = [other_state, train.jit_train_step(config, other_setup)]
   config.train.optimizer = optimizers[0]
-  setup, state = train.create_train_state(config, a.vocab, mesh, rules)
+  setup, state = train.create_train_state(config, a.vocab, mesh, rules, encoding=enc)
   batch_sh = setup.batch_sharding
   with sharding.use_mesh(mesh, rules):
     step_fn = train.jit_train_step(config, setup)
