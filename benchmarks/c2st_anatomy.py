@@ -16,6 +16,9 @@ prompt of `--split` the length allows, 64-token prompts, the run's `config.sampl
   splits        real continuations of `--split` against as many real continuations drawn
                 from `--other_split` (`--repeats` draws): how far the two splits' music
                 differs for this classifier (50% = not at all). No model involved.
+  shifts        the features whose means differ most between the generated and the real
+                whole continuations, in pooled standard deviations (generated - real),
+                with the real mean: which way each tell points (`--shifts` of them).
 
 Prints one JSON line per C2ST, then a summary line.
 
@@ -43,6 +46,7 @@ def main(argv=None):
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--repeats", type=int, default=3, help="draws of the other split")
   ap.add_argument("--folds", type=int, default=5)
+  ap.add_argument("--shifts", type=int, default=10, help="features listed in 'shifts'")
   a = ap.parse_args(argv)
   if a.chunk <= 0 or a.length % a.chunk:
     ap.error(f"--chunk {a.chunk} must be positive and divide --length {a.length}")
@@ -100,11 +104,20 @@ def main(argv=None):
     chunks.append(report("chunk", features(w, w.real, begin, end),
                          features(w, generated, begin, end), w.pieces, w.pieces, a.seed,
                          tokens=[begin, end]))
-  whole = report("whole", features(w, w.real, 0, a.length),
-                 features(w, generated, 0, a.length), w.pieces, w.pieces, a.seed,
+  real_whole, generated_whole = features(w, w.real, 0, a.length), features(w, generated, 0,
+                                                                          a.length)
+  whole = report("whole", real_whole, generated_whole, w.pieces, w.pieces, a.seed,
                  tokens=[0, a.length])
+  real_mean, gen_mean = real_whole.values.mean(0), generated_whole.values.mean(0)
+  pooled = np.sqrt((real_whole.values.var(0) + generated_whole.values.var(0)) / 2)
+  shift = np.where(pooled > 0, (gen_mean - real_mean) / np.where(pooled > 0, pooled, 1), 0.0)
+  shifts = [{"feature": real_whole.names[i], "shift_sd": round(float(shift[i]), 3),
+             "real_mean": round(float(real_mean[i]), 4),
+             "generated_mean": round(float(gen_mean[i]), 4)}
+            for i in np.argsort(-np.abs(shift))[:a.shifts]]
+  print(json.dumps({"c2st": "shifts", "tokens": [0, a.length], "shifts": shifts}), flush=True)
   other = windows_of(a.other_split)
-  real = features(w, w.real, 0, a.length)
+  real = real_whole
   rng = np.random.default_rng(a.seed)
   splits = []
   for r in range(a.repeats):
@@ -122,6 +135,7 @@ def main(argv=None):
       "workdir": a.workdir, "step": step, "split": a.split, "length": a.length,
       "chunk": a.chunk, "prompts": len(w), "sampling": settings,
       "chunk_accuracy": [c["accuracy"] for c in chunks], "whole_accuracy": whole["accuracy"],
+      "largest_shifts": [x["feature"] for x in shifts[:3]],
       "splits_accuracy_mean": round(float(np.mean([s["accuracy"] for s in splits])), 4),
       "seconds": round(time.perf_counter() - t0, 1)}))
 
