@@ -39,6 +39,7 @@ def main(argv=None):
 
   import numpy as np
   from midijax import checkpoint, encoding, midi_io, runs, sampling
+  from midijax.errors import MidiReadError
 
   model, enc, config, step = runs.load_run(
       a.workdir, best=checkpoint.best_step(a.workdir) is not None)
@@ -46,16 +47,29 @@ def main(argv=None):
   if not {"style", "type"} <= set(kinds):
     raise SystemExit(f"{a.workdir}: its training data has no style/type conditioning ({kinds})")
   root = pathlib.Path(a.groove_dir)
-  with open(root / "info.csv", newline="") as f:
-    rows = [r for r in csv.DictReader(f) if r["split"] == a.split]
+  info = root / "info.csv"
+  if not info.is_file():
+    raise SystemExit(f"condition_inference.py: {info}: not found (--groove_dir must be a GMD "
+                     "folder with info.csv)")
+  with open(info, newline="") as f:
+    rows = list(csv.DictReader(f))
+  missing = {"split", "midi_filename", "style", "beat_type"} - set(rows[0] if rows else {})
+  if missing:
+    raise SystemExit(f"condition_inference.py: {info}: no column(s) {sorted(missing)}")
+  rows = [r for r in rows if r["split"] == a.split]
   if a.max_files:
     rows = rows[:a.max_files]
   t0 = time.perf_counter()
   nll = {"labels": [], "missing": [], "inferred": []}
   tokens, hits = 0, {"style": 0, "type": 0, "both": 0}
   files = 0
+  skipped = []  # (file, reason) of files that cannot be read: counted, not fatal
   for row in rows:
-    notes = midi_io.read_notes(root / row["midi_filename"])
+    try:
+      notes = midi_io.read_notes(root / row["midi_filename"])
+    except MidiReadError as e:
+      skipped.append([row["midi_filename"], str(e)])
+      continue
     notes = notes.select(notes.is_drum)
     bar = sampling.bar_seconds(notes)
     cut, end = a.prompt_bars * bar, (a.prompt_bars + a.target_bars) * bar
@@ -86,6 +100,7 @@ def main(argv=None):
       "target_tokens": tokens, "prompt_bars": a.prompt_bars, "target_bars": a.target_bars,
       "nll_per_token": {k: round(sum(v) / tokens, 4) for k, v in nll.items()},
       "inferred_equals_label": {k: round(v / files, 4) for k, v in hits.items()},
+      "skipped": len(skipped), "skipped_first": skipped[:5],
       "seconds": round(time.perf_counter() - t0, 1),
   }
   print(json.dumps(out))
