@@ -18,7 +18,9 @@ prompt of `--split` the length allows, 64-token prompts, the run's `config.sampl
                 differs for this classifier (50% = not at all). No model involved.
   shifts        the features whose means differ most between the generated and the real
                 whole continuations, in pooled standard deviations (generated - real),
-                with the real mean: which way each tell points (`--shifts` of them).
+                with both means: which way each tell points (`--shifts` of them); and the
+                same between every real continuation of `--other_split` and the real
+                ones of `--split` (where the model's training data itself differs).
 
 Prints one JSON line per C2ST, then a summary line.
 
@@ -108,16 +110,26 @@ def main(argv=None):
                                                                           a.length)
   whole = report("whole", real_whole, generated_whole, w.pieces, w.pieces, a.seed,
                  tokens=[0, a.length])
-  real_mean, gen_mean = real_whole.values.mean(0), generated_whole.values.mean(0)
-  pooled = np.sqrt((real_whole.values.var(0) + generated_whole.values.var(0)) / 2)
-  shift = np.where(pooled > 0, (gen_mean - real_mean) / np.where(pooled > 0, pooled, 1), 0.0)
-  shifts = [{"feature": real_whole.names[i], "shift_sd": round(float(shift[i]), 3),
+
+  def shifts_of(other, against):
+    """The features whose means differ most, `other` - real, in pooled standard deviations."""
+    real_mean, other_mean = real_whole.values.mean(0), other.values.mean(0)
+    pooled = np.sqrt((real_whole.values.var(0) + other.values.var(0)) / 2)
+    shift = np.where(pooled > 0, (other_mean - real_mean) / np.where(pooled > 0, pooled, 1), 0.)
+    rows = [{"feature": real_whole.names[i], "shift_sd": round(float(shift[i]), 3),
              "real_mean": round(float(real_mean[i]), 4),
-             "generated_mean": round(float(gen_mean[i]), 4)}
+             "other_mean": round(float(other_mean[i]), 4)}
             for i in np.argsort(-np.abs(shift))[:a.shifts]]
-  print(json.dumps({"c2st": "shifts", "tokens": [0, a.length], "shifts": shifts}), flush=True)
+    print(json.dumps({"c2st": "shifts", "against": against, "tokens": [0, a.length],
+                      "shifts": rows}), flush=True)
+    return rows
+
+  shifts = shifts_of(generated_whole, "generated")
   other = windows_of(a.other_split)
   real = real_whole
+  # The other split's mean differences over all its windows (not only the drawn ones): what
+  # a model trained on that split would reproduce where the splits' music differs.
+  shifts_of(features(other, other.real, 0, a.length), a.other_split)
   rng = np.random.default_rng(a.seed)
   splits = []
   for r in range(a.repeats):
