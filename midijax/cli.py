@@ -521,12 +521,15 @@ def _compile_flags(p):
   p.set_defaults(func=run_compile)
 
 
-def _unbuilt_encoding(config):
+def _unbuilt_encoding(config, vocab_size: int = 0):
   """The encoding config.data's builder config writes, when that dataset is not built yet
-  (None when it is, or for mixtures and datasets without a builder here)."""
+  and the compile needs it: for the vocabulary size (none given) or a bar clock. None when
+  the dataset is built, for mixtures, and for datasets without a builder here."""
   from midijax import aot
-  data = config.data
-  if data.get("mixture", ()) or aot.built_vocab(config) is not None:
+  data, model = config.data, config.model
+  needed = (not (vocab_size or model.get("vocab_size", 0)) or model.get("bar_positions", 0)
+            or model.get("time_rope_heads", 0))
+  if not needed or data.get("mixture", ()) or aot.built_vocab(config) is not None:
     return None
   import data_pipelines
   if data.get("name", "") not in data_pipelines.BUILDERS:
@@ -542,7 +545,8 @@ def run_compile(args) -> int:
   devices = aot.target_devices(topology)
   report = aot.compile_train_step(config, topology, devices, vocab_size=args.vocab_size,
                                   memory_per_device=args.memory_per_device,
-                                  encoding_if_unbuilt=_unbuilt_encoding(config))
+                                  encoding_if_unbuilt=_unbuilt_encoding(config,
+                                                                        args.vocab_size))
   print(json.dumps(report.to_json()) if args.json else aot.format_report(report), flush=True)
   return 1 if report.fits is False else 0
 
