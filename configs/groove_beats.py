@@ -22,7 +22,8 @@ on slower ones): a validation NLL of 1.93 nats/token on 256-token windows, 30.3%
 the best n-gram of these tokens (Kneser-Ney 4-gram, 2.77; 33.7% with 128 tokens of
 context), and a C2ST accuracy of 59.5% (128 tokens) to 66% (512 tokens) for its
 continuations over every validation prompt, averaged over three sampling seeds (57% / 65%
-with `evaluate`'s 128 prompts). Seed 0; seed 1 gave 1.95 (29.5%) and 61% / 70%.
+with `evaluate`'s 128 prompts). Seed 0; seed 1 gave 1.95 (29.5%) and 61% / 70%, seed 2
+1.94 (29.8%) and 60% / 65%.
 
 Decoding needs the tempo: `continue` takes it from the prompt file, `generate` from --bpm
 (default 120), `evaluate` and `export-listening` from each piece's metadata.
