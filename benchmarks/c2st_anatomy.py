@@ -126,22 +126,19 @@ def main(argv=None):
 
   shifts = shifts_of(generated_whole, "generated")
   other = windows_of(a.other_split)
-  real = real_whole
-  # The other split's mean differences over all its windows (not only the drawn ones): what
-  # a model trained on that split would reproduce where the splits' music differs.
-  shifts_of(features(other, other.real, 0, a.length), a.other_split)
+  # Every real continuation of the other split, decoded once: its mean differences (what
+  # a model trained on that split would reproduce where the splits' music differs), and
+  # the rows each draw below takes.
+  other_whole = features(other, other.real, 0, a.length)
+  shifts_of(other_whole, a.other_split)
   rng = np.random.default_rng(a.seed)
   splits = []
   for r in range(a.repeats):
     pick = rng.choice(len(other), size=min(len(w), len(other)), replace=False)
-    drawn = dataclasses.replace(
-        other, prompts=[other.prompts[i] for i in pick],
-        contexts=[other.contexts[i] for i in pick], real=[other.real[i] for i in pick],
-        pieces=other.pieces[pick], offsets=other.offsets[pick], qpm=other.qpm[pick],
-        meters=[other.meters[i] for i in pick])
+    drawn = dataclasses.replace(other_whole, values=other_whole.values[pick])
     # Piece numbers of the two splits are separate sequences: keep their groups apart.
-    splits.append(report("splits", real, features(drawn, drawn.real, 0, a.length),
-                         w.pieces, drawn.pieces + int(w.pieces.max()) + 1, a.seed + r,
+    splits.append(report("splits", real_whole, drawn, w.pieces,
+                         other.pieces[pick] + int(w.pieces.max()) + 1, a.seed + r,
                          splits=[a.split, a.other_split], repeat=r))
   print(json.dumps({
       "workdir": a.workdir, "step": step, "split": a.split, "length": a.length,

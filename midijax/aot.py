@@ -422,18 +422,16 @@ def built_vocab(config) -> Optional[pathlib.Path]:
 
 
 def _resolve_encoding(config, fallback: Optional[encoding.Encoding]
-                      ) -> Tuple[Optional[encoding.Encoding], str]:
+                      ) -> Optional[encoding.Encoding]:
   """The built dataset's encoding, else `fallback` (the builder config's, from the caller),
-  else the encoding config.data.builder_config starts with; (None, "") if none."""
+  else the encoding config.data.builder_config starts with; None if none."""
   vocab = built_vocab(config)
   if vocab is not None:
-    return encoding.load_vocab(vocab), f"dataset:{vocab.parent}"
+    return encoding.load_vocab(vocab)
   if fallback is not None:
-    return fallback, "builder config"
+    return fallback
   name = str(config.data.get("builder_config", "")).split("_")[0]
-  if name in encoding.ENCODINGS:
-    return encoding.get(name), f"encoding:{name}"
-  return None, ""
+  return encoding.get(name) if name in encoding.ENCODINGS else None
 
 
 def _resolve_vocab_size(config, vocab_size: int, enc: Optional[encoding.Encoding]
@@ -475,7 +473,7 @@ def compile_train_step(config, topology: Topology, devices: Sequence[Any], *,
   num_devices = len(devices)
   num_hosts = max(topology.num_hosts, len({d.process_index for d in devices}))
   train.validate_config(config, devices=devices, num_hosts=num_hosts)
-  enc, _ = _resolve_encoding(config, encoding_if_unbuilt)
+  enc = _resolve_encoding(config, encoding_if_unbuilt)
   vocab, _ = _resolve_vocab_size(config, vocab_size, enc)
 
   mesh = sharding.create_mesh(config.mesh, devices=devices)

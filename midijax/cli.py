@@ -534,7 +534,13 @@ def _unbuilt_encoding(config, vocab_size: int = 0):
   import data_pipelines
   if data.get("name", "") not in data_pipelines.BUILDERS:
     return None
-  return data_pipelines.config_encoding(data.name, data.get("builder_config", "") or None)
+  try:
+    return data_pipelines.config_encoding(data.name, data.get("builder_config", "") or None)
+  except MidijaxError as e:
+    # e.g. a config derived with build-data --set: only its built dataset knows it.
+    raise ConfigError(f"config.data.builder_config: not built under config.data.data_dir="
+                      f"{data.get('data_dir', '') or '(default)'}, and {e}; build it "
+                      "first (midijax build-data)") from None
 
 
 def run_compile(args) -> int:
