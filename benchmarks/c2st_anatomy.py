@@ -21,6 +21,16 @@ prompt of `--split` the length allows, 64-token prompts, the run's `config.sampl
                 with both means: which way each tell points (`--shifts` of them); and the
                 same between every real continuation of `--other_split` and the real
                 ones of `--split` (where the model's training data itself differs).
+  repetition    (drums) how alike consecutive bars of the real and the generated
+                continuations are, pair by pair from the first whole bar (1 - the mean
+                |difference| of their velocity grids, as drum_velocity_groove_consistency
+                compares bars), and how many 16th x class cells per pair hold a hit in one
+                bar only, per drum class: whether the bars drift apart along the
+                continuation or differ from the first pair on, and on which drums.
+  next_bar      (drum encodings with BAR tokens) the run's next bar after real bars k
+                (--next_bar_at): how alike it is to bar k, against the drummer's bar
+                k + 1. Close to the drummer here but far apart in 'repetition' means the
+                bars part when the model continues its own music: exposure bias.
 
 Prints one JSON line per C2ST, then a summary line.
 
@@ -49,6 +59,14 @@ def main(argv=None):
   ap.add_argument("--repeats", type=int, default=3, help="draws of the other split")
   ap.add_argument("--folds", type=int, default=5)
   ap.add_argument("--shifts", type=int, default=10, help="features listed in 'shifts'")
+  ap.add_argument("--bar_pairs", type=int, default=8,
+                  help="consecutive bar pairs listed in 'repetition' (drums)")
+  ap.add_argument("--next_bar_at", default="1,5",
+                  help="bars k of 'next_bar': the run continues the real bars up to k")
+  ap.add_argument("--next_bar_context", type=int, default=256,
+                  help="event tokens of real music before each next bar")
+  ap.add_argument("--next_bar_tokens", type=int, default=160,
+                  help="tokens sampled for each next bar (cut at its closing BAR)")
   a = ap.parse_args(argv)
   if a.chunk <= 0 or a.length % a.chunk:
     ap.error(f"--chunk {a.chunk} must be positive and divide --length {a.length}")
@@ -56,7 +74,7 @@ def main(argv=None):
   import dataclasses
   import numpy as np
   from midijax import checkpoint, encoding, evaluation, generation, input_pipeline, runs
-  from midijax import two_sample
+  from midijax import music_stats, two_sample
 
   model, enc, config, step = runs.load_run(
       a.workdir, best=checkpoint.best_step(a.workdir) is not None)
@@ -93,6 +111,79 @@ def main(argv=None):
     print(json.dumps(row), flush=True)
     return row
 
+  def repetition_of(w, generated, real):
+    """How alike consecutive bars are (`music_stats.drum_bar_grid`, as the velocity
+    consistency compares them), from the first whole bar of each continuation on: by bar
+    pair, and the cells per class played in one bar of a pair only."""
+    names = music_stats.drum_class_names()
+    out = {}
+    for who, conts in (("real", real), ("generated", generated)):
+      grids = [music_stats.drum_bar_grid(c)
+               for c in evaluation.continuation_clips(enc, w, conts, is_drum)[0]]
+      # Bar 0 of a continuation starts where its prompt ends, mid-bar or not: pairs from 1.
+      pairs = [[g[b], g[b + 1]] for g in grids for b in range(1, len(g) - 1)]
+      by_pair = [round(float(np.mean([1 - np.abs(g[b] - g[b + 1]).mean()
+                                      for g in grids if len(g) > b + 1])), 4)
+                 for b in range(1, a.bar_pairs + 1) if any(len(g) > b + 1 for g in grids)]
+      # Per pair and class (bars of other meters have other 16th counts).
+      changed = (np.mean([((x > 0) ^ (y > 0)).sum(0) for x, y in pairs], axis=0)
+                 if pairs else np.zeros(len(names)))
+      out[who] = {"bars_alike_by_pair": by_pair, "bar_pairs": len(pairs),
+                  "changed_cells": {n: round(float(c), 2) for n, c in zip(names, changed)}}
+    print(json.dumps({"c2st": "repetition", "tokens": [0, a.length], **out}), flush=True)
+
+  def next_bar_of(w, settings):
+    """The run's next bar after real bars: how alike it is to the bar before it, against
+    how alike the drummer's next bar is (bar pairs k, k+1 of the real continuations, k in
+    --next_bar_at). Little difference here and a large one in 'repetition' means the
+    bars drift apart when the model continues its own bars (exposure bias), not when it
+    continues the drummer's."""
+    bar_id = enc.vocab.ids.get("BAR")
+    if bar_id is None:
+      return
+    prompt_len = a.next_bar_context
+    out = []
+    for k in (int(x) for x in a.next_bar_at.split(",") if x.strip()):
+      rows, prompts, heads = [], [], []
+      for i, real in enumerate(w.real):
+        bars = np.flatnonzero(real == bar_id)
+        if len(bars) < k + 2:
+          continue
+        head = real[:bars[k] + 1]  # through the BAR that starts grid bar k + 1
+        prefix = w.prompts[i][:len(w.prompts[i]) - w.prompt_tokens]
+        events = np.concatenate([w.contexts[i][len(prefix):], head])[-prompt_len:]
+        rows.append(i)
+        heads.append(head)
+        prompts.append(np.concatenate([prefix, events]).astype(np.int32))
+      if len(rows) < 2:
+        continue
+      sub = dataclasses.replace(
+          w, prompts=[w.prompts[i] for i in rows], contexts=[w.contexts[i] for i in rows],
+          real=[w.real[i] for i in rows], pieces=w.pieces[rows], offsets=w.offsets[rows],
+          qpm=w.qpm[rows], meters=[w.meters[i] for i in rows])
+      sampled = evaluation.sample_continuations(
+          model, enc, prompts, length=a.next_bar_tokens, temperature=settings["temperature"],
+          top_k=settings["top_k"], top_p=settings["top_p"], seed=a.seed,
+          cache_len=generation.trained_context(config))
+      nexts = []
+      for head, g in zip(heads, sampled):
+        stop = np.flatnonzero(g == bar_id)
+        nexts.append(np.concatenate([head, g[:stop[0]] if len(stop) else g]).astype(np.int32))
+
+      def alike(conts):
+        values = []
+        for c in evaluation.continuation_clips(enc, sub, conts, is_drum)[0]:
+          g = music_stats.drum_bar_grid(c)
+          if len(g) < k + 2:  # silent bars at the end: zeros
+            g = np.concatenate([g, np.zeros((k + 2 - len(g),) + g.shape[1:])])
+          values.append(1 - np.abs(g[k] - g[k + 1]).mean())
+        return round(float(np.mean(values)), 4)
+
+      out.append({"bar": k, "windows": len(rows), "real": alike(sub.real),
+                  "generated": alike(nexts)})
+    print(json.dumps({"c2st": "next_bar", "context_tokens": prompt_len, "pairs": out}),
+          flush=True)
+
   t0 = time.perf_counter()
   w = windows_of(a.split)
   settings = evaluation.resolve_sampling(config, a.temperature, None, a.top_p)
@@ -125,6 +216,9 @@ def main(argv=None):
     return rows
 
   shifts = shifts_of(generated_whole, "generated")
+  if kind == "drums":
+    repetition_of(w, generated, w.real)
+    next_bar_of(w, settings)
   other = windows_of(a.other_split)
   # Every real continuation of the other split, decoded once: its mean differences (what
   # a model trained on that split would reproduce where the splits' music differs), and

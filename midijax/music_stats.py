@@ -269,10 +269,31 @@ def _groove_consistency(step: np.ndarray, steps_per_bar: int,
     xor = (ones[:, None] + ones[None, :] - 2 * inner) / steps_per_bar
     dist = xor[np.triu_indices(n_bars, 1)]
   else:
-    grid = np.zeros((n_bars, steps_per_bar, NUM_DRUM_CLASSES), np.float64)
-    np.maximum.at(grid, (bar, pos, cls[keep]), velocity[keep] / 127.0)
+    grid = _velocity_grid(bar, pos, cls[keep], velocity[keep], n_bars, steps_per_bar)
     dist = _pairwise_mean_abs(grid.reshape(n_bars, -1))
   return float(1.0 - dist.mean())
+
+
+def _velocity_grid(bar, pos, cls, velocity, n_bars: int, steps_per_bar: int) -> np.ndarray:
+  grid = np.zeros((n_bars, steps_per_bar, NUM_DRUM_CLASSES), np.float64)
+  np.maximum.at(grid, (bar, pos, cls), np.asarray(velocity, np.float64) / 127.0)
+  return grid
+
+
+def drum_bar_grid(notes: Notes) -> np.ndarray:
+  """The clip's drum hits bar by bar, as `drum_velocity_groove_consistency` compares them:
+  float [bars, 16ths per bar, NUM_DRUM_CLASSES], the loudest velocity / 127 of each class
+  at each 16th of each bar (0 without a hit); bars from time 0 on the clip's beat grid
+  (`microtiming_offsets`), hits before 0 or of unmapped pitches left out."""
+  drums = notes.select(np.asarray(notes.is_drum, bool))
+  spb = _steps_per_bar(notes)
+  if len(drums) == 0:
+    return np.zeros((0, spb, NUM_DRUM_CLASSES), np.float64)
+  mt = microtiming_offsets(drums)
+  keep = (mt["step"] >= 0) & (mt["drum_class"] >= 0)
+  bar, pos = np.divmod(mt["step"][keep], spb)
+  n_bars = int(bar.max()) + 1 if len(bar) else 0
+  return _velocity_grid(bar, pos, mt["drum_class"][keep], drums.velocity[keep], n_bars, spb)
 
 
 def _pitched_features(notes: Notes, duration: float) -> dict:

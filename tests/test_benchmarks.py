@@ -56,3 +56,25 @@ def test_tune_sampling_reports_each_setting_and_picks_the_best(tiny_run, groove_
     assert r["worst"] == c2st["accuracy"]
   assert summary["best"] == min(settings, key=lambda r: r["worst"])
   assert summary["windows"]["32"] > 0 and summary["prompt_tokens"] == 16
+
+
+def test_c2st_anatomy_reports_chunks_shifts_repetition_and_splits(tiny_run, groove_tfds):
+  rows = _bench("c2st_anatomy.py", "--workdir", tiny_run, "--data_dir", groove_tfds,
+                "--length", "64", "--chunk", "32", "--prompt_tokens", "16", "--folds", "2",
+                "--repeats", "1", "--shifts", "3", "--bar_pairs", "2")
+  by = {}
+  for r in rows[:-1]:
+    by.setdefault(r["c2st"], []).append(r)
+  summary = rows[-1]
+  assert [c["tokens"] for c in by["chunk"]] == [[0, 32], [32, 64]]
+  assert summary["chunk_accuracy"] == [c["accuracy"] for c in by["chunk"]]
+  assert summary["whole_accuracy"] == by["whole"][0]["accuracy"]
+  assert [s["against"] for s in by["shifts"]] == ["generated", "train"]
+  assert all(len(s["shifts"]) == 3 for s in by["shifts"])
+  assert len(by["splits"]) == 1 and 0 <= by["splits"][0]["accuracy"] <= 1
+  (rep,) = by["repetition"]
+  for who in ("real", "generated"):
+    r = rep[who]
+    assert len(r["changed_cells"]) == 9 and min(r["changed_cells"].values()) >= 0
+    assert len(r["bars_alike_by_pair"]) <= 2
+    assert all(0 <= x <= 1 for x in r["bars_alike_by_pair"])

@@ -82,6 +82,25 @@ def test_groove_consistency_of_two_known_bars():
   assert f["drum_velocity_groove_consistency"] == pytest.approx(1 - 2 * (100 / 127) / 144)
 
 
+def test_drum_bar_grid_holds_each_bars_hits():
+  sixteenth = 0.125
+  steps = [0, 4, 8, 12, 16, 24]
+  start = np.array(steps) * sixteenth
+  velocity = np.array([100, 90, 100, 90, 127, 64])
+  n = Notes.from_arrays([KICK] * 6, start, start + 0.05, velocity, is_drum=True, qpm=120)
+  grid = music_stats.drum_bar_grid(n)
+  assert grid.shape == (2, 16, music_stats.NUM_DRUM_CLASSES)
+  kick = music_stats.drum_class_names().index("kick")
+  np.testing.assert_allclose(grid[0, [0, 4, 8, 12], kick], np.array([100, 90, 100, 90]) / 127)
+  np.testing.assert_allclose(grid[1, [0, 8], kick], np.array([127, 64]) / 127)
+  assert np.count_nonzero(grid) == 6
+  # The same grids the velocity consistency compares: 1 - mean |bar 0 - bar 1|.
+  f = music_stats.clip_features(n, groups=("drums",))
+  assert f["drum_velocity_groove_consistency"] == pytest.approx(
+      1 - np.abs(grid[0] - grid[1]).mean())
+  assert music_stats.drum_bar_grid(Notes.from_arrays([], [], [], [], is_drum=True)).shape[0] == 0
+
+
 def test_features_are_deterministic_and_order_independent():
   rng = np.random.default_rng(0)
   clip = random_clip(rng)
