@@ -11,6 +11,10 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
+from conftest import copy_groove_subset
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -78,3 +82,37 @@ def test_c2st_anatomy_reports_chunks_shifts_repetition_and_splits(tiny_run, groo
     assert len(r["changed_cells"]) == 9 and min(r["changed_cells"].values()) >= 0
     assert len(r["bars_alike_by_pair"]) <= 2
     assert all(0 <= x <= 1 for x in r["bars_alike_by_pair"])
+
+
+@pytest.fixture(scope="module")
+def beats_tiny_run(tmp_path_factory, groove_dir):
+  """groove_tiny trained 10 steps on `drums_beats` (BAR tokens) built from 8 + 8 real beats."""
+  import configs.groove_tiny as groove_tiny
+  import data_pipelines
+  from midijax import train
+  src = tmp_path_factory.mktemp("beats_src")
+  copy_groove_subset(groove_dir, src, {"train": 8, "validation": 8}, beat_types=("beat",))
+  tfds_dir = tmp_path_factory.mktemp("beats_tfds")
+  data_pipelines.build("groove", "drums_beats", manual_dir=str(src), data_dir=str(tfds_dir),
+                       num_shards=1)
+  config = groove_tiny.get_config()
+  config.data.builder_config = "drums_beats"
+  config.data.data_dir = str(tfds_dir)
+  config.train.update(num_steps=10, eval_every=10, checkpoint_every=10, log_every=10,
+                      async_checkpointing=False)
+  workdir = tmp_path_factory.mktemp("beats_run")
+  train.train_and_evaluate(config, str(workdir))
+  return workdir, tfds_dir
+
+
+def test_c2st_anatomy_next_bar_continues_the_drummers_bars(beats_tiny_run):
+  workdir, tfds_dir = beats_tiny_run
+  rows = _bench("c2st_anatomy.py", "--workdir", workdir, "--data_dir", tfds_dir,
+                "--length", "128", "--chunk", "128", "--prompt_tokens", "16", "--folds", "2",
+                "--repeats", "1", "--shifts", "1", "--next_bar_at", "0,1",
+                "--next_bar_context", "64", "--next_bar_tokens", "64")
+  (nb,) = [r for r in rows if r.get("c2st") == "next_bar"]
+  assert nb["context_tokens"] == 64 and [p["bar"] for p in nb["pairs"]] == [0, 1]
+  for p in nb["pairs"]:
+    assert p["windows"] >= 2
+    assert 0 <= p["real"] <= 1 and 0 <= p["generated"] <= 1
