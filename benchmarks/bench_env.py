@@ -18,3 +18,27 @@ else:
 from midijax import process_env  # noqa: E402  pylint: disable=wrong-import-position
 
 process_env.configure()
+
+
+def run(main) -> None:
+  """Runs a benchmark's `main()` as the `midijax` command runs a subcommand: a user error
+  (a `MidijaxError`, e.g. a missing run or an unbuilt dataset, or a script's own one-line
+  `SystemExit(message)`) prints one line and exits with status 2, not a traceback."""
+  import os  # pylint: disable=g-import-not-at-top
+  name = os.path.basename(sys.argv[0])
+  from midijax.errors import MidijaxError  # pylint: disable=g-import-not-at-top
+  try:
+    code = main()
+  except MidijaxError as e:
+    print(f"{name}: error: {e}", file=sys.stderr)
+    sys.exit(2)
+  except SystemExit as e:
+    if isinstance(e.code, str):  # sys.exit("message") / SystemExit("message")
+      message = e.code if e.code.startswith(name.split(".")[0]) else f"{name}: {e.code}"
+      print(message, file=sys.stderr)
+      sys.exit(2)
+    raise
+  except KeyboardInterrupt:
+    print(f"{name}: interrupted", file=sys.stderr)
+    sys.exit(130)
+  sys.exit(code if isinstance(code, int) else 0)

@@ -244,4 +244,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  bench_env.run(main)

@@ -217,4 +217,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  bench_env.run(main)

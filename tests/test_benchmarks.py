@@ -116,3 +116,16 @@ def test_c2st_anatomy_next_bar_continues_the_drummers_bars(beats_tiny_run):
   for p in nb["pairs"]:
     assert p["windows"] >= 2
     assert 0 <= p["real"] <= 1 and 0 <= p["generated"] <= 1
+
+
+def test_a_benchmark_given_a_missing_run_says_so_in_one_line(tmp_path):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  missing = tmp_path / "no_run"
+  for script in ("tune_sampling.py", "c2st_anatomy.py"):
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--workdir",
+                           str(missing)], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env=env)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    (line,) = [x for x in proc.stderr.splitlines() if str(missing) in x]
+    assert line.startswith(f"{script}: error: ")
