@@ -70,6 +70,13 @@ def main(argv=None):
   a = ap.parse_args(argv)
   if a.chunk <= 0 or a.length % a.chunk:
     ap.error(f"--chunk {a.chunk} must be positive and divide --length {a.length}")
+  try:
+    a.next_bar_at = [int(x) for x in a.next_bar_at.split(",") if x.strip()]
+  except ValueError:
+    ap.error(f"--next_bar_at must be comma-separated bar numbers, got {a.next_bar_at!r}")
+  if any(k < 0 for k in a.next_bar_at) or a.next_bar_context < 1 or a.next_bar_tokens < 1:
+    ap.error("--next_bar_at needs bars >= 0, --next_bar_context and --next_bar_tokens "
+             "at least 1 token")
 
   import dataclasses
   import numpy as np
@@ -93,10 +100,11 @@ def main(argv=None):
                                      length=a.length, max_windows=100000, seed=a.seed,
                                      meters=meters)
 
-  def features(w, continuations, begin, end):
-    """Feature matrix of tokens [begin, end) of each continuation."""
-    clips, seconds = evaluation.continuation_clips(enc, w, continuations, is_drum,
-                                                   start=begin, stop=end)
+  def features(w, continuations, begin, end, decoded=None):
+    """Feature matrix of tokens [begin, end) of each continuation (`decoded`: their
+    `continuation_clips`, when already decoded)."""
+    clips, seconds = decoded or evaluation.continuation_clips(
+        enc, w, continuations, is_drum, start=begin, stop=end)
     return two_sample.clip_feature_matrix(clips, kind=kind, durations=seconds)
 
   def report(name, real, other, real_groups, other_groups, seed, **extra):
@@ -111,15 +119,14 @@ def main(argv=None):
     print(json.dumps(row), flush=True)
     return row
 
-  def repetition_of(w, generated, real):
+  def repetition_of(real_clips, generated_clips):
     """How alike consecutive bars are (`music_stats.drum_bar_grid`, as the velocity
     consistency compares them), from the first whole bar of each continuation on: by bar
     pair, and the cells per class played in one bar of a pair only."""
     names = music_stats.drum_class_names()
     out = {}
-    for who, conts in (("real", real), ("generated", generated)):
-      grids = [music_stats.drum_bar_grid(c)
-               for c in evaluation.continuation_clips(enc, w, conts, is_drum)[0]]
+    for who, clips in (("real", real_clips), ("generated", generated_clips)):
+      grids = [music_stats.drum_bar_grid(c) for c in clips]
       # Bar 0 of a continuation starts where its prompt ends, mid-bar or not: pairs from 1.
       pairs = [[g[b], g[b + 1]] for g in grids for b in range(1, len(g) - 1)]
       by_pair = [round(float(np.mean([1 - np.abs(g[b] - g[b + 1]).mean()
@@ -143,7 +150,7 @@ def main(argv=None):
       return
     prompt_len = a.next_bar_context
     out = []
-    for k in (int(x) for x in a.next_bar_at.split(",") if x.strip()):
+    for k in a.next_bar_at:
       rows, prompts, heads = [], [], []
       for i, real in enumerate(w.real):
         bars = np.flatnonzero(real == bar_id)
@@ -197,8 +204,11 @@ def main(argv=None):
     chunks.append(report("chunk", features(w, w.real, begin, end),
                          features(w, generated, begin, end), w.pieces, w.pieces, a.seed,
                          tokens=[begin, end]))
-  real_whole, generated_whole = features(w, w.real, 0, a.length), features(w, generated, 0,
-                                                                          a.length)
+  # The whole continuations, decoded once for their features and their bars.
+  real_decoded = evaluation.continuation_clips(enc, w, w.real, is_drum)
+  generated_decoded = evaluation.continuation_clips(enc, w, generated, is_drum)
+  real_whole = features(w, w.real, 0, a.length, real_decoded)
+  generated_whole = features(w, generated, 0, a.length, generated_decoded)
   whole = report("whole", real_whole, generated_whole, w.pieces, w.pieces, a.seed,
                  tokens=[0, a.length])
 
@@ -217,7 +227,7 @@ def main(argv=None):
 
   shifts = shifts_of(generated_whole, "generated")
   if kind == "drums":
-    repetition_of(w, generated, w.real)
+    repetition_of(real_decoded[0], generated_decoded[0])
     next_bar_of(w, settings)
   other = windows_of(a.other_split)
   # Every real continuation of the other split, decoded once: its mean differences (what

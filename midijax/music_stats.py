@@ -241,42 +241,33 @@ def _pairwise_mean_abs(grids: np.ndarray, chunk: int = 64) -> np.ndarray:
   return np.concatenate(out) if out else np.zeros(0)
 
 
-def _groove_consistency(step: np.ndarray, steps_per_bar: int,
-                        cls: Optional[np.ndarray] = None,
-                        velocity: Optional[np.ndarray] = None) -> float:
-  """1 - mean pairwise distance between per-bar 16th-note grids; 1.0 with < 2 bars.
-
-  Without `cls`: binary onset grids over positions and the distance is the XOR rate
-  (Wu & Yang 2020's grooving similarity). With `cls` and `velocity`: grids over
-  (position, class) holding the loudest velocity / 127 and the mean absolute difference.
-  """
+def _groove_consistency(step: np.ndarray, steps_per_bar: int) -> float:
+  """1 - the mean pairwise XOR rate of per-bar binary 16th-note onset grids (Wu & Yang
+  2020's grooving similarity); 1.0 with < 2 bars."""
   step = np.asarray(step, np.int64)
-  keep = step >= 0
-  if cls is not None:
-    keep &= cls >= 0
-  step = step[keep]
+  step = step[step >= 0]
   if len(step) == 0:
     return 1.0
   bar, pos = np.divmod(step, steps_per_bar)
   n_bars = int(bar.max()) + 1
   if n_bars < 2:
     return 1.0
-  if cls is None:
-    grid = np.zeros((n_bars, steps_per_bar), np.float64)
-    grid[bar, pos] = 1.0
-    ones = grid.sum(1)
-    inner = grid @ grid.T
-    xor = (ones[:, None] + ones[None, :] - 2 * inner) / steps_per_bar
-    dist = xor[np.triu_indices(n_bars, 1)]
-  else:
-    grid = _velocity_grid(bar, pos, cls[keep], velocity[keep], n_bars, steps_per_bar)
-    dist = _pairwise_mean_abs(grid.reshape(n_bars, -1))
-  return float(1.0 - dist.mean())
+  grid = np.zeros((n_bars, steps_per_bar), np.float64)
+  grid[bar, pos] = 1.0
+  ones = grid.sum(1)
+  inner = grid @ grid.T
+  xor = (ones[:, None] + ones[None, :] - 2 * inner) / steps_per_bar
+  return float(1.0 - xor[np.triu_indices(n_bars, 1)].mean())
 
 
-def _velocity_grid(bar, pos, cls, velocity, n_bars: int, steps_per_bar: int) -> np.ndarray:
+def _velocity_grid(mt: dict, velocity: np.ndarray, steps_per_bar: int) -> np.ndarray:
+  """`drum_bar_grid` from the drum notes' `microtiming_offsets` and velocities."""
+  keep = (mt["step"] >= 0) & (mt["drum_class"] >= 0)
+  bar, pos = np.divmod(mt["step"][keep], steps_per_bar)
+  n_bars = int(bar.max()) + 1 if len(bar) else 0
   grid = np.zeros((n_bars, steps_per_bar, NUM_DRUM_CLASSES), np.float64)
-  np.maximum.at(grid, (bar, pos, cls), np.asarray(velocity, np.float64) / 127.0)
+  np.maximum.at(grid, (bar, pos, mt["drum_class"][keep]),
+                np.asarray(velocity, np.float64)[keep] / 127.0)
   return grid
 
 
@@ -286,14 +277,7 @@ def drum_bar_grid(notes: Notes) -> np.ndarray:
   at each 16th of each bar (0 without a hit); bars from time 0 on the clip's beat grid
   (`microtiming_offsets`), hits before 0 or of unmapped pitches left out."""
   drums = notes.select(np.asarray(notes.is_drum, bool))
-  spb = _steps_per_bar(notes)
-  if len(drums) == 0:
-    return np.zeros((0, spb, NUM_DRUM_CLASSES), np.float64)
-  mt = microtiming_offsets(drums)
-  keep = (mt["step"] >= 0) & (mt["drum_class"] >= 0)
-  bar, pos = np.divmod(mt["step"][keep], spb)
-  n_bars = int(bar.max()) + 1 if len(bar) else 0
-  return _velocity_grid(bar, pos, mt["drum_class"][keep], drums.velocity[keep], n_bars, spb)
+  return _velocity_grid(microtiming_offsets(drums), drums.velocity, _steps_per_bar(notes))
 
 
 def _pitched_features(notes: Notes, duration: float) -> dict:
@@ -365,8 +349,11 @@ def _drum_features(notes: Notes, duration: float) -> dict:
   f["drum_microtiming_abs_mean"] = float(np.abs(off).mean())
   spb = _steps_per_bar(notes)
   f["drum_groove_consistency"] = _groove_consistency(mt["step"], spb)
-  f["drum_velocity_groove_consistency"] = _groove_consistency(
-      mt["step"], spb, cls=cls, velocity=notes.velocity.astype(np.float64))
+  # Bars compared by their 16th x class grids of loudest velocity / 127 (mean |difference|).
+  grid = _velocity_grid(mt, notes.velocity, spb)
+  f["drum_velocity_groove_consistency"] = (
+      float(1.0 - _pairwise_mean_abs(grid.reshape(len(grid), -1)).mean()) if len(grid) > 1
+      else 1.0)
   return f
 
 
