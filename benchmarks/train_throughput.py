@@ -18,6 +18,8 @@ shape and prints one JSON line:
         --heads 8 --mlp 2048 --seq 1024 --batch 8 --dropout 0
     python benchmarks/train_throughput.py --config configs/groove_small.py --seq 512 --batch 8 \
         --optimizers adamw,muon          # side by side, one step of each in turn
+    python benchmarks/train_throughput.py --config configs/groove_beats.py \
+        --variant model.bar_echo=0 --variant model.bar_echo=4   # any config fields, likewise
 """
 import bench_env  # noqa: F401  first: see benchmarks/bench_env.py
 
@@ -54,6 +56,11 @@ def main():
                   help="comma-separated train.optimizer values (adamw,muon) timed side by "
                        "side, step by step in turn; the JSON adds each one's median step "
                        "time and the ratio to the first (default: the config's)")
+  ap.add_argument("--variant", action="append", nargs="+", default=[], metavar="FIELD=VALUE",
+                  help="a variant of the config (config fields as --config.FIELD=VALUE "
+                       "takes them, without the prefix); repeat the flag for each one, "
+                       "timed side by side like --optimizers; the JSON adds each one's "
+                       "median step time and the ratio to the first")
   ap.add_argument("--profile_dir", default="",
                   help="after timing, trace one step with jax.profiler into this directory and "
                        "save the compiled HLO beside it (summarise: benchmarks/profile_summary.py)")
@@ -69,41 +76,57 @@ def main():
   from midijax.cli import load_config
   from midijax.models import transformer
 
-  config = load_config(a.config)
-  m = config.model
-  if a.layers: m.num_layers = a.layers
-  if a.width: m.emb_dim = m.qkv_dim = a.width
-  if a.heads: m.num_heads = a.heads
-  if a.mlp: m.mlp_dim = a.mlp
-  if a.seq: config.data.seq_len = a.seq
-  if a.seq and m.max_len < a.seq: m.max_len = a.seq
-  if a.batch: config.data.batch_size = a.batch
-  if a.dtype: m.dtype = a.dtype
-  if a.dropout is not None:
-    m.dropout_rate = a.dropout
-    m.attention_dropout_rate = min(m.attention_dropout_rate, a.dropout)
-  optimizers = [o for o in a.optimizers.split(",") if o] or [config.train.optimizer]
-  for o in optimizers:
-    config.train.optimizer = o
+  if a.variant and a.optimizers:
+    raise SystemExit("give --optimizers or --variant, not both")
+
+  def variant_config(overrides):
+    """The config with `overrides` (FIELD=VALUE) and this script's shape flags applied."""
+    config = load_config(a.config, [f"--config.{o}" for o in overrides])
+    m = config.model
+    if a.layers: m.num_layers = a.layers
+    if a.width: m.emb_dim = m.qkv_dim = a.width
+    if a.heads: m.num_heads = a.heads
+    if a.mlp: m.mlp_dim = a.mlp
+    if a.seq: config.data.seq_len = a.seq
+    if a.seq and m.max_len < a.seq: m.max_len = a.seq
+    if a.batch: config.data.batch_size = a.batch
+    if a.dtype: m.dtype = a.dtype
+    if a.dropout is not None:
+      m.dropout_rate = a.dropout
+      m.attention_dropout_rate = min(m.attention_dropout_rate, a.dropout)
     train.validate_config(config)
+    return config
+
+  # Each variant: (label, config). --optimizers is the variant list of train.optimizer.
+  if a.variant:
+    variants = [(" ".join(v), variant_config(v)) for v in a.variant]
+  else:
+    optimizers = [o for o in a.optimizers.split(",") if o] or [
+        load_config(a.config).train.optimizer]
+    variants = [(o, variant_config([f"train.optimizer={o}"])) for o in optimizers]
+  config = variants[0][1]
+  m = config.model
   B, T = config.data.batch_size, config.data.seq_len
-  # Models with a bar clock (bar positions, heads on the music's time) take it from the
-  # encoding the config's builder config writes; the random tokens then use its vocabulary.
+  if any((c.data.batch_size, c.data.seq_len) != (B, T) for _, c in variants):
+    raise SystemExit("the variants must share data.batch_size and data.seq_len (one batch "
+                     "serves them all)")
+  # Models with a bar clock (bar positions, heads on the music's time, the echo of earlier
+  # bars) take it from the encoding the config's builder config writes; the random tokens
+  # then use its vocabulary.
   enc = None
-  if m.get("bar_positions", 0) or m.get("time_rope_heads", 0):
+  if any(c.model.get(f, 0) for _, c in variants
+         for f in ("bar_positions", "time_rope_heads", "bar_echo")):
     import data_pipelines
     enc = data_pipelines.config_encoding(config.data.name, config.data.builder_config or None)
     a.vocab = enc.vocab_size
   mesh = sharding.create_mesh(config.mesh)
   rules = sharding.get_logical_axis_rules(config.mesh)
-  others = {}  # the optimizers after the first: (state, step_fn), timed in turn with it
-  for o in optimizers[1:]:
-    config.train.optimizer = o
-    other_setup, other_state = train.create_train_state(config, a.vocab, mesh, rules,
+  others = {}  # the variants after the first: (state, step_fn), timed in turn with it
+  for label, other in variants[1:]:
+    other_setup, other_state = train.create_train_state(other, a.vocab, mesh, rules,
                                                         encoding=enc)
     with sharding.use_mesh(mesh, rules):
-      others[o] = [other_state, train.jit_train_step(config, other_setup)]
-  config.train.optimizer = optimizers[0]
+      others[label] = [other_state, train.jit_train_step(other, other_setup)]
   setup, state = train.create_train_state(config, a.vocab, mesh, rules, encoding=enc)
   batch_sh = setup.batch_sharding
   with sharding.use_mesh(mesh, rules):
@@ -170,12 +193,12 @@ def main():
       "final_loss": float(jax.device_get(metrics["loss_sum"]) / jax.device_get(metrics["weight_sum"])),
   }
   if others:
-    out["optimizers"] = {optimizers[0]: round(step_s, 5)}
-    out["optimizers"].update({o: round(statistics.median(t), 5)
-                              for o, t in other_times.items()})
-    out["step_time_ratio_to_" + optimizers[0]] = {
+    key = "variants" if a.variant else "optimizers"
+    out[key] = {variants[0][0]: round(step_s, 5)}
+    out[key].update({o: round(statistics.median(t), 5) for o, t in other_times.items()})
+    out["step_time_ratio_to_" + variants[0][0]] = {
         o: round(statistics.median(t) / step_s, 3) for o, t in other_times.items()}
-  out["optimizer"] = optimizers[0]
+  out["optimizer"] = config.train.optimizer
   print(json.dumps(out))
 
 

@@ -132,6 +132,12 @@ def get_config():
   # "the same place a bar ago" is a fixed offset however many tokens lie between. 0 = off;
   # needs position="rope" and BAR tokens (drums_beats).
   model.time_rope_heads = 0
+  # Echo of earlier bars: each token's input also carries what was hit at the same place in
+  # the previous `bar_echo_bars` bars, in `bar_echo` 16th-note cells from its time in the
+  # bar on (drum classes, loudness, offset from the cell), through a learned projection.
+  # 0 = off; needs drums_beats (BAR tokens, velocities before hits).
+  model.bar_echo = 0
+  model.bar_echo_bars = 2
 
   # ---------------------------------------------------------------- training
   config.train = train = ml_collections.ConfigDict()

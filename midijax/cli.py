@@ -528,7 +528,7 @@ def _unbuilt_encoding(config, vocab_size: int = 0):
   from midijax import aot
   data, model = config.data, config.model
   needed = (not (vocab_size or model.get("vocab_size", 0)) or model.get("bar_positions", 0)
-            or model.get("time_rope_heads", 0))
+            or model.get("time_rope_heads", 0) or model.get("bar_echo", 0))
   if not needed or data.get("mixture", ()) or aot.built_vocab(config) is not None:
     return None
   import data_pipelines

@@ -53,7 +53,7 @@ from midijax.models import transformer
 # merged: see `source_model_config`).
 ARCHITECTURE_FIELDS = ("num_layers", "emb_dim", "qkv_dim", "num_heads", "mlp_dim", "position",
                        "norm", "mlp_activation", "tied_embeddings", "rope_max_wavelength",
-                       "bar_positions", "time_rope_heads")
+                       "bar_positions", "time_rope_heads", "bar_echo", "bar_echo_bars")
 # The logical axis of parameter dimensions indexed by token id (embedding rows, output
 # columns).
 VOCAB_AXIS = "vocab"

@@ -20,7 +20,8 @@ from midijax.errors import MidijaxError
 from midijax.models import transformer
 
 # TransformerConfig fields that do not come from config.model.
-_DERIVED_FIELDS = ("vocab_size", "deterministic", "bar_clock")
+_DERIVED_FIELDS = ("vocab_size", "deterministic", "bar_clock", "echo_classes",
+                   "echo_velocities", "echo_cell")
 
 
 def model_config_from(config, vocab_size: int, deterministic: bool = False, encoding=None
@@ -30,8 +31,8 @@ def model_config_from(config, vocab_size: int, deterministic: bool = False, enco
   Every TransformerConfig field present in `config.model` is taken from it; fields it lacks
   (configs saved before the field existed) keep the dataclass default. `vocab_size` and
   `deterministic` are the arguments; `bar_clock` comes from `encoding` (the run's) when
-  config.model.bar_positions or time_rope_heads is set (without it the model refuses to
-  build).
+  config.model.bar_positions, time_rope_heads or bar_echo is set, and the echo tables
+  (`Encoding.echo_tables`) when bar_echo is (without them the model refuses to build).
 
   Raises:
     ConfigError: naming the config.model field that cannot work.
@@ -39,10 +40,16 @@ def model_config_from(config, vocab_size: int, deterministic: bool = False, enco
   model = config.model
   fields = {f.name: model[f.name] for f in dataclasses.fields(transformer.TransformerConfig)
             if f.name not in _DERIVED_FIELDS and f.name in model}
-  uses_clock = fields.get("bar_positions") or fields.get("time_rope_heads")
+  uses_clock = (fields.get("bar_positions") or fields.get("time_rope_heads")
+                or fields.get("bar_echo"))
   clock = encoding.bar_clock() if encoding is not None and uses_clock else None
+  echo = (encoding.echo_tables() if encoding is not None and fields.get("bar_echo")
+          else None) or {"classes": (), "velocities": (), "cell": 0}
   return transformer.TransformerConfig(vocab_size=int(vocab_size), deterministic=deterministic,
-                                       bar_clock=() if clock is None else tuple(clock), **fields)
+                                       bar_clock=() if clock is None else tuple(clock),
+                                       echo_classes=tuple(echo["classes"]),
+                                       echo_velocities=tuple(echo["velocities"]),
+                                       echo_cell=int(echo["cell"]), **fields)
 
 
 def inference_mesh() -> jax.sharding.Mesh:

@@ -276,9 +276,13 @@ def _sample(graphdef, spec: SamplerSpec, params, prompt, seed, temperature, top_
           bar = model.advance_bar_time(c["bar"], c["token"]) if uses_bars else c["bar"]
           music = (model.advance_music_time(c["music"], c["token"]) if uses_time
                    else c["music"])
+          # Echo models: what earlier bars played here, from every token so far.
+          echo = (model.bar_echo_at(c["out"], prompt_len + c["i"] - 1, c["start"])
+                  if uses_echo else None)
           logits, cache = model.decode_step(c["token"], cache, c["pos"],
                                             bar_time=bar if uses_bars else None,
-                                            music_time=music if uses_time else None)
+                                            music_time=music if uses_time else None,
+                                            echo=echo)
           return {**c, "logits": logits, "pos": c["pos"] + 1, "bar": bar,
                   "music": music}, cache
 
@@ -297,6 +301,9 @@ def _sample(graphdef, spec: SamplerSpec, params, prompt, seed, temperature, top_
     first = jnp.concatenate([prompt[:, :spec.prefix_len],
                              prompt[:, prompt_len - spec.window_keep:]], axis=1)
     first_len = window_len
+  # Where the window's tokens after the prefix start in `out` (the echo of earlier bars
+  # reads the window, as training does).
+  start = 0 if prompt_len < spec.cache_len else prompt_len - spec.window_keep
   # Models with bar-position embeddings: the time since the last BAR (-1: none yet in the
   # window), as training computes it over a window, carried on token by token.
   uses_bars = bool(model.config.bar_positions)
@@ -304,6 +311,7 @@ def _sample(graphdef, spec: SamplerSpec, params, prompt, seed, temperature, top_
                              else jnp.zeros((batch,), jnp.int32))
   # Models with time-rope heads: the music's time from the window's start, likewise.
   uses_time = bool(model.config.time_rope_heads)
+  uses_echo = bool(model.config.bar_echo)
   music_time = lambda window: (model.music_times(window)[:, -1] if uses_time
                                else jnp.zeros((batch,), jnp.int32))
   logits, cache = prefill(model, first, first_len, spec.kv_cache)
@@ -314,6 +322,7 @@ def _sample(graphdef, spec: SamplerSpec, params, prompt, seed, temperature, top_
       "grammar": g.init_state(batch, prompt), "elapsed": jnp.zeros((batch,), jnp.float32),
       "done": jnp.zeros((batch,), bool), "reason": jnp.zeros((batch,), jnp.int32),
       "bar": bar_time(first), "music": music_time(first),
+      "start": jnp.asarray(start, jnp.int32),
   }
   carry = run_phases(carry, cache, first_len)
 
@@ -326,7 +335,8 @@ def _sample(graphdef, spec: SamplerSpec, params, prompt, seed, temperature, top_
            jax.lax.dynamic_slice_in_dim(c["out"], start, spec.window_keep, axis=1)], axis=1)
       logits, cache = prefill(model, window, window_len, spec.kv_cache)
       return run_phases({**c, "logits": logits, "pos": jnp.asarray(window_len, jnp.int32),
-                         "bar": bar_time(window), "music": music_time(window)}, cache,
+                         "bar": bar_time(window), "music": music_time(window),
+                         "start": start}, cache,
                          window_len)
 
     carry = jax.lax.while_loop(going, slide, carry)

@@ -86,7 +86,8 @@ def test_c2st_anatomy_reports_chunks_shifts_repetition_and_splits(tiny_run, groo
 
 @pytest.fixture(scope="module")
 def beats_tiny_run(tmp_path_factory, groove_dir):
-  """groove_tiny trained 10 steps on `drums_beats` (BAR tokens) built from 8 + 8 real beats."""
+  """groove_tiny trained 10 steps on `drums_beats` (BAR tokens) built from 8 + 8 real beats,
+  with the echo of earlier bars (`model.bar_echo`): its samplers carry the echo."""
   import configs.groove_tiny as groove_tiny
   import data_pipelines
   from midijax import train
@@ -98,6 +99,7 @@ def beats_tiny_run(tmp_path_factory, groove_dir):
   config = groove_tiny.get_config()
   config.data.builder_config = "drums_beats"
   config.data.data_dir = str(tfds_dir)
+  config.model.bar_echo = 2
   config.train.update(num_steps=10, eval_every=10, checkpoint_every=10, log_every=10,
                       async_checkpointing=False)
   workdir = tmp_path_factory.mktemp("beats_run")
@@ -129,3 +131,21 @@ def test_a_benchmark_given_a_missing_run_says_so_in_one_line(tmp_path):
     assert "Traceback" not in proc.stderr
     (line,) = [x for x in proc.stderr.splitlines() if str(missing) in x]
     assert line.startswith(f"{script}: error: ")
+
+
+def test_train_throughput_times_config_variants_side_by_side():
+  args = ("--config", "configs/groove_tiny.py", "--steps", "2", "--warmup", "0",
+          "--seq", "32", "--batch", "2")
+  (row,) = _bench("train_throughput.py", *args, "--variant", "model.dropout_rate=0",
+                  "--variant", "model.dropout_rate=0.1", "model.num_layers=1")
+  assert set(row["variants"]) == {"model.dropout_rate=0",
+                                  "model.dropout_rate=0.1 model.num_layers=1"}
+  assert row["step_time_ratio_to_model.dropout_rate=0"]["model.dropout_rate=0.1 "
+                                                         "model.num_layers=1"] > 0
+  # A variant naming no config field: one line, exit 2.
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "train_throughput.py"), *args,
+                         "--variant", "model.no_such_field=1"], cwd=REPO, capture_output=True,
+                        text=True, timeout=300, env=env)
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr
+  assert "model.no_such_field" in proc.stderr.strip().splitlines()[-1]

@@ -125,6 +125,14 @@ class Encoding:
     take no time), -1 for BAR. None for encodings without bar lines (the default)."""
     return None
 
+  def echo_tables(self) -> Optional[dict]:
+    """What a model needs to echo earlier bars' hits (`config.model.bar_echo`), for drum
+    encodings with BAR tokens whose velocity comes before each hit: {"classes": int32
+    [vocab_size] drum class of DRUM ids, -1 for others; "velocities": float32 [vocab_size]
+    loudness in (0, 1] of VELOCITY ids, -1 for others; "cell": time steps of a 16th note}.
+    None for other encodings (the default)."""
+    return None
+
   @property
   def config(self) -> dict:
     """JSON-able description from which `midijax.encoding.get(**config)` rebuilds this."""

@@ -137,6 +137,16 @@ class DrumsEncoding(Encoding):
     clock[self.bar_id] = -1
     return clock
 
+  def echo_tables(self) -> Optional[dict]:
+    if not self.bar_tokens or self.velocity_after:
+      return None
+    classes = np.full(self.vocab_size, -1, np.int32)
+    classes[self.drum_base:self.shift_base] = np.arange(self.num_drums)
+    velocities = np.full(self.vocab_size, -1.0, np.float32)
+    velocities[self.velocity_base:self.offset_base] = (
+        np.arange(1, self.num_velocity_bins + 1) / self.num_velocity_bins)
+    return {"classes": classes, "velocities": velocities, "cell": self.steps_per_quarter // 4}
+
   def step_seconds(self, qpm: float = 120.0) -> float:
     """Seconds one time step (one TIME_SHIFT_1) lasts, at `qpm` unless time is in seconds."""
     if self.time_unit == "beats":

@@ -145,6 +145,18 @@ class TransformerConfig:
     bar_clock: int per token id, the encoding's `bar_clock()` (steps a token moves time
       on, -1 for BAR); filled from the run's encoding (`runs.model_config_from`), not set
       in configs.
+    bar_echo: each token's input also says what the drummer (or the model) played at the
+      same place in the previous `bar_echo_bars` bars: for each of those bars and each of
+      `bar_echo` 16th-note cells from the token's time in the bar on, which drum classes
+      were hit there, how loud, and how far off the cell (`bar_echo_features`), through a
+      learned projection added to the token embedding. A groove repeats bar to bar, and
+      this makes "play what was played here last bar" one lookup instead of an attention
+      pattern the model must learn to aim exactly one bar back. 0 = off; needs a drum
+      encoding with BAR tokens and velocities before their hits (groove's drums_beats).
+    bar_echo_bars: how many earlier bars the echo shows (with bar_echo > 0).
+    echo_classes, echo_velocities, echo_cell: the encoding's `echo_tables()` (drum class
+      and loudness per token id, steps of a 16th); filled from the run's encoding like
+      `bar_clock`, not set in configs.
   """
   vocab_size: int
   emb_dim: int = 512
@@ -174,6 +186,11 @@ class TransformerConfig:
   bar_positions: int = 0
   bar_clock: tuple = ()
   time_rope_heads: int = 0
+  bar_echo: int = 0
+  bar_echo_bars: int = 2
+  echo_classes: tuple = ()
+  echo_velocities: tuple = ()
+  echo_cell: int = 0
 
   def __post_init__(self):
     # The one place model fields are checked. A TransformerConfig is built from a run's
@@ -232,7 +249,14 @@ class TransformerConfig:
                              f"{self.num_heads}] (0 = every head on token positions)")
     if self.time_rope_heads and self.position != "rope":
       bad("time_rope_heads", f"needs config.model.position='rope', not {self.position!r}")
+    for field, lowest, meaning in (("bar_echo", 0, "(0 = no echo of earlier bars)"),
+                                   ("bar_echo_bars", 1, "(the earlier bars the echo shows)")):
+      value = getattr(self, field)
+      if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
+        bad(field, f"must be an integer >= {lowest} {meaning}")
     object.__setattr__(self, "bar_clock", tuple(int(x) for x in self.bar_clock))
+    object.__setattr__(self, "echo_classes", tuple(int(x) for x in self.echo_classes))
+    object.__setattr__(self, "echo_velocities", tuple(float(x) for x in self.echo_velocities))
     if len(self.bar_clock) > self.padded_vocab_size:
       raise ConfigError(f"the encoding's bar clock covers {len(self.bar_clock)} ids but "
                         f"config.model.vocab_size is {self.vocab_size}")
@@ -244,6 +268,15 @@ class TransformerConfig:
   @property
   def head_dim(self) -> int:
     return self.qkv_dim // self.num_heads
+
+  @property
+  def echo_num_classes(self) -> int:
+    return max(self.echo_classes, default=-1) + 1
+
+  @property
+  def echo_features(self) -> int:
+    """Width of `bar_echo_features`: bars x cells x drum classes x (hit, loudness, offset)."""
+    return self.bar_echo_bars * self.bar_echo * self.echo_num_classes * 3 if self.bar_echo else 0
 
   @property
   def lora_scale(self) -> float:
@@ -664,6 +697,16 @@ class Transformer(nnx.Module):
       self.bar_embedding = _param(rngs, nnx.initializers.normal(1.0),
                                   (config.bar_positions + 1, config.emb_dim), (None, "embed"),
                                   config.param_dtype)
+    if config.bar_echo:
+      if (-1 not in config.bar_clock or not config.echo_num_classes or config.echo_cell < 1
+          or len(config.echo_velocities) != len(config.echo_classes)):
+        raise ConfigError(f"config.model.bar_echo={config.bar_echo} needs a drum encoding "
+                          "with BAR tokens and each hit's velocity before it (groove's "
+                          "drums_beats); the run's encoding is not one, or none was found")
+      # Drawn last, as the bar embedding: the other parameters equal those without it.
+      self.echo_projection = _param(rngs, _fan_in_init(0, 1),
+                                    (config.echo_features, config.emb_dim), (None, "embed"),
+                                    config.param_dtype)
 
   # --------------------------------------------------------------------------- bar clock
   def _clock(self) -> jax.Array:
@@ -716,6 +759,99 @@ class Transformer(nnx.Module):
     them."""
     return music_time + jnp.maximum(jnp.take(self._clock(), tokens), 0)
 
+  # Keys sort as bar * _ECHO_BAR + time in the bar: times are clipped below it, bar
+  # indices stay below 2**15 (int32).
+  _ECHO_BAR = 1 << 16
+
+  def _echo_keys(self, tokens: jax.Array, segment_ids: Optional[jax.Array]):
+    """What the echo reads from int [B, T] tokens: (bar index [B, T], counting bar lines
+    and segment starts; time since the bar [B, T], -1 unknown; the bar index where each
+    token's segment starts [B, T]; the sort key [B, T]; prefix sums float32
+    [B, T + 1, C, 3] of one-hot drum class x (1, loudness in force, time in the bar) over
+    the hits whose place in the bar is known)."""
+    cfg = self.config
+    pad = lambda table, fill: list(table) + [fill] * (cfg.padded_vocab_size - len(table))
+    classes = jnp.take(jnp.asarray(pad(cfg.echo_classes, -1), jnp.int32), tokens)
+    loudness = jnp.take(jnp.asarray(pad(cfg.echo_velocities, -1.0), jnp.float32), tokens)
+    index = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    segments = jnp.zeros_like(tokens) if segment_ids is None else segment_ids
+    starts = segments != jnp.pad(segments, ((0, 0), (1, 0)), constant_values=-1)[:, :-1]
+    is_bar = jnp.take(self._clock(), tokens) < 0
+    bar_index = jnp.cumsum((is_bar | starts).astype(jnp.int32), axis=1)
+    first_bar = jax.lax.cummax(jnp.where(starts, bar_index, 0), axis=1)
+    bar_time = jnp.minimum(self.bar_times(tokens, segment_ids), self._ECHO_BAR // 2)
+    # Within a segment the tokens are in time order, bar by bar, so the key never falls:
+    # the hits of one bar in a span of times are one run of tokens, found by binary search.
+    key = bar_index * self._ECHO_BAR + bar_time
+    # The velocity in force at each token: the last VELOCITY token of its segment so far
+    # (0 when none is: the echo then says "hit" with no loudness).
+    segment_start = jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
+    last = jax.lax.cummax(jnp.where(loudness >= 0, index, -1), axis=1)
+    in_force = jnp.where(last >= segment_start,
+                         jnp.take_along_axis(loudness, jnp.maximum(last, 0), axis=1), 0.0)
+    hit = (classes >= 0) & (bar_time >= 0)
+    onehot = jax.nn.one_hot(classes, cfg.echo_num_classes, dtype=jnp.float32) * hit[..., None]
+    values = onehot[..., None] * jnp.stack(
+        [jnp.ones_like(in_force), in_force, bar_time.astype(jnp.float32)], axis=-1)[:, :, None]
+    # Exact: counts, loudness in 32nds and integer times sum without rounding in float32.
+    prefix = jnp.pad(jnp.cumsum(values, axis=1), ((0, 0), (1, 0), (0, 0), (0, 0)))
+    return bar_index, bar_time, first_bar, key, prefix
+
+  def _echo(self, query, keys) -> jax.Array:
+    """The echo features float32 [B, Q, F] of queries (bar index, bar time, segment's
+    first bar: int [B, Q] each) over keys (`_echo_keys` of [B, N] tokens)."""
+    cfg = self.config
+    q_bar, q_time, q_first = query
+    key, prefix = keys[3], keys[4]
+    cell, cells, bars = cfg.echo_cell, cfg.bar_echo, cfg.bar_echo_bars
+    # Cell a of lag l holds the hits of bar (this bar - l) at times in [t - cell/2 + a cell,
+    # t + cell/2 + a cell) for this token's time t: a hit played a little early or late
+    # still lands in the cell of the place it was aimed at.
+    lag = jnp.arange(1, bars + 1, dtype=jnp.int32)
+    edge = q_time[..., None, None] - cell // 2 + cell * jnp.arange(cells + 1, dtype=jnp.int32)
+    bounds = (q_bar[..., None, None] - lag[:, None]) * self._ECHO_BAR + edge  # [B,Q,L,A+1]
+    b, q = q_bar.shape
+    found = jax.vmap(lambda k, v: jnp.searchsorted(k, v, side="left"))(
+        key, bounds.reshape(b, -1)).reshape(bounds.shape)
+    gather = lambda at: jnp.take_along_axis(prefix, at.reshape(b, -1)[:, :, None, None],
+                                            axis=1).reshape(*at.shape, *prefix.shape[2:])
+    sums = gather(found[..., 1:]) - gather(found[..., :-1])  # [B, Q, L, A, C, 3]
+    # Only bars of the query's own segment, and only where its place in the bar is known.
+    usable = ((q_time >= 0)[..., None] & (q_bar[..., None] - lag >= q_first[..., None]))
+    sums = sums * usable[..., None, None, None]
+    count = sums[..., 0]
+    safe = jnp.maximum(count, 1.0)
+    # Offsets in cells ([-0.5, 0.5)): the hits' mean time from the cell's aim, this
+    # token's time plus a cells.
+    aim = (q_time[..., None, None] + cell * jnp.arange(cells, dtype=jnp.int32)
+           ).astype(jnp.float32)[..., None]
+    offset = jnp.where(count > 0, (sums[..., 2] / safe - aim) / cell, 0.0)
+    features = jnp.stack([jnp.minimum(count, 1.0), sums[..., 1] / safe, offset], axis=-1)
+    return features.reshape(b, q, -1)
+
+  def bar_echo_features(self, tokens: jax.Array, segment_ids: Optional[jax.Array] = None
+                        ) -> jax.Array:
+    """What was hit at the same place in the previous bars, after each token: float32
+    [B, T, config.echo_features] (`TransformerConfig.bar_echo`). Cells, bars and drum
+    classes are laid out [bars, cells, classes, (hit, loudness, offset)]: hit 1 if the
+    class was hit in that cell; its mean loudness (0..1); its mean time from the cell's
+    centre, in cells. Zero where this token's place in the bar is unknown (before the
+    window's first BAR) and for cells no hit fell in."""
+    keys = self._echo_keys(tokens, segment_ids)
+    return self._echo(keys[:3], keys)
+
+  def bar_echo_at(self, tokens: jax.Array, index: jax.Array, start: jax.Array = 0
+                  ) -> jax.Array:
+    """`bar_echo_features` after the token at `index` (int scalar) of `tokens` [B, N] alone,
+    float32 [B, F]: the sampler's step. Tokens before `start` are left out, as if the
+    window began there (the sampler's slid window; its prefix takes no time and holds no
+    hits); tokens after `index` are never in an earlier bar, so whatever fills them does
+    not count."""
+    before = jnp.arange(tokens.shape[1], dtype=jnp.int32) < start
+    keys = self._echo_keys(jnp.where(before, 0, tokens), None)
+    query = tuple(jax.lax.dynamic_slice_in_dim(a, index, 1, axis=1) for a in keys[:3])
+    return self._echo(query, keys)[:, 0]
+
   def _rope_positions(self, positions: jax.Array, music_time: Optional[jax.Array]
                       ) -> jax.Array:
     """Token positions [B or 1, T] -> per-head rotary positions [B, T, H] when some heads
@@ -732,9 +868,11 @@ class Transformer(nnx.Module):
                      0)
 
   def _embed(self, tokens: jax.Array, positions: jax.Array,
-             bar_time: Optional[jax.Array] = None) -> jax.Array:
-    """int [B, T] -> [B, T, D] token (+ sinusoidal position, + bar position) embeddings.
-    bar_time: int [B, T] (`bar_times`) when config.bar_positions is set."""
+             bar_time: Optional[jax.Array] = None, echo: Optional[jax.Array] = None
+             ) -> jax.Array:
+    """int [B, T] -> [B, T, D] token (+ sinusoidal position, + bar position, + echo)
+    embeddings. bar_time: int [B, T] (`bar_times`) when config.bar_positions is set;
+    echo: float [B, T, F] (`bar_echo_features`) when config.bar_echo is."""
     # Gather from a replicated copy of the table so each batch shard looks up its
     # own rows: a gather from a (vocab, embed)-sharded table makes XLA replicate
     # the activations instead. Music vocabularies make the table small.
@@ -745,6 +883,9 @@ class Transformer(nnx.Module):
     if self.config.bar_positions:
       bars = with_logical_constraint(self.bar_embedding[...], (None, None))
       x = x + jnp.take(bars, self._bar_rows(bar_time), axis=0).astype(self.config.dtype)
+    if self.config.bar_echo:
+      x = x + dense(echo.astype(self.config.dtype),
+                    self.echo_projection[...].astype(self.config.dtype), self.config.dtype)
     return with_logical_constraint(x, ("batch", "length", "embed"))
 
   def _logits(self, x: jax.Array) -> jax.Array:
@@ -823,7 +964,8 @@ class Transformer(nnx.Module):
                    else jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :])
     rngs = None
     bar_time = self.bar_times(tokens, segment_ids) if cfg.bar_positions else None
-    x = self._embed(tokens, positions, bar_time)
+    echo = self.bar_echo_features(tokens, segment_ids) if cfg.bar_echo else None
+    x = self._embed(tokens, positions, bar_time, echo)
     if use_dropout:
       keys = jax.random.split(dropout_rng, cfg.num_layers + 1)
       rngs = keys[:-1]
@@ -892,7 +1034,8 @@ class Transformer(nnx.Module):
     self._check_cache_length(length)
     positions = jnp.arange(t, dtype=jnp.int32)[None, :]
     x = self._embed(tokens, positions,
-                    self.bar_times(tokens) if self.config.bar_positions else None)
+                    self.bar_times(tokens) if self.config.bar_positions else None,
+                    self.bar_echo_features(tokens) if self.config.bar_echo else None)
     if self.config.time_rope_heads:
       positions = self._rope_positions(positions, self.music_times(tokens))
     cache = []
@@ -903,7 +1046,8 @@ class Transformer(nnx.Module):
 
   def decode_step(self, tokens: jax.Array, cache: Cache, pos: jax.Array,
                   bar_time: Optional[jax.Array] = None,
-                  music_time: Optional[jax.Array] = None) -> tuple[jax.Array, Cache]:
+                  music_time: Optional[jax.Array] = None,
+                  echo: Optional[jax.Array] = None) -> tuple[jax.Array, Cache]:
     """Logits after one more token per row.
 
     Args:
@@ -914,6 +1058,8 @@ class Transformer(nnx.Module):
         window, carried on with `advance_bar_time`); required with config.bar_positions.
       music_time: int [B], `music_times` of the window after `tokens` (carried on with
         `advance_music_time`); required with config.time_rope_heads.
+      echo: float [B, F], `bar_echo_at` the token just fed; required with
+        config.bar_echo.
 
     Returns:
       (float32 [B, padded_vocab_size] logits for position pos + 1, the updated cache).
@@ -925,8 +1071,12 @@ class Transformer(nnx.Module):
     if self.config.time_rope_heads and music_time is None:
       raise ValueError("this model rotates some heads by the music's time "
                        "(config.time_rope_heads): pass decode_step(..., music_time=...)")
+    if self.config.bar_echo and echo is None:
+      raise ValueError("this model echoes earlier bars (config.bar_echo): pass "
+                       "decode_step(..., echo=model.bar_echo_at(tokens so far, index))")
     x = self._embed(tokens[:, None], jnp.reshape(pos, (1, 1)),
-                    None if bar_time is None else jnp.asarray(bar_time)[:, None])
+                    None if bar_time is None else jnp.asarray(bar_time)[:, None],
+                    None if echo is None else jnp.asarray(echo)[:, None])
     rope = None
     if self.config.time_rope_heads:
       rope = self._rope_positions(jnp.reshape(pos, (1, 1)),
