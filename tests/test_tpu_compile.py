@@ -96,7 +96,15 @@ for name, extra in (("v4-8", ["--topology=tpu:v4-8"]),
                     ("v5e-16", ["--topology=tpu:v5e-16", "--config.data.batch_size=16"]),
                     ("v4-8x2", ["--topology=tpu:v4-8", "--num_slices=2",
                                 "--config.mesh.dcn_parallelism=(2,1,1)"]),
-                    ("v4-8-muon", ["--topology=tpu:v4-8", "--config.train.optimizer=muon"])):
+                    ("v4-8-muon", ["--topology=tpu:v4-8", "--config.train.optimizer=muon"]),
+                    # The bar clock's inputs (bar positions, heads on the music's time, the
+                    # echo of earlier bars) on drums_beats, from its builder config.
+                    ("v4-8-beats", ["--topology=tpu:v4-8",
+                                    "--config.data.builder_config=drums_beats",
+                                    "--config.data.data_dir=/nonexistent/tfds",
+                                    "--config.model.bar_positions=64",
+                                    "--config.model.time_rope_heads=1",
+                                    "--config.model.bar_echo=2"])):
   t0 = time.perf_counter()
   out = io.StringIO()
   with contextlib.redirect_stdout(out):
@@ -140,7 +148,8 @@ def test_decode_step_compiles_for_tpu(tpu_compiles, kind):
 
 @needs_libtpu
 @pytest.mark.parametrize("name, devices, hosts, slices", [
-    ("v4-8", 4, 1, 1), ("v5e-16", 16, 4, 1), ("v4-8x2", 8, 2, 2), ("v4-8-muon", 4, 1, 1)])
+    ("v4-8", 4, 1, 1), ("v5e-16", 16, 4, 1), ("v4-8x2", 8, 2, 2), ("v4-8-muon", 4, 1, 1),
+    ("v4-8-beats", 4, 1, 1)])
 def test_midijax_compile_fits_on_tpu(tpu_compiles, name, devices, hosts, slices):
   r = tpu_compiles[name]
   report = r["report"]

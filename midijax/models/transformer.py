@@ -759,8 +759,8 @@ class Transformer(nnx.Module):
     them."""
     return music_time + jnp.maximum(jnp.take(self._clock(), tokens), 0)
 
-  # Keys sort as bar * _ECHO_BAR + time in the bar: times are clipped below it, bar
-  # indices stay below 2**15 (int32).
+  # Echo sort keys are bar index * _ECHO_BAR + time in the bar, in int32: times are
+  # clipped to half of it, so a window may hold up to 2**15 bars.
   _ECHO_BAR = 1 << 16
 
   def _echo_keys(self, tokens: jax.Array, segment_ids: Optional[jax.Array]):
