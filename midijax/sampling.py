@@ -276,7 +276,7 @@ def _sample(graphdef, spec: SamplerSpec, params, prompt, seed, temperature, top_
           bar = model.advance_bar_time(c["bar"], c["token"]) if uses_bars else c["bar"]
           music = (model.advance_music_time(c["music"], c["token"]) if uses_time
                    else c["music"])
-          # Echo models: what earlier bars played here, from every token so far.
+          # Echo models: what the window's earlier bars played at this place.
           echo = (model.bar_echo_at(c["out"], prompt_len + c["i"] - 1, c["start"])
                   if uses_echo else None)
           logits, cache = model.decode_step(c["token"], cache, c["pos"],
