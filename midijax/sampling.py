@@ -276,15 +276,16 @@ def _sample(graphdef, spec: SamplerSpec, params, prompt, seed, temperature, top_
           bar = model.advance_bar_time(c["bar"], c["token"]) if uses_bars else c["bar"]
           music = (model.advance_music_time(c["music"], c["token"]) if uses_time
                    else c["music"])
-          # Echo models: what the window's earlier bars played at this place.
-          echo = (model.bar_echo_at(c["out"], prompt_len + c["i"] - 1, c["start"])
-                  if uses_echo else None)
+          # Echo models: what the window's earlier bars played at this place, carried
+          # on one token at a time.
+          echo = (model.advance_echo(c["echo"], c["token"], prompt_len + c["i"] - 1)
+                  if uses_echo else c["echo"])
           logits, cache = model.decode_step(c["token"], cache, c["pos"],
                                             bar_time=bar if uses_bars else None,
                                             music_time=music if uses_time else None,
-                                            echo=echo)
+                                            echo=model.echo_of(echo) if uses_echo else None)
           return {**c, "logits": logits, "pos": c["pos"] + 1, "bar": bar,
-                  "music": music}, cache
+                  "music": music, "echo": echo}, cache
 
         return jax.lax.while_loop(
             lambda carry: in_phase(carry) & (carry[0]["i"] // NOISE_CHUNK == index), step, carry)
@@ -312,6 +313,8 @@ def _sample(graphdef, spec: SamplerSpec, params, prompt, seed, temperature, top_
   # Models with time-rope heads: the music's time from the window's start, likewise.
   uses_time = bool(model.config.time_rope_heads)
   uses_echo = bool(model.config.bar_echo)
+  echo_state = lambda out, index, start: (model.echo_state(out, index, start) if uses_echo
+                                          else jnp.zeros((), jnp.int32))
   music_time = lambda window: (model.music_times(window)[:, -1] if uses_time
                                else jnp.zeros((batch,), jnp.int32))
   logits, cache = prefill(model, first, first_len, spec.kv_cache)
@@ -322,7 +325,7 @@ def _sample(graphdef, spec: SamplerSpec, params, prompt, seed, temperature, top_
       "grammar": g.init_state(batch, prompt), "elapsed": jnp.zeros((batch,), jnp.float32),
       "done": jnp.zeros((batch,), bool), "reason": jnp.zeros((batch,), jnp.int32),
       "bar": bar_time(first), "music": music_time(first),
-      "start": jnp.asarray(start, jnp.int32),
+      "echo": echo_state(out, prompt_len - 1, start),
   }
   carry = run_phases(carry, cache, first_len)
 
@@ -336,7 +339,8 @@ def _sample(graphdef, spec: SamplerSpec, params, prompt, seed, temperature, top_
       logits, cache = prefill(model, window, window_len, spec.kv_cache)
       return run_phases({**c, "logits": logits, "pos": jnp.asarray(window_len, jnp.int32),
                          "bar": bar_time(window), "music": music_time(window),
-                         "start": start}, cache,
+                         "echo": echo_state(c["out"], prompt_len + c["i"] - 1, start)},
+                         cache,
                          window_len)
 
     carry = jax.lax.while_loop(going, slide, carry)

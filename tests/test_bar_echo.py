@@ -81,11 +81,17 @@ def test_echo_shows_the_previous_bar_by_cell_with_loudness_and_offset():
   packed = row[:8] + row[1:8]
   g = _features(model, packed, [1] * 8 + [2] * 7)
   assert not g[8:].any() and not g[:8].any()
-  # The sampler's one-token form, over a buffer with anything after the token, agrees.
+  # The sampler's one-token form, over a buffer with anything after the token, agrees;
+  # so does its state carried on token by token from the first.
   buffer = jnp.asarray([row + [KICK] * 5])
+  state = model.echo_state(buffer, 0)
   for i in range(len(row)):
     np.testing.assert_allclose(np.asarray(model.bar_echo_at(buffer, i))[0],
                                f[i].reshape(-1), atol=1e-6)
+    if i:
+      state = model.advance_echo(state, buffer[:, i], i)
+    np.testing.assert_allclose(np.asarray(model.echo_of(state))[0], f[i].reshape(-1),
+                               atol=1e-6)
 
 
 def test_echo_changes_the_prediction_and_decoding_matches_the_full_forward():

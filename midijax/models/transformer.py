@@ -768,7 +768,7 @@ class Transformer(nnx.Module):
     and segment starts; time since the bar [B, T], -1 unknown; the bar index where each
     token's segment starts [B, T]; the sort key [B, T]; prefix sums float32
     [B, T + 1, C, 3] of one-hot drum class x (1, loudness in force, time in the bar) over
-    the hits whose place in the bar is known)."""
+    the hits whose place in the bar is known; the loudness in force [B, T])."""
     cfg = self.config
     pad = lambda table, fill: list(table) + [fill] * (cfg.padded_vocab_size - len(table))
     classes = jnp.take(jnp.asarray(pad(cfg.echo_classes, -1), jnp.int32), tokens)
@@ -795,7 +795,7 @@ class Transformer(nnx.Module):
         [jnp.ones_like(in_force), in_force, bar_time.astype(jnp.float32)], axis=-1)[:, :, None]
     # Exact: counts, loudness in 32nds and integer times sum without rounding in float32.
     prefix = jnp.pad(jnp.cumsum(values, axis=1), ((0, 0), (1, 0), (0, 0), (0, 0)))
-    return bar_index, bar_time, first_bar, key, prefix
+    return bar_index, bar_time, first_bar, key, prefix, in_force
 
   def _echo(self, query, keys) -> jax.Array:
     """The echo features float32 [B, Q, F] of queries (bar index, bar time, segment's
@@ -843,14 +843,53 @@ class Transformer(nnx.Module):
   def bar_echo_at(self, tokens: jax.Array, index: jax.Array, start: jax.Array = 0
                   ) -> jax.Array:
     """`bar_echo_features` after the token at `index` (int scalar) of `tokens` [B, N] alone,
-    float32 [B, F]: the sampler's step. Tokens before `start` are left out, as if the
-    window began there (the sampler's slid window; its prefix takes no time and holds no
-    hits); tokens after `index` are never in an earlier bar, so whatever fills them does
-    not count."""
-    before = jnp.arange(tokens.shape[1], dtype=jnp.int32) < start
-    keys = self._echo_keys(jnp.where(before, 0, tokens), None)
-    query = tuple(jax.lax.dynamic_slice_in_dim(a, index, 1, axis=1) for a in keys[:3])
-    return self._echo(query, keys)[:, 0]
+    float32 [B, F]. Tokens before `start` are left out, as if the window began there (the
+    sampler's slid window; its prefix takes no time and holds no hits)."""
+    return self.echo_of(self.echo_state(tokens, index, start))
+
+  def echo_state(self, tokens: jax.Array, index: jax.Array, start: jax.Array = 0) -> dict:
+    """The sampler's echo state after the token at `index` of `tokens` [B, N] (tokens
+    before `start` left out, those after `index` not read): the sort keys and prefix sums
+    of `_echo_keys` over the buffer (keys after `index` at the int32 maximum, so the
+    binary search never reaches them) and the last token's bar index, bar time and
+    loudness in force. `advance_echo` carries it on one token at a time."""
+    position = jnp.arange(tokens.shape[1], dtype=jnp.int32)
+    after = position > index
+    bar_index, bar_time, first_bar, key, prefix, in_force = self._echo_keys(
+        jnp.where((position < start) | after, 0, tokens), None)
+    at = lambda a: jax.lax.dynamic_index_in_dim(a, index, axis=1, keepdims=False)
+    return {"key": jnp.where(after, jnp.iinfo(jnp.int32).max, key), "prefix": prefix,
+            "bar": at(bar_index), "time": at(bar_time), "first": at(first_bar),
+            "loudness": at(in_force)}
+
+  def advance_echo(self, state: dict, tokens: jax.Array, index: jax.Array) -> dict:
+    """`echo_state` one token on: `tokens` [B] written at `index` (the one after the
+    state's last token), in O(1) per row where `echo_state` reads the whole buffer."""
+    cfg = self.config
+    steps = jnp.take(self._clock(), tokens)
+    is_bar = steps < 0
+    bar = state["bar"] + is_bar.astype(jnp.int32)
+    time = jnp.where(is_bar, 0, jnp.where(state["time"] >= 0, jnp.minimum(
+        state["time"] + steps, self._ECHO_BAR // 2), -1))
+    pad = lambda table, fill: list(table) + [fill] * (cfg.padded_vocab_size - len(table))
+    classes = jnp.take(jnp.asarray(pad(cfg.echo_classes, -1), jnp.int32), tokens)
+    loud = jnp.take(jnp.asarray(pad(cfg.echo_velocities, -1.0), jnp.float32), tokens)
+    loudness = jnp.where(loud >= 0, loud, state["loudness"])
+    hit = (classes >= 0) & (time >= 0)
+    onehot = jax.nn.one_hot(classes, cfg.echo_num_classes, dtype=jnp.float32) * hit[:, None]
+    value = onehot[:, :, None] * jnp.stack(
+        [jnp.ones_like(loudness), loudness, time.astype(jnp.float32)], axis=-1)[:, None]
+    previous = jax.lax.dynamic_index_in_dim(state["prefix"], index, axis=1, keepdims=False)
+    return {**state, "bar": bar, "time": time, "loudness": loudness,
+            "key": jax.lax.dynamic_update_index_in_dim(
+                state["key"], bar * self._ECHO_BAR + time, index, axis=1),
+            "prefix": jax.lax.dynamic_update_index_in_dim(
+                state["prefix"], previous + value, index + 1, axis=1)}
+
+  def echo_of(self, state: dict) -> jax.Array:
+    """The echo features float32 [B, F] after the last token of an `echo_state`."""
+    query = tuple(state[k][:, None] for k in ("bar", "time", "first"))
+    return self._echo(query, (None, None, None, state["key"], state["prefix"]))[:, 0]
 
   def _rope_positions(self, positions: jax.Array, music_time: Optional[jax.Array]
                       ) -> jax.Array:
