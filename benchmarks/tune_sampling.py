@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Tunes a run's sampling settings on a held-out split with the C2ST of `midijax evaluate`.
 
-For every (temperature, top-p) of the grid, continues the same prompts of `--split`
+For every (temperature, top-p, guidance) of the grid, continues the same prompts of `--split`
 (default validation: tune there, report on test) with constrained samples and runs the
 classifier two-sample test at each continuation length; the best setting is the one whose
 worst length (the stronger classifier's accuracy) is lowest, i.e. closest to 50%. Prints
@@ -9,7 +9,8 @@ one JSON line per setting, then one for the best; put the best in the config's
 `sample` fields.
 
     python benchmarks/tune_sampling.py --workdir workdirs/groove_small \\
-        --data_dir workdirs/tfds --temperatures 0.9,1.0 --top_ps 0.9,0.95,1.0
+        --data_dir workdirs/tfds --temperatures 0.9,1.0 --top_ps 0.9,0.95,1.0 \\
+        --guidances 0,0.5
 
 With `--seeds 0,1,2` each setting's accuracy is the mean over three sampling seeds (the
 same prompts, other samples and folds): at 512 tokens one seed's estimate moves by
@@ -35,6 +36,9 @@ def main(argv=None):
   ap.add_argument("--split", default="validation", help="split to tune on")
   ap.add_argument("--temperatures", default="1.0", help="comma-separated temperatures")
   ap.add_argument("--top_ps", default="1.0", help="comma-separated top-p values")
+  ap.add_argument("--guidances", default="0",
+                  help="comma-separated prompt-guidance values (0 = off; see "
+                       "midijax.sampling.sample_tokens)")
   ap.add_argument("--top_k", type=int, default=0, help="top-k for every setting (0 = off)")
   ap.add_argument("--lengths", default="128,512", help="continuation lengths (tokens)")
   ap.add_argument("--prompts", type=int, default=100000,
@@ -73,8 +77,9 @@ def main(argv=None):
                                            max_windows=a.prompts, seed=a.seed, meters=meters)
   seeds = [int(x) for x in a.seeds.split(",") if x.strip()] or [a.seed]
   rows = []
-  for t, p in itertools.product(floats(a.temperatures), floats(a.top_ps)):
-    settings = evaluation.resolve_sampling(config, t, a.top_k, p)
+  for t, p, g in itertools.product(floats(a.temperatures), floats(a.top_ps),
+                                   floats(a.guidances)):
+    settings = evaluation.resolve_sampling(config, t, a.top_k, p, g)
     t0 = time.perf_counter()
     result = {}
     for n, w in windows.items():
@@ -98,7 +103,8 @@ def main(argv=None):
             "accuracy": round(sum(accs) / len(accs), 4),
             "seeds": {str(sd): round(acc, 4) for sd, acc in zip(seeds, accs)},
             "validity": min(x["constrained_validity"]["rate"] for x in per_seed)})
-    row = {"temperature": t, "top_p": p, "top_k": a.top_k, "seeds": seeds, "c2st": result,
+    row = {"temperature": t, "top_p": p, "top_k": a.top_k, "guidance": g, "seeds": seeds,
+           "c2st": result,
            "worst": max(v["accuracy"] for v in result.values()),
            "seconds": round(time.perf_counter() - t0, 1)}
     rows.append(row)

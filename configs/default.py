@@ -218,4 +218,7 @@ def get_config():
   # Key/value cache: "model" (the model's dtype) or "int8" (a scale per vector; see
   # midijax/sampling.py). Used by generate / continue unless --kv_cache says otherwise.
   sample.kv_cache = "model"
+  # Prompt guidance (midijax/sampling.py, `sample_tokens`): 0 = off; > 0 leans each token
+  # of a continuation further towards what its prompt makes likely, at twice the cost.
+  sample.guidance = 0.0
   return config

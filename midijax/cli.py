@@ -292,6 +292,10 @@ def _add_sampling_flags(p, num_samples: int, seconds: Optional[float]) -> None:
                  help="sample among the k most likely tokens, 0 = all (default: config.sample)")
   p.add_argument("--top_p", type=float, default=None,
                  help="nucleus sampling probability, 1 = off (default: config.sample)")
+  p.add_argument("--guidance", type=float, default=None,
+                 help="prompt guidance, 0 = off: lean each token further towards what the "
+                      "prompt makes likely, at twice the sampling cost (default: "
+                      "config.sample.guidance, else 0)")
   p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same samples")
   p.add_argument("--seconds", type=float, default=seconds,
                  help="seconds of new music per sample at most" +
@@ -381,7 +385,8 @@ def _sampling_setup(args, positional=(None, None, None)):
       config, enc, num_samples=args.num_samples,
       max_new_tokens=_one_of("max_tokens", args.max_tokens, length),
       temperature=_one_of("temperature", args.temperature, temperature),
-      top_k=_one_of("top_k", args.top_k, top_k), top_p=args.top_p, seed=args.seed,
+      top_k=_one_of("top_k", args.top_k, top_k), top_p=args.top_p, guidance=args.guidance,
+      seed=args.seed,
       max_seconds=args.seconds, constrained=not args.unconstrained, cache_len=args.context,
       window_keep=args.window_keep, kv_cache=args.kv_cache,
       conditions={kind: getattr(args, flag) for flag, kind in CONDITION_FLAGS.items()})
@@ -646,6 +651,9 @@ def _add_decoding_flags(p) -> None:
   p.add_argument("--top_p", type=float, default=None,
                  help="nucleus sampling probability, 1 = off (default: the run's "
                       "config.sample.top_p, else 1)")
+  p.add_argument("--guidance", type=float, default=None,
+                 help="prompt guidance of continuations, 0 = off (default: the run's "
+                      "config.sample.guidance, else 0)")
   p.add_argument("--data_dir", default=None,
                  help="TFDS data dir of the real clips (default: the run's config)")
 
@@ -717,7 +725,8 @@ def run_evaluate(args) -> int:
   evaluation.evaluate_workdir(args.workdir, split=args.split, num_samples=args.num_samples,
                               max_new_tokens=args.max_tokens, step=args.step, best=args.best,
                               seed=args.seed, temperature=args.temperature, top_k=args.top_k,
-                              top_p=args.top_p, data_dir=args.data_dir, out_dir=args.out,
+                              top_p=args.top_p, guidance=args.guidance,
+                              data_dir=args.data_dir, out_dir=args.out,
                               c2st_prompts=args.c2st_prompts,
                               c2st_lengths=_int_list("--c2st_lengths", args.c2st_lengths),
                               c2st_prompt_tokens=args.c2st_prompt_tokens,
@@ -787,7 +796,7 @@ def run_export_listening(args) -> int:
         runs, args.out, real_split=args.real, num_clips=args.num_clips, seconds=args.seconds,
         prompt_seconds=args.prompt_seconds, mode=args.mode, seed=args.seed,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        data_dir=args.data_dir)
+        guidance=args.guidance, data_dir=args.data_dir)
   except (ValueError, RuntimeError) as e:
     raise MidijaxError(str(e)) from None
   print(f"{args.out}: {manifest['counts']['clips']} clips; send {args.out}/rater/ to raters, "

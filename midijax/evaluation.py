@@ -287,13 +287,14 @@ def feature_kind(enc, is_drum: bool, asked: str = "auto") -> str:
 def sample_continuations(model, enc, prompts: Sequence[np.ndarray], *, length: int,
                          temperature: float, top_k: int, top_p: float, seed: int = 0,
                          constrained: bool = True, cache_len: Optional[int] = None,
-                         window_keep: Optional[int] = None,
+                         window_keep: Optional[int] = None, guidance: float = 0.0,
                          batch_size: int = SAMPLE_BATCH) -> list:
   """Exactly `length` new tokens after each prompt (EOS masked until then).
 
   `cache_len` is the context before the sampler's window slides (`sampling.sample_tokens`;
   default the model's max_len; `generation.trained_context` keeps it within the trained
-  positions); `window_keep` the recent tokens kept when it slides (default half of it).
+  positions); `window_keep` the recent tokens kept when it slides (default half of it);
+  `guidance` the prompt guidance (`sampling.sample_tokens`).
 
   Prompts of one length are sampled together, `batch_size` rows a call (the last call
   padded with copies so every call has one compiled shape); call c uses seed
@@ -317,7 +318,7 @@ def sample_continuations(model, enc, prompts: Sequence[np.ndarray], *, length: i
           model, batch.astype(np.int32), encoding=enc, max_new_tokens=length,
           min_new_tokens=length, seed=(seed * 9973 + call) % (1 << 31),
           temperature=temperature, top_k=top_k, top_p=top_p, constrained=constrained,
-          cache_len=cache_len, window_keep=window_keep)
+          cache_len=cache_len, window_keep=window_keep, guidance=guidance)
       call += 1
       for r, i in enumerate(idx):
         row = sampling.trim_sample(np.asarray(res["tokens"][r]), plen)[plen:]
@@ -373,7 +374,7 @@ def continuation_c2st(model, enc, windows: PromptWindows, *, settings: Mapping,
   Args:
     model, enc: the run (`runs.load_run`).
     windows: from `prompt_windows`.
-    settings: temperature, top_k, top_p of the samples.
+    settings: temperature, top_k, top_p (and guidance, default 0) of the samples.
     is_drum: decode onto the drum channel; kind: "drums" or "pitched" features.
     seed: sampling, folds, trees and permutations.
     n_folds: k of the k-fold cross-validation.
@@ -395,7 +396,7 @@ def continuation_c2st(model, enc, windows: PromptWindows, *, settings: Mapping,
   generated = sample_continuations(
       model, enc, windows.prompts, length=windows.length, temperature=settings["temperature"],
       top_k=settings["top_k"], top_p=settings["top_p"], seed=seed, cache_len=cache_len,
-      window_keep=window_keep)
+      window_keep=window_keep, guidance=settings.get("guidance", 0.0))
   sample_s = time.perf_counter() - t0
   validity = music_stats.grammar_validity(
       [np.concatenate([p, g]) for p, g in zip(windows.prompts, generated)],
@@ -431,22 +432,26 @@ def _prefix_length(enc, ids: np.ndarray) -> int:
 
 
 def resolve_sampling(config, temperature: Optional[float] = None,
-                     top_k: Optional[int] = None, top_p: Optional[float] = None) -> dict:
-  """temperature, top_k, top_p: each the argument when given, else the run's
-  config.sample field, else 1.0 / 0 / 1.0 (sampling from the model as it is).
+                     top_k: Optional[int] = None, top_p: Optional[float] = None,
+                     guidance: Optional[float] = None) -> dict:
+  """temperature, top_k, top_p, guidance: each the argument when given, else the run's
+  config.sample field, else 1.0 / 0 / 1.0 / 0 (sampling from the model as it is).
 
   Raises:
-    MidijaxError: temperature < 0, top_k < 0 or top_p outside (0, 1].
+    MidijaxError: temperature < 0, top_k < 0, top_p outside (0, 1] or guidance < 0.
   """
   sample = config.get("sample") if hasattr(config, "get") else None
   sample = sample or {}
   pick = lambda v, name, d: v if v is not None else (
       sample.get(name) if sample.get(name) is not None else d)
   out = {"temperature": float(pick(temperature, "temperature", 1.0)),
-         "top_k": int(pick(top_k, "top_k", 0)), "top_p": float(pick(top_p, "top_p", 1.0))}
-  if out["temperature"] < 0 or out["top_k"] < 0 or not 0 < out["top_p"] <= 1:
+         "top_k": int(pick(top_k, "top_k", 0)), "top_p": float(pick(top_p, "top_p", 1.0)),
+         "guidance": float(pick(guidance, "guidance", 0.0))}
+  if (out["temperature"] < 0 or out["top_k"] < 0 or not 0 < out["top_p"] <= 1
+      or not out["guidance"] >= 0):
     raise MidijaxError(f"sampling settings out of range: temperature {out['temperature']} "
-                       f"(>= 0), top_k {out['top_k']} (>= 0), top_p {out['top_p']} (0 to 1]")
+                       f"(>= 0), top_k {out['top_k']} (>= 0), top_p {out['top_p']} (0 to 1], "
+                       f"guidance {out['guidance']} (>= 0)")
   return out
 
 
@@ -454,6 +459,7 @@ def evaluate_workdir(workdir, *, split: str = "test", num_samples: int = 64,
                      max_new_tokens: Optional[int] = None, step: Optional[int] = None,
                      best: bool = False, seed: int = 0, temperature: Optional[float] = None,
                      top_k: Optional[int] = None, top_p: Optional[float] = None,
+                     guidance: Optional[float] = None,
                      data_dir: Optional[str] = None, out_dir=None,
                      c2st_prompts: int = C2ST_PROMPTS,
                      c2st_lengths: Sequence[int] = C2ST_LENGTHS,
@@ -488,7 +494,7 @@ def evaluate_workdir(workdir, *, split: str = "test", num_samples: int = 64,
   model, enc, config, step = runs.load_run(workdir, step=step, best=best)
   if data_dir:
     config.data.data_dir = data_dir
-  settings = resolve_sampling(config, temperature, top_k, top_p)
+  settings = resolve_sampling(config, temperature, top_k, top_p, guidance)
   context = generation.trained_context(config)
   workdir_p = ckpt_lib.workdir_path(workdir)
   out = pathlib.Path(out_dir) if out_dir else pathlib.Path(str(workdir_p / "eval" / str(step)))

@@ -744,11 +744,12 @@ def clips_from_runs(runs: Mapping[str, str], *, real_split: str = "test", num_cl
                     seconds: float = 20.0, prompt_seconds: Optional[float] = None,
                     mode: str = "both", seed: int = 0, temperature: Optional[float] = None,
                     top_k: Optional[int] = None, top_p: Optional[float] = None,
-                    data_dir: Optional[str] = None, log=print) -> list:
+                    guidance: Optional[float] = None, data_dir: Optional[str] = None,
+                    log=print) -> list:
   """Builds the clips of a listening test from trained runs and real data.
 
   Each run samples with its own config.sample settings (the ones tuned for it), except
-  those of temperature, top_k and top_p given here, which apply to every run.
+  those of temperature, top_k, top_p and guidance given here, which apply to every run.
   For each of `num_clips` real pieces of `real_split` (the same pieces for every run):
     * "free" (mode free/both): each run samples a piece conditioned on the real piece's
       BOS + conditioning prefix (style, tempo, ...); the real piece is rated beside them.
@@ -770,7 +771,7 @@ def clips_from_runs(runs: Mapping[str, str], *, real_split: str = "test", num_cl
     if data_dir:
       config.data.data_dir = data_dir
     loaded[name] = (model, enc, config, step, str(workdir))
-    draw[name] = evaluation.resolve_sampling(config, temperature, top_k, top_p)
+    draw[name] = evaluation.resolve_sampling(config, temperature, top_k, top_p, guidance)
   first = next(iter(loaded.values()))
   enc, config = first[1], first[2]
   for name, (_, e, c, _, w) in loaded.items():
@@ -873,8 +874,8 @@ def export_runs(runs: Mapping[str, str], out_dir: PathLike, *, real_split: str =
                 num_clips: int = 20, seconds: float = 20.0,
                 prompt_seconds: Optional[float] = None, mode: str = "both", seed: int = 0,
                 temperature: Optional[float] = None, top_k: Optional[int] = None,
-                top_p: Optional[float] = None, data_dir: Optional[str] = None,
-                log=print) -> dict:
+                top_p: Optional[float] = None, guidance: Optional[float] = None,
+                data_dir: Optional[str] = None, log=print) -> dict:
   """A listening test of trained runs against real clips: `clips_from_runs` (see there for
   the arguments) then `export_listening`. manifest.json records the settings, each run's
   sampling settings, and each run's quality as `midijax evaluate` measured it
@@ -888,10 +889,10 @@ def export_runs(runs: Mapping[str, str], out_dir: PathLike, *, real_split: str =
   clips = clips_from_runs(runs, real_split=real_split, num_clips=num_clips, seconds=seconds,
                           prompt_seconds=prompt_seconds, mode=mode, seed=seed,
                           temperature=temperature, top_k=top_k, top_p=top_p,
-                          data_dir=data_dir, log=log)
+                          guidance=guidance, data_dir=data_dir, log=log)
   sampling = {name: evaluation.resolve_sampling(
       json.loads((ckpt_lib.workdir_path(w) / "config.json").read_text()),
-      temperature, top_k, top_p) for name, w in runs.items()}
+      temperature, top_k, top_p, guidance) for name, w in runs.items()}
   generation = {"runs": dict(runs), "real_split": real_split, "mode": mode,
                 "sampling": sampling, "num_clips": num_clips, "seconds": seconds,
                 "prompt_seconds": prompt_seconds, "seed": seed,

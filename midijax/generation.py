@@ -29,7 +29,7 @@ from midijax.errors import MidijaxError
 
 # Defaults of the sampling settings a run's config.sample does not set.
 DEFAULT_SETTINGS = {"max_new_tokens": 512, "temperature": 1.0, "top_k": 0, "top_p": 1.0,
-                    "kv_cache": "model"}
+                    "kv_cache": "model", "guidance": 0.0}
 # Ticks per quarter note written in token-file headers (triples' POSITION/DURATION unit).
 TOKEN_FILE_TICKS_PER_QUARTER = 480
 
@@ -57,11 +57,12 @@ def sampling_settings(config, enc, *, num_samples: int = 8,
                       top_p: Optional[float] = None, seed: int = 0,
                       max_seconds: Optional[float] = None, constrained: bool = True,
                       cache_len: Optional[int] = None, window_keep: Optional[int] = None,
-                      kv_cache: Optional[str] = None,
+                      kv_cache: Optional[str] = None, guidance: Optional[float] = None,
                       conditions: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
   """The settings a sample is drawn with, resolved and checked.
 
-  Each of max_new_tokens, temperature, top_k, top_p and kv_cache is the argument when
+  Each of max_new_tokens, temperature, top_k, top_p, kv_cache and guidance (prompt
+  guidance, `sampling.sample_tokens`) is the argument when
   given, else the run's `config.sample.NAME`, else DEFAULT_SETTINGS. The context before
   the window slides (`cache_len`) is the argument, else the length the run was trained on
   (`trained_context`). Conditions are
@@ -72,8 +73,8 @@ def sampling_settings(config, enc, *, num_samples: int = 8,
     The settings dict that `generate_files` / `continue_files` take and record.
 
   Raises:
-    MidijaxError: a count below 1, a negative temperature or top_k, top_p outside (0, 1],
-      or an unknown condition.
+    MidijaxError: a count below 1, a negative temperature, top_k or guidance, top_p outside
+      (0, 1], or an unknown condition.
   """
   from midijax import sampling  # pylint: disable=g-import-not-at-top  # JAX
 
@@ -95,11 +96,14 @@ def sampling_settings(config, enc, *, num_samples: int = 8,
       "cache_len": int(cache_len if cache_len is not None else trained_context(config)),
       "window_keep": window_keep,
       "kv_cache": str(pick("kv_cache", kv_cache)),
+      "guidance": float(pick("guidance", guidance)),
   }
   if settings["num_samples"] < 1 or settings["max_new_tokens"] < 1:
     raise MidijaxError("--num_samples and the token count must be at least 1")
   if settings["temperature"] < 0 or not 0 < settings["top_p"] <= 1 or settings["top_k"] < 0:
     raise MidijaxError("need --temperature >= 0, 0 < --top_p <= 1 and --top_k >= 0")
+  if not settings["guidance"] >= 0:
+    raise MidijaxError(f"--guidance must be >= 0, got {settings['guidance']:g}")
   conditions = {k: v for k, v in (conditions or {}).items() if v is not None}
   if "tempo" in conditions and not isinstance(conditions["tempo"], str):
     conditions["tempo"] = f"{conditions['tempo']:g}"
@@ -156,7 +160,7 @@ def generate_files(model, enc, out_dir, settings: Mapping[str, Any], *, config, 
       temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"], seed=s["seed"],
       conditions=s["conditions"], max_seconds=s["max_seconds"], constrained=s["constrained"],
       window_keep=s["window_keep"], cache_len=s["cache_len"], qpm=qpm,
-      kv_cache=s["kv_cache"], mesh=mesh, rules=rules)
+      kv_cache=s["kv_cache"], guidance=s["guidance"], mesh=mesh, rules=rules)
   out = pathlib.Path(out_dir)
   violations = (constraints.grammar_violations(result.tokens, enc,
                                                model.config.padded_vocab_size)
@@ -205,8 +209,8 @@ def continue_files(model, enc, prompt_path, out_dir, settings: Mapping[str, Any]
       seconds=s["max_seconds"], max_new_tokens=max_new_tokens, num_samples=s["num_samples"],
       temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"], seed=s["seed"],
       conditions=s["conditions"], constrained=s["constrained"], window_keep=s["window_keep"],
-      cache_len=s["cache_len"], kv_cache=s["kv_cache"], mesh=mesh, rules=rules,
-      condition_kinds=condition_kinds)
+      cache_len=s["cache_len"], kv_cache=s["kv_cache"], guidance=s["guidance"], mesh=mesh,
+      rules=rules, condition_kinds=condition_kinds)
   result = cont.result
   out = pathlib.Path(out_dir)
   midi_io.write_midi(cont.prompt, out / "prompt.mid")

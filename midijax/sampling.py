@@ -35,9 +35,15 @@ How the loop works (`_sample`):
   that does not fit the context starts that way: the model sees the prefix and the
   prompt's last `window_keep` tokens, the grammar all of it.
 
+* With `guidance` > 0 (prompt guidance) a second, prompt-free stream with a cache of its
+  own runs beside the first: it starts from the BOS + conditioning prefix alone and reads
+  every sampled token (its window slides the same way when its cache fills). Each token
+  is chosen from the first stream's log-probabilities moved away from the second's.
+
 Everything that changes the program's shapes (batch, prompt length, max_new_tokens,
-cache_len, window_keep, top_k, top_p on/off, encoding) is static: one compile per
-combination. Temperature, top_p, seed, max_seconds and constrained are traced values.
+cache_len, window_keep, top_k, top_p on/off, guidance on/off, encoding) is static: one
+compile per combination. Temperature, top_p, guidance, seed, max_seconds and constrained
+are traced values.
 """
 from __future__ import annotations
 
@@ -212,10 +218,11 @@ class SamplerSpec:
   grammar: grammar_lib.Grammar
   cache_phases: int
   kv_cache: str = "model"
+  guided: bool = False
 
 
 def _sample(graphdef, spec: SamplerSpec, params, prompt, seed, temperature, top_p, max_seconds,
-            min_new_tokens, token_limit, constrained):
+            min_new_tokens, token_limit, constrained, guidance):
   """The jitted sampler. Returns (tokens [B, P+N], stop reason [B], seconds [B], steps)."""
   model = nnx.merge(graphdef, params)
   g = spec.grammar
@@ -228,6 +235,12 @@ def _sample(graphdef, spec: SamplerSpec, params, prompt, seed, temperature, top_
   def sample_one(c, noise):
     """Chooses, checks and records the next token of every row (noise: this chunk's)."""
     logits = c["logits"]
+    if spec.guided:
+      # Prompt guidance: the log-probabilities with the prompt, moved further from those of
+      # the prompt-free stream (see `sample_tokens`).
+      with_prompt = jax.nn.log_softmax(logits, axis=-1)
+      free = jax.nn.log_softmax(c["free"]["logits"], axis=-1)
+      logits = with_prompt + guidance * (with_prompt - free)
     # The mask is computed either way: one program serves both settings.
     logits = jnp.where(g.allowed(c["grammar"]) | ~constrained, logits, transformer.MASKED_LOGIT)
     # No EOS before min_new_tokens (benchmarks time an exact number of tokens).
@@ -284,6 +297,9 @@ def _sample(graphdef, spec: SamplerSpec, params, prompt, seed, temperature, top_
                                             bar_time=bar if uses_bars else None,
                                             music_time=music if uses_time else None,
                                             echo=model.echo_of(echo) if uses_echo else None)
+          if spec.guided:
+            c = {**c, "free": advance_free(c["free"], c["token"], c["out"],
+                                           prompt_len + c["i"] - 1)}
           return {**c, "logits": logits, "pos": c["pos"] + 1, "bar": bar,
                   "music": music, "echo": echo}, cache
 
@@ -317,6 +333,39 @@ def _sample(graphdef, spec: SamplerSpec, params, prompt, seed, temperature, top_
                                           else jnp.zeros((), jnp.int32))
   music_time = lambda window: (model.music_times(window)[:, -1] if uses_time
                                else jnp.zeros((batch,), jnp.int32))
+
+  def free_window(tokens, out, index, start):
+    """The prompt-free stream's state after prefilling `tokens` (its window: the prefix
+    and the sampled tokens out[start:index + 1])."""
+    logits, cache = prefill(model, tokens, spec.cache_len, spec.kv_cache)
+    return {"logits": logits, "cache": cache, "pos": jnp.asarray(tokens.shape[1], jnp.int32),
+            "bar": bar_time(tokens), "music": music_time(tokens),
+            "echo": echo_state(out, index, start)}
+
+  def advance_free(free, token, out, index):
+    """The prompt-free stream one token on (`token`, written at out[:, index]); on its own
+    full cache its window slides as the main stream's does, to the same tokens."""
+    bar = model.advance_bar_time(free["bar"], token) if uses_bars else free["bar"]
+    music = model.advance_music_time(free["music"], token) if uses_time else free["music"]
+    echo = model.advance_echo(free["echo"], token, index) if uses_echo else free["echo"]
+    logits, cache = model.decode_step(token, free["cache"], free["pos"],
+                                      bar_time=bar if uses_bars else None,
+                                      music_time=music if uses_time else None,
+                                      echo=model.echo_of(echo) if uses_echo else None)
+    free = {"logits": logits, "cache": cache, "pos": free["pos"] + 1, "bar": bar,
+            "music": music, "echo": echo}
+
+    def slide_free(_):
+      start = index + 1 - spec.window_keep
+      window = jnp.concatenate(
+          [out[:, :spec.prefix_len],
+           jax.lax.dynamic_slice_in_dim(out, start, spec.window_keep, axis=1)], axis=1)
+      return free_window(window, out, index, start)
+
+    if spec.prefix_len + spec.max_new_tokens < spec.cache_len:
+      return free  # its cache never fills
+    return jax.lax.cond(free["pos"] >= spec.cache_len, slide_free, lambda _: free, None)
+
   logits, cache = prefill(model, first, first_len, spec.kv_cache)
   out = jnp.concatenate([prompt, jnp.zeros((batch, spec.max_new_tokens), jnp.int32)], axis=1)
   carry = {
@@ -327,6 +376,10 @@ def _sample(graphdef, spec: SamplerSpec, params, prompt, seed, temperature, top_
       "bar": bar_time(first), "music": music_time(first),
       "echo": echo_state(out, prompt_len - 1, start),
   }
+  if spec.guided:
+    # The prompt-free stream starts from the prefix alone: the prompt's tokens are left out
+    # of its window (and of its echo), the sampled ones are in.
+    carry["free"] = free_window(prompt[:, :spec.prefix_len], out, prompt_len - 1, prompt_len)
   carry = run_phases(carry, cache, first_len)
 
   if first_len + spec.max_new_tokens > spec.cache_len:
@@ -380,7 +433,8 @@ def sample_tokens(model: transformer.Transformer, prompt, *, encoding: Encoding,
                   cache_len: Optional[int] = None, window_keep: Optional[int] = None,
                   prefix_len: Optional[int] = None, cache_phases: Optional[int] = None,
                   min_new_tokens: int = 0, token_limit: Optional[int] = None,
-                  kv_cache: str = "model", mesh=None, rules=None) -> Dict[str, Any]:
+                  kv_cache: str = "model", guidance: float = 0.0, mesh=None,
+                  rules=None) -> Dict[str, Any]:
   """Samples continuations of a batch of equal-length prompts (the low-level entry point).
 
   Args:
@@ -410,6 +464,13 @@ def sample_tokens(model: transformer.Transformer, prompt, *, encoding: Encoding,
       another sampler; default max_new_tokens.
     kv_cache: "model" (keys and values in the model's dtype) or "int8" (`quantize_kv`:
       a quarter of the float32 bytes; not with relative attention).
+    guidance: >= 0; prompt guidance (classifier-free guidance on the prompt, as Sanchez
+      et al. 2023 apply it to language models). Each token is chosen from
+      log p(x | prompt) + guidance * (log p(x | prompt) - log p(x | prefix)): a second,
+      prompt-free stream reads the BOS + conditioning prefix and the sampled tokens but
+      not the prompt's, and the choice leans further towards what the prompt makes more
+      likely than the model's prior (its drummer's kit and pattern). 0 = off; > 0 runs
+      the model twice a token. Without a prompt after the prefix it changes nothing.
     mesh, rules: a device mesh (`sharding.create_mesh`) and logical axis rules: the batch
       is split over its data axes and the sampler traced under `sharding.use_mesh`.
 
@@ -454,12 +515,16 @@ def sample_tokens(model: transformer.Transformer, prompt, *, encoding: Encoding,
     cache_bytes = (batch * cache_len * cfg.num_layers * 2 * cfg.qkv_dim *
                    (1 if kv_cache == "int8" else jnp.dtype(cfg.dtype).itemsize))
     cache_phases = int(np.clip(-(-cache_bytes // CACHE_BYTES_PER_PHASE), 1, MAX_CACHE_PHASES))
+  if not guidance >= 0:
+    raise ValueError(f"guidance must be >= 0, got {guidance}")
+  # Without music after the prefix the prompt-free stream would be the same stream.
+  guided = bool(guidance > 0) and prefix_len < plen
   spec = SamplerSpec(
       max_new_tokens=int(max_new_tokens), cache_len=cache_len, window_keep=window_keep,
       prefix_len=prefix_len, top_k=int(top_k) if 0 < top_k < cfg.padded_vocab_size else 0,
       use_top_p=top_p is not None and top_p < 1.0,
       grammar=grammar_lib.get(encoding, cfg.padded_vocab_size, qpm),
-      cache_phases=int(cache_phases), kv_cache=kv_cache)
+      cache_phases=int(cache_phases), kv_cache=kv_cache, guided=guided)
   if temperature < 0:
     raise ValueError(f"temperature must be >= 0, got {temperature}")
   if spec.use_top_p and not 0 < top_p <= 1:
@@ -480,7 +545,7 @@ def sample_tokens(model: transformer.Transformer, prompt, *, encoding: Encoding,
           jnp.asarray(np.inf if max_seconds is None else max_seconds, jnp.float32),
           jnp.asarray(min_new_tokens, jnp.int32),
           jnp.asarray(max_new_tokens if token_limit is None else token_limit, jnp.int32),
-          jnp.asarray(constrained, bool))
+          jnp.asarray(constrained, bool), jnp.asarray(guidance, jnp.float32))
   compiled, compile_s = _compiled_sampler(graphdef, spec, args, mesh, rules)
   start = time.perf_counter()
   tokens, reason, seconds, steps = jax.block_until_ready(compiled(*args))
@@ -549,7 +614,7 @@ def generate(model: transformer.Transformer, enc: Encoding, *, num_samples: int 
              prompt_ids: Optional[Sequence[int]] = None, max_seconds: Optional[float] = None,
              constrained: bool = True, window_keep: Optional[int] = None,
              cache_len: Optional[int] = None, qpm: float = 120.0, kv_cache: str = "model",
-             mesh=None, rules=None) -> SampleResult:
+             guidance: float = 0.0, mesh=None, rules=None) -> SampleResult:
   """Samples `num_samples` pieces from BOS + conditioning (+ optional event prompt).
 
   Args:
@@ -565,6 +630,7 @@ def generate(model: transformer.Transformer, enc: Encoding, *, num_samples: int 
     window_keep, cache_len: sliding-window settings (`sample_tokens`).
     qpm: tempo for `triples` time (max_seconds).
     kv_cache: "model" or "int8" (`sample_tokens`).
+    guidance: prompt guidance (`sample_tokens`; only a prompt after the prefix is guided).
     mesh, rules: sample sharded over a mesh (`sample_tokens`).
 
   Returns:
@@ -580,7 +646,7 @@ def generate(model: transformer.Transformer, enc: Encoding, *, num_samples: int 
                       top_k=top_k, top_p=top_p, constrained=constrained,
                       max_seconds=max_seconds, qpm=qpm, cache_len=cache_len,
                       window_keep=window_keep, prefix_len=prefix_len, kv_cache=kv_cache,
-                      mesh=mesh, rules=rules)
+                      guidance=guidance, mesh=mesh, rules=rules)
   tokens = [trim_sample(row, len(prompt)) for row in out["tokens"]]
   new_tokens = sum(len(t) - len(prompt) for t in tokens)
   timing = {"compile_s": out["compile_s"], "sample_s": out["sample_s"],
@@ -718,8 +784,9 @@ def continue_midi(model: transformer.Transformer, enc: Encoding, prompt_path, *,
                   top_p: float = 1.0, seed: int = 0,
                   conditions: Optional[Mapping[str, str]] = None, constrained: bool = True,
                   window_keep: Optional[int] = None, cache_len: Optional[int] = None,
-                  is_drum: Optional[bool] = None, kv_cache: str = "model", mesh=None,
-                  rules=None, condition_kinds: Optional[Sequence[str]] = None) -> Continuation:
+                  is_drum: Optional[bool] = None, kv_cache: str = "model",
+                  guidance: float = 0.0, mesh=None, rules=None,
+                  condition_kinds: Optional[Sequence[str]] = None) -> Continuation:
   """Continues the start of a MIDI file.
 
   Args:
@@ -732,7 +799,7 @@ def continue_midi(model: transformer.Transformer, enc: Encoding, prompt_path, *,
     max_new_tokens: token cap; default enough room for `seconds` at a dense 200 tokens
       per second, or 2048.
     num_samples, temperature, top_k, top_p, seed, conditions, constrained, window_keep,
-    cache_len, kv_cache, mesh, rules: as in `generate`.
+    cache_len, kv_cache, guidance, mesh, rules: as in `generate`.
     is_drum: write drum-channel notes; default: the prompt is all drums (drums encoding
       always writes drums).
     condition_kinds: the conditioning kinds the model was trained with
@@ -792,7 +859,8 @@ def continue_midi(model: transformer.Transformer, enc: Encoding, prompt_path, *,
                     temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                     conditions=conditions, prompt_ids=ids, max_seconds=seconds,
                     constrained=constrained, window_keep=window_keep, cache_len=cache_len,
-                    qpm=notes.qpm, kv_cache=kv_cache, mesh=mesh, rules=rules)
+                    qpm=notes.qpm, kv_cache=kv_cache, guidance=guidance, mesh=mesh,
+                    rules=rules)
   decode = functools.partial(enc.decode_notes, is_drum=is_drum, qpm=notes.qpm)
   return Continuation(prompt=decode(ids), full=[decode(t) for t in result.tokens],
                       continuation=[decode(t) for t in result.continuations], result=result,

@@ -46,10 +46,10 @@ def test_groove_quality_scores_the_run_and_the_ngrams_on_the_same_windows(tiny_r
 
 def test_tune_sampling_reports_each_setting_and_picks_the_best(tiny_run, groove_tfds):
   rows = _bench("tune_sampling.py", "--workdir", tiny_run, "--data_dir", groove_tfds,
-                "--temperatures", "0.9,1.0", "--lengths", "32", "--prompt_tokens", "16",
-                "--folds", "2", "--seeds", "0,1")
+                "--temperatures", "0.9", "--guidances", "0,0.5", "--lengths", "32",
+                "--prompt_tokens", "16", "--folds", "2", "--seeds", "0,1")
   *settings, summary = rows
-  assert [r["temperature"] for r in settings] == [0.9, 1.0]
+  assert [(r["temperature"], r["guidance"]) for r in settings] == [(0.9, 0.0), (0.9, 0.5)]
   for r in settings:
     c2st = r["c2st"]["32"]
     assert set(c2st["seeds"]) == {"0", "1"}

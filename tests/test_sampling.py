@@ -673,11 +673,12 @@ def test_continue_a_groove_file(groove_run, groove_files, tmp_path, capsys):
   out = tmp_path / "cont"
   code, stdout, err = run_cli(capsys, "continue", "--workdir", groove_run, "--prompt", src,
                               "--prompt_bars", 1, "--seconds", 4, "--num_samples", 2,
-                              "--top_k", 20, "--kv_cache", "int8", "--out", out)
+                              "--top_k", 20, "--kv_cache", "int8", "--guidance", 0.5,
+                              "--out", out)
   assert code == 0, err
   prompt = midi_io.read_notes(out / "prompt.mid")
   report = json.loads((out / "continue.json").read_text())
-  assert report["settings"]["kv_cache"] == "int8"
+  assert report["settings"]["kv_cache"] == "int8" and report["settings"]["guidance"] == 0.5
   cut = report["settings"]["prompt_seconds"]
   for i in range(2):
     full = midi_io.read_notes(out / f"sample_{i:02d}_full.mid")
@@ -710,6 +711,7 @@ def test_bad_inputs_are_one_clear_line(groove_run, groove_files, tmp_path, capsy
       (["generate", "--workdir", other_vocab], "incompatible encoding"),
       (["generate", *base, "--style", "polka"], "funk"),  # lists the valid styles
       (["generate", *base, "--max_tokens", 5, "--temperature", -1], "temperature"),
+      (["continue", "--prompt", groove_files[0], *base, "--guidance", -1], "--guidance"),
   ]
   for args, needle in cases:
     code, _, err = run_cli(capsys, *args)
