@@ -95,7 +95,8 @@ def make_corpus(data: pathlib.Path, folder: pathlib.Path, num_files: int) -> pat
   """The first `num_files` synthetic files in `folder` (kept and extended between calls)."""
   sources = source_files(data)
   if not sources:
-    raise SystemExit(f"build_beam.py: no MIDI files under {data}")
+    print(f"build_beam.py: no MIDI files under {data}", file=sys.stderr)
+    sys.exit(2)  # a user error, as the midijax command reports one
   for i in range(num_files):
     src = sources[i % len(sources)]
     k = i // len(sources)

@@ -53,8 +53,9 @@ def main():
   root = pathlib.Path(a.trace_dir)
   planes = sorted(root.rglob("*.xplane.pb"), key=lambda p: p.stat().st_mtime)
   if not planes:
-    raise SystemExit(f"profile_summary: no *.xplane.pb under {root} (write one with "
-                     "benchmarks/train_throughput.py --profile_dir)")
+    print(f"profile_summary: no *.xplane.pb under {root} (write one with "
+          "benchmarks/train_throughput.py --profile_dir)", file=sys.stderr)
+    sys.exit(2)  # a user error, as the midijax command reports one
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   from tensorflow.tsl.profiler.protobuf import xplane_pb2  # pylint: disable=import-outside-toplevel
 

@@ -29,8 +29,9 @@ DATA = pathlib.Path(os.environ.get("MIDIJAX_SHARED_DATA", REPO.parent / "shared"
 def first_groove_file() -> pathlib.Path:
   files = sorted((DATA / "groove" / "drummer1" / "session1").glob("*.mid"))
   if not files:
-    sys.exit(f"startup_time: no Groove files under {DATA}/groove/drummer1/session1; "
-             "give --midi")
+    print(f"startup_time: no Groove files under {DATA}/groove/drummer1/session1; give --midi",
+          file=sys.stderr)
+    sys.exit(2)  # a user error, as the midijax command reports one
   return files[0]
 
 
