@@ -16,6 +16,9 @@ one JSON line:
                      batch x length the growing cache read shows)
   load_average       the machine's 1-minute load when done (other jobs slow it down)
   compile_s          compiling the sampler (once per batch / length / settings)
+  guided_time_ratio  with --guidance G > 0 (prompt guidance, a second prompt-free stream):
+                     the guided call's time over the unguided one's, runs alternated in
+                     one process (median of each); tokens_per_s is the guided sampler's
 
 The context is set to prompt + new_tokens so the window never slides (as Hugging Face's
 GPT-2 with n_positions 2048); compare with ../shared/peers/hf_generate.py, same sizes:
@@ -28,6 +31,8 @@ GPT-2 with n_positions 2048); compare with ../shared/peers/hf_generate.py, same 
         --kv_cache int8   # int8 key/value cache (a quarter of the bytes per step)
     python benchmarks/sample_throughput.py --config configs/music_transformer.py --batch 1 \
         --dtype float32   # Music Transformer relative attention, float32 on CPU
+    python benchmarks/sample_throughput.py --config configs/groove_beats.py --batch 64 \
+        --encoding drums --prompt 64 --new_tokens 512 --guidance 0.5   # prompt guidance
 """
 import bench_env  # noqa: F401  first: see benchmarks/bench_env.py
 
@@ -63,6 +68,8 @@ def main():
   ap.add_argument("--top_p", type=float, default=1.0)
   ap.add_argument("--temperature", type=float, default=0.8)
   ap.add_argument("--unconstrained", action="store_true", help="no grammar mask")
+  ap.add_argument("--guidance", type=float, default=0.0,
+                  help="prompt guidance (0 = off); > 0 also times the unguided sampler")
   ap.add_argument("--kv_cache", choices=("model", "int8"), default="model",
                   help="key/value cache storage (int8: a scale per vector, see sampling.py)")
   ap.add_argument("--cache_phases", type=int, default=None,
@@ -109,23 +116,35 @@ def main():
   kw = dict(encoding=enc, max_new_tokens=a.new_tokens, temperature=a.temperature,
             top_k=a.top_k, top_p=a.top_p, constrained=not a.unconstrained,
             cache_len=min(context, max_len), min_new_tokens=a.new_tokens, prefix_len=1,
-            window_keep=min(context, max_len) // 2, kv_cache=a.kv_cache)
+            window_keep=min(context, max_len) // 2, kv_cache=a.kv_cache,
+            guidance=a.guidance)
   if a.cache_phases:
     kw["cache_phases"] = a.cache_phases
 
-  def run(limit, seed=0):
-    out = sampling.sample_tokens(model, prompt, seed=seed, token_limit=limit, **kw)
+  def run(limit, seed=0, **changes):
+    out = sampling.sample_tokens(model, prompt, seed=seed, token_limit=limit,
+                                 **{**kw, **changes})
     return out
 
   first = run(a.new_tokens)
   compile_s = first["compile_s"]
   run(a.new_tokens, seed=1)
-  times = []
+  guided = a.guidance > 0
+  if guided:
+    run(a.new_tokens, seed=1, guidance=0.0)  # compile the unguided sampler too
+  times, plain = [], []
   for r in range(a.runs):
     out = run(a.new_tokens, seed=2 + r)
     assert out["steps"] == a.new_tokens, out["steps"]
     times.append(out["sample_s"])
+    if guided:
+      plain.append(run(a.new_tokens, seed=2 + r, guidance=0.0)["sample_s"])
   tps = [a.batch * a.new_tokens / t for t in times]
+  extra = {}
+  if guided:
+    extra = {"guidance": a.guidance,
+             "plain_tokens_per_s": round(a.batch * a.new_tokens / statistics.median(plain), 1),
+             "guided_time_ratio": round(statistics.median(times) / statistics.median(plain), 3)}
 
   at = {}
   for p in [int(x) for x in a.positions.split(",") if x]:
@@ -155,7 +174,7 @@ def main():
       "kv_cache": a.kv_cache,
       "tokens_per_s": round(statistics.median(tps), 1),
       "tokens_per_s_min": round(min(tps), 1), "tokens_per_s_max": round(max(tps), 1),
-      "s_per_token_at": at, "compile_s": round(compile_s, 2),
+      "s_per_token_at": at, "compile_s": round(compile_s, 2), **extra,
       "devices": [str(d) for d in jax.devices()], "jax": jax.__version__,
       "allocator": allocator.current(),
       "load_average": round(os.getloadavg()[0], 2),
