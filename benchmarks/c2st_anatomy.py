@@ -55,6 +55,8 @@ def main(argv=None):
   ap.add_argument("--prompt_tokens", type=int, default=64)
   ap.add_argument("--temperature", type=float, default=None, help="default config.sample")
   ap.add_argument("--top_p", type=float, default=None, help="default config.sample")
+  ap.add_argument("--guidance", type=float, default=None,
+                  help="prompt guidance (default config.sample, else 0)")
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--repeats", type=int, default=3, help="draws of the other split")
   ap.add_argument("--folds", type=int, default=5)
@@ -171,7 +173,7 @@ def main(argv=None):
       sampled = evaluation.sample_continuations(
           model, enc, prompts, length=a.next_bar_tokens, temperature=settings["temperature"],
           top_k=settings["top_k"], top_p=settings["top_p"], seed=a.seed,
-          cache_len=generation.trained_context(config))
+          cache_len=generation.trained_context(config), guidance=settings["guidance"])
       nexts = []
       for head, g in zip(heads, sampled):
         stop = np.flatnonzero(g == bar_id)
@@ -193,11 +195,11 @@ def main(argv=None):
 
   t0 = time.perf_counter()
   w = windows_of(a.split)
-  settings = evaluation.resolve_sampling(config, a.temperature, None, a.top_p)
+  settings = evaluation.resolve_sampling(config, a.temperature, None, a.top_p, a.guidance)
   generated = evaluation.sample_continuations(
       model, enc, w.prompts, length=a.length, temperature=settings["temperature"],
       top_k=settings["top_k"], top_p=settings["top_p"], seed=a.seed,
-      cache_len=generation.trained_context(config))
+      cache_len=generation.trained_context(config), guidance=settings["guidance"])
   chunks = []
   for begin in range(0, a.length, a.chunk):
     end = begin + a.chunk

@@ -34,6 +34,7 @@ def main(argv=None):
   ap.add_argument("--temperature", type=float, default=None)
   ap.add_argument("--top_k", type=int, default=None)
   ap.add_argument("--top_p", type=float, default=None)
+  ap.add_argument("--guidance", type=float, default=None, help="prompt guidance")
   ap.add_argument("--out", default=str(REPO / "docs" / "groove_continuation.png"))
   a = ap.parse_args(argv)
 
@@ -45,7 +46,7 @@ def main(argv=None):
       a.workdir, best=checkpoint.best_step(a.workdir) is not None)
   if a.data_dir:
     config.data.data_dir = a.data_dir
-  settings = evaluation.resolve_sampling(config, a.temperature, a.top_k, a.top_p)
+  settings = evaluation.resolve_sampling(config, a.temperature, a.top_k, a.top_p, a.guidance)
   is_drum = encoding.is_drum_music(enc, dataset=config.data.name)
   spec = input_pipeline.dataset_specs(config)[0]
   store = input_pipeline.load_split(spec.version_dir, a.split)
@@ -82,7 +83,8 @@ def main(argv=None):
   s = settings
   title = (f"{a.prompt_tokens}-token prompt from the {a.split} split and {a.length}-token "
            f"continuations (temperature {s['temperature']:g}, top-p {s['top_p']:g}, "
-           f"top-k {s['top_k']}, constrained)")
+           f"top-k {s['top_k']}"
+           + (f", guidance {s['guidance']:g}" if s["guidance"] else "") + ", constrained)")
   reports.plot_continuations(prompt, clips, out, prompt_end=t_context - origin, qpm=qpm,
                              meter=meter, title=title)
   print(json.dumps({"figure": str(out), "workdir": str(a.workdir), "step": step,

@@ -2,28 +2,28 @@
 
 groove_small's Transformer (4 layers of width 128, rotary positions, dropout 0.2, velocity
 scaling within 10%, a cosine schedule, here trained with Muon for 3,500 steps, Adam's peak
-learning rate 2e-3, evaluated with the parameters' moving average), plus a learned embedding of each
-token's place in the bar (the time since the last BAR) and two of its four heads rotated
-by the music's time instead of the token index, trained on 512-token windows (batch 8),
-on `groove/drums_beats`: the same
-drum hits and velocities, but time shifts count 1/48 quarter note at the piece's tempo
-instead of 10 ms, a BAR token marks each bar line, and the prefix names the meter. A bar
-of 4/4 is 192 steps at any tempo, so the model does not have to infer the tempo from the
-hits to stay on the drummer's grid, a groove played at 90 and at 120 bpm is one token
-pattern, and the sampler's grammar keeps every bar whole. Time stretching is no
-augmentation for it (the tokens do not change with tempo), so there is none.
+learning rate 2e-3, evaluated with the parameters' moving average), plus a learned embedding
+of each token's place in the bar (the time since the last BAR), two of its four heads
+rotated by the music's time instead of the token index, and the echo of the previous two
+bars at each token's place in the bar (`model.bar_echo`), trained on 512-token windows
+(batch 8), on `groove/drums_beats`: the same drum hits and velocities, but time shifts
+count 1/48 quarter note at the piece's tempo instead of 10 ms, a BAR token marks each bar
+line, and the prefix names the meter. A bar of 4/4 is 192 steps at any tempo, so the model
+does not have to infer the tempo from the hits to stay on the drummer's grid, a groove
+played at 90 and at 120 bpm is one token pattern, and the sampler's grammar keeps every bar
+whole. Time stretching is no augmentation for it (the tokens do not change with tempo), so
+there is none. Continuations are sampled with prompt guidance (`sample.guidance`).
 
     midijax build-data groove --config drums_beats --manual_dir ../shared/data/groove
     midijax train --config=configs/groove_beats.py --workdir=workdirs/groove_beats
     midijax evaluate --workdir=workdirs/groove_beats --best --split validation
 
-Expect (README "Quality"; 2-core CPU VMs, 2026-12-04; 15 minutes on an idle VM, up to 25
-on slower ones): a validation NLL of 1.93 nats/token on 256-token windows, 30.3% below
-the best n-gram of these tokens (Kneser-Ney 4-gram, 2.77; 33.7% with 128 tokens of
-context), and a C2ST accuracy of 59.5% (128 tokens) to 66% (512 tokens) for its
-continuations over every validation prompt, averaged over three sampling seeds (57% / 65%
-with `evaluate`'s 128 prompts). Seed 0; seed 1 gave 1.95 (29.5%) and 61% / 70%, seed 2
-1.94 (29.8%) and 60% / 65%.
+Expect (README "Quality"; 2-core CPU VMs, 2026-12-05; 15 minutes on an idle VM, up to 25
+on slower ones): a validation NLL of 1.93 nats/token on 256-token windows, 30.4% below
+the best n-gram of these tokens (Kneser-Ney 4-gram, 2.77), and a C2ST accuracy of 57.1%
+(128 tokens) to 64.2% (512 tokens) for its continuations over every validation prompt,
+averaged over three sampling seeds (54% / 63% with `evaluate`'s 128 prompts). Seed 0;
+seed 1 gave 1.97 (28.9%) and 58% / 64%, seed 2 1.93 (30.2%) and 58% / 64%.
 
 Decoding needs the tempo: `continue` takes it from the prompt file, `generate` from --bpm
 (default 120), `evaluate` and `export-listening` from each piece's metadata.
