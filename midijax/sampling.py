@@ -37,8 +37,9 @@ How the loop works (`_sample`):
 
 * With `guidance` > 0 (prompt guidance) a second, prompt-free stream with a cache of its
   own runs beside the first: it starts from the BOS + conditioning prefix alone and reads
-  every sampled token (its window slides the same way when its cache fills). Each token
-  is chosen from the first stream's log-probabilities moved away from the second's.
+  every sampled token. Each token is chosen from the first stream's log-probabilities
+  moved away from the second's. When the first stream's window slides, the prompt leaves
+  it: from there on there is no prompt to lean towards, and the second stream stops.
 
 Everything that changes the program's shapes (batch, prompt length, max_new_tokens,
 cache_len, window_keep, top_k, top_p on/off, guidance on/off, encoding) is static: one
@@ -240,7 +241,7 @@ def _sample(graphdef, spec: SamplerSpec, params, prompt, seed, temperature, top_
       # the prompt-free stream (see `sample_tokens`).
       with_prompt = jax.nn.log_softmax(logits, axis=-1)
       free = jax.nn.log_softmax(c["free"]["logits"], axis=-1)
-      logits = with_prompt + guidance * (with_prompt - free)
+      logits = jnp.where(c["guiding"], with_prompt + guidance * (with_prompt - free), logits)
     # The mask is computed either way: one program serves both settings.
     logits = jnp.where(g.allowed(c["grammar"]) | ~constrained, logits, transformer.MASKED_LOGIT)
     # No EOS before min_new_tokens (benchmarks time an exact number of tokens).
@@ -298,8 +299,10 @@ def _sample(graphdef, spec: SamplerSpec, params, prompt, seed, temperature, top_
                                             music_time=music if uses_time else None,
                                             echo=model.echo_of(echo) if uses_echo else None)
           if spec.guided:
-            c = {**c, "free": advance_free(c["free"], c["token"], c["out"],
-                                           prompt_len + c["i"] - 1)}
+            c = {**c, "free": jax.lax.cond(
+                c["guiding"],
+                lambda free: advance_free(free, c["token"], c["out"], prompt_len + c["i"] - 1),
+                lambda free: free, c["free"])}
           return {**c, "logits": logits, "pos": c["pos"] + 1, "bar": bar,
                   "music": music, "echo": echo}, cache
 
@@ -334,17 +337,10 @@ def _sample(graphdef, spec: SamplerSpec, params, prompt, seed, temperature, top_
   music_time = lambda window: (model.music_times(window)[:, -1] if uses_time
                                else jnp.zeros((batch,), jnp.int32))
 
-  def free_window(tokens, out, index, start):
-    """The prompt-free stream's state after prefilling `tokens` (its window: the prefix
-    and the sampled tokens out[start:index + 1])."""
-    logits, cache = prefill(model, tokens, spec.cache_len, spec.kv_cache)
-    return {"logits": logits, "cache": cache, "pos": jnp.asarray(tokens.shape[1], jnp.int32),
-            "bar": bar_time(tokens), "music": music_time(tokens),
-            "echo": echo_state(out, index, start)}
-
   def advance_free(free, token, out, index):
-    """The prompt-free stream one token on (`token`, written at out[:, index]); on its own
-    full cache its window slides as the main stream's does, to the same tokens."""
+    """The prompt-free stream one token on (`token`, written at out[:, index]). It holds
+    fewer tokens than the prompted stream, and stops when that one slides, so its cache
+    never fills."""
     bar = model.advance_bar_time(free["bar"], token) if uses_bars else free["bar"]
     music = model.advance_music_time(free["music"], token) if uses_time else free["music"]
     echo = model.advance_echo(free["echo"], token, index) if uses_echo else free["echo"]
@@ -352,19 +348,8 @@ def _sample(graphdef, spec: SamplerSpec, params, prompt, seed, temperature, top_
                                       bar_time=bar if uses_bars else None,
                                       music_time=music if uses_time else None,
                                       echo=model.echo_of(echo) if uses_echo else None)
-    free = {"logits": logits, "cache": cache, "pos": free["pos"] + 1, "bar": bar,
+    return {"logits": logits, "cache": cache, "pos": free["pos"] + 1, "bar": bar,
             "music": music, "echo": echo}
-
-    def slide_free(_):
-      start = index + 1 - spec.window_keep
-      window = jnp.concatenate(
-          [out[:, :spec.prefix_len],
-           jax.lax.dynamic_slice_in_dim(out, start, spec.window_keep, axis=1)], axis=1)
-      return free_window(window, out, index, start)
-
-    if spec.prefix_len + spec.max_new_tokens < spec.cache_len:
-      return free  # its cache never fills
-    return jax.lax.cond(free["pos"] >= spec.cache_len, slide_free, lambda _: free, None)
 
   logits, cache = prefill(model, first, first_len, spec.kv_cache)
   out = jnp.concatenate([prompt, jnp.zeros((batch, spec.max_new_tokens), jnp.int32)], axis=1)
@@ -379,7 +364,13 @@ def _sample(graphdef, spec: SamplerSpec, params, prompt, seed, temperature, top_
   if spec.guided:
     # The prompt-free stream starts from the prefix alone: the prompt's tokens are left out
     # of its window (and of its echo), the sampled ones are in.
-    carry["free"] = free_window(prompt[:, :spec.prefix_len], out, prompt_len - 1, prompt_len)
+    prefix = prompt[:, :spec.prefix_len]
+    free_logits, free_cache = prefill(model, prefix, spec.cache_len, spec.kv_cache)
+    carry["free"] = {"logits": free_logits, "cache": free_cache,
+                     "pos": jnp.asarray(spec.prefix_len, jnp.int32), "bar": bar_time(prefix),
+                     "music": music_time(prefix),
+                     "echo": echo_state(out, prompt_len - 1, prompt_len)}
+    carry["guiding"] = jnp.asarray(True)
   carry = run_phases(carry, cache, first_len)
 
   if first_len + spec.max_new_tokens > spec.cache_len:
@@ -390,6 +381,9 @@ def _sample(graphdef, spec: SamplerSpec, params, prompt, seed, temperature, top_
           [c["out"][:, :spec.prefix_len],
            jax.lax.dynamic_slice_in_dim(c["out"], start, spec.window_keep, axis=1)], axis=1)
       logits, cache = prefill(model, window, window_len, spec.kv_cache)
+      if spec.guided:
+        # The prompt has left the window: nothing to lean towards, the second stream stops.
+        c = {**c, "guiding": jnp.asarray(False)}
       return run_phases({**c, "logits": logits, "pos": jnp.asarray(window_len, jnp.int32),
                          "bar": bar_time(window), "music": music_time(window),
                          "echo": echo_state(c["out"], prompt_len + c["i"] - 1, start)},
@@ -469,8 +463,10 @@ def sample_tokens(model: transformer.Transformer, prompt, *, encoding: Encoding,
       log p(x | prompt) + guidance * (log p(x | prompt) - log p(x | prefix)): a second,
       prompt-free stream reads the BOS + conditioning prefix and the sampled tokens but
       not the prompt's, and the choice leans further towards what the prompt makes more
-      likely than the model's prior (its drummer's kit and pattern). 0 = off; > 0 runs
-      the model twice a token. Without a prompt after the prefix it changes nothing.
+      likely than the model's prior (its drummer's kit and pattern). Once the window has
+      slid past the prompt, the choice is the unguided one (and the second stream
+      stops). 0 = off; > 0 runs the model twice a token until then. Without a prompt
+      after the prefix it changes nothing.
     mesh, rules: a device mesh (`sharding.create_mesh`) and logical axis rules: the batch
       is split over its data axes and the sampler traced under `sharding.use_mesh`.
 
