@@ -105,11 +105,12 @@ def test_window_units_of_beat_time_follow_each_rows_tempo():
 
 def test_sampling_settings_come_from_the_config_unless_given():
   config = ml_collections.ConfigDict({"sample": {"temperature": 0.9, "top_k": 0, "top_p": 0.95}})
-  assert evaluation.resolve_sampling(config) == {"temperature": 0.9, "top_k": 0, "top_p": 0.95}
-  assert evaluation.resolve_sampling(config, temperature=1.1, top_p=1.0) == {
-      "temperature": 1.1, "top_k": 0, "top_p": 1.0}
+  assert evaluation.resolve_sampling(config) == {"temperature": 0.9, "top_k": 0, "top_p": 0.95,
+                                                 "guidance": 0.0}
+  assert evaluation.resolve_sampling(config, temperature=1.1, top_p=1.0, guidance=0.5) == {
+      "temperature": 1.1, "top_k": 0, "top_p": 1.0, "guidance": 0.5}
   assert evaluation.resolve_sampling(ml_collections.ConfigDict()) == {
-      "temperature": 1.0, "top_k": 0, "top_p": 1.0}
+      "temperature": 1.0, "top_k": 0, "top_p": 1.0, "guidance": 0.0}
   with pytest.raises(MidijaxError, match="top_p"):
     evaluation.resolve_sampling(config, top_p=1.5)
 

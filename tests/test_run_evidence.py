@@ -112,7 +112,7 @@ def test_export_listening_from_a_trained_run(tiny_run, groove_tfds, tmp_path):
   out = tmp_path / "listen"
   assert cli.main(["export-listening", "--run", f"tiny={tiny_run}", "--num_clips", "2",
                    "--seconds", "4", "--out", str(out), "--data_dir", str(groove_tfds),
-                   "--top_p", "0.9"]) == 0
+                   "--top_p", "0.9", "--guidance", "0.5"]) == 0
   key = list(csv.DictReader(open(out / "key.csv")))
   assert {r["condition"] for r in key} >= {"tiny", "real"}
   wavs = list((out / "rater" / "audio").glob("*.wav"))
@@ -135,8 +135,9 @@ def test_export_listening_from_a_trained_run(tiny_run, groove_tfds, tmp_path):
   manifest = json.loads((out / "manifest.json").read_text())
   gen = manifest["generation"]
   assert gen["runs"] == {"tiny": str(tiny_run)} and gen["real_split"] == "test"
-  # The run's config.sample settings, with the flag given overriding its field.
-  assert gen["sampling"]["tiny"] == {"temperature": 1.0, "top_k": 0, "top_p": 0.9}
+  # The run's config.sample settings, with the flags given overriding its fields.
+  assert gen["sampling"]["tiny"] == {"temperature": 1.0, "top_k": 0, "top_p": 0.9,
+                                     "guidance": 0.5}
   quality = gen["quality"]["tiny"]
   assert quality["eval"] and quality["split"] == "train" and quality["nll_per_token"] > 0
   assert set(quality["c2st"]) == {"16"}
