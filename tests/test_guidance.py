@@ -53,13 +53,22 @@ def test_guided_greedy_sampling_equals_the_two_streams_by_full_forwards(cache_le
                                temperature=0.0, constrained=False, cache_len=cache_len,
                                window_keep=KEEP, prefix_len=1, min_new_tokens=n,
                                guidance=guidance)["tokens"][0]
+  forward = jax.jit(lambda tokens: model(tokens))
+
+  def last(tokens):
+    """Log-probabilities after `tokens`: one compiled forward, padded after the end (the
+    model is causal, so the padding changes nothing before it)."""
+    row = np.full((1, model.config.max_len), encoding.PAD_ID, np.int32)
+    row[0, :len(tokens)] = tokens
+    return jax.nn.log_softmax(forward(jnp.asarray(row))[0, len(tokens) - 1])
+
   seq, free = list(PROMPT), PROMPT[:1]
   for _ in range(n):
-    with_prompt = jax.nn.log_softmax(model(jnp.asarray([window(seq, cache_len)]))[0, -1])
+    with_prompt = last(window(seq, cache_len))
     if len(seq) >= cache_len:  # slid: the prompt is out of the window, guidance adds nothing
       alone = with_prompt
     else:
-      alone = jax.nn.log_softmax(model(jnp.asarray([free]))[0, -1])
+      alone = last(free)
     mixed = (with_prompt + guidance * (with_prompt - alone)).at[encoding.EOS_ID].set(-jnp.inf)
     token = int(jnp.argmax(mixed))
     seq.append(token)
