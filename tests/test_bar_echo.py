@@ -137,13 +137,17 @@ def test_sampler_echoes_like_the_full_forward_through_the_window_slide(cache_len
   out = sampling.sample_tokens(model, prompt, encoding=ENC, max_new_tokens=24,
                                temperature=0.0, constrained=False, cache_len=cache_len,
                                window_keep=8, prefix_len=1, min_new_tokens=24)["tokens"][0]
+  # One compiled forward, padded after the window's end (causal: nothing before changes).
+  forward = jax.jit(lambda tokens: model(tokens))
   seq = list(prompt[0])
   for _ in range(24):
     window = seq if len(seq) < cache_len else None
     if window is None:  # the slid window: prefix + the last window_keep tokens
       keep = 8 + (len(seq) - cache_len) % (cache_len - 9)
       window = seq[:1] + seq[len(seq) - keep:]
-    logits = model(jnp.asarray([window]))[0, -1].at[encoding.EOS_ID].set(-jnp.inf)
+    row = np.full((1, model.config.max_len), encoding.PAD_ID, np.int32)
+    row[0, :len(window)] = window
+    logits = forward(jnp.asarray(row))[0, len(window) - 1].at[encoding.EOS_ID].set(-jnp.inf)
     seq.append(int(jnp.argmax(logits)))
   np.testing.assert_array_equal(out[:len(seq)], seq)
 
