@@ -448,10 +448,10 @@ def resolve_sampling(config, temperature: Optional[float] = None,
          "top_k": int(pick(top_k, "top_k", 0)), "top_p": float(pick(top_p, "top_p", 1.0)),
          "guidance": float(pick(guidance, "guidance", 0.0))}
   if (out["temperature"] < 0 or out["top_k"] < 0 or not 0 < out["top_p"] <= 1
-      or not out["guidance"] >= 0):
+      or not 0 <= out["guidance"] < float("inf")):
     raise MidijaxError(f"sampling settings out of range: temperature {out['temperature']} "
                        f"(>= 0), top_k {out['top_k']} (>= 0), top_p {out['top_p']} (0 to 1], "
-                       f"guidance {out['guidance']} (>= 0)")
+                       f"guidance {out['guidance']} (finite, >= 0)")
   return out
 
 

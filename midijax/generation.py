@@ -102,8 +102,8 @@ def sampling_settings(config, enc, *, num_samples: int = 8,
     raise MidijaxError("--num_samples and the token count must be at least 1")
   if settings["temperature"] < 0 or not 0 < settings["top_p"] <= 1 or settings["top_k"] < 0:
     raise MidijaxError("need --temperature >= 0, 0 < --top_p <= 1 and --top_k >= 0")
-  if not settings["guidance"] >= 0:
-    raise MidijaxError(f"--guidance must be >= 0, got {settings['guidance']:g}")
+  if not 0 <= settings["guidance"] < float("inf"):
+    raise MidijaxError(f"--guidance must be a finite number >= 0, got {settings['guidance']:g}")
   conditions = {k: v for k, v in (conditions or {}).items() if v is not None}
   if "tempo" in conditions and not isinstance(conditions["tempo"], str):
     conditions["tempo"] = f"{conditions['tempo']:g}"

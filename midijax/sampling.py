@@ -511,8 +511,8 @@ def sample_tokens(model: transformer.Transformer, prompt, *, encoding: Encoding,
     cache_bytes = (batch * cache_len * cfg.num_layers * 2 * cfg.qkv_dim *
                    (1 if kv_cache == "int8" else jnp.dtype(cfg.dtype).itemsize))
     cache_phases = int(np.clip(-(-cache_bytes // CACHE_BYTES_PER_PHASE), 1, MAX_CACHE_PHASES))
-  if not guidance >= 0:
-    raise ValueError(f"guidance must be >= 0, got {guidance}")
+  if not 0 <= guidance < float("inf"):
+    raise ValueError(f"guidance must be a finite number >= 0, got {guidance}")
   # Without music after the prefix the prompt-free stream would be the same stream.
   guided = bool(guidance > 0) and prefix_len < plen
   spec = SamplerSpec(

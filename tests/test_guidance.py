@@ -104,3 +104,8 @@ def test_guidance_needs_a_prompt_and_is_checked():
     generation.sampling_settings(config, ENC, guidance=-1.0)
   with pytest.raises(MidijaxError, match="guidance"):
     evaluation.resolve_sampling(config, guidance=float("nan"))
+  # An infinite weight would turn the log-probabilities into NaN: refused too.
+  with pytest.raises(MidijaxError, match="guidance"):
+    generation.sampling_settings(config, ENC, guidance=float("inf"))
+  with pytest.raises(ValueError, match="guidance"):
+    sampling.sample_tokens(model, alone, guidance=float("inf"), **kw)
