@@ -84,6 +84,24 @@ def test_c2st_anatomy_reports_chunks_shifts_repetition_and_splits(tiny_run, groo
     assert all(0 <= x <= 1 for x in r["bars_alike_by_pair"])
 
 
+def test_c2st_references_put_real_drummers_in_the_models_place(tiny_run, groove_tfds):
+  args = ("--workdir", tiny_run, "--data_dir", groove_tfds, "--lengths", "32",
+          "--prompt_tokens", "16", "--folds", "2", "--seeds", "0,1")
+  *rows, summary = _bench("c2st_references.py", *args)
+  assert [r["reference"] for r in rows] == ["same_prefix", "nearest_prompt"]
+  for r in rows:
+    assert r["length"] == 32 and r["windows"] > 0 and r["reference_windows"] > 0
+    assert abs(r["accuracy"] - sum(r["seeds"].values()) / 2) < 1e-3
+    assert set(r["classifiers"]) == {"logistic_regression", "boosted_trees"}
+    assert summary["summary"][r["reference"]]["32"] == r["accuracy"]
+  # With the tested split as its own reference, each prompt's nearest prompt is itself: the
+  # stand-ins are the real continuations, and no classifier can beat a coin.
+  *rows, _ = _bench("c2st_references.py", *args, "--reference_split", "validation")
+  nearest = rows[1]
+  assert nearest["reference"] == "nearest_prompt"
+  assert all(abs(x - 0.5) < 1e-9 for x in nearest["classifiers"].values()), nearest
+
+
 @pytest.fixture(scope="module")
 def beats_tiny_run(tmp_path_factory, groove_dir):
   """groove_tiny trained 10 steps on `drums_beats` (BAR tokens) built from 8 + 8 real beats,
@@ -123,7 +141,7 @@ def test_c2st_anatomy_next_bar_continues_the_drummers_bars(beats_tiny_run):
 def test_a_benchmark_given_a_missing_run_says_so_in_one_line(tmp_path):
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   missing = tmp_path / "no_run"
-  for script in ("tune_sampling.py", "c2st_anatomy.py"):
+  for script in ("tune_sampling.py", "c2st_anatomy.py", "c2st_references.py"):
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--workdir",
                            str(missing)], cwd=REPO, capture_output=True, text=True, timeout=300,
                           env=env)
