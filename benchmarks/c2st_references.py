@@ -128,10 +128,10 @@ def main(argv=None):
       return list(range(len(prefix_keys)))
 
     for name in ("same_prefix", "nearest_prompt"):
-      per_seed, matched = [], 0
+      per_seed = []
       for seed in seeds:
         rng = np.random.default_rng(seed)
-        conts, origins = [], []
+        picks = []
         for i in range(len(test)):
           pool = candidates(i, ref_prefix, ref_style)
           if name == "same_prefix":
@@ -139,14 +139,13 @@ def main(argv=None):
           else:
             d = ((z_ref[pool] - z_test[i]) ** 2).sum(1)
             j = pool[int(np.argmin(d))]
-          conts.append(refs.real[j])
-          origins.append((refs, j))
+          picks.append(j)
+        conts = [refs.real[j] for j in picks]
         # Each stand-in is decoded after its own piece's events (so its beat grid is its
         # drummer's), at the tested piece's tempo (tokens count beats, not seconds).
         stand_in = evaluation.PromptWindows(
-            [None] * len(conts), [src.contexts[j] for src, j in origins], conts,
-            test.pieces, test.offsets, test.qpm, [src.meters[j] for src, j in origins],
-            pt, n)
+            [None] * len(picks), [refs.contexts[j] for j in picks], conts, test.pieces,
+            test.offsets, test.qpm, [refs.meters[j] for j in picks], pt, n)
         gen_clips, gen_s = clips_of(stand_in, conts)
         gen = features(gen_clips, gen_s)
         r = two_sample.c2st(real.values, gen.values, real_groups=test.pieces,

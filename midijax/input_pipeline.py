@@ -514,6 +514,11 @@ class _TrainSettings:
   pairs: bool = False  # some pieces are continuation pairs (weights 0 on their prompt)
   velocity_curve: str = "linear"
   input_noise: float = 0.0
+  piece_sampling: str = "epoch"
+
+
+# config.data.piece_sampling: how a training row's piece is drawn.
+PIECE_SAMPLING = ("epoch", "tokens")
 
 
 class TrainIterator:
@@ -589,7 +594,11 @@ def _train_settings(config: Any, process_index: int, process_count: int
       velocity_scale=float(_field(data, "velocity_scale", 0.0)), seed=seed,
       process_index=process_index,
       velocity_curve=str(_field(data, "velocity_curve", "linear")),
-      input_noise=float(_field(data, "input_noise", 0.0)))
+      input_noise=float(_field(data, "input_noise", 0.0)),
+      piece_sampling=str(_field(data, "piece_sampling", "epoch")))
+  if settings.piece_sampling not in PIECE_SAMPLING:
+    raise ConfigError(f"config.data.piece_sampling={settings.piece_sampling!r} must be one of "
+                      f"{', '.join(PIECE_SAMPLING)}")
   if not 0.0 <= settings.input_noise < 1.0:
     raise ConfigError(f"config.data.input_noise={settings.input_noise} must be in [0, 1) "
                       "(0 = off)")
@@ -707,6 +716,16 @@ def _train_dataset(store: TokenStore, sizes: Sequence[int], weights: np.ndarray,
   ds_sizes = tf.constant(sizes, tf.int64)
   ds_offsets = tf.constant(np.cumsum([0] + list(sizes[:-1])), tf.int64)
   log_weights = tf.constant(np.log(weights)[None, :], tf.float32)
+  by_tokens = s.piece_sampling == "tokens"
+  if by_tokens:
+    # Each piece weighs its scored tokens (at least 1): the end of each piece's span on
+    # one line over all pieces, and where each dataset's spans begin and how long they are.
+    scored = np.maximum(store.lengths - store.head_lengths, 1).astype(np.float64)
+    span_end = tf.constant(np.cumsum(scored)[None, :], tf.float64)
+    ds_first = np.cumsum([0] + list(sizes[:-1])).astype(np.int64)
+    span_begin = tf.constant(np.concatenate([[0.0], np.cumsum(scored)])[ds_first], tf.float64)
+    span_total = tf.constant([scored[a:a + n].sum() for a, n in zip(ds_first, sizes)],
+                             tf.float64)
   # Processes hold different shares of the data and must not mirror each other's draws.
   base_seed = tf.constant([s.seed, s.process_index], tf.int64)
   can_transpose = s.transpose > 0 and enc.name == "performance"
@@ -725,11 +744,26 @@ def _train_dataset(store: TokenStore, sizes: Sequence[int], weights: np.ndarray,
     else:
       which = tf.zeros([draws], tf.int64)
     n = tf.gather(ds_sizes, which)
-    # Epoch e of dataset d visits its pieces in the permutation keyed on (seed, process, d, e).
-    perm_seed = tf.stack([tf.fill([draws], tf.constant(_INDEX_SHUFFLE_SEED_WORD, tf.int64)),
-                          s.seed * 65536 + s.process_index * 1024 + which, draw // n], axis=1)
-    i = tf.gather(ds_offsets, which) + tf.raw_ops.RandomIndexShuffle(
-        index=draw % n, seed=perm_seed, max_index=n - 1, rounds=4)
+    if by_tokens:
+      # A piece with probability proportional to its scored tokens (within its dataset):
+      # every token is as likely to be in a row as any other, as when a corpus is
+      # concatenated and chunked. A point drawn on the dataset's span of the line falls
+      # in one piece's span.
+      u = tf.random.stateless_uniform(
+          [draws], seed=tf.random.experimental.stateless_fold_in(seeds[0], 5),
+          dtype=tf.float64)
+      point = tf.gather(span_begin, which) + u * tf.gather(span_total, which)
+      i = tf.searchsorted(span_end, point[None, :], side="right")[0]
+      first = tf.gather(ds_offsets, which)
+      i = tf.clip_by_value(tf.cast(i, tf.int64), first, first + n - 1)
+    else:
+      # Epoch e of dataset d visits its pieces in the permutation keyed on
+      # (seed, process, d, e).
+      perm_seed = tf.stack([tf.fill([draws], tf.constant(_INDEX_SHUFFLE_SEED_WORD, tf.int64)),
+                            s.seed * 65536 + s.process_index * 1024 + which, draw // n],
+                           axis=1)
+      i = tf.gather(ds_offsets, which) + tf.raw_ops.RandomIndexShuffle(
+          index=draw % n, seed=perm_seed, max_index=n - 1, rounds=4)
     start, length = tf.gather(starts, i), tf.gather(lengths, i)
     prefix = tf.gather(prefix_lengths, i)
     body_len = length - prefix
