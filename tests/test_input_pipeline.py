@@ -174,6 +174,39 @@ def test_epochs_visit_every_piece_once(data_dir):
   assert order[:n] != order[n:]
 
 
+def test_token_sampling_draws_pieces_in_proportion_to_their_length(data_dir):
+  """data.piece_sampling='tokens': each row's piece with probability proportional to its
+  scored tokens (every token as likely to be trained on), reproducible and resumable."""
+  from scipy import stats
+  version_dir = input_pipeline.find_dataset_dir("groove", "drums", str(data_dir))
+  store = input_pipeline.load_split(version_dir, "train")
+  n = len(store)
+  config = make_config(data_dir, seq_len=int(store.lengths.max()), batch_size=4,
+                       piece_sampling="tokens")
+  batches = take(input_pipeline.make_train_iterator(config, process_index=0, process_count=1),
+                 100)
+  counts = np.zeros(n)
+  for batch in batches:
+    for inputs, targets in zip(batch["inputs"], batch["targets"]):
+      full = np.concatenate([inputs, targets[-1:]])
+      (i,) = [i for i in range(n) if np.array_equal(full[:store.lengths[i]], store.piece(i))
+              and not full[store.lengths[i]:].any()]
+      counts[i] += 1
+  scored = (store.lengths - store.prefix_lengths).astype(np.float64)
+  expected = scored / scored.sum() * counts.sum()
+  assert stats.chisquare(counts, expected).pvalue > 1e-3, (counts, expected)
+  # The longest piece is drawn more often than the shortest (the pieces differ 3x or more).
+  assert scored.max() > 3 * scored.min()
+  assert counts[np.argmax(scored)] > counts[np.argmin(scored)]
+  resumed = take(input_pipeline.make_train_iterator(config, start_step=60, process_index=0,
+                                                    process_count=1), 3)
+  for a, b in zip(batches[60:63], resumed):
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+  with pytest.raises(input_pipeline.ConfigError, match="piece_sampling"):
+    input_pipeline.make_train_iterator(make_config(data_dir, piece_sampling="pieces"),
+                                       process_index=0, process_count=1)
+
+
 def test_per_process_shares_and_shapes(data_dir):
   config = make_config(data_dir, batch_size=8)
   version_dir = input_pipeline.find_dataset_dir("groove", "drums", str(data_dir))
