@@ -17,7 +17,8 @@ is a stateless op keyed on (seed, process, step) or on the draw number, so
 Each draw picks a dataset (mixture weights, stateless categorical), then an example
 through a per-(dataset, epoch) permutation of the draw numbers (TF's stateless
 `index_shuffle`: with one dataset and no packing every example is used once per epoch
-of N rows, in a new order each epoch), then a random
+of N rows, in a new order each epoch) or, with ``piece_sampling="tokens"``, with
+probability proportional to its scored tokens (every token equally likely), then a random
 crop of ``seq_len + 1`` tokens that keeps the conditioning prefix (BOS + condition
 tokens) at the front. Short pieces are padded (weights 0), or with ``packing`` the
 row is filled with up to `max_segments_per_row` pieces, each with its own prefix,
