@@ -43,7 +43,8 @@ def get_config():
   # How each training row's piece is drawn: "epoch" visits every piece once per epoch
   # (one random crop each, whatever its length); "tokens" draws a piece with probability
   # proportional to its length, so every token is as likely to be trained on (a corpus of
-  # many short pieces and a few long ones: see configs/groove_beats.py).
+  # many short pieces and a few long ones: see configs/groove_beats.py); "windows" the
+  # same, with a piece shorter than a row weighing one row.
   data.piece_sampling = "epoch"
   # Pitched data augmentation (training only): max transposition (semitones) and time
   # stretch (fraction, 0.05 = +-5%); drums are never transposed.

@@ -18,7 +18,8 @@ Each draw picks a dataset (mixture weights, stateless categorical), then an exam
 through a per-(dataset, epoch) permutation of the draw numbers (TF's stateless
 `index_shuffle`: with one dataset and no packing every example is used once per epoch
 of N rows, in a new order each epoch) or, with ``piece_sampling="tokens"``, with
-probability proportional to its scored tokens (every token equally likely), then a random
+probability proportional to its scored tokens (every token equally likely; "windows":
+at least a row's worth, so pieces shorter than a row weigh one row), then a random
 crop of ``seq_len + 1`` tokens that keeps the conditioning prefix (BOS + condition
 tokens) at the front. Short pieces are padded (weights 0), or with ``packing`` the
 row is filled with up to `max_segments_per_row` pieces, each with its own prefix,
@@ -519,7 +520,7 @@ class _TrainSettings:
 
 
 # config.data.piece_sampling: how a training row's piece is drawn.
-PIECE_SAMPLING = ("epoch", "tokens")
+PIECE_SAMPLING = ("epoch", "tokens", "windows")
 
 
 class TrainIterator:
@@ -717,11 +718,14 @@ def _train_dataset(store: TokenStore, sizes: Sequence[int], weights: np.ndarray,
   ds_sizes = tf.constant(sizes, tf.int64)
   ds_offsets = tf.constant(np.cumsum([0] + list(sizes[:-1])), tf.int64)
   log_weights = tf.constant(np.log(weights)[None, :], tf.float32)
-  by_tokens = s.piece_sampling == "tokens"
+  by_tokens = s.piece_sampling in ("tokens", "windows")
   if by_tokens:
-    # Each piece weighs its scored tokens (at least 1): the end of each piece's span on
-    # one line over all pieces, and where each dataset's spans begin and how long they are.
-    scored = np.maximum(store.lengths - store.head_lengths, 1).astype(np.float64)
+    # Each piece weighs its scored tokens (at least 1; "windows": at least a row's worth,
+    # so a piece shorter than a row weighs as much as one row of a long piece): the end
+    # of each piece's span on one line over all pieces, and where each dataset's spans
+    # begin and how long they are.
+    floor = s.seq_len if s.piece_sampling == "windows" else 1
+    scored = np.maximum(store.lengths - store.head_lengths, floor).astype(np.float64)
     span_end = tf.constant(np.cumsum(scored)[None, :], tf.float64)
     ds_first = np.cumsum([0] + list(sizes[:-1])).astype(np.int64)
     span_begin = tf.constant(np.concatenate([[0.0], np.cumsum(scored)])[ds_first], tf.float64)

@@ -174,15 +174,18 @@ def test_epochs_visit_every_piece_once(data_dir):
   assert order[:n] != order[n:]
 
 
-def test_token_sampling_draws_pieces_in_proportion_to_their_length(data_dir):
+@pytest.mark.parametrize("mode", ["tokens", "windows"])
+def test_token_sampling_draws_pieces_in_proportion_to_their_length(data_dir, mode):
   """data.piece_sampling='tokens': each row's piece with probability proportional to its
-  scored tokens (every token as likely to be trained on), reproducible and resumable."""
+  scored tokens (every token as likely to be trained on), reproducible and resumable.
+  'windows': at least a row's worth each; here every piece fits in a row, so all weigh
+  the same."""
   from scipy import stats
   version_dir = input_pipeline.find_dataset_dir("groove", "drums", str(data_dir))
   store = input_pipeline.load_split(version_dir, "train")
   n = len(store)
-  config = make_config(data_dir, seq_len=int(store.lengths.max()), batch_size=4,
-                       piece_sampling="tokens")
+  seq_len = int(store.lengths.max())
+  config = make_config(data_dir, seq_len=seq_len, batch_size=4, piece_sampling=mode)
   batches = take(input_pipeline.make_train_iterator(config, process_index=0, process_count=1),
                  100)
   counts = np.zeros(n)
@@ -193,11 +196,13 @@ def test_token_sampling_draws_pieces_in_proportion_to_their_length(data_dir):
               and not full[store.lengths[i]:].any()]
       counts[i] += 1
   scored = (store.lengths - store.prefix_lengths).astype(np.float64)
-  expected = scored / scored.sum() * counts.sum()
+  weight = scored if mode == "tokens" else np.maximum(scored, seq_len)
+  expected = weight / weight.sum() * counts.sum()
   assert stats.chisquare(counts, expected).pvalue > 1e-3, (counts, expected)
-  # The longest piece is drawn more often than the shortest (the pieces differ 3x or more).
-  assert scored.max() > 3 * scored.min()
-  assert counts[np.argmax(scored)] > counts[np.argmin(scored)]
+  if mode == "tokens":
+    # The longest piece is drawn more often than the shortest (they differ 3x or more).
+    assert scored.max() > 3 * scored.min()
+    assert counts[np.argmax(scored)] > counts[np.argmin(scored)]
   resumed = take(input_pipeline.make_train_iterator(config, start_step=60, process_index=0,
                                                     process_count=1), 3)
   for a, b in zip(batches[60:63], resumed):
