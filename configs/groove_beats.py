@@ -12,18 +12,19 @@ line, and the prefix names the meter. A bar of 4/4 is 192 steps at any tempo, so
 does not have to infer the tempo from the hits to stay on the drummer's grid, a groove
 played at 90 and at 120 bpm is one token pattern, and the sampler's grammar keeps every bar
 whole. Time stretching is no augmentation for it (the tokens do not change with tempo), so
-there is none. Continuations are sampled with prompt guidance (`sample.guidance`).
+there is none. Each row's piece is drawn in proportion to its length
+(`data.piece_sampling`). Continuations are sampled with prompt guidance (`sample.guidance`).
 
     midijax build-data groove --config drums_beats --manual_dir ../shared/data/groove
     midijax train --config=configs/groove_beats.py --workdir=workdirs/groove_beats
     midijax evaluate --workdir=workdirs/groove_beats --best --split validation
 
 Expect (README "Quality"; 2-core CPU VMs, 2026-12-05; 15 minutes on an idle VM, up to 25
-on slower ones): a validation NLL of 1.93 nats/token on 256-token windows, 30.4% below
-the best n-gram of these tokens (Kneser-Ney 4-gram, 2.77), and a C2ST accuracy of 57.1%
-(128 tokens) to 62.3% (512 tokens) for its continuations over every validation prompt,
-averaged over three sampling seeds (54% / 60% with `evaluate`'s 128 prompts). Seed 0;
-seed 1 gave 1.97 (28.9%) and 58% / 66%, seed 2 1.93 (30.2%) and 58% / 64%.
+on slower ones): a validation NLL of 1.83 nats/token on 256-token windows, 33.8% below
+the best n-gram of these tokens (Kneser-Ney 4-gram, 2.77), and a C2ST accuracy of 55.3%
+(128 tokens) / 56.5% (512 tokens) for its continuations over every validation prompt,
+averaged over three sampling seeds (57% / 60% with `evaluate`'s 128 prompts). Seed 0;
+seed 1 gave 1.84 (33.6%) and 57.0% / 61.6%.
 
 Decoding needs the tempo: `continue` takes it from the prompt file, `generate` from --bpm
 (default 120), `evaluate` and `export-listening` from each piece's metadata.
