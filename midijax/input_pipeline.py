@@ -716,7 +716,8 @@ def _train_dataset(store: TokenStore, sizes: Sequence[int], weights: np.ndarray,
   is_pair = tf.constant(store.is_pair)
   transposable = tf.constant(store.transposable)
   ds_sizes = tf.constant(sizes, tf.int64)
-  ds_offsets = tf.constant(np.cumsum([0] + list(sizes[:-1])), tf.int64)
+  first_piece = np.cumsum([0] + list(sizes[:-1])).astype(np.int64)  # of each dataset
+  ds_offsets = tf.constant(first_piece, tf.int64)
   log_weights = tf.constant(np.log(weights)[None, :], tf.float32)
   by_tokens = s.piece_sampling in ("tokens", "windows")
   if by_tokens:
@@ -727,9 +728,9 @@ def _train_dataset(store: TokenStore, sizes: Sequence[int], weights: np.ndarray,
     floor = s.seq_len if s.piece_sampling == "windows" else 1
     scored = np.maximum(store.lengths - store.head_lengths, floor).astype(np.float64)
     span_end = tf.constant(np.cumsum(scored)[None, :], tf.float64)
-    ds_first = np.cumsum([0] + list(sizes[:-1])).astype(np.int64)
-    span_begin = tf.constant(np.concatenate([[0.0], np.cumsum(scored)])[ds_first], tf.float64)
-    span_total = tf.constant([scored[a:a + n].sum() for a, n in zip(ds_first, sizes)],
+    span_begin = tf.constant(np.concatenate([[0.0], np.cumsum(scored)])[first_piece],
+                             tf.float64)
+    span_total = tf.constant([scored[a:a + n].sum() for a, n in zip(first_piece, sizes)],
                              tf.float64)
   # Processes hold different shares of the data and must not mirror each other's draws.
   base_seed = tf.constant([s.seed, s.process_index], tf.int64)
