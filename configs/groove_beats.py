@@ -20,11 +20,11 @@ there is none. Each row's piece is drawn in proportion to its length
     midijax evaluate --workdir=workdirs/groove_beats --best --split validation
 
 Expect (README "Quality"; 2-core CPU VMs, 2026-12-05; 15 minutes on an idle VM, up to 25
-on slower ones): a validation NLL of 1.85 nats/token on 256-token windows, 33.3% below
-the best n-gram of these tokens (Kneser-Ney 4-gram, 2.77), and a C2ST accuracy of 56.7%
-(128 tokens) / 59.0% (512 tokens) for its continuations over every validation prompt,
-averaged over three sampling seeds (60% / 60% with `evaluate`'s 128 prompts). Seed 0
-(the only seed of this recipe so far).
+on slower ones): a validation NLL of 1.83-1.85 nats/token on 256-token windows, 33.3-34.0%
+below the best n-gram of these tokens (Kneser-Ney 4-gram, 2.77), and a C2ST accuracy of
+56-57% (128 tokens) / 59-63% (512 tokens) for its continuations over every validation
+prompt, averaged over three sampling seeds (three training seeds; mean 56.8% / 60.8%;
+seed 0 gave 60% / 60% with `evaluate`'s 128 prompts).
 
 Decoding needs the tempo: `continue` takes it from the prompt file, `generate` from --bpm
 (default 120), `evaluate` and `export-listening` from each piece's metadata.
@@ -72,9 +72,10 @@ def get_config():
   # piece per epoch filled 42% of a row's targets with music, mostly fills, and cropped
   # each long groove once an epoch; drawn this way 78% of the targets are music (README
   # "Quality": 1.9282 -> 1.8473 nats a token, C2ST 57.1% / 62.3% -> 56.7% / 59.0%; seed
-  # 0). "tokens" (no floor: 96% music) scored 1.8349 and 55.3% / 56.5% (seed 1: 1.8388,
-  # 57.0% / 61.6%) but trains the end of a piece so rarely that free samples from a fill's
-  # prefix run on (overlap 0.867 against 0.936 here).
+  # 0; seeds 1 and 2: 1.8408, 56.3% / 62.9% and 1.8272, 57.4% / 60.6%). "tokens" (no
+  # floor: 96% music) scored 1.8349 and 55.3% / 56.5% (seed 1: 1.8388, 57.0% / 61.6%)
+  # but trains the end of a piece so rarely that free samples from a fill's prefix run on
+  # (overlap 0.867 against 0.936 here).
   config.data.piece_sampling = "windows"
   # Sampling tuned on validation for this model (`benchmarks/tune_sampling.py`): prompt
   # guidance 1.0 leans continuations towards their prompt's kit and pattern.
