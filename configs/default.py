@@ -42,9 +42,12 @@ def get_config():
   data.max_segments_per_row = 8
   # How each training row's piece is drawn: "epoch" visits every piece once per epoch
   # (one random crop each, whatever its length); "tokens" draws a piece with probability
-  # proportional to its length, so every token is as likely to be trained on (a corpus of
-  # many short pieces and a few long ones: see configs/groove_beats.py); "windows" the
-  # same, with a piece shorter than a row weighing one row.
+  # proportional to its length, so each piece's tokens are trained on in proportion (a
+  # corpus of many short pieces and a few long ones: see configs/groove_beats.py), though
+  # a long piece's last token is in only 1 of its (length - row) uniform crops; "windows"
+  # the same, with a piece shorter than a row weighing one row; "chunks" draws as
+  # "tokens" and places the row around a token drawn uniformly, so a long piece's end
+  # (its EOS) is a target at least half as often as its middle.
   data.piece_sampling = "epoch"
   # Pitched data augmentation (training only): max transposition (semitones) and time
   # stretch (fraction, 0.05 = +-5%); drums are never transposed.

@@ -18,12 +18,14 @@ Each draw picks a dataset (mixture weights, stateless categorical), then an exam
 through a per-(dataset, epoch) permutation of the draw numbers (TF's stateless
 `index_shuffle`: with one dataset and no packing every example is used once per epoch
 of N rows, in a new order each epoch) or, with ``piece_sampling="tokens"``, with
-probability proportional to its scored tokens (every token equally likely; "windows":
-at least a row's worth, so pieces shorter than a row weigh one row), then a random
-crop of ``seq_len + 1`` tokens that keeps the conditioning prefix (BOS + condition
-tokens) at the front. Short pieces are padded (weights 0), or with ``packing`` the
-row is filled with up to `max_segments_per_row` pieces, each with its own prefix,
-marked by `segment_ids` (1, 2, ...; 0 = padding) and `positions` restarting at 0.
+probability proportional to its scored tokens ("windows": at least a row's worth, so
+pieces shorter than a row weigh one row), then a random crop of ``seq_len + 1`` tokens
+that keeps the conditioning prefix (BOS + condition tokens) at the front: a uniform crop
+start, or with "chunks" (drawn as "tokens") the row placed around the drawn token, so
+that a long piece's last tokens are in rows at least half as often as its middle ones.
+Short pieces are padded (weights 0), or with ``packing`` the row is filled with up to
+`max_segments_per_row` pieces, each with its own prefix, marked by `segment_ids` (1, 2,
+...; 0 = padding) and `positions` restarting at 0.
 
 Augmentation (training only) happens on the fly on token ids, inside tf.data:
 transposition shifts NOTE_ON/NOTE_OFF ids of `performance` pieces by k in
@@ -520,7 +522,7 @@ class _TrainSettings:
 
 
 # config.data.piece_sampling: how a training row's piece is drawn.
-PIECE_SAMPLING = ("epoch", "tokens", "windows")
+PIECE_SAMPLING = ("epoch", "tokens", "windows", "chunks")
 
 
 class TrainIterator:
@@ -719,7 +721,9 @@ def _train_dataset(store: TokenStore, sizes: Sequence[int], weights: np.ndarray,
   first_piece = np.cumsum([0] + list(sizes[:-1])).astype(np.int64)  # of each dataset
   ds_offsets = tf.constant(first_piece, tf.int64)
   log_weights = tf.constant(np.log(weights)[None, :], tf.float32)
-  by_tokens = s.piece_sampling in ("tokens", "windows")
+  by_tokens = s.piece_sampling in ("tokens", "windows", "chunks")
+  # "chunks": the row is placed around the drawn token, not cropped uniformly.
+  around_token = s.piece_sampling == "chunks"
   if by_tokens:
     # Each piece weighs its scored tokens (at least 1; "windows": at least a row's worth,
     # so a piece shorter than a row weighs as much as one row of a long piece): the end
@@ -728,6 +732,7 @@ def _train_dataset(store: TokenStore, sizes: Sequence[int], weights: np.ndarray,
     floor = s.seq_len if s.piece_sampling == "windows" else 1
     scored = np.maximum(store.lengths - store.head_lengths, floor).astype(np.float64)
     span_end = tf.constant(np.cumsum(scored)[None, :], tf.float64)
+    span_scored = tf.constant(scored, tf.float64)
     span_begin = tf.constant(np.concatenate([[0.0], np.cumsum(scored)])[first_piece],
                              tf.float64)
     span_total = tf.constant([scored[a:a + n].sum() for a, n in zip(first_piece, sizes)],
@@ -762,6 +767,9 @@ def _train_dataset(store: TokenStore, sizes: Sequence[int], weights: np.ndarray,
       i = tf.searchsorted(span_end, point[None, :], side="right")[0]
       first = tf.gather(ds_offsets, which)
       i = tf.clip_by_value(tf.cast(i, tf.int64), first, first + n - 1)
+      # The drawn token's place in its piece's body (scored tokens start after the head).
+      token_at = tf.cast(tf.floor(point - (tf.gather(span_end[0], i) -
+                                           tf.gather(span_scored, i))), tf.int64)
     else:
       # Epoch e of dataset d visits its pieces in the permutation keyed on
       # (seed, process, d, e).
@@ -778,7 +786,17 @@ def _train_dataset(store: TokenStore, sizes: Sequence[int], weights: np.ndarray,
     if s.pairs:  # a pair's target starts right after its prompt: cut at the end, not cropped
       spare = tf.where(tf.gather(is_pair, i), tf.zeros_like(spare), spare)
     u = tf.random.stateless_uniform([draws], seed=seeds[1], dtype=tf.float64)
-    crop = tf.minimum(tf.cast(tf.floor(u * tf.cast(spare + 1, tf.float64)), tf.int64), spare)
+    if around_token:
+      # The drawn token at a uniform place in the row, the crop clipped to the piece: every
+      # token of a long piece is in a row about as often, its first and last room tokens
+      # at least half as often (a uniform crop start puts the last token in 1 of
+      # spare + 1 crops), as when a corpus is concatenated and chunked. So the end of a
+      # piece is a target as often as the corpus has ends.
+      back = tf.cast(tf.floor(u * tf.cast(room, tf.float64)), tf.int64)
+      crop = tf.clip_by_value(token_at - back, 0, spare)
+    else:
+      crop = tf.minimum(tf.cast(tf.floor(u * tf.cast(spare + 1, tf.float64)), tf.int64),
+                        spare)
     # Augmentation may drop or merge tokens: read a little more, cut to `room` after.
     take = room + (room // _AUGMENT_SLACK_FRACTION + _AUGMENT_SLACK_TOKENS if slack else 0)
     begin = start + prefix + crop

@@ -174,7 +174,7 @@ def test_epochs_visit_every_piece_once(data_dir):
   assert order[:n] != order[n:]
 
 
-@pytest.mark.parametrize("mode", ["tokens", "windows"])
+@pytest.mark.parametrize("mode", ["tokens", "windows", "chunks"])
 def test_token_sampling_draws_pieces_in_proportion_to_their_length(data_dir, mode):
   """data.piece_sampling='tokens': each row's piece with probability proportional to its
   scored tokens (every token as likely to be trained on), reproducible and resumable.
@@ -196,10 +196,10 @@ def test_token_sampling_draws_pieces_in_proportion_to_their_length(data_dir, mod
               and not full[store.lengths[i]:].any()]
       counts[i] += 1
   scored = (store.lengths - store.prefix_lengths).astype(np.float64)
-  weight = scored if mode == "tokens" else np.maximum(scored, seq_len)
+  weight = np.maximum(scored, seq_len) if mode == "windows" else scored
   expected = weight / weight.sum() * counts.sum()
   assert stats.chisquare(counts, expected).pvalue > 1e-3, (counts, expected)
-  if mode == "tokens":
+  if mode != "windows":
     # The longest piece is drawn more often than the shortest (they differ 3x or more).
     assert scored.max() > 3 * scored.min()
     assert counts[np.argmax(scored)] > counts[np.argmin(scored)]
@@ -210,6 +210,43 @@ def test_token_sampling_draws_pieces_in_proportion_to_their_length(data_dir, mod
   with pytest.raises(input_pipeline.ConfigError, match="piece_sampling"):
     input_pipeline.make_train_iterator(make_config(data_dir, piece_sampling="pieces"),
                                        process_index=0, process_count=1)
+
+
+@pytest.mark.parametrize("mode", ["tokens", "chunks"])
+def test_chunk_sampling_trains_the_ends_of_long_pieces(data_dir, mode):
+  """data.piece_sampling='chunks' draws as 'tokens' but places the row around a uniformly
+  drawn token: a piece longer than the row ends in a row with probability (room + 1) /
+  (2 * its scored tokens) a draw, against 1 / (spare + 1) for the uniform crop of
+  'tokens'. Counted as EOS targets over 3,200 rows of 32 tokens, against that
+  arithmetic."""
+  from scipy import stats
+  version_dir = input_pipeline.find_dataset_dir("groove", "drums", str(data_dir))
+  store = input_pipeline.load_split(version_dir, "train")
+  eos = encoding.get("drums").eos_id
+  assert all(store.piece(i)[-1] == eos for i in range(len(store)))
+  seq_len, rows = 32, 3200
+  scored = (store.lengths - store.prefix_lengths).astype(np.float64)
+  room = seq_len + 1 - store.prefix_lengths
+  spare = np.maximum(scored - room, 0)
+  assert (spare > 0).sum() >= 2  # pieces longer than the row, where the two differ
+  ends = np.where(spare == 0, 1.0, (room + 1) / (2 * scored) if mode == "chunks"
+                  else 1.0 / (spare + 1))
+  p_end = float((scored / scored.sum() * ends).sum())
+  config = make_config(data_dir, seq_len=seq_len, batch_size=16, piece_sampling=mode)
+  batches = take(input_pipeline.make_train_iterator(config, process_index=0, process_count=1),
+                 rows // 16)
+  seen = sum(int(((b["targets"] == eos) & (b["weights"] > 0)).sum()) for b in batches)
+  assert stats.binomtest(seen, rows, p_end).pvalue > 1e-3, (seen, rows, p_end)
+  if mode == "chunks":
+    # The same count is far from what the uniform crop would give.
+    tokens_p = float((scored / scored.sum() * np.where(spare == 0, 1.0, 1.0 / (spare + 1))).sum())
+    assert stats.binomtest(seen, rows, tokens_p).pvalue < 1e-4, (seen, rows, tokens_p)
+    for b in batches[:4]:  # every row is still its prefix then one slice of its body
+      for inputs, targets, w in zip(b["inputs"], b["targets"], b["weights"]):
+        full = np.concatenate([inputs, targets[-1:]])[:int((w > 0).sum()) + 1]
+        assert any(np.array_equal(full[:k], store.piece(i)[:k]) and
+                   full[k:].tobytes() in store.piece(i)[k:].tobytes()
+                   for i in range(len(store)) for k in [int(store.prefix_lengths[i])])
 
 
 def test_per_process_shares_and_shapes(data_dir):
