@@ -790,8 +790,8 @@ def _train_dataset(store: TokenStore, sizes: Sequence[int], weights: np.ndarray,
       # The drawn token at a uniform place in the row, the crop clipped to the piece: every
       # token of a long piece is in a row about as often, its first and last room tokens
       # at least half as often (a uniform crop start puts the last token in 1 of
-      # spare + 1 crops), as when a corpus is concatenated and chunked. So the end of a
-      # piece is a target as often as the corpus has ends.
+      # spare + 1 crops), much as when a corpus is concatenated and chunked, where every
+      # token, the last included, is in a row equally often.
       back = tf.cast(tf.floor(u * tf.cast(room, tf.float64)), tf.int64)
       crop = tf.clip_by_value(token_at - back, 0, spare)
     else:
