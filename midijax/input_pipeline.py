@@ -732,7 +732,6 @@ def _train_dataset(store: TokenStore, sizes: Sequence[int], weights: np.ndarray,
     floor = s.seq_len if s.piece_sampling == "windows" else 1
     scored = np.maximum(store.lengths - store.head_lengths, floor).astype(np.float64)
     span_end = tf.constant(np.cumsum(scored)[None, :], tf.float64)
-    span_scored = tf.constant(scored, tf.float64)
     span_begin = tf.constant(np.concatenate([[0.0], np.cumsum(scored)])[first_piece],
                              tf.float64)
     span_total = tf.constant([scored[a:a + n].sum() for a, n in zip(first_piece, sizes)],
@@ -767,9 +766,6 @@ def _train_dataset(store: TokenStore, sizes: Sequence[int], weights: np.ndarray,
       i = tf.searchsorted(span_end, point[None, :], side="right")[0]
       first = tf.gather(ds_offsets, which)
       i = tf.clip_by_value(tf.cast(i, tf.int64), first, first + n - 1)
-      # The drawn token's place in its piece's body (scored tokens start after the head).
-      token_at = tf.cast(tf.floor(point - (tf.gather(span_end[0], i) -
-                                           tf.gather(span_scored, i))), tf.int64)
     else:
       # Epoch e of dataset d visits its pieces in the permutation keyed on
       # (seed, process, d, e).
@@ -787,6 +783,9 @@ def _train_dataset(store: TokenStore, sizes: Sequence[int], weights: np.ndarray,
       spare = tf.where(tf.gather(is_pair, i), tf.zeros_like(spare), spare)
     u = tf.random.stateless_uniform([draws], seed=seeds[1], dtype=tf.float64)
     if around_token:
+      # The drawn token's place in its piece's body (its span on the line ends at span_end).
+      token_at = tf.cast(tf.floor(point - (tf.gather(span_end[0], i) -
+                                           tf.cast(body_len, tf.float64))), tf.int64)
       # The drawn token at a uniform place in the row, the crop clipped to the piece: every
       # token of a long piece is in a row about as often, its first and last room tokens
       # at least half as often (a uniform crop start puts the last token in 1 of

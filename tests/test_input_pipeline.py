@@ -229,9 +229,13 @@ def test_chunk_sampling_trains_the_ends_of_long_pieces(data_dir, mode):
   room = seq_len + 1 - store.prefix_lengths
   spare = np.maximum(scored - room, 0)
   assert (spare > 0).sum() >= 2  # pieces longer than the row, where the two differ
-  ends = np.where(spare == 0, 1.0, (room + 1) / (2 * scored) if mode == "chunks"
-                  else 1.0 / (spare + 1))
-  p_end = float((scored / scored.sum() * ends).sum())
+
+  def p_end_of(m):  # P(a draw's row holds its piece's EOS), pieces drawn by tokens
+    ends = np.where(spare == 0, 1.0, (room + 1) / (2 * scored) if m == "chunks"
+                    else 1.0 / (spare + 1))
+    return float((scored / scored.sum() * ends).sum())
+
+  p_end = p_end_of(mode)
   config = make_config(data_dir, seq_len=seq_len, batch_size=16, piece_sampling=mode)
   batches = take(input_pipeline.make_train_iterator(config, process_index=0, process_count=1),
                  rows // 16)
@@ -239,7 +243,7 @@ def test_chunk_sampling_trains_the_ends_of_long_pieces(data_dir, mode):
   assert stats.binomtest(seen, rows, p_end).pvalue > 1e-3, (seen, rows, p_end)
   if mode == "chunks":
     # The same count is far from what the uniform crop would give.
-    tokens_p = float((scored / scored.sum() * np.where(spare == 0, 1.0, 1.0 / (spare + 1))).sum())
+    tokens_p = p_end_of("tokens")
     assert stats.binomtest(seen, rows, tokens_p).pvalue < 1e-4, (seen, rows, tokens_p)
     for b in batches[:4]:  # every row is still its prefix then one slice of its body
       for inputs, targets, w in zip(b["inputs"], b["targets"], b["weights"]):
