@@ -21,6 +21,11 @@ prompt of `--split` the length allows, 64-token prompts, the run's `config.sampl
                 with both means: which way each tell points (`--shifts` of them); and the
                 same between every real continuation of `--other_split` and the real
                 ones of `--split` (where the model's training data itself differs).
+  presence      (drums) per drum class, the share of continuations with any hit of it, the
+                share with a few (1-3) hits, and the mean hits, for the real and the
+                generated continuations and the other split's real ones: a class the run
+                plays in more continuations than either split, a few hits each, is
+                sprinkled in from other drummers' kits rather than played as a part.
   repetition    (drums) how alike consecutive bars of the real and the generated
                 continuations are, pair by pair from the first whole bar (1 - the mean
                 |difference| of their velocity grids, as drum_velocity_groove_consistency
@@ -237,6 +242,25 @@ def main(argv=None):
   # the rows each draw below takes.
   other_whole = features(other, other.real, 0, a.length)
   shifts_of(other_whole, a.other_split)
+
+  def presence_of(matrices):
+    """Per drum class: [share of clips with a hit, share with 1-3 hits, mean hits]."""
+    out = {}
+    for name in music_stats.drum_class_names():
+      column = f"drum_class_hits[{name}]"
+      if column not in real_whole.names:
+        continue
+      j = real_whole.names.index(column)
+      out[name] = {who: [round(float((m.values[:, j] > 0).mean()), 3),
+                         round(float(((m.values[:, j] > 0) & (m.values[:, j] <= 3)).mean()), 3),
+                         round(float(m.values[:, j].mean()), 2)]
+                   for who, m in matrices.items()}
+    print(json.dumps({"c2st": "presence", "tokens": [0, a.length],
+                      "fields": ["any", "1-3", "mean"], "classes": out}), flush=True)
+
+  if kind == "drums":
+    presence_of({"real": real_whole, "generated": generated_whole,
+                 a.other_split: other_whole})
   rng = np.random.default_rng(a.seed)
   splits = []
   for r in range(a.repeats):

@@ -62,7 +62,7 @@ def test_tune_sampling_reports_each_setting_and_picks_the_best(tiny_run, groove_
   assert summary["windows"]["32"] > 0 and summary["prompt_tokens"] == 16
 
 
-def test_c2st_anatomy_reports_chunks_shifts_repetition_and_splits(tiny_run, groove_tfds):
+def test_c2st_anatomy_reports_chunks_shifts_presence_repetition_and_splits(tiny_run, groove_tfds):
   rows = _bench("c2st_anatomy.py", "--workdir", tiny_run, "--data_dir", groove_tfds,
                 "--length", "64", "--chunk", "32", "--prompt_tokens", "16", "--folds", "2",
                 "--repeats", "1", "--shifts", "3", "--bar_pairs", "2")
@@ -82,6 +82,15 @@ def test_c2st_anatomy_reports_chunks_shifts_repetition_and_splits(tiny_run, groo
     assert len(r["changed_cells"]) == 9 and min(r["changed_cells"].values()) >= 0
     assert len(r["bars_alike_by_pair"]) <= 2
     assert all(0 <= x <= 1 for x in r["bars_alike_by_pair"])
+  (pres,) = by["presence"]
+  assert pres["fields"] == ["any", "1-3", "mean"] and len(pres["classes"]) == 9
+  for per_class in pres["classes"].values():
+    assert set(per_class) == {"real", "generated", "train"}
+    for any_hit, few, mean in per_class.values():
+      assert 0 <= few <= any_hit <= 1 and mean >= 0
+      assert (any_hit == 0) == (mean == 0)
+  # The drummers' own continuations hit something.
+  assert max(c["real"][0] for c in pres["classes"].values()) > 0
 
 
 def test_c2st_references_put_real_drummers_in_the_models_place(tiny_run, groove_tfds):
