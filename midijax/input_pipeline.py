@@ -606,11 +606,16 @@ def _train_settings(config: Any, process_index: int, process_count: int
   if not 0.0 <= settings.input_noise < 1.0:
     raise ConfigError(f"config.data.input_noise={settings.input_noise} must be in [0, 1) "
                       "(0 = off)")
-  if seq_len < 2 or settings.draws_per_row < 1 or settings.transpose < 0 or not (
-      0.0 <= settings.stretch < 1.0) or not 0.0 <= settings.velocity_scale < 1.0:
-    raise ConfigError("data: need seq_len >= 2, max_segments_per_row >= 1, "
-                      "transpose_semitones >= 0, 0 <= time_stretch < 1 and "
-                      "0 <= velocity_scale < 1")
+  # Each field checked on its own, so the error names the one that is wrong.
+  for field, value, ok, need in (
+      ("seq_len", seq_len, seq_len >= 2, ">= 2"),
+      ("max_segments_per_row", settings.draws_per_row, settings.draws_per_row >= 1, ">= 1"),
+      ("transpose_semitones", settings.transpose, settings.transpose >= 0, ">= 0"),
+      ("time_stretch", settings.stretch, 0.0 <= settings.stretch < 1.0, "in [0, 1)"),
+      ("velocity_scale", settings.velocity_scale, 0.0 <= settings.velocity_scale < 1.0,
+       "in [0, 1)")):
+    if not ok:
+      raise ConfigError(f"config.data.{field}={value} must be {need}")
   if settings.velocity_curve not in VELOCITY_CURVES:
     raise ConfigError(f"config.data.velocity_curve={settings.velocity_curve!r}: expected one "
                       f"of {', '.join(VELOCITY_CURVES)}")

@@ -633,9 +633,21 @@ def test_velocity_scaling_in_training_batches(data_dir):
   assert abs(len(hit(plain[0])) - len(hit(scaled[0]))) < 0.1 * len(hit(plain[0]))
   again = take(input_pipeline.make_train_iterator(config, process_index=0, process_count=1), 2)
   assert all(np.array_equal(a[k], b[k]) for a, b in zip(scaled, again) for k in a)
-  with pytest.raises(ConfigError, match="velocity_scale"):
+  with pytest.raises(ConfigError, match=r"^config\.data\.velocity_scale=1\.5 must be in \[0, 1\)$"):
     input_pipeline.make_train_iterator(make_config(data_dir, velocity_scale=1.5),
                                        process_index=0, process_count=1)
+
+
+@pytest.mark.parametrize("field,value", [("seq_len", 1), ("transpose_semitones", -1),
+                                         ("time_stretch", 1.0), ("velocity_scale", -0.1)])
+def test_a_bad_augmentation_or_row_field_is_named_alone(data_dir, field, value):
+  with pytest.raises(ConfigError) as err:
+    input_pipeline.make_train_iterator(make_config(data_dir, **{field: value}),
+                                       process_index=0, process_count=1)
+  assert str(err.value).startswith(f"config.data.{field}={value} must be ")
+  # Only the field that is wrong is named.
+  others = {"seq_len", "transpose_semitones", "time_stretch", "velocity_scale"} - {field}
+  assert not any(o in str(err.value) for o in others)
 
 
 def test_input_noise_replaces_inputs_within_their_kind(data_dir):
