@@ -1,7 +1,7 @@
 """Drum model on the Groove MIDI Dataset with time counted in beats: the quick start's model.
 
-groove_small's Transformer (4 layers of width 128, rotary positions, here dropout 0.1,
-velocity scaling within 10%, a cosine schedule, here trained with Muon for 3,500 steps, Adam's peak
+groove_small's Transformer (4 layers of width 128, rotary positions, velocity scaling
+within 10%, a cosine schedule; here dropout 0.1, Muon for 3,500 steps, Adam's peak
 learning rate 2e-3, evaluated with the parameters' moving average), plus a learned embedding
 of each token's place in the bar (the time since the last BAR), two of its four heads
 rotated by the music's time instead of the token index, and the echo of the previous two
